@@ -1,0 +1,147 @@
+// CPU kernel of orw_fast::orw_cfm_w2: one pass over v, u, v_ref that produces the per-sample
+// sums and the gradients. Work is split into fixed chunks of a sample (at::parallel_for), each
+// writing its own partial sums, which are then added in chunk order: the result does not depend
+// on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "orw_cfm_w2.h"
+
+namespace orw_fast {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements of one sample per task
+constexpr int64_t kLanes = 16;     // independent accumulators; the k-loop below vectorizes
+
+template <typename acc_t>
+void compute_weights(const acc_t* scores, int64_t B, acc_t tau, int64_t weighting, acc_t* w) {
+  switch (weighting) {
+    case kSoftmax: {
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < B; ++i) m = std::max(m, tau * scores[i]);
+      acc_t s = 0;
+      for (int64_t i = 0; i < B; ++i) s += std::exp(tau * scores[i] - m);
+      for (int64_t i = 0; i < B; ++i) w[i] = acc_t(B) * std::exp(tau * scores[i] - m) / s;
+      break;
+    }
+    case kExp:
+      for (int64_t i = 0; i < B; ++i) w[i] = std::exp(tau * scores[i]);
+      break;
+    case kNone:
+      std::fill(w, w + B, acc_t(1));
+      break;
+    default:
+      std::copy(scores, scores + B, w);
+  }
+}
+
+// Sums of (v-u)^2 and (v-v_ref)^2 over the flat range [begin, end) inside one sample, writing the gradients
+// gv = cw*d1 + ca*d2, gu = -cw*d1, gr = -ca*d2 (d1 = v-u, d2 = v-v_ref) where requested.
+template <typename scalar_t, bool GV, bool GU, bool GR>
+void chunk_pass(const scalar_t* v, const scalar_t* u, const scalar_t* r, scalar_t* gv,
+                scalar_t* gu, scalar_t* gr, int64_t begin, int64_t end,
+                at::opmath_type<scalar_t> cw, at::opmath_type<scalar_t> ca,
+                at::opmath_type<scalar_t>* out_fm, at::opmath_type<scalar_t>* out_w2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s1[kLanes] = {}, s2[kLanes] = {};
+  auto body = [&](int64_t j, int64_t k) {
+    const acc_t a = v[j], d1 = a - acc_t(u[j]), d2 = a - acc_t(r[j]);
+    s1[k] += d1 * d1;
+    s2[k] += d2 * d2;
+    if (GV) gv[j] = scalar_t(cw * d1 + ca * d2);
+    if (GU) gu[j] = scalar_t(-cw * d1);
+    if (GR) gr[j] = scalar_t(-ca * d2);
+  };
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
+  }
+  for (int64_t k = 0; j < end; ++j, ++k) body(j, k);
+  acc_t t1 = 0, t2 = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    t1 += s1[k];
+    t2 += s2[k];
+  }
+  *out_fm = t1;
+  *out_w2 = t2;
+}
+
+template <typename scalar_t, bool GV, bool GU, bool GR>
+void run_pass(const scalar_t* v, const scalar_t* u, const scalar_t* r, scalar_t* gv, scalar_t* gu,
+              scalar_t* gr, int64_t B, int64_t D, const at::opmath_type<scalar_t>* w,
+              at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t>* part_fm,
+              at::opmath_type<scalar_t>* part_w2, int64_t nchunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t c = acc_t(2) / (acc_t(B) * acc_t(D));
+  at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
+      const int64_t end = std::min((i + 1) * D, begin + kChunk);
+      chunk_pass<scalar_t, GV, GU, GR>(v, u, r, gv, gu, gr, begin, end, c * w[i], c * alpha,
+                                       part_fm + t, part_w2 + t);
+    }
+  });
+}
+
+LossOutputs orw_cfm_w2_cpu(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_ref,
+                           const at::Tensor& scores, double alpha, double tau, int64_t weighting,
+                           bool grad_v, bool grad_u, bool grad_v_ref) {
+  const int64_t D = check_inputs(v, u, v_ref, scores, alpha, tau, weighting);
+  const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
+  auto outs = allocate_outputs(v, scores, grad_v, grad_u, grad_v_ref);
+  auto& [loss, fm, w2, weights, gv, gu, gr] = outs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "orw_cfm_w2_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* w = weights.data_ptr<acc_t>();
+    compute_weights<acc_t>(scores.data_ptr<acc_t>(), B, acc_t(tau), weighting, w);
+    std::vector<acc_t> part(2 * B * nchunks);
+    auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
+    const int mode = (grad_v ? 4 : 0) | (grad_u ? 2 : 0) | (grad_v_ref ? 1 : 0);
+    auto launch = [&](auto gv_t, auto gu_t, auto gr_t) {
+      run_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(gr_t)::value>(
+          v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+          v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr), B, D, w, acc_t(alpha),
+          part.data(), part.data() + B * nchunks, nchunks);
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    switch (mode) {
+      case 7: launch(T{}, T{}, T{}); break;
+      case 6: launch(T{}, T{}, F{}); break;
+      case 5: launch(T{}, F{}, T{}); break;
+      case 4: launch(T{}, F{}, F{}); break;
+      case 3: launch(F{}, T{}, T{}); break;
+      case 2: launch(F{}, T{}, F{}); break;
+      case 1: launch(F{}, F{}, T{}); break;
+      default: launch(F{}, F{}, F{});
+    }
+    acc_t* fm_p = fm.data_ptr<acc_t>();
+    acc_t* w2_p = w2.data_ptr<acc_t>();
+    acc_t total = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t c = 0; c < nchunks; ++c) {
+        s1 += part[i * nchunks + c];
+        s2 += part[B * nchunks + i * nchunks + c];
+      }
+      fm_p[i] = s1 / acc_t(D);
+      w2_p[i] = s2 / acc_t(D);
+      total += w[i] * fm_p[i] + acc_t(alpha) * w2_p[i];
+    }
+    loss.fill_(total / acc_t(B));
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(orw_fast, CPU, m) { m.impl("orw_cfm_w2", &orw_cfm_w2_cpu); }
+
+}  // namespace orw_fast

@@ -1,0 +1,26 @@
+"""Autograd for the fused loss ops (native and triton), which return
+(loss, fm, w2, weights, grad_v, grad_u, grad_v_ref) with the gradients already computed in the
+forward pass: backward only scales them by grad_output."""
+from __future__ import annotations
+
+import torch
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[4:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    # Scaled in place: the saved gradients are ours and used once. A second backward through a
+    # retained graph is refused by autograd's version check instead of scaling twice.
+    grads = tuple(
+        g.mul_(grad_loss) if needed and g.numel() else None
+        for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
+    )
+    return grads + (None,) * 7
+
+
+def register_fused_autograd(op) -> None:
+    """Registers the backward above for ``op`` (a name or a custom-op object) with the fused-loss schema."""
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
