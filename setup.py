@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent
 
 def build_extension():
     sources = ["csrc/orw_cfm_w2.cpp", "csrc/orw_cfm_w2_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -24,7 +24,7 @@ def build_extension():
     )
     if not with_cuda:
         return CppExtension("orw_fast._C", sources, extra_compile_args={"cxx": cxx})
-    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "orw_fast._C",
         sources + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")),

@@ -96,7 +96,9 @@ LossOutputs orw_cfm_w2_cpu(const at::Tensor& v, const at::Tensor& u, const at::T
   const int64_t D = check_inputs(v, u, v_ref, scores, alpha, tau, weighting);
   const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
   auto outs = allocate_outputs(v, scores, grad_v, grad_u, grad_v_ref);
-  auto& [loss, fm, w2, weights, gv, gu, gr] = outs;
+  at::Tensor &loss = std::get<0>(outs), &fm = std::get<1>(outs), &w2 = std::get<2>(outs);
+  at::Tensor &weights = std::get<3>(outs), &gv = std::get<4>(outs), &gu = std::get<5>(outs);
+  at::Tensor& gr = std::get<6>(outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "orw_cfm_w2_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* w = weights.data_ptr<acc_t>();

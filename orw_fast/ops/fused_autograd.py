@@ -12,10 +12,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
-    # Scaled in place: the saved gradients are ours and used once. A second backward through a
-    # retained graph is refused by autograd's version check instead of scaling twice.
+    # Out of place, so a retained graph can be differentiated again (gradcheck does so); the
+    # saved gradient is freed with the graph.
     grads = tuple(
-        g.mul_(grad_loss) if needed and g.numel() else None
+        g * grad_loss if needed and g.numel() else None
         for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
     )
     return grads + (None,) * 7
