@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+_OPS = ("orw_cfm_w2",)
+
 try:
     from orw_fast import _C  # noqa: F401  (loading it registers the torch.ops.orw_fast ops)
 
@@ -10,9 +12,15 @@ try:
 except ImportError as err:  # not built: the eager backend still works
     IMPORT_ERROR = err
 
+# Looked up once at import: torch.compile traces a dict lookup, not a dispatcher query.
+_KERNELS = {
+    (op, device): IMPORT_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"orw_fast::{op}", device.upper())
+    for op in _OPS
+    for device in ("cpu", "cuda")
+}
+
 
 def has_kernel(op: str, device_type: str) -> bool:
     """True when ``torch.ops.orw_fast.<op>`` has a compiled kernel for ``device_type`` ("cpu"/"cuda")."""
-    if IMPORT_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"orw_fast::{op}", device_type.upper())
+    return _KERNELS.get((op, device_type), False)

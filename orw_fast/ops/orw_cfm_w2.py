@@ -84,8 +84,11 @@ def _triton_op():
     return orw_cfm_w2_triton
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
