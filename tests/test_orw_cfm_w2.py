@@ -347,7 +347,7 @@ def test_opcheck(backend, device, flags, dtype):
     torch.library.opcheck(op, _op_args(device, dtype, flags))
 
 
-@pytest.mark.parametrize("backend", ["native", "eager"])
+@pytest.mark.parametrize("backend", ["native", "triton", "eager"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(backend, device):
     """A training-step-like function compiles into one graph and matches eager execution."""

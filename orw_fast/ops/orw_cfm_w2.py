@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from orw_fast import _native
-from orw_fast.ops.fused_autograd import register_fused_autograd
+from orw_fast.ops.fused_op_support import allocate_outputs, register_fused_autograd
 from orw_fast.ops.reward_weights import (
     accumulation_dtype,
     check_scores,
@@ -145,12 +145,7 @@ def _kernel_layout(v, u, v_ref):
 
 if _native.IMPORT_ERROR is None:
 
-    @torch.library.register_fake("orw_fast::orw_cfm_w2")
-    def _orw_cfm_w2_fake(v, u, v_ref, scores, alpha, tau, weighting, grad_v, grad_u, grad_v_ref):
-        batch = v.shape[0]
-        grads = (torch.empty_like(v) if wanted else v.new_empty(0) for wanted in (grad_v, grad_u, grad_v_ref))
-        return (scores.new_empty(()), scores.new_empty(batch), scores.new_empty(batch), scores.new_empty(batch), *grads)
-
+    torch.library.register_fake("orw_fast::orw_cfm_w2", allocate_outputs)
     register_fused_autograd("orw_fast::orw_cfm_w2")
 
 

@@ -1,9 +1,18 @@
-"""Autograd for the fused loss ops (native and triton), which return
-(loss, fm, w2, weights, grad_v, grad_u, grad_v_ref) with the gradients already computed in the
-forward pass: backward only scales them by grad_output."""
+"""What the native and triton fused-loss ops share: their fake (meta) kernel and their autograd.
+
+Both return (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref) with the gradients already
+computed in the forward pass, so backward only scales them by grad_output."""
 from __future__ import annotations
 
 import torch
+
+
+def allocate_outputs(v, u, v_ref, scores, alpha, tau, weighting, grad_v, grad_u, grad_v_ref):
+    """The outputs of the contract (csrc/orw_cfm_w2.h), allocated, not computed: the fake kernel
+    of both ops and the Triton op's allocation."""
+    batch = v.shape[0]
+    grads = (torch.empty_like(v) if wanted else v.new_empty(0) for wanted in (grad_v, grad_u, grad_v_ref))
+    return (scores.new_empty(()), scores.new_empty(batch), scores.new_empty(batch), scores.new_empty(batch), *grads)
 
 
 def _setup_context(ctx, inputs, output):
