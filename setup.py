@@ -5,6 +5,7 @@ Install with the torch already on the machine (the convention of torch extension
 Environment: ORW_FAST_CPU_ONLY=1 skips the CUDA kernels; TORCH_CUDA_ARCH_LIST (e.g. "9.0") picks the GPU archs.
 """
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,19 +17,23 @@ ROOT = Path(__file__).parent
 
 def build_extension():
     sources = ["csrc/orw_cfm_w2.cpp", "csrc/orw_cfm_w2_cpu.cpp"]
-    cxx = ["-O3"]
+    # at::parallel_for is header code around `#pragma omp parallel`: without -fopenmp it runs on one
+    # thread. The library then uses the libgomp.so.1 that torch has already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
         and os.environ.get("ORW_FAST_CPU_ONLY", "0") != "1"
     )
     if not with_cuda:
-        return CppExtension("orw_fast._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("orw_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "orw_fast._C",
         sources + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=openmp,
     )
 
 

@@ -191,6 +191,22 @@ def test_bitwise_deterministic(backend, device):
 
 
 @pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_output_scaling_and_retained_graph(backend, device):
+    """backward scales by grad_output (saved gradients are reused in place only when the graph is
+    freed); a retained graph gives the same gradient twice."""
+    skip_unless(backend, device)
+    v, u, v_ref, rewards = make_inputs((4, 3, 5), torch.float32, device, grads=(True, False, True), seed=18)
+    leaves = [v.detach().double().requires_grad_(), v_ref.detach().double().requires_grad_()]
+    want = torch.autograd.grad(-2.5 * reference(leaves[0], u, leaves[1], rewards)[0], leaves)
+    loss = orw_fast.orw_cfm_w2_loss(v, u, v_ref, rewards, backend=backend)
+    first = torch.autograd.grad(-2.5 * loss, (v, v_ref), retain_graph=True)
+    second = torch.autograd.grad(-2.5 * loss, (v, v_ref))
+    for a, b, w in zip(first, second, want):
+        assert torch.equal(a, b) and rel_err(a, w) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
 def test_precomputed_global_weights_split_equals_full_batch(backend):
     """Multi-process training: weights normalized over the global batch, each process gets a slice;
     with equal shares the mean of the per-slice losses is the full-batch loss."""

@@ -18,14 +18,24 @@ def allocate_outputs(v, u, v_ref, scores, alpha, tau, weighting, grad_v, grad_u,
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[4:])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for the unused outputs
 
 
 def _backward(ctx, grad_loss, *_unused):
-    # Out of place, so a retained graph can be differentiated again (gradcheck does so); the
-    # saved gradient is freed with the graph.
+    if grad_loss is None:
+        return (None,) * 10
+    tracing = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+    if tracing or torch._C._autograd._get_current_graph_task_keep_graph():
+        # The graph (and the saved gradients) may be used again: a new tensor. Under a tracer
+        # (torch.compile, AOTAutograd) Inductor fuses the product into its neighbours.
+        scale = lambda g: g * grad_loss  # noqa: E731
+    elif grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        scale = lambda g: g  # noqa: E731  (reading a CPU scalar costs no device sync)
+    else:
+        # The graph is freed after this backward: the saved gradient becomes the returned one.
+        scale = lambda g: g.mul_(grad_loss)  # noqa: E731
     grads = tuple(
-        g * grad_loss if needed and g.numel() else None
-        for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
+        scale(g) if needed and g.numel() else None for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
     )
     return grads + (None,) * 7
 
