@@ -1,5 +1,21 @@
 """orw_fast: fused kernels and a fast engine for ORW-CFM-W2 (Fan et al., ICLR 2025)."""
+import importlib
+
 from orw_fast.ops import BACKENDS, WEIGHTINGS, LossComponents, ORWCFMW2Loss, orw_cfm_w2_loss, reward_weights
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "orw_cfm_w2_loss", "reward_weights"]
+
+# The engine's heavier parts load on first use, so `import orw_fast` for the loss stays light.
+_LAZY = {
+    "sample": "orw_fast.sampling",
+    "ORWCFMTrainer": "orw_fast.trainer",
+    "TrainerConfig": "orw_fast.trainer",
+}
+
+__all__ = ["BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "orw_cfm_w2_loss", "reward_weights", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'orw_fast' has no attribute {name!r}")

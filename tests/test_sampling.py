@@ -1,0 +1,310 @@
+"""ODE sampler: convergence order, agreement with torchdiffeq, autocast, errors, torchcfm's UNet and
+(on a GPU) the CUDA-graph path against eager sampling."""
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+import torchdiffeq
+
+from orw_fast import sampling
+from orw_fast.sampling import FIXED_STEP_METHODS, clear_graph_cache, sample
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class MLPField(torch.nn.Module):
+    """A small nonlinear velocity field v(t, x) for x [B, dim]; records the dtype of its last output."""
+
+    def __init__(self, dim=3, hidden=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, dim))
+        self.out_dtype = None
+
+    def forward(self, t, x):
+        assert t.shape == (x.shape[0],)
+        v = self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+        self.out_dtype = v.dtype
+        return v
+
+
+def linear_field(a, b):
+    """dx/dt = (a + b t) x, solved by x1 = x0 exp(a + b/2)."""
+    return lambda t, x: (a + b * t)[:, None] * x
+
+
+def tiny_unet(seed=0):
+    UNetModelWrapper = pytest.importorskip("torchcfm.models.unet.unet").UNetModelWrapper
+    torch.manual_seed(seed)
+    unet = UNetModelWrapper(
+        dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions="4",
+        num_heads=1, num_head_channels=-1, dropout=0.0,
+    ).eval()
+    with torch.no_grad():  # torchcfm zero-initializes its output layers: give the field some signal
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return unet
+
+
+def torchdiffeq_field(model, batch):
+    return lambda t, x: model(t.expand(batch), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+
+
+@pytest.mark.parametrize("method, order", [("euler", 1.0), ("midpoint", 2.0), ("heun", 2.0)])
+def test_convergence_order(method, order):
+    a, b, n = 1.0, 1.0, 64
+    x0 = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = x0 * math.exp(a + b / 2)
+    err = [(sample(linear_field(a, b), x0, steps=s, method=method) - exact).abs().max().item() for s in (n, 2 * n)]
+    observed = math.log2(err[0] / err[1])
+    assert abs(observed - order) < 0.1 * order, f"{method}: observed order {observed:.3f}, errors {err}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("ours, theirs", [("euler", "euler"), ("midpoint", "midpoint"), ("heun", "heun2")])
+def test_fixed_step_matches_torchdiffeq(ours, theirs, dtype, tol):
+    model = MLPField().to(dtype)
+    x0 = torch.randn(5, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    steps = 7
+    x1, traj = sample(model, x0, steps=steps, method=ours, return_trajectory=True)
+    with torch.no_grad():
+        times = torch.linspace(0, 1, steps + 1, dtype=dtype)
+        ref = torchdiffeq.odeint(torchdiffeq_field(model, 5), x0, times, method=theirs)
+    torch.testing.assert_close(traj, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x1, ref[-1], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "rk4"])
+def test_torchdiffeq_methods_match_torchdiffeq(method):
+    model = MLPField()
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    steps, tol = 6, dict(rtol=1e-6, atol=1e-6)
+    # rk4 (fixed grid) takes `steps` steps; the adaptive solvers report t=0 and t=1 only
+    times = torch.linspace(0, 1, steps + 1) if method == "rk4" else torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(torchdiffeq_field(model, 5), x0, times, method=method, **tol)
+    x1 = sample(model, x0, steps=steps, method=method, **tol)
+    torch.testing.assert_close(x1, ref[-1], rtol=0, atol=0)
+    x1_traj, traj = sample(model, x0, steps=steps, method=method, return_trajectory=True, **tol)
+    assert traj.shape == (steps + 1, 5, 3)
+    torch.testing.assert_close(traj[0], x0, rtol=0, atol=0)
+    torch.testing.assert_close(x1_traj, x1, rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_step_methods_approach_dopri5():
+    model = MLPField()
+    x0 = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = sample(model.double(), x0, method="dopri5", rtol=1e-10, atol=1e-10)
+    for method, tol in (("euler", 2e-2), ("midpoint", 1e-4), ("heun", 1e-4)):
+        torch.testing.assert_close(sample(model, x0, steps=100, method=method), ref, rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory, autocast, models, errors
+
+
+@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+def test_trajectory(method):
+    model = MLPField()
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    x0_copy = x0.clone()
+    x1 = sample(model, x0, steps=4, method=method)
+    x1_traj, traj = sample(model, x0, steps=4, method=method, return_trajectory=True)
+    assert traj.shape == (5, 5, 3) and traj.dtype == x0.dtype
+    assert torch.equal(traj[0], x0) and torch.equal(traj[-1], x1) and torch.equal(x1_traj, x1)
+    assert torch.equal(x0, x0_copy), "x0 was modified"
+    assert not torch.equal(traj[1], traj[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu(dtype):
+    model = MLPField(dim=8, hidden=64)
+    x0 = torch.randn(16, 8, generator=torch.Generator().manual_seed(5))
+    full = sample(model, x0, steps=10, method="heun")
+    assert model.out_dtype == torch.float32
+    low = sample(model, x0, steps=10, method="heun", autocast=dtype)
+    assert model.out_dtype == dtype, "the model did not run under autocast"
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full, rtol=0, atol=3e-2)
+    assert not torch.equal(low, full)
+
+
+def test_no_autocast_disables_ambient_autocast():
+    model = MLPField()
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(6))
+    plain = sample(model, x0, steps=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sample(model, x0, steps=3)
+    assert model.out_dtype == torch.float32 and torch.equal(inside, plain)
+
+
+def test_leaves_mode_and_grad_alone():
+    model = MLPField().train()
+    x0 = torch.randn(5, 3, requires_grad=True)
+    x1 = sample(model, x0, steps=2, cuda_graph=False)
+    assert model.training and not x1.requires_grad
+    assert model not in sampling._GRAPH_CACHE
+
+
+@pytest.fixture(scope="module")
+def cpu_unet():
+    return tiny_unet()
+
+
+@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+def test_torchcfm_unet(cpu_unet, method):
+    unet = cpu_unet
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    x1 = sample(unet, x0, steps=5, method=method)
+    assert x1.shape == x0.shape and torch.isfinite(x1).all()
+    assert (x1 - x0).abs().max() > 1e-3
+    if method == "euler":  # an independent loop
+        x = x0
+        with torch.no_grad():
+            for i in range(5):
+                x = x + 0.2 * unet(torch.full((4,), i / 5), x)
+        torch.testing.assert_close(x1, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, x0, error, match",
+    [
+        (dict(steps=0), None, ValueError, "steps"),
+        (dict(steps=2.5), None, ValueError, "steps"),
+        (dict(steps=True), None, ValueError, "steps"),
+        (dict(method="leapfrog"), None, ValueError, "unknown method 'leapfrog'"),
+        (dict(method=3), None, TypeError, "method"),
+        (dict(cuda_graph=True), None, ValueError, "cuda_graph=True needs x0 on a CUDA device"),
+        (dict(cuda_graph="yes"), None, ValueError, "cuda_graph"),
+        (dict(autocast=torch.float32), None, ValueError, "autocast"),
+        (dict(rtol=0.0), None, ValueError, "rtol"),
+        (dict(atol=float("nan")), None, ValueError, "atol"),
+        ({}, [[0.0, 1.0]], TypeError, "x0 must be a torch.Tensor"),
+        ({}, torch.zeros(2, 3, dtype=torch.int64), TypeError, "x0 must be a floating tensor"),
+        ({}, torch.zeros(()), ValueError, r"x0 must be a non-empty \[B, ...\]"),
+    ],
+)
+def test_bad_arguments(kwargs, x0, error, match):
+    x0 = torch.randn(2, 3) if x0 is None else x0
+    with pytest.raises(error, match=match):
+        sample(MLPField(), x0, **kwargs)
+
+
+def test_bad_model():
+    with pytest.raises(TypeError, match="model must be callable"):
+        sample("not a model", torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"x's shape \[2, 3\], got \[2, 1\]"):
+        sample(lambda t, x: x[:, :1], torch.randn(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+def cached(model):
+    return dict(sampling._GRAPH_CACHE.get(model, {}))
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_graph_matches_eager(method, trajectory):
+    model = MLPField(dim=32, hidden=128).cuda()
+    x0 = torch.randn(64, 32, device="cuda")
+    eager = sample(model, x0, steps=8, method=method, cuda_graph=False, return_trajectory=trajectory)
+    graphed = sample(model, x0, steps=8, method=method, cuda_graph=True, return_trajectory=trajectory)
+    assert len(cached(model)) == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+def test_graph_matches_eager_unet():
+    unet = tiny_unet().cuda()
+    x0 = torch.randn(4, 1, 8, 8, device="cuda")
+    eager = sample(unet, x0, steps=5, method="heun", cuda_graph=False)
+    graphed = sample(unet, x0, steps=5, method="heun")  # "auto" on CUDA: graphed
+    assert len(cached(unet)) == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)  # cuDNN may use TF32 either way
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_autocast_matches_eager_autocast(dtype):
+    model = MLPField(dim=32, hidden=128).cuda()
+    x0 = torch.randn(64, 32, device="cuda")
+    eager = sample(model, x0, steps=8, method="midpoint", autocast=dtype, cuda_graph=False)
+    graphed = sample(model, x0, steps=8, method="midpoint", autocast=dtype, cuda_graph=True)
+    assert graphed.dtype == torch.float32 and model.out_dtype == dtype
+    torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=1e-2)
+
+
+@requires_cuda
+def test_graph_replay_with_new_x0():
+    model = MLPField(dim=32, hidden=128).cuda()
+    xa, xb = torch.randn(2, 64, 32, device="cuda")
+    ya = sample(model, xa, steps=6, method="heun", cuda_graph=True)
+    yb = sample(model, xb, steps=6, method="heun", cuda_graph=True)
+    assert len(cached(model)) == 1
+    torch.testing.assert_close(yb, sample(model, xb, steps=6, method="heun", cuda_graph=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ya, sample(model, xa, steps=6, method="heun", cuda_graph=False), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ya, yb)
+
+
+@requires_cuda
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_graph_sees_in_place_weight_refresh(autocast):
+    last, policy = MLPField(dim=32, hidden=128, seed=0).cuda(), MLPField(dim=32, hidden=128, seed=1).cuda()
+    x0 = torch.randn(64, 32, device="cuda")
+    tol = 1e-5 if autocast is None else 1e-2
+    before = sample(last, x0, steps=6, autocast=autocast, cuda_graph=True)
+    (entry,) = cached(last).values()
+    last.load_state_dict(policy.state_dict())  # the policy refresh of online fine-tuning: copies in place
+    after = sample(last, x0, steps=6, autocast=autocast, cuda_graph=True)
+    assert list(cached(last).values()) == [entry], "an in-place refresh must reuse the graph"
+    assert not torch.allclose(after, before, rtol=tol, atol=tol)
+    expected = sample(policy, x0, steps=6, autocast=autocast, cuda_graph=False)
+    torch.testing.assert_close(after, expected, rtol=tol, atol=tol)
+
+
+@requires_cuda
+def test_graph_recaptured_when_parameters_replaced():
+    model = MLPField(dim=32, hidden=128).cuda()
+    x0 = torch.randn(64, 32, device="cuda")
+    before = sample(model, x0, steps=6, cuda_graph=True)
+    (entry,) = cached(model).values()
+    model.net[0].weight = torch.nn.Parameter(torch.randn_like(model.net[0].weight))
+    after = sample(model, x0, steps=6, cuda_graph=True)
+    (new_entry,) = cached(model).values()  # the stale graph is dropped
+    assert new_entry is not entry
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, sample(model, x0, steps=6, cuda_graph=False), rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+def test_graph_cache_keys_and_lifetime():
+    model = MLPField(dim=32, hidden=128).cuda()
+    x0 = torch.randn(64, 32, device="cuda")
+    sample(model, x0, steps=4)
+    sample(model, x0, steps=4)
+    sample(model, x0[:32], steps=4)
+    sample(model, x0, steps=5)
+    sample(model, x0, steps=4, method="midpoint")
+    sample(model, x0, steps=4, cuda_graph=False)
+    sample(model, x0, steps=4, method="dopri5")  # "auto" with an adaptive method: eager
+    assert len(cached(model)) == 4
+    with pytest.raises(ValueError, match="fixed-step method"):
+        sample(model, x0, method="dopri5", cuda_graph=True)
+    clear_graph_cache(model)
+    assert model not in sampling._GRAPH_CACHE
+    sample(model, x0, steps=4)
+    alive, n_models = weakref.ref(model), len(sampling._GRAPH_CACHE)
+    del model
+    gc.collect()
+    assert alive() is None and len(sampling._GRAPH_CACHE) == n_models - 1, "the cache must not keep the model alive"

@@ -1,0 +1,194 @@
+"""ORWCFMTrainer on small CPU problems: learning signal, the W2 trade-off, checkpoints, resume, errors."""
+import math
+
+import pytest
+import torch
+
+from orw_fast.checkpoint import save_atomic
+from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
+
+class ToyField(torch.nn.Module):
+    """A small MLP flow field v(t, x) on 2-D points; t: [B]."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
+                                       torch.nn.SiLU(), torch.nn.Linear(hidden, 2))
+
+    def forward(self, t, x):
+        return self.net(torch.cat([t[:, None], x], dim=1))
+
+
+def pretrained_toy(steps=300, seed=0):
+    """A field trained by flow matching to a two-mode mixture at x = (-2, 0) and (2, 0)."""
+    torch.manual_seed(seed)
+    model = ToyField()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x1 = torch.randn(256, 2) * 0.3 + torch.tensor([2.0, 0.0]) * (torch.randint(0, 2, (256, 1)) * 2 - 1)
+        x0, t = torch.randn(256, 2), torch.rand(256)
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+        loss = (model(t, xt) - (x1 - x0)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def right_reward(x):
+    return x[:, 0]
+
+
+def toy_config(tmp_path, **overrides):
+    base = dict(image_shape=(2,), batch_size=64, sampler_steps=8, learning_rate=3e-3, temperature=2.0,
+                w2_coefficient=0.0, grid_size=0, savedir=str(tmp_path), seed=0)
+    return TrainerConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return pretrained_toy()
+
+
+def fresh(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_reward_rises_on_a_toy(tmp_path, base_model):
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=right_reward)
+    history = trainer.train(num_epochs=6, steps_per_epoch=10, progress=False)
+    first = sum(m["reward_mean"] for m in history[:5]) / 5
+    last = sum(m["reward_mean"] for m in history[-5:]) / 5
+    assert abs(first) < 1.0  # the base model covers both modes
+    assert last > first + 1.0, (first, last)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 60
+    assert (tmp_path / "last.pt").is_file()
+
+
+def test_w2_regularization_keeps_diversity(tmp_path, base_model):
+    results = {}
+    for alpha in (0.0, 20.0):
+        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / str(alpha), w2_coefficient=alpha),
+                                "cpu", reward_fn=right_reward)
+        history = trainer.train(num_epochs=6, steps_per_epoch=10, progress=False)
+        results[alpha] = history[-1]
+    # alpha = 0 collapses onto the rewarded mode; a large alpha keeps both modes (larger spread)
+    assert results[0.0]["diversity"] < 0.6 * results[20.0]["diversity"], results
+    assert results[0.0]["reward_mean"] > results[20.0]["reward_mean"], results
+
+
+def test_resume_continues_exactly(tmp_path, base_model):
+    def losses(trainer, epochs):
+        return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=3, progress=False)]
+
+    full = losses(ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "a", coupling="ot", ema_decay=0.9),
+                                "cpu", reward_fn=right_reward), 3)
+    first = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "b", coupling="ot", ema_decay=0.9),
+                          "cpu", reward_fn=right_reward)
+    part1 = losses(first, 1)
+    first.save_checkpoint(tmp_path / "b" / "interrupted.pt")
+    torch.manual_seed(999)  # whatever happens in between must not matter
+    second = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "c", coupling="ot", ema_decay=0.9),
+                           "cpu", reward_fn=right_reward)
+    second.resume(tmp_path / "b" / "interrupted.pt")
+    part2 = losses(second, 3)
+    assert part1 + part2 == full
+
+
+def test_nan_rewards_are_refused_before_any_update(tmp_path, base_model):
+    def bad_reward(x):
+        r = x[:, 0].clone()
+        r[:3] = math.nan
+        return r
+
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=bad_reward)
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(ValueError, match="3 of 64"):
+        trainer.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.step == 0
+
+
+def test_torchcfm_checkpoint_round_trip(tmp_path):
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    def unet():
+        torch.manual_seed(0)
+        return UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2],
+                                attention_resolutions="4", num_heads=1, dropout=0.0)
+
+    source = unet()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    ema = {k: v + 1 for k, v in source.state_dict().items()}
+    ckpt = {"net_model": {f"module.{k}": v for k, v in source.state_dict().items()},
+            "ema_model": {f"module.{k}": v for k, v in ema.items()}, "optim": {}, "sched": {}, "step": 7}
+    save_atomic(ckpt, tmp_path / "cfm.pt")
+    for weights, want in (("net", source.state_dict()), ("ema", ema)):
+        trainer = ORWCFMTrainer(unet(), toy_config(tmp_path, image_shape=None), "cpu", reward_fn=right_reward)
+        assert trainer.image_shape == (1, 8, 8)
+        trainer.load_pretrained(tmp_path / "cfm.pt", weights=weights)
+        for module in (trainer.model, trainer.reference, trainer.last_policy):
+            assert all(torch.equal(module.state_dict()[k], want[k]) for k in want)
+    # our own checkpoint reads back too
+    trainer.save_checkpoint(tmp_path / "ours.pt")
+    other = ORWCFMTrainer(unet(), toy_config(tmp_path, image_shape=None), "cpu", reward_fn=right_reward)
+    other.load_pretrained(tmp_path / "ours.pt", weights="policy")
+    assert all(torch.equal(a, b) for a, b in zip(other.model.state_dict().values(), trainer.model.state_dict().values()))
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path, base_model):
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=right_reward)
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        trainer.load_pretrained(tmp_path / "corrupt.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trainer.load_pretrained(tmp_path / "missing.pt")
+    save_atomic({"net_model": {"weight": torch.zeros(3)}, "ema_model": {"weight": torch.zeros(3)}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="does not match the model"):
+        trainer.load_pretrained(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not an orw_fast training checkpoint"):
+        trainer.resume(tmp_path / "x.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    save_atomic({"a": 1}, tmp_path / "c.pt")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"a": Unpicklable()}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt") == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"coupling": "sinkhorn"}, "coupling"),
+        ({"weighting": "max"}, "weighting"),
+        ({"precision": "fp8"}, "precision"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"w2_coefficient": -0.5}, "w2_coefficient"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"learning_rte": 1e-3}, "unknown config key"),
+    ],
+)
+def test_bad_config_values_are_refused(config, match, base_model):
+    with pytest.raises(ValueError, match=match):
+        ORWCFMTrainer(fresh(base_model), {"image_shape": (2,), **config}, "cpu", reward_fn=right_reward)
+
+
+def test_missing_reward_or_shape_is_refused(base_model):
+    with pytest.raises(ValueError, match="reward_fn"):
+        ORWCFMTrainer(fresh(base_model), {"image_shape": (2,)}, "cpu")
+    with pytest.raises(ValueError, match="image_shape"):
+        ORWCFMTrainer(fresh(base_model), {}, "cpu", reward_fn=right_reward)
