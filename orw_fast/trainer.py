@@ -69,6 +69,7 @@ class TrainerConfig:
     clip_model_path: str | None = None
     grid_size: int = 64  # samples in the per-epoch grid (0: no grids)
     checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
+    model_config: dict | None = None  # how to rebuild the model (orw_fast.models), kept in checkpoints
 
     @classmethod
     def coerce(cls, config) -> "TrainerConfig":

@@ -112,3 +112,23 @@ def train_classifier(
         "num_train": int(x_train.shape[0]),
         "num_test": num_test,
     }
+
+
+def save_classifier(model: DigitClassifier, path) -> None:
+    """Writes the classifier's weights with its shape, atomically (read back by load_classifier)."""
+    from orw_fast.checkpoint import save_atomic
+
+    save_atomic({"state_dict": model.state_dict(), "image_shape": list(model.image_shape),
+                 "num_classes": model.num_classes}, path)
+
+
+def load_classifier(path) -> DigitClassifier:
+    """A DigitClassifier from a file written by save_classifier (ValueError if it is not one)."""
+    from orw_fast.checkpoint import load_file
+
+    ckpt = load_file(path)
+    if not {"state_dict", "image_shape", "num_classes"} <= set(ckpt):
+        raise ValueError(f"{str(path)!r} is not a classifier file written by `orw-fast pretrain`")
+    model = DigitClassifier(tuple(ckpt["image_shape"]), ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

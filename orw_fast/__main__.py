@@ -1,0 +1,3 @@
+from orw_fast.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""Command line: ``orw-fast demo | pretrain | finetune | sample | bench`` (also ``python -m orw_fast``)."""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _device(text: str) -> torch.device:
+    device = torch.device("cuda" if text == "auto" and torch.cuda.is_available() else "cpu" if text == "auto" else text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return device
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+    return path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_demo(args) -> None:
+    from orw_fast.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(alphas=args.alphas, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                            temperature=args.tau, seed=args.seed)
+    run_demo(args.out, settings, cache_dir=args.cache_dir, device=_device(args.device), progress=not args.quiet)
+    print(f"report written to {args.out}")
+
+
+def cmd_pretrain(args) -> None:
+    from orw_fast.data import load_dataset
+    from orw_fast.models import DigitClassifier, make_flow_model, save_classifier, train_classifier
+    from orw_fast.pretrain import pretrain_flow_matching, save_torchcfm_checkpoint
+
+    device = _device(args.device)
+    images, labels = load_dataset(args.dataset)
+    model, config = make_flow_model(tuple(images.shape[1:]), preset=args.preset)
+    _, state = pretrain_flow_matching(model.to(device), images, steps=args.steps, batch_size=args.batch_size,
+                                      lr=args.lr, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out)
+    save_torchcfm_checkpoint(state, out / "flow.pt", model_config=config)
+    print(f"flow model: {out / 'flow.pt'}")
+    if labels is not None and args.classifier:
+        classifier = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
+        print(f"classifier: {train_classifier(classifier, images, labels, seed=args.seed, progress=not args.quiet)}")
+        save_classifier(classifier, out / "classifier.pt")
+        print(f"classifier: {out / 'classifier.pt'}")
+
+
+def _load_flow(path: Path):
+    from orw_fast.checkpoint import load_file, model_state_from
+    from orw_fast.models import build_flow_model
+
+    ckpt = load_file(path)
+    config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
+    if config is None:
+        raise SystemExit(f"error: {path} has no model_config; write it with `orw-fast pretrain`")
+    model = build_flow_model(config)
+    model.load_state_dict(model_state_from(ckpt, path, "ema"))
+    return model, config
+
+
+def cmd_finetune(args) -> None:
+    from orw_fast.models import load_classifier
+    from orw_fast.rewards import ClassifierReward, get_reward
+    from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
+    device = _device(args.device)
+    model, model_config = _load_flow(args.checkpoint)
+    if args.reward == "classifier":
+        if args.classifier is None:
+            raise SystemExit("error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`)")
+        reward = ClassifierReward(load_classifier(args.classifier).to(device), args.target_classes)
+    else:
+        reward = get_reward(args.reward)
+    config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
+                           batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
+                           coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
+                           compile=args.compile, seed=args.seed, model_config=model_config)
+    trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
+    print(f"checkpoints, metrics.jsonl and sample grids in {args.out}")
+
+
+def cmd_sample(args) -> None:
+    from orw_fast.images import save_image_grid
+    from orw_fast.sampling import sample
+    from orw_fast.trainer import infer_image_shape
+
+    device = _device(args.device)
+    model, _ = _load_flow(args.checkpoint)
+    model.to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x0 = torch.randn((args.n, *infer_image_shape(model)), device=device, generator=gen)
+    x1 = sample(model, x0, steps=args.steps, method=args.method)
+    print(f"wrote {save_image_grid(x1, args.out, scale=args.scale)}")
+
+
+def cmd_bench(args) -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
+    if not script.is_file():
+        raise SystemExit("error: `orw-fast bench` runs benchmarks/bench_loss.py of a source checkout")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orw-fast", description="ORW-CFM-W2 fine-tuning of flow-matching models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from orw_fast.demo import DemoSettings
+
+    demo = DemoSettings()
+    p = sub.add_parser("demo", help="offline demo: fine-tune toward even digits (scikit-learn digits)")
+    p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder (default %(default)s)")
+    p.add_argument("--alphas", type=_floats, default=demo.alphas, help="W2 coefficients, comma-separated")
+    p.add_argument("--epochs", type=int, default=demo.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
+    p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
+    p.add_argument("--cache-dir", type=Path, default=None, help="pre-trained models (default ~/.cache/orw_fast)")
+    common(p)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="train a flow-matching model (and a classifier when labels exist)")
+    p.add_argument("--dataset", default="digits", help="digits | idx:PATH | folder:PATH")
+    p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
+    p.add_argument("--preset", default="digits", help="model preset (digits, cifar10)")
+    p.add_argument("--steps", type=int, default=demo.pretrain_steps)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-classifier", dest="classifier", action="store_false", help="skip the classifier")
+    common(p)
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model")
+    p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt from `orw-fast pretrain`")
+    p.add_argument("--reward", default="classifier", help="classifier | jpeg_compressibility | jpeg_incompressibility")
+    p.add_argument("--classifier", type=_existing_file, help="classifier.pt for --reward classifier")
+    p.add_argument("--target-classes", type=lambda s: [int(c) for c in s.split(",")], default=[0, 2, 4, 6, 8])
+    p.add_argument("--out", type=Path, default=Path("runs/finetune"))
+    p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")
+    p.add_argument("--alpha", type=float, default=1.0, help="W2 coefficient")
+    p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
+    p.add_argument("--weighting", default="softmax", choices=("softmax", "exp", "none"))
+    p.add_argument("--coupling", default="independent", choices=("independent", "ot", "rollout"))
+    p.add_argument("--epochs", type=int, default=demo.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
+    p.add_argument("--batch-size", type=int, default=demo.batch_size)
+    p.add_argument("--lr", type=float, default=demo.learning_rate)
+    p.add_argument("--sampler-steps", type=int, default=demo.sampler_steps)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    common(p)
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("sample", help="a grid of samples from a checkpoint")
+    p.add_argument("--checkpoint", type=_existing_file, required=True)
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--method", default="euler")
+    p.add_argument("--scale", type=int, default=4, help="enlarge the PNG this many times")
+    common(p)
+    p.set_defaults(run=cmd_sample)
+
+    p = sub.add_parser("bench", help="loss benchmark (benchmarks/bench_loss.py; its options follow)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The orw-fast command line: help, errors for bad paths/options, and a tiny end-to-end run."""
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from orw_fast.cli import build_parser, main
+
+COMMANDS = ["demo", "pretrain", "finetune", "sample", "bench"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "orw_fast", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS[:-1]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: orw-fast" in out
+    if command is None:
+        assert all(c in out for c in COMMANDS)
+
+
+def test_missing_checkpoint_is_a_clear_error():
+    proc = run_cli("finetune", "--checkpoint", "/nonexistent/flow.pt")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_bad_dataset_spec_is_a_clear_error():
+    proc = run_cli("pretrain", "--dataset", "imagenet", "--steps", "1")
+    assert proc.returncode == 1 and "unknown dataset spec" in proc.stderr
+
+
+def test_bad_alphas_are_refused():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--alphas", "0,x"])
+
+
+def write_idx(path, images, labels):
+    with open(path / "train-images-idx3-ubyte", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, *images.shape) + images.tobytes())
+    with open(path / "train-labels-idx1-ubyte", "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
+
+
+def test_pretrain_finetune_sample_end_to_end(tmp_path):
+    """pretrain (flow + classifier) on a tiny IDX dataset, fine-tune with the classifier reward and with
+    JPEG compressibility, resume, and sample a grid."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 64).astype(np.uint8)
+    images = (rng.random((64, 8, 8)) * 255).astype(np.uint8)
+    write_idx(tmp_path, images, labels)
+    pre = tmp_path / "pre"
+    proc = run_cli("pretrain", "--dataset", f"idx:{tmp_path}", "--steps", "3", "--batch-size", "8",
+                   "--out", str(pre), "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert (pre / "flow.pt").is_file() and (pre / "classifier.pt").is_file()
+    common = ["--checkpoint", str(pre / "flow.pt"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
+              "--sampler-steps", "2", "--quiet", "--device", "cpu"]
+    proc = run_cli("finetune", *common, "--classifier", str(pre / "classifier.pt"), "--out", str(tmp_path / "ft"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ft" / "last.pt").is_file() and (tmp_path / "ft" / "samples_epoch001.png").is_file()
+    proc = run_cli("finetune", *common[:3], "2", *common[4:], "--reward", "jpeg_compressibility",
+                   "--resume", str(tmp_path / "ft" / "last.pt"), "--out", str(tmp_path / "ft2"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ft2" / "metrics.jsonl").read_text().count("\n") == 2  # steps 3-4 only
+    proc = run_cli("sample", "--checkpoint", str(tmp_path / "ft2" / "last.pt"), "--n", "4", "--steps", "2",
+                   "--out", str(tmp_path / "grid.png"), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_demo_runs_and_writes_its_report(tmp_path):
+    """The demo end to end at toy size (a few pre-training steps), report files included."""
+    from orw_fast.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=2, eval_samples=16,
+                            pretrain_steps=2)
+    report = run_demo(tmp_path / "report", settings, cache_dir=tmp_path / "cache", progress=False)
+    assert set(report["runs"]) == {"0", "1"}
+    for name in ("samples_base.png", "samples_alpha_0.png", "samples_alpha_1.png", "curves.png", "metrics.json"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert (tmp_path / "cache" / "digits_flow.pt").is_file() and (tmp_path / "cache" / "digits_classifier.pt").is_file()
+    for stats in [report["base"], *(r["final"] for r in report["runs"].values())]:
+        assert 0 <= stats["even_fraction"] <= 1 and sum(stats["class_counts"]) == 16
