@@ -33,7 +33,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from orw_fast import _native, orw_cfm_w2_loss
+from orw_fast.checkpoint import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -353,19 +353,6 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + format_table(rows, has_bw) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Script
 
@@ -442,8 +429,8 @@ def main(argv=None) -> None:
     print(report)
     stem = f"loss_{meta['date_utc'][:10]}_{meta['git_commit']}" + ("_quick" if args.quick else "")
     folder = args.out / slug(meta["device_name"])
-    write_atomic(folder / f"{stem}.json", json.dumps({"metadata": meta, "results": rows}, indent=2) + "\n")
-    write_atomic(folder / f"{stem}.md", report)
+    write_text_atomic(folder / f"{stem}.json", json.dumps({"metadata": meta, "results": rows}, indent=2) + "\n")
+    write_text_atomic(folder / f"{stem}.md", report)
     print(f"wrote {folder / stem}.json and .md")
 
 

@@ -116,25 +116,12 @@ LossOutputs orw_cfm_w2_cpu(const at::Tensor& v, const at::Tensor& u, const at::T
     compute_weights<acc_t>(scores.data_ptr<acc_t>(), B, acc_t(tau), weighting, w);
     std::vector<acc_t> part(2 * B * nchunks);
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
-    const int mode = (grad_v ? 4 : 0) | (grad_u ? 2 : 0) | (grad_v_ref ? 1 : 0);
-    auto launch = [&](auto gv_t, auto gu_t, auto gr_t) {
+    dispatch_grad_flags(grad_v, grad_u, grad_v_ref, [&](auto gv_t, auto gu_t, auto gr_t) {
       run_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(gr_t)::value>(
           v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
           v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr), B, D, w, acc_t(alpha),
           part.data(), part.data() + B * nchunks, nchunks);
-    };
-    using T = std::true_type;
-    using F = std::false_type;
-    switch (mode) {
-      case 7: launch(T{}, T{}, T{}); break;
-      case 6: launch(T{}, T{}, F{}); break;
-      case 5: launch(T{}, F{}, T{}); break;
-      case 4: launch(T{}, F{}, F{}); break;
-      case 3: launch(F{}, T{}, T{}); break;
-      case 2: launch(F{}, T{}, F{}); break;
-      case 1: launch(F{}, F{}, T{}); break;
-      default: launch(F{}, F{}, F{});
-    }
+    });
     acc_t* fm_p = fm.data_ptr<acc_t>();
     acc_t* w2_p = w2.data_ptr<acc_t>();
     acc_t total = 0;

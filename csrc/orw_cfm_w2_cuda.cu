@@ -214,26 +214,14 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_r
   const int64_t B = v.size(0), D = v.numel() / B;
   const int64_t grid = std::min<int64_t>(B * nchunks, max_resident_blocks(v.get_device()));
   auto ptr = [](at::Tensor& g) { return g.numel() ? g.mutable_data_ptr<scalar_t>() : nullptr; };
-  auto launch = [&](auto gv_t, auto gu_t, auto gr_t) {
+  dispatch_grad_flags(gv.numel() > 0, gu.numel() > 0, gr.numel() > 0, [&](auto gv_t, auto gu_t, auto gr_t) {
     pass_kernel<scalar_t, VEC, decltype(gv_t)::value, decltype(gu_t)::value,
                 decltype(gr_t)::value><<<grid, kThreads, 0, stream>>>(
         v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
         v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr),
         scores.const_data_ptr<acc_t>(), B, D, nchunks, acc_t(tau), weighting, acc_t(alpha),
         part.mutable_data_ptr<acc_t>());
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  switch ((gv.numel() ? 4 : 0) | (gu.numel() ? 2 : 0) | (gr.numel() ? 1 : 0)) {
-    case 7: launch(T{}, T{}, T{}); break;
-    case 6: launch(T{}, T{}, F{}); break;
-    case 5: launch(T{}, F{}, T{}); break;
-    case 4: launch(T{}, F{}, F{}); break;
-    case 3: launch(F{}, T{}, T{}); break;
-    case 2: launch(F{}, T{}, F{}); break;
-    case 1: launch(F{}, F{}, T{}); break;
-    default: launch(F{}, F{}, F{});
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
