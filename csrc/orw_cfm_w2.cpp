@@ -17,13 +17,24 @@ PyObject* PyInit__C(void) {
 
 namespace orw_fast {
 
+namespace {
+// Same memory layout: equal strides in every dimension of size > 1 (a size-1 dimension's stride
+// is arbitrary, e.g. the channel stride of a [B, 1, H, W] channels-last tensor).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+}  // namespace
+
 int64_t check_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_ref,
                      const at::Tensor& scores, double alpha, double tau, int64_t weighting) {
   TORCH_CHECK(v.dim() >= 1 && v.numel() > 0, "orw_cfm_w2: v must be a non-empty [B, ...] tensor");
   TORCH_CHECK(u.sizes() == v.sizes() && v_ref.sizes() == v.sizes(),
               "orw_cfm_w2: v, u, v_ref must have one shape, got ", v.sizes(), ", ", u.sizes(),
               ", ", v_ref.sizes());
-  TORCH_CHECK(u.strides() == v.strides() && v_ref.strides() == v.strides(),
+  TORCH_CHECK(same_layout(u, v) && same_layout(v_ref, v),
               "orw_cfm_w2: v, u, v_ref must have identical strides");
   TORCH_CHECK(at::isFloatingType(v.scalar_type()) && u.scalar_type() == v.scalar_type() &&
                   v_ref.scalar_type() == v.scalar_type(),

@@ -72,17 +72,32 @@ def _load_flow(path: Path):
     return model, config
 
 
+def _reward_classifier(args):
+    """The classifier of --classifier, or one trained on the labels of --dataset."""
+    from orw_fast.data import load_dataset
+    from orw_fast.models import DigitClassifier, load_classifier, train_classifier
+
+    if args.classifier is not None:
+        return load_classifier(args.classifier)
+    if args.dataset is None:
+        raise SystemExit("error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`) or a "
+                         "labelled --dataset to train one on")
+    images, labels = load_dataset(args.dataset)
+    if labels is None:
+        raise SystemExit(f"error: --dataset {args.dataset} has no labels to train a reward classifier on")
+    classifier = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
+    print(f"reward classifier: {train_classifier(classifier, images, labels, seed=args.seed, progress=not args.quiet)}")
+    return classifier
+
+
 def cmd_finetune(args) -> None:
-    from orw_fast.models import load_classifier
     from orw_fast.rewards import ClassifierReward, get_reward
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
     device = _device(args.device)
     model, model_config = _load_flow(args.checkpoint)
     if args.reward == "classifier":
-        if args.classifier is None:
-            raise SystemExit("error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`)")
-        reward = ClassifierReward(load_classifier(args.classifier).to(device), args.target_classes)
+        reward = ClassifierReward(_reward_classifier(args).to(device), args.target_classes)
     else:
         reward = get_reward(args.reward)
     config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
@@ -155,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt from `orw-fast pretrain`")
     p.add_argument("--reward", default="classifier", help="classifier | jpeg_compressibility | jpeg_incompressibility")
     p.add_argument("--classifier", type=_existing_file, help="classifier.pt for --reward classifier")
+    p.add_argument("--dataset", help="labelled dataset (digits | idx:PATH | folder:PATH) to train the reward "
+                   "classifier on when --classifier is not given")
     p.add_argument("--target-classes", type=lambda s: [int(c) for c in s.split(",")], default=[0, 2, 4, 6, 8])
     p.add_argument("--out", type=Path, default=Path("runs/finetune"))
     p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")

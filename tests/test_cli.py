@@ -64,6 +64,10 @@ def test_pretrain_finetune_sample_end_to_end(tmp_path):
               "--sampler-steps", "2", "--quiet", "--device", "cpu"]
     proc = run_cli("finetune", *common, "--classifier", str(pre / "classifier.pt"), "--out", str(tmp_path / "ft"))
     assert proc.returncode == 0, proc.stderr
+    proc = run_cli("finetune", *common, "--dataset", f"idx:{tmp_path}", "--out", str(tmp_path / "ft_ds"))
+    assert proc.returncode == 0 and "reward classifier:" in proc.stdout, proc.stderr
+    proc = run_cli("finetune", *common, "--out", str(tmp_path / "ft_none"))
+    assert proc.returncode == 1 and "needs --classifier PATH" in proc.stderr
     assert (tmp_path / "ft" / "last.pt").is_file() and (tmp_path / "ft" / "samples_epoch001.png").is_file()
     proc = run_cli("finetune", *common[:3], "2", *common[4:], "--reward", "jpeg_compressibility",
                    "--resume", str(tmp_path / "ft" / "last.pt"), "--out", str(tmp_path / "ft2"))

@@ -76,6 +76,8 @@ def make_inputs(shape, dtype, device, grads=(True, True, True), layout="contiguo
         t = t.to(device=device, dtype=dtype)
         if layout == "channels_last":
             t = t.contiguous(memory_format=torch.channels_last)
+        if layout == "mixed_size1" and requires_grad:  # v channels-last with C = 1: strides differ only there
+            t = t.contiguous(memory_format=torch.channels_last)
         return t.requires_grad_(requires_grad)
 
     v, u, v_ref = (one(rg) for rg in grads)
@@ -131,11 +133,13 @@ def test_weightings_and_alpha(backend, device, weighting, alpha):
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("backend", ["eager", "native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["strided", "transposed", "channels_last"])
+@pytest.mark.parametrize("layout", ["strided", "transposed", "channels_last", "mixed_size1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_inputs(backend, device, layout, dtype):
     skip_unless(backend, device)
-    v, u, v_ref, rewards = make_inputs((5, 3, 6, 7), dtype, device, layout=layout, seed=2)
+    shape = (5, 1, 6, 7) if layout == "mixed_size1" else (5, 3, 6, 7)
+    grads = (True, False, False) if layout == "mixed_size1" else (True, True, True)
+    v, u, v_ref, rewards = make_inputs(shape, dtype, device, grads=grads, layout=layout, seed=2)
     check_against_reference(backend, v, u, v_ref, rewards, alpha=0.5)
 
 

@@ -192,3 +192,31 @@ def test_missing_reward_or_shape_is_refused(base_model):
         ORWCFMTrainer(fresh(base_model), {"image_shape": (2,)}, "cpu")
     with pytest.raises(ValueError, match="image_shape"):
         ORWCFMTrainer(fresh(base_model), {}, "cpu", reward_fn=right_reward)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps(tmp_path, base_model, precision):
+    """Autocast (and the GradScaler for fp16) on a torchcfm UNet in channels_last memory format."""
+    from torchcfm.models.unet.unet import UNetModelWrapper
+
+    torch.manual_seed(0)
+    unet = UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2],
+                            attention_resolutions="4", num_heads=1, dropout=0.0)
+    config = toy_config(tmp_path, image_shape=None, precision=precision, channels_last=True, batch_size=8,
+                        sampler_steps=2)
+    trainer = ORWCFMTrainer(unet, config, "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    history = [trainer.train_step() for _ in range(2)]
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+
+
+def test_compiled_policy_matches_eager(tmp_path, base_model):
+    runs = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / str(compile_), compile=compile_),
+                                "cpu", reward_fn=right_reward)
+        runs.append([trainer.train_step()["loss"] for _ in range(3)])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)

@@ -169,12 +169,17 @@ def _is_dense(t) -> bool:
     return True
 
 
+def _same_layout(a, b) -> bool:
+    """Equal strides in every dimension of size > 1 (a size-1 dimension's stride is arbitrary)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
 def _check_inputs(v, u, v_ref, scores, alpha, tau, weighting) -> int:
     """The checks of csrc/orw_cfm_w2.cpp (metadata only); returns D."""
     torch._check(v.dim() >= 1 and v.numel() > 0, lambda: "orw_cfm_w2: v must be a non-empty [B, ...] tensor")
     torch._check(u.shape == v.shape and v_ref.shape == v.shape,
                  lambda: f"orw_cfm_w2: v, u, v_ref must have one shape, got {v.shape}, {u.shape}, {v_ref.shape}")
-    torch._check(u.stride() == v.stride() and v_ref.stride() == v.stride(),
+    torch._check(_same_layout(u, v) and _same_layout(v_ref, v),
                  lambda: "orw_cfm_w2: v, u, v_ref must have identical strides")
     torch._check(v.is_floating_point() and u.dtype == v.dtype and v_ref.dtype == v.dtype,
                  lambda: "orw_cfm_w2: v, u, v_ref must share one floating dtype")
