@@ -199,14 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("bench", help="loss benchmark (benchmarks/bench_loss.py; its options follow)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("bench", add_help=False,
+                       help="loss benchmark (benchmarks/bench_loss.py; its options follow, see `orw-fast bench --help`)")
     p.set_defaults(run=cmd_bench)
     return parser
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest  # every option belongs to the benchmark script
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as err:

@@ -92,3 +92,10 @@ def test_demo_runs_and_writes_its_report(tmp_path):
     assert (tmp_path / "cache" / "digits_flow.pt").is_file() and (tmp_path / "cache" / "digits_classifier.pt").is_file()
     for stats in [report["base"], *(r["final"] for r in report["runs"].values())]:
         assert 0 <= stats["even_fraction"] <= 1 and sum(stats["class_counts"]) == 16
+
+
+def test_bench_passes_its_options_to_the_benchmark_script():
+    proc = run_cli("bench", "--help")
+    assert proc.returncode == 0 and "--dtypes" in proc.stdout and "--backends" in proc.stdout
+    proc = run_cli("demo", "--bogus")
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
