@@ -40,36 +40,15 @@ def cmd_demo(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from orw_fast.data import load_dataset
-    from orw_fast.models import DigitClassifier, make_flow_model, save_classifier, train_classifier
-    from orw_fast.pretrain import pretrain_flow_matching, save_torchcfm_checkpoint
+    from orw_fast.pretrain import default_cache_dir, pretrain_dataset
 
-    device = _device(args.device)
-    images, labels = load_dataset(args.dataset)
-    model, config = make_flow_model(tuple(images.shape[1:]), preset=args.preset)
-    _, state = pretrain_flow_matching(model.to(device), images, steps=args.steps, batch_size=args.batch_size,
-                                      lr=args.lr, seed=args.seed, progress=not args.quiet)
-    out = Path(args.out)
-    save_torchcfm_checkpoint(state, out / "flow.pt", model_config=config)
-    print(f"flow model: {out / 'flow.pt'}")
-    if labels is not None and args.classifier:
-        classifier = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
-        print(f"classifier: {train_classifier(classifier, images, labels, seed=args.seed, progress=not args.quiet)}")
-        save_classifier(classifier, out / "classifier.pt")
-        print(f"classifier: {out / 'classifier.pt'}")
-
-
-def _load_flow(path: Path):
-    from orw_fast.checkpoint import load_file, model_state_from
-    from orw_fast.models import build_flow_model
-
-    ckpt = load_file(path)
-    config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
-    if config is None:
-        raise SystemExit(f"error: {path} has no model_config; write it with `orw-fast pretrain`")
-    model = build_flow_model(config)
-    model.load_state_dict(model_state_from(ckpt, path, "ema"))
-    return model, config
+    out = args.out or (default_cache_dir() / "digits" if args.dataset == "digits" else Path("runs/pretrain"))
+    result = pretrain_dataset(args.dataset, out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              preset=args.preset, classifier=args.classifier, seed=args.seed,
+                              device=_device(args.device), progress=not args.quiet)
+    for key in ("flow", "classifier_accuracy", "classifier"):
+        if key in result:
+            print(f"{key}: {result[key]}")
 
 
 def _reward_classifier(args):
@@ -91,11 +70,12 @@ def _reward_classifier(args):
 
 
 def cmd_finetune(args) -> None:
+    from orw_fast.pretrain import load_flow_model
     from orw_fast.rewards import ClassifierReward, get_reward
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
     device = _device(args.device)
-    model, model_config = _load_flow(args.checkpoint)
+    model, model_config = load_flow_model(args.checkpoint)
     if args.reward == "classifier":
         reward = ClassifierReward(_reward_classifier(args).to(device), args.target_classes)
     else:
@@ -113,11 +93,12 @@ def cmd_finetune(args) -> None:
 
 def cmd_sample(args) -> None:
     from orw_fast.images import save_image_grid
+    from orw_fast.pretrain import load_flow_model
     from orw_fast.sampling import sample
     from orw_fast.trainer import infer_image_shape
 
     device = _device(args.device)
-    model, _ = _load_flow(args.checkpoint)
+    model, _ = load_flow_model(args.checkpoint)
     model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randn((args.n, *infer_image_shape(model)), device=device, generator=gen)
@@ -151,14 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=demo.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
     p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
-    p.add_argument("--cache-dir", type=Path, default=None, help="pre-trained models (default ~/.cache/orw_fast)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("pretrain", help="train a flow-matching model (and a classifier when labels exist)")
     p.add_argument("--dataset", default="digits", help="digits | idx:PATH | folder:PATH")
-    p.add_argument("--out", type=Path, default=Path("runs/pretrain"))
-    p.add_argument("--preset", default="digits", help="model preset (digits, cifar10)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the demo's cache ~/.cache/orw_fast/digits for digits, else "
+                   "runs/pretrain)")
+    p.add_argument("--preset", default=None, help="model preset (digits, mnist, cifar10; default from the image shape)")
     p.add_argument("--steps", type=int, default=demo.pretrain_steps)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)

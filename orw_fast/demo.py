@@ -11,28 +11,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from orw_fast.checkpoint import load_file, model_state_from, write_text_atomic
-from orw_fast.data import load_dataset
+from orw_fast.checkpoint import write_text_atomic
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import class_entropy, mean_pairwise_distance
-from orw_fast.models import (DigitClassifier, build_flow_model, load_classifier, make_flow_model, save_classifier,
-                             train_classifier)
-from orw_fast.pretrain import pretrain_flow_matching, save_torchcfm_checkpoint
+from orw_fast.models import load_classifier
+from orw_fast.pretrain import default_cache_dir, load_flow_model, pretrain_dataset
 from orw_fast.rewards import ClassifierReward
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig, infer_image_shape
 
 EVEN_DIGITS = (0, 2, 4, 6, 8)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ORW_FAST_CACHE", Path.home() / ".cache" / "orw_fast"))
 
 
 @dataclasses.dataclass
@@ -51,33 +44,16 @@ class DemoSettings:
     pretrain_steps: int = 3000
 
 
-def pretrained_digits(cache_dir: Path, *, steps: int, device, progress: bool = True, seed: int = 0):
-    """(flow model, classifier) for the digits, trained once and cached in ``cache_dir``: the flow
-    model as a torchcfm checkpoint (digits_flow.pt, EMA weights used), the classifier as a state dict."""
-    cache_dir = Path(cache_dir)
-    flow_path, cls_path = cache_dir / "digits_flow.pt", cache_dir / "digits_classifier.pt"
-    if flow_path.is_file():
-        ckpt = load_file(flow_path)
-        model = build_flow_model(ckpt["model_config"])
-        model.load_state_dict(model_state_from(ckpt, flow_path, "ema"))
-    else:
-        images, labels = load_dataset("digits")
-        model, config = make_flow_model(tuple(images.shape[1:]), preset="digits")
-        model.to(device)
-        print(f"pre-training the digits flow model ({steps} steps; cached in {flow_path})")
-        _, state = pretrain_flow_matching(model, images, steps=steps, seed=seed, progress=progress)
-        save_torchcfm_checkpoint(state, flow_path, model_config=config)
-        model = build_flow_model(config)
-        model.load_state_dict(state["ema_model"])
-    if cls_path.is_file():
-        classifier = load_classifier(cls_path)
-    else:
-        images, labels = load_dataset("digits")
-        classifier = DigitClassifier()
-        accuracy = train_classifier(classifier, images, labels, seed=seed, progress=progress)
-        print(f"digit classifier: {accuracy}")
-        save_classifier(classifier, cls_path)
-    return model.to(device).eval(), classifier.to(device).eval()
+def pretrained_digits(cache_dir, *, steps: int, device, progress: bool = True, seed: int = 0):
+    """(flow model, classifier) for the digits from ``cache_dir``/digits (what ``orw-fast pretrain
+    --dataset digits`` writes there), pre-trained first if missing."""
+    folder = Path(cache_dir) / "digits"
+    if not (folder / "flow.pt").is_file() or not (folder / "classifier.pt").is_file():
+        print(f"pre-training the digits flow model and classifier ({steps} steps), cached in {folder}")
+        result = pretrain_dataset("digits", folder, steps=steps, seed=seed, device=device, progress=progress)
+        print(f"digit classifier: {result['classifier_accuracy']}")
+    model, _ = load_flow_model(folder / "flow.pt")
+    return model.to(device).eval(), load_classifier(folder / "classifier.pt").to(device)
 
 
 @torch.no_grad()

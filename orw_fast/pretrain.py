@@ -3,11 +3,13 @@ flow matching), saved in torchcfm's checkpoint format ``{net_model, ema_model, o
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from orw_fast.checkpoint import save_atomic
+from orw_fast.checkpoint import load_file, model_state_from, save_atomic
 from orw_fast.couplings import sample_path
 
 
@@ -48,6 +50,43 @@ def pretrain_flow_matching(model: torch.nn.Module, images: torch.Tensor, *, step
     return ema, state
 
 
-def save_torchcfm_checkpoint(state: dict, path, **extra) -> None:
-    """Writes a torchcfm-format checkpoint atomically (``extra`` keys, e.g. the model config, added)."""
-    save_atomic({**state, **extra}, path)
+def default_cache_dir() -> Path:
+    """Where pre-trained models are kept: $ORW_FAST_CACHE, else ~/.cache/orw_fast."""
+    return Path(os.environ.get("ORW_FAST_CACHE", Path.home() / ".cache" / "orw_fast"))
+
+
+def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128, lr: float = 2e-3,
+                     preset: str | None = None, classifier: bool = True, seed: int = 0, device="cpu",
+                     progress: bool = True) -> dict:
+    """Pre-trains a flow model on ``dataset`` (a load_dataset spec) into ``out_dir``/flow.pt (torchcfm
+    format + model_config) and, when the data has labels and ``classifier`` is set, a classifier into
+    ``out_dir``/classifier.pt. Returns the paths written and the classifier's accuracy."""
+    from orw_fast.data import load_dataset
+    from orw_fast.models import DigitClassifier, make_flow_model, save_classifier, train_classifier
+
+    out_dir = Path(out_dir)
+    images, labels = load_dataset(dataset)
+    model, config = make_flow_model(tuple(images.shape[1:]), preset=preset)
+    _, state = pretrain_flow_matching(model.to(device), images, steps=steps, batch_size=batch_size, lr=lr,
+                                      seed=seed, progress=progress)
+    result = {"flow": save_atomic({**state, "model_config": config}, out_dir / "flow.pt")}
+    if labels is not None and classifier:
+        net = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
+        result["classifier_accuracy"] = train_classifier(net, images, labels, seed=seed, progress=progress)
+        result["classifier"] = save_classifier(net, out_dir / "classifier.pt")
+    return result
+
+
+def load_flow_model(path) -> tuple[torch.nn.Module, dict]:
+    """(model, model_config) from a checkpoint that records its model config: flow.pt of
+    pretrain_dataset (EMA weights) or an ORWCFMTrainer checkpoint (policy weights)."""
+    from orw_fast.models import build_flow_model
+
+    ckpt = load_file(path)
+    config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
+    if config is None:
+        raise ValueError(f"{str(path)!r} records no model config; write it with `orw-fast pretrain` or a "
+                         "trainer whose config has model_config")
+    model = build_flow_model(config)
+    model.load_state_dict(model_state_from(ckpt, path, "ema"))
+    return model, config

@@ -251,7 +251,7 @@ class ORWCFMTrainer:
         for name, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        cfg, total = self.config, num_epochs * steps_per_epoch
+        total = num_epochs * steps_per_epoch
         self.savedir.mkdir(parents=True, exist_ok=True)
         self._start_wandb()
         history = []

@@ -89,7 +89,7 @@ def test_demo_runs_and_writes_its_report(tmp_path):
     assert set(report["runs"]) == {"0", "1"}
     for name in ("samples_base.png", "samples_alpha_0.png", "samples_alpha_1.png", "curves.png", "metrics.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert (tmp_path / "cache" / "digits_flow.pt").is_file() and (tmp_path / "cache" / "digits_classifier.pt").is_file()
+    assert all((tmp_path / "cache" / "digits" / name).is_file() for name in ("flow.pt", "classifier.pt"))
     for stats in [report["base"], *(r["final"] for r in report["runs"].values())]:
         assert 0 <= stats["even_fraction"] <= 1 and sum(stats["class_counts"]) == 16
 

@@ -114,11 +114,12 @@ def train_classifier(
     }
 
 
-def save_classifier(model: DigitClassifier, path) -> None:
-    """Writes the classifier's weights with its shape, atomically (read back by load_classifier)."""
+def save_classifier(model: DigitClassifier, path):
+    """Writes the classifier's weights with its shape, atomically (read back by load_classifier);
+    returns the path."""
     from orw_fast.checkpoint import save_atomic
 
-    save_atomic({"state_dict": model.state_dict(), "image_shape": list(model.image_shape),
+    return save_atomic({"state_dict": model.state_dict(), "image_shape": list(model.image_shape),
                  "num_classes": model.num_classes}, path)
 
 
