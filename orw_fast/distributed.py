@@ -7,7 +7,6 @@ body. Collectives (marked so) must be called by every rank in the same order.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 
 import torch
@@ -53,18 +52,19 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def init_from_env(device: torch.device, timeout: datetime.timedelta | None = None) -> bool:
+def init_from_env(device: torch.device) -> bool:
     """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT) when WORLD_SIZE > 1 and no group exists yet: NCCL for a CUDA ``device`` (bound to it),
-    gloo otherwise. Returns :func:`is_distributed`. A group the caller initialised is used as it is."""
+    gloo otherwise. Returns :func:`is_distributed`. A group the caller initialised (with their own
+    backend or timeout) is used as it is."""
     if not dist.is_initialized() and env_world_size() > 1:
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         device = torch.device(device)
         if device.type == "cuda":
-            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+            dist.init_process_group("nccl", device_id=device)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo")
     return is_distributed()
 
 
