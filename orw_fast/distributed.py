@@ -57,9 +57,11 @@ def init_from_env(device: torch.device) -> bool:
     MASTER_PORT) when WORLD_SIZE > 1 and no group exists yet: NCCL for a CUDA ``device`` (bound to it),
     gloo otherwise. Returns :func:`is_distributed`. A group the caller initialised (with their own
     backend or timeout) is used as it is."""
-    if not dist.is_initialized() and env_world_size() > 1:
+    if env_world_size() > 1:
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        if dist.is_initialized():
+            return is_distributed()
         device = torch.device(device)
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
