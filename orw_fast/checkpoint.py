@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from orw_fast.distributed import load_full_state_dict
+
 ORW_FORMAT = "orw_fast.checkpoint"
-ORW_VERSION = 1
+ORW_VERSION = 2  # 2: "rng" holds one entry per rank (1: one process's dict)
 
 
 def _write_atomic(path, write) -> Path:
@@ -92,9 +94,10 @@ def model_state_from(ckpt: dict, path, weights: str = "ema") -> dict:
 
 def load_model_weights(model: torch.nn.Module, path, weights: str = "ema") -> None:
     """Loads weights from any supported checkpoint into ``model``, in place (tensors are copied, so
-    CUDA graphs captured on the model stay valid). A shape or key mismatch raises ValueError."""
+    CUDA graphs captured on the model stay valid; an FSDP2 model keeps its shard). A shape or key mismatch
+    raises ValueError."""
     state = model_state_from(load_file(path), path, weights)
     try:
-        model.load_state_dict(state)
+        load_full_state_dict(model, state)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {str(path)!r} does not match the model: {err}") from err

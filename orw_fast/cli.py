@@ -1,4 +1,6 @@
-"""Command line: ``orw-fast demo | pretrain | finetune | sample | bench`` (also ``python -m orw_fast``)."""
+"""Command line: ``orw-fast demo | pretrain | finetune | sample | bench`` (also ``python -m orw_fast``).
+
+``finetune`` also runs multi-process: ``torchrun --nproc_per_node=N -m orw_fast finetune ...``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from orw_fast import distributed as dist_utils
 
 
 def _device(text: str) -> torch.device:
@@ -51,13 +55,14 @@ def cmd_pretrain(args) -> None:
             print(f"{key}: {result[key]}")
 
 
-def _reward_classifier(args):
-    """The classifier of --classifier, or one trained on the labels of --dataset."""
+def _reward_classifier(args, device):
+    """The classifier of --classifier, or one trained on the labels of --dataset (by rank 0, whose
+    weights every rank then scores with)."""
     from orw_fast.data import load_dataset
     from orw_fast.models import DigitClassifier, load_classifier, train_classifier
 
     if args.classifier is not None:
-        return load_classifier(args.classifier)
+        return load_classifier(args.classifier).to(device)
     if args.dataset is None:
         raise SystemExit("error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`) or a "
                          "labelled --dataset to train one on")
@@ -65,7 +70,12 @@ def _reward_classifier(args):
     if labels is None:
         raise SystemExit(f"error: --dataset {args.dataset} has no labels to train a reward classifier on")
     classifier = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
-    print(f"reward classifier: {train_classifier(classifier, images, labels, seed=args.seed, progress=not args.quiet)}")
+    with dist_utils.on_all_ranks("training the reward classifier"):
+        if dist_utils.is_main():
+            accuracy = train_classifier(classifier, images, labels, seed=args.seed, progress=not args.quiet)
+            print(f"reward classifier: {accuracy}")
+    classifier.to(device)
+    dist_utils.broadcast_module(classifier)
     return classifier
 
 
@@ -74,21 +84,23 @@ def cmd_finetune(args) -> None:
     from orw_fast.rewards import ClassifierReward, get_reward
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    device = _device(args.device)
+    device = dist_utils.local_device(_device(args.device))
+    dist_utils.init_from_env(device)
     model, model_config = load_flow_model(args.checkpoint)
     if args.reward == "classifier":
-        reward = ClassifierReward(_reward_classifier(args).to(device), args.target_classes)
+        reward = ClassifierReward(_reward_classifier(args, device), args.target_classes)
     else:
         reward = get_reward(args.reward)
     config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
                            batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
                            coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
-                           compile=args.compile, seed=args.seed, model_config=model_config)
+                           compile=args.compile, seed=args.seed, fsdp=args.fsdp, model_config=model_config)
     trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
     if args.resume:
         trainer.resume(args.resume)
     trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
-    print(f"checkpoints, metrics.jsonl and sample grids in {args.out}")
+    if dist_utils.is_main():
+        print(f"checkpoints, metrics.jsonl and sample grids in {args.out}")
 
 
 def cmd_sample(args) -> None:
@@ -165,11 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coupling", default="independent", choices=("independent", "ot", "rollout"))
     p.add_argument("--epochs", type=int, default=demo.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
-    p.add_argument("--batch-size", type=int, default=demo.batch_size)
+    p.add_argument("--batch-size", type=int, default=demo.batch_size,
+                   help="the whole batch; under torchrun split evenly over the processes")
     p.add_argument("--lr", type=float, default=demo.learning_rate)
     p.add_argument("--sampler-steps", type=int, default=demo.sampler_steps)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas")
     common(p)
     p.set_defaults(run=cmd_finetune)
 
@@ -196,10 +211,15 @@ def main(argv=None) -> None:
         args.bench_args = rest  # every option belongs to the benchmark script
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if dist_utils.env_world_size() > 1 and args.command != "finetune":
+        parser.error(f"only finetune runs multi-process; run {args.command} as one process, without torchrun")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, dist_utils.PeerError) as err:
         raise SystemExit(f"error: {err}") from err
+    finally:
+        if dist_utils.is_distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
