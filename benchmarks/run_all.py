@@ -1,0 +1,388 @@
+"""The whole benchmark run in one command: each stage in its own process, with its own log and time limit; a
+failed stage is recorded and the next one runs; a summary (with the issue's targets on GPU) comes last.
+
+Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step):
+  build       pip install --no-build-isolation --no-deps --no-index -e . for the GPU's architecture
+              (TORCH_CUDA_ARCH_LIST, e.g. 9.0), `python setup.py build_ext --inplace` if pip fails; skipped
+              when orw_fast._C already has a CUDA kernel newer than every source
+  nvcc        benchmarks/nvcc_report.py: registers, spills, 16-byte loads in the SASS
+  tests       python -m pytest tests (the CUDA tests run on a GPU), with a JUnit XML file
+  hardware    benchmarks/hardware.py: copy bandwidth, matmul rate, clocks
+  loss        benchmarks/bench_loss.py
+  sampler     benchmarks/bench_sampler.py
+  train_step  benchmarks/bench_train_step.py
+Results, logs and the summary go to OUT/<device-slug>/ (default benchmarks/results/); --archive also packs
+the files this run wrote into one .tar.gz after every stage (so a run cut short still leaves its results).
+
+    python benchmarks/run_all.py                          # cuda if available, else cpu
+    python benchmarks/run_all.py --device cpu --quick     # smoke run
+    python benchmarks/run_all.py --stages sampler,train_step --archive /tmp/results.tar.gz
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks import common
+
+ROOT = common.REPO_ROOT
+STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step")
+DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step")}
+BENCH_SCRIPTS = {"hardware": "hardware.py", "loss": "bench_loss.py", "sampler": "bench_sampler.py",
+                 "train_step": "bench_train_step.py"}
+TIMEOUT_S = {"build": 900, "nvcc": 600, "tests": 1200, "hardware": 300, "loss": 1200, "sampler": 1500,
+             "train_step": 1500}
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ok | failed | timeout | skipped
+    seconds: float = 0.0
+    detail: str = ""
+    commands: list[str] = field(default_factory=list)
+    log: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+class Run:
+    """Runs commands for the stages, logging each stage's output to OUT/<slug>/logs/."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.slug = common.device_slug(device)
+        self.folder = Path(args.out) / self.slug
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        self.commit = common.git_commit()
+        self.suffix = "_quick" if args.quick else ""
+        self.written: set[Path] = set()
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def log_path(self, stage: str) -> Path:
+        return self.folder / "logs" / f"{stage}_{self.date}_{self.commit}{self.suffix}.log"
+
+    def command(self, result: StageResult, cmd: list[str], timeout: float, env: dict | None = None) -> int:
+        """Runs ``cmd`` in the repository root, appending its output to the stage's log; returns the exit
+        status (124 on timeout)."""
+        log = self.log_path(result.stage)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        result.log = str(log.relative_to(self.folder))
+        result.commands.append(" ".join(cmd))
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                      env={**self.env, **(env or {})})
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+            f.write(f"\n[exit {rc}]\n")
+        self.written.add(log)
+        return rc
+
+    def snapshot(self) -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in self.folder.rglob("*") if p.is_file()}
+
+    def archive(self) -> None:
+        """Packs the files this run wrote into --archive (atomically)."""
+        if not self.args.archive:
+            return
+        target = Path(self.args.archive)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(self.written):
+                if path.exists():
+                    tar.add(path, arcname=str(path.relative_to(Path(self.args.out))))
+        os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _arch_list(device: torch.device) -> str:
+    if "TORCH_CUDA_ARCH_LIST" in os.environ:
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def _built_kernel_is_current() -> bool:
+    """True when orw_fast._C has a CUDA kernel (checked in a fresh process) and is newer than every source."""
+    libs = list((ROOT / "orw_fast").glob("_C*.so"))
+    sources = [*(ROOT / "csrc").iterdir(), ROOT / "setup.py"]
+    if not libs or min(p.stat().st_mtime for p in libs) < max(p.stat().st_mtime for p in sources):
+        return False
+    return _has_cuda_kernel()
+
+
+def _has_cuda_kernel() -> bool:
+    check = "from orw_fast import _native; import sys; sys.exit(0 if _native.has_kernel('orw_cfm_w2', 'cuda') else 1)"
+    return subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True).returncode == 0
+
+
+def stage_build(run: Run, result: StageResult) -> None:
+    if _built_kernel_is_current():
+        result.status, result.detail = "ok", "up to date: orw_fast._C has a CUDA kernel newer than every source"
+        return
+    arch = _arch_list(run.device)
+    env = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
+    rc = run.command(result, [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                              "-e", "."], TIMEOUT_S["build"], env)
+    how = "pip install -e"
+    if rc != 0 or not _has_cuda_kernel():  # e.g. pip refuses offline, or put the library elsewhere
+        rc = run.command(result, [sys.executable, "setup.py", "build_ext", "--inplace"], TIMEOUT_S["build"], env)
+        how = "setup.py build_ext --inplace (after pip install -e gave no CUDA kernel)"
+    ok = rc == 0 and _has_cuda_kernel()
+    result.status = "ok" if ok else "failed"
+    result.detail = f"{how}, TORCH_CUDA_ARCH_LIST={arch}" + ("" if ok else f": exit {rc}, or no CUDA kernel after it")
+
+
+def stage_nvcc(run: Run, result: StageResult) -> None:
+    arch = "sm_" + _arch_list(run.device).split(";")[0].replace(".", "") if run.device.type == "cuda" else "sm_90"
+    rc = run.command(result, [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out),
+                              "--folder", run.slug], TIMEOUT_S["nvcc"])
+    result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
+    result.detail = summarize_nvcc(run)
+
+
+def stage_tests(run: Run, result: StageResult) -> None:
+    xml = run.folder / f"tests_{run.date}_{run.commit}{run.suffix}.xml"
+    env = {"ORW_FAST_REQUIRE_NVCC": "1"} if run.device.type == "cuda" else {}
+    rc = run.command(result, [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests",
+                              f"--junitxml={xml}"], TIMEOUT_S["tests"], env)
+    run.written.add(xml)
+    result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
+    tail = (run.folder / result.log).read_text().splitlines()
+    counts = next((line.strip("= ") for line in reversed(tail) if re.search(r"\d+ (passed|failed|error)", line)), "")
+    result.detail = counts
+
+
+def stage_bench(run: Run, result: StageResult) -> None:
+    cmd = [sys.executable, f"benchmarks/{BENCH_SCRIPTS[result.stage]}", "--device", str(run.device),
+           "--out", str(run.args.out)] + (["--quick"] if run.args.quick else [])
+    rc = run.command(result, cmd, TIMEOUT_S[result.stage] * run.args.timeout_scale)
+    result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
+    result.detail = SUMMARIES[result.stage](run)
+
+
+STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
+                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench}
+
+
+# ---------------------------------------------------------------------------------------------
+# Headlines of each stage's results (and the issue's targets on GPU)
+
+
+def latest_results(run: Run, name: str) -> dict | None:
+    """The JSON results of ``name`` this run wrote (newest), or None."""
+    paths = sorted(run.folder.glob(f"{name}_{run.date}_{run.commit}{run.suffix}.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def _ok(rows):
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def summarize_nvcc(run: Run) -> str:
+    data = latest_results(run, "nvcc")
+    if not data:
+        return "no results"
+    rows = data["results"]
+    regs = [r["registers"] for r in rows if "registers" in r]
+    spills = sum(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) for r in rows)
+    vec = sum(r["has_128bit_loads"] for r in rows)
+    return f"{len(rows)} kernels, {min(regs)}-{max(regs)} registers, {spills} B spills, {vec} with 128-bit loads"
+
+
+def summarize_hardware(run: Run) -> str:
+    data = latest_results(run, "hardware")
+    if not data:
+        return "no results"
+    hw = data["metadata"]["hardware"]
+    return f"copy {hw['copy_gbs']:.1f} GB/s, {hw['matmul_dtype']} matmul {hw['matmul_tflops']:.4g} TFLOP/s"
+
+
+def summarize_loss(run: Run) -> str:
+    data = latest_results(run, "loss")
+    if not data:
+        return "no results"
+    rows = _ok(data["results"])
+    parts = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        largest = max((r["numel"] for r in rows if r["dtype"] == dtype), default=None)
+        for backend in ("native", "triton"):
+            r = next((r for r in rows if r["dtype"] == dtype and r["numel"] == largest and r["backend"] == backend), None)
+            if r:
+                parts.append(f"{dtype} {backend} @{largest / 1e6:.1f}M: {r['pct_copy_bw']:.0f}% copy BW, "
+                             f"{common.fmt('{:.1f}x', r.get('speedup_vs_eager'))} eager, "
+                             f"{common.fmt('{:.2f}x', r.get('speedup_vs_compile'))} compile, "
+                             f"{r['peak_extra_grad_bufs']:.2f} grad bufs")
+    failed = len(data["results"]) - len(rows)
+    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+
+
+def summarize_sampler(run: Run) -> str:
+    data = latest_results(run, "sampler")
+    if not data:
+        return "no results"
+    rows = _ok(data["results"])
+    parts = []
+    for batch in sorted({r["batch"] for r in rows}):
+        ours = [r for r in rows if r["batch"] == batch and r["variant"].startswith("ours")]
+        if not ours:
+            continue
+        best = max(ours, key=lambda r: r.get("speedup_vs_fp32_loop") or 0)
+        text = f"batch {batch}: {best['variant']} {common.fmt('{:.2f}x', best.get('speedup_vs_fp32_loop'))} fp32 loop"
+        if "replay_vs_n_forwards" in best:
+            text += f" (replay / N fwd {best['replay_vs_n_forwards']:.3f})"
+        parts.append(text)
+    failed = len(data["results"]) - len(rows)
+    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+
+
+def summarize_train_step(run: Run) -> str:
+    data = latest_results(run, "train_step")
+    if not data:
+        return "no results"
+    rows = _ok(data["results"])
+    parts = [f"batch {r['batch']} {r['variant']}: {r['samples_per_s']:.1f} samples/s, "
+             f"{common.fmt('{:.2f}x', r.get('speedup_vs_official'))} official" for r in rows if r["variant"] != "official_eager"]
+    failed = len(data["results"]) - len(rows)
+    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+
+
+SUMMARIES = {"hardware": summarize_hardware, "loss": summarize_loss, "sampler": summarize_sampler,
+             "train_step": summarize_train_step}
+
+
+def target_checks(run: Run) -> list[tuple[str, str, str]]:
+    """(target, measured, met|missed) for the issue's GPU targets, from this run's results."""
+    checks = []
+    loss = latest_results(run, "loss")
+    if loss:
+        rows = _ok(loss["results"])
+        largest = max((r["numel"] for r in rows), default=None)
+        for r in (r for r in rows if r["numel"] == largest and r["backend"] in ("native", "triton")):
+            name = f"loss {r['dtype']} {r['backend']} @{largest / 1e6:.0f}M"
+            checks.append((f"{name}: >= 80 % copy BW", f"{r['pct_copy_bw']:.1f} %", r["pct_copy_bw"] >= 80))
+            if r.get("speedup_vs_eager") is not None:
+                checks.append((f"{name}: >= 5x eager", f"{r['speedup_vs_eager']:.2f}x", r["speedup_vs_eager"] >= 5))
+            if r.get("speedup_vs_compile") is not None:
+                checks.append((f"{name}: >= 1.5x torch.compile", f"{r['speedup_vs_compile']:.2f}x",
+                               r["speedup_vs_compile"] >= 1.5))
+            checks.append((f"{name}: extra memory <= 1 grad buffer", f"{r['peak_extra_grad_bufs']:.2f}",
+                           r["peak_extra_grad_bufs"] <= 1.05))
+    sampler = latest_results(run, "sampler")
+    if sampler:
+        for r in (r for r in _ok(sampler["results"]) if "replay_vs_n_forwards" in r):
+            checks.append((f"sampler batch {r['batch']} {r['variant']}: replay <= 1.05 x N graphed forwards",
+                           f"{r['replay_vs_n_forwards']:.3f}", r["replay_vs_n_forwards"] <= 1.05))
+    train = latest_results(run, "train_step")
+    if train:
+        for r in (r for r in _ok(train["results"]) if r.get("speedup_vs_official") and r["variant"] != "official_eager"):
+            checks.append((f"train step batch {r['batch']} {r['variant']}: >= 3x official (aim 4x)",
+                           f"{r['speedup_vs_official']:.2f}x", r["speedup_vs_official"] >= 3))
+    return [(name, value, "met" if ok else "missed") for name, value, ok in checks]
+
+
+def write_summary(run: Run, results: list[StageResult], started: str) -> Path:
+    rows = [[r.stage, r.status, f"{r.seconds:.0f}", r.detail.replace("|", "/")] for r in results]
+    lines = [
+        f"# Benchmark run: {common.device_name(run.device)}",
+        "",
+        f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
+        f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
+        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/",
+        "",
+        common.markdown_table(["stage", "status", "seconds", "headline"], rows),
+    ]
+    checks = target_checks(run) if run.device.type == "cuda" else []
+    if checks:
+        lines += ["", "## Targets (issue 4)", "", common.markdown_table(["target", "measured", "result"], checks)]
+    text = "\n".join(lines) + "\n"
+    stem = f"run_{run.date}_{run.commit}{run.suffix}"
+    path = common.write_text_atomic(run.folder / f"{stem}.md", text)
+    common.write_text_atomic(run.folder / f"{stem}.json", json.dumps(
+        {"started_utc": started, "commit": run.commit, "device": common.device_name(run.device),
+         "stages": [asdict(r) for r in results], "targets": checks}, indent=2) + "\n")
+    run.written.update({path, run.folder / f"{stem}.json"})
+    print("\n" + text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Script
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--device", type=common.parse_device, default=torch.device(common.default_device()),
+        help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    add("--stages", type=common.parse_list(STAGES), help=f"comma-separated subset of {','.join(STAGES)} "
+        "(default: all on cuda; hardware,loss,sampler,train_step on cpu)")
+    add("--skip", type=common.parse_list(STAGES), default=[], help="stages to leave out")
+    add("--out", type=Path, default=common.RESULTS_DIR, help="results root (default benchmarks/results)")
+    add("--archive", type=Path, help="also pack this run's files into this .tar.gz, refreshed after every stage")
+    add("--quick", action="store_true", help="benchmarks at toy sizes (smoke run)")
+    add("--timeout-scale", type=float, default=1.0, help="multiplies every benchmark stage's time limit")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    stages = [s for s in (args.stages or DEFAULT_STAGES[device.type]) if s not in args.skip]
+    if device.type != "cuda" and "build" in stages:
+        print("note: the build stage is for CUDA devices (the CPU extension is built by pip install -e .); skipped")
+        stages.remove("build")
+    run = Run(args, device)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"orw_fast benchmark run on {common.device_name(device)} ({run.slug}), commit {run.commit}: "
+          f"{', '.join(stages)} -> {run.folder}", flush=True)
+    results = []
+    for i, stage in enumerate(stages, 1):
+        print(f"[{i}/{len(stages)}] {stage} ...", end=" ", flush=True)
+        result = StageResult(stage, "failed")
+        before, start = run.snapshot(), time.perf_counter()
+        try:
+            STAGE_FUNCTIONS[stage](run, result)
+        except Exception as err:  # a broken stage must not stop the run
+            result.status, result.detail = "failed", common.error_status(err)
+        result.seconds = time.perf_counter() - start
+        after = run.snapshot()
+        new = [p for p, mtime in after.items() if before.get(p) != mtime]
+        run.written.update(new)
+        result.files = sorted(str(p.relative_to(run.folder)) for p in new)
+        results.append(result)
+        print(f"{result.status} ({result.seconds:.0f} s) {result.detail}", flush=True)
+        run.archive()
+    write_summary(run, results, started)
+    run.archive()
+    if args.archive:
+        print(f"archive: {args.archive}")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole GPU run in one command (H100/H200, sm_90): build the extension for the GPU, nvcc resource report
+# (registers, spills, 16-byte loads in the SASS), the test suite with its CUDA tests, copy bandwidth and bf16
+# matmul rate, the loss / sampler / training-step benchmarks -> benchmarks/results/<device>/ (JSON, CSV,
+# Markdown, PNG, logs, run_<date>_<commit>.md with the issue's targets). A failing stage is recorded and the
+# run goes on.
+#
+#   bash benchmarks/run_gpu.sh                                   # everything (~15-20 min on an H100)
+#   bash benchmarks/run_gpu.sh --stages build,nvcc,tests,hardware,loss   # split the run into parts
+#   bash benchmarks/run_gpu.sh --stages sampler
+#   bash benchmarks/run_gpu.sh --stages train_step
+#   bash benchmarks/run_gpu.sh --quick                           # smoke run at toy sizes
+# Other options: python benchmarks/run_all.py --help. A part that finds no built extension builds it first.
+#
+# Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests) may be missing there. On a
+# machine with internet run `bash benchmarks/fetch_gpu_wheels.sh` (wheels for CPython 3.12 into .whl/) and
+# bring .whl/ along; this script installs them into /tmp/orw_fast_site when the import fails.
+# Environment: PYTHON (default python3), ORW_FAST_COMMIT (the commit to record when the checkout has no .git),
+# OUT (when set, the results are also packed into $OUT/gpu_results.tar.gz after every stage).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torchcfm, ot" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        echo "installing the carried wheels: $(ls .whl | tr '\n' ' ')"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/orw_fast_site \
+            .whl/*.whl && export PYTHONPATH="/tmp/orw_fast_site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "warning: torchcfm / POT are not importable and there is no .whl/ folder: the sampler and" \
+             "training-step benchmarks and the model tests will fail (see bash benchmarks/fetch_gpu_wheels.sh)"
+    fi
+fi
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: torch sees no CUDA device; for the CPU run use bash benchmarks/run_cpu.sh" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv 2>/dev/null || true
+export PYTHONUNBUFFERED=1
+exec "$PY" benchmarks/run_all.py --device cuda ${OUT:+--archive "$OUT/gpu_results.tar.gz"} "$@"
