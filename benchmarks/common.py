@@ -384,6 +384,9 @@ def write_results(out: Path, name: str, meta: dict, rows: list[dict], report: st
     if figure is not None:
         path = folder / f"{stem}.png"
         figure.savefig(path, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
         paths.append(path)
     return paths
 
