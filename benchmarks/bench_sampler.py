@@ -116,6 +116,16 @@ def graphed_forward_timing(model, x0: torch.Tensor, autocast, repeats: int) -> c
     return common.time_ms(graph.replay, x0.device, repeats=max(repeats, 20), warmup_calls=3, min_sample_s=0.01)
 
 
+def forward_flops(model, shape, device: torch.device) -> int:
+    """FLOPs of one model(t, x) call per sample (matmuls, convolutions, attention), by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.full((1,), 0.5, device=device), torch.randn((1, *shape), device=device))
+    return counter.get_total_flops()
+
+
 def run_case(sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None, repeats: int) -> tuple[dict, torch.Tensor]:
     """Times one variant at one batch size; returns (row, its samples)."""
     device, batch = x0.device, x0.shape[0]
@@ -143,16 +153,19 @@ def run_case(sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None,
     return row, x1
 
 
-def add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict], flops_per_sample_step: int, matmul_tflops: float) -> None:
+    """Speedup over the eager fp32 loop at the same batch; model TFLOP/s and its % of the measured matmul rate."""
     base = {r["batch"]: r["median_ms"] for r in rows if r["variant"] == BASELINE and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
             r["speedup_vs_fp32_loop"] = base[r["batch"]] / r["median_ms"] if r["batch"] in base else None
+            r["model_tflops"] = flops_per_sample_step * r["batch"] * r["steps"] / (r["median_ms"] * 1e-3) / 1e12
+            r["pct_matmul_rate"] = 100 * r["model_tflops"] / matmul_tflops
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["batch", "variant", "median ms", "IQR ms", "samples/s", "ms/step", "vs fp32 loop", "rel err",
-              "first call s", "peak extra MB", "graph fwd ms", "replay / N fwd"]
+    header = ["batch", "variant", "median ms", "IQR ms", "samples/s", "ms/step", "vs fp32 loop", "TFLOP/s",
+              "% matmul", "rel err", "first call s", "peak extra MB", "graph fwd ms", "replay / N fwd"]
     lines = []
     for r in rows:
         cells = [str(r["batch"]), r["variant"]]
@@ -162,7 +175,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(cells + [
             f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
             f"{r['ms_per_step']:.3f}", common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
-            f"{r['rel_err_vs_fp32_loop']:.1e}", f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
+            f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}", f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
             common.fmt("{:.3f}", r.get("forward_graph_ms")), common.fmt("{:.3f}", r.get("replay_vs_n_forwards"))])
     return common.markdown_table(header, lines)
 
@@ -178,6 +191,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "column 'first call s'), CUDA events on GPU",
         "- vs fp32 loop: speedup over eager_fp32_loop at the same batch; rel err: ||x1 - x1_fp32_loop|| / "
         "||x1_fp32_loop|| from the same noise",
+        f"- TFLOP/s: the model's {meta['flops_per_sample_step'] / 1e9:.3g} GFLOP per sample and step (FlopCounterMode) "
+        f"x batch x steps / median time; % matmul: of the {meta['hardware']['matmul_dtype']} matmul rate measured above",
         "- graph fwd ms: replay of one graph-captured model forward (bf16 autocast); replay / N fwd: the sampler's "
         "replay over N x that (1.00 = no overhead; target <= 1.05)",
         f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}",
@@ -235,8 +250,10 @@ def main(argv=None) -> int:
     model, shape, _ = common.make_model(model_name, device)
     model.eval()
     hw = hardware.measure(device, args.quick)
+    flops = forward_flops(model, shape, device)
     meta = common.run_metadata(device, "rollout sampler", hardware=hw, model=model_name, image_shape=list(shape),
-                               parameters=common.parameter_count(model), steps=steps, repeats=repeats,
+                               parameters=common.parameter_count(model), flops_per_sample_step=flops, steps=steps,
+                               repeats=repeats,
                                compile_mode=args.compile_mode, skipped_variants=skipped)
     common.warn_if_loaded(meta)
     rows = []
@@ -260,7 +277,7 @@ def main(argv=None) -> int:
                 row = {"batch": batch, "variant": variant, "steps": steps, "status": common.error_status(err)}
             rows.append(row)
             common.free_memory(device)
-    add_ratios(rows)
+    add_ratios(rows, flops, hw["matmul_tflops"])
     common.finish_metadata(meta)
     report = format_report(meta, rows)
     print(report)
