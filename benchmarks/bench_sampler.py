@@ -116,16 +116,6 @@ def graphed_forward_timing(model, x0: torch.Tensor, autocast, repeats: int) -> c
     return common.time_ms(graph.replay, x0.device, repeats=max(repeats, 20), warmup_calls=3, min_sample_s=0.01)
 
 
-def forward_flops(model, shape, device: torch.device) -> int:
-    """FLOPs of one model(t, x) call per sample (matmuls, convolutions, attention), by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.full((1,), 0.5, device=device), torch.randn((1, *shape), device=device))
-    return counter.get_total_flops()
-
-
 def run_case(sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None, repeats: int) -> tuple[dict, torch.Tensor]:
     """Times one variant at one batch size; returns (row, its samples)."""
     device, batch = x0.device, x0.shape[0]
@@ -250,7 +240,7 @@ def main(argv=None) -> int:
     model, shape, _ = common.make_model(model_name, device)
     model.eval()
     hw = hardware.measure(device, args.quick)
-    flops = forward_flops(model, shape, device)
+    flops = common.model_flops(model, shape, device)
     meta = common.run_metadata(device, "rollout sampler", hardware=hw, model=model_name, image_shape=list(shape),
                                parameters=common.parameter_count(model), flops_per_sample_step=flops, steps=steps,
                                repeats=repeats,

@@ -97,16 +97,19 @@ def run_case(variant: str, base_model, shape, batch: int, steps: int, precision:
     return row
 
 
-def add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict], flops_per_sample: int, matmul_tflops: float) -> None:
+    """Ratio to official_eager at the same batch; the step's model TFLOP/s and its % of the measured matmul rate."""
     base = {r["batch"]: r["median_ms"] for r in rows if r["variant"] == BASELINE and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
             r["speedup_vs_official"] = base[r["batch"]] / r["median_ms"] if r["batch"] in base else None
+            r["model_tflops"] = flops_per_sample * r["batch"] / (r["median_ms"] * 1e-3) / 1e12
+            r["pct_matmul_rate"] = 100 * r["model_tflops"] / matmul_tflops
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["batch", "variant", "precision", "median step ms", "IQR ms", "samples/s", "vs official",
-              "rollout ms", "rollout share", "first step s", "peak alloc MB", "peak extra MB"]
+    header = ["batch", "variant", "precision", "median step ms", "IQR ms", "samples/s", "vs official", "TFLOP/s",
+              "% matmul", "rollout ms", "rollout share", "first step s", "peak alloc MB", "peak extra MB"]
     lines = []
     for r in rows:
         cells = [str(r["batch"]), r["variant"]]
@@ -115,7 +118,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         lines.append(cells + [
             r["precision"], f"{r['median_ms']:.1f}", f"{r['q1_ms']:.1f}..{r['q3_ms']:.1f}", f"{r['samples_per_s']:.1f}",
-            common.fmt("{:.2f}x", r.get("speedup_vs_official")), f"{r['rollout_ms']:.1f}",
+            common.fmt("{:.2f}x", r.get("speedup_vs_official")), f"{r['model_tflops']:.3g}",
+            f"{r['pct_matmul_rate']:.1f}", f"{r['rollout_ms']:.1f}",
             f"{100 * r['rollout_share']:.0f} %", f"{r['first_call_s']:.2f}", common.fmt("{:.0f}", r.get("peak_allocated_mb")),
             f"{r['peak_extra_mb']:.1f}"])
     return common.markdown_table(header, lines)
@@ -133,6 +137,9 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"{meta['repeats']} steps after the first step (graph capture / compilation: 'first step s') and one more",
         "- vs official: samples/s over official_eager's at the same batch (target on GPU >= 3x, aim 4x); rollout ms: "
         "the rollout alone (median), its share of the step",
+        f"- TFLOP/s: {meta['flops_per_sample'] / 1e9:.4g} GFLOP per sample and step (FlopCounterMode: {meta['sampler_steps']} "
+        "rollout forwards + policy forward and backward + reference forward) x batch / median step time; % matmul: of "
+        f"the {meta['hardware']['matmul_dtype']} matmul rate measured above",
         "- peak alloc MB (CUDA): torch.cuda.max_memory_allocated over the timed steps (model, copies, optimizer state, "
         f"graphs included); peak extra MB: {common.PEAK_MEMORY_METHOD[meta['device']].replace('one call', 'one step')}",
     ]
@@ -190,9 +197,12 @@ def main(argv=None) -> int:
 
     base_model, shape, _ = common.make_model(model_name, device)
     hw = hardware.measure(device, args.quick)
+    forward = common.model_flops(base_model, shape, device)
+    flops = (steps + 1) * forward + common.model_flops(base_model, shape, device, backward=True)
     meta = common.run_metadata(device, "ORW-CFM-W2 training step", hardware=hw, model=model_name,
                                image_shape=list(shape), parameters=common.parameter_count(base_model),
-                               sampler_steps=steps, repeats=repeats, precision=precision, hyper=HYPER)
+                               flops_per_sample=flops, sampler_steps=steps, repeats=repeats, precision=precision,
+                               hyper=HYPER)
     common.warn_if_loaded(meta)
     rows = []
     with tqdm(list(itertools.product(batches, variants)), unit="case") as bar:
@@ -203,7 +213,7 @@ def main(argv=None) -> int:
             except Exception as err:  # reported in the table
                 rows.append({"batch": batch, "variant": variant, "status": common.error_status(err)})
             common.free_memory(device)
-    add_ratios(rows)
+    add_ratios(rows, flops, hw["matmul_tflops"])
     common.finish_metadata(meta)
     report = format_report(meta, rows)
     print(report)

@@ -443,3 +443,19 @@ def make_model(name: str, device: torch.device, seed: int = 0):
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_flops(model: torch.nn.Module, shape, device: torch.device, *, backward: bool = False) -> int:
+    """FLOPs per sample of one model(t, x) call (with its backward when ``backward``): matmuls, convolutions
+    and attention as torch's FlopCounterMode counts them, at batch 1 (they scale with the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, x = torch.full((1,), 0.5, device=device), torch.randn((1, *shape), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(backward):
+        out = model(t, x)
+        if backward:
+            out.square().mean().backward()
+    if backward:
+        model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
