@@ -46,6 +46,8 @@ SIZES = {
     "cuda": ((64, 3, 32, 32), (256, 3, 32, 32), (256, 3, 64, 64), (128, 8, 128, 128), (256, 4, 256, 256)),
 }
 QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
+# --triton-sweep: Triton launch configurations (elements per tile, tiles per program, warps) at the largest size
+TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = "4 x numel x itemsize (reads of v, u, v_ref + write of grad_v)"
 SETTINGS = "v requires grad (u, v_ref do not), alpha=1, weighting='softmax', validate=False for every backend"
 
@@ -130,9 +132,27 @@ def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int,
     }
 
 
+def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s: float, flush_l2: bool) -> list[dict]:
+    """run_case of the triton backend under each TRITON_SWEEP launch configuration (the module's CONFIG,
+    restored afterwards); rows carry ``triton_config`` = "block/tiles/warps"."""
+    from orw_fast.ops.triton import orw_cfm_w2 as triton_loss
+
+    default, rows = triton_loss.CONFIG, []
+    try:
+        for block, tiles, warps in TRITON_SWEEP:
+            triton_loss.CONFIG = triton_loss.LaunchConfig(block=block, tiles=tiles, num_warps=warps)
+            row = run_case("triton", size, dtype, device, repeats, warmup_s, flush_l2)
+            rows.append({**row, "triton_config": f"{block}/{tiles}/{warps}",
+                         "triton_default": (block, tiles, warps) == (default.block, default.tiles, default.num_warps)})
+    finally:
+        triton_loss.CONFIG = default
+    return rows
+
+
 def add_ratios(rows: list[dict], copy_gbs: float) -> None:
     """Speedups over eager and torch.compile of the same size and dtype, and % of the copy bandwidth."""
-    base = {(tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    base = {(tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows
+            if r["status"] == "ok" and "triton_config" not in r}
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -162,6 +182,21 @@ def format_table(rows: list[dict]) -> str:
     return common.markdown_table(header, lines)
 
 
+def format_sweep(rows: list[dict]) -> str:
+    header = ["size", "dtype", "block/tiles/warps", "median ms", "GB/s", "% copy BW", "vs default"]
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        group = [r for r in rows if r["dtype"] == dtype and r["status"] == "ok"]
+        default = next((r["median_ms"] for r in group if r["triton_default"]), None)
+        for r in sorted(group, key=lambda r: r["median_ms"]):
+            lines.append([size_id(r["size"]), dtype, r["triton_config"] + " (default)" * r["triton_default"],
+                          f"{r['median_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
+                          common.fmt("{:.3f}x", default and default / r["median_ms"])])
+        lines += [[size_id(r["size"]), dtype, r["triton_config"], common.short_status(r["status"]), "", "", ""]
+                  for r in rows if r["dtype"] == dtype and r["status"] != "ok"]
+    return common.markdown_table(header, lines)
+
+
 def format_report(meta: dict, rows: list[dict]) -> str:
     timing = ("one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
               if meta["l2"] == "flush" else "each sample the mean of back-to-back calls lasting >= 2 ms")
@@ -176,7 +211,13 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; peak / grad buf = peak / (numel x itemsize)",
     ]
     lines += [f"- skipped: {name} ({why})" for name, why in meta["skipped_backends"].items()]
-    return "\n".join(lines) + "\n\n" + format_table(rows) + "\n"
+    main_rows = [r for r in rows if "triton_config" not in r]
+    sweep = [r for r in rows if "triton_config" in r]
+    text = "\n".join(lines) + "\n\n" + format_table(main_rows) + "\n"
+    if sweep:
+        text += ("\n## Triton launch sweep (orw_fast.ops.triton.orw_cfm_w2.CONFIG: block, tiles, num_warps), fastest "
+                 "first\n\n" + format_sweep(sweep) + "\n")
+    return text
 
 
 def plot(meta: dict, rows: list[dict]):
@@ -186,7 +227,7 @@ def plot(meta: dict, rows: list[dict]):
     for ax, dtype in zip(axes, dtypes):
         for backend in BACKENDS:
             pts = [(r["numel"], r["gbps"]) for r in rows if r["dtype"] == dtype and r["backend"] == backend
-                   and r["status"] == "ok"]
+                   and r["status"] == "ok" and "triton_config" not in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=backend)
         ax.axhline(meta["hardware"]["copy_gbs"], color="gray", linestyle="--", label="copy bandwidth")
@@ -226,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--sizes", type=parse_sizes, help="comma-separated, e.g. 64x3x32x32,8x4x64x64")
     add("--backends", type=common.parse_list(BACKENDS), default=list(BACKENDS), help="comma-separated subset, default all")
     add("--repeats", type=int, help="timed samples per case (default 50, 10 with --quick)")
+    add("--triton-sweep", action="store_true", help="also time the triton backend under each of "
+        f"{len(TRITON_SWEEP)} launch configurations (block, tiles, warps) at the largest size")
     add("--l2", choices=("flush", "hot"), help="CUDA: flush L2 before every timed call (default) or time "
         "back-to-back calls on a warm cache")
     args = parser.parse_args(argv)
@@ -253,6 +296,10 @@ def main(argv=None) -> int:
         for size, dtype, backend in bar:
             bar.set_postfix_str(f"{size_id(size)} {dtype} {backend}")
             rows.append(run_case(backend, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush"))
+    if args.triton_sweep and "triton" in backends:
+        largest = max(sizes, key=math.prod)
+        for dtype in tqdm(args.dtypes, desc="triton sweep", unit="dtype"):
+            rows += triton_sweep(largest, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush")
     add_ratios(rows, hw["copy_gbs"])
     common.finish_metadata(meta)
     report = format_report(meta, rows)

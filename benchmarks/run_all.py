@@ -178,6 +178,8 @@ def stage_tests(run: Run, result: StageResult) -> None:
 def stage_bench(run: Run, result: StageResult) -> None:
     cmd = [sys.executable, f"benchmarks/{BENCH_SCRIPTS[result.stage]}", "--device", str(run.device),
            "--out", str(run.args.out)] + (["--quick"] if run.args.quick else [])
+    if result.stage == "loss" and run.device.type == "cuda":
+        cmd.append("--triton-sweep")
     rc = run.command(result, cmd, TIMEOUT_S[result.stage] * run.args.timeout_scale)
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     result.detail = SUMMARIES[result.stage](run)
@@ -220,11 +222,15 @@ def summarize_hardware(run: Run) -> str:
     return f"copy {hw['copy_gbs']:.1f} GB/s, {hw['matmul_dtype']} matmul {hw['matmul_tflops']:.4g} TFLOP/s"
 
 
+def _loss_rows(data: dict) -> list[dict]:
+    return [r for r in _ok(data["results"]) if "triton_config" not in r]
+
+
 def summarize_loss(run: Run) -> str:
     data = latest_results(run, "loss")
     if not data:
         return "no results"
-    rows = _ok(data["results"])
+    rows = _loss_rows(data)
     parts = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         largest = max((r["numel"] for r in rows if r["dtype"] == dtype), default=None)
@@ -235,7 +241,11 @@ def summarize_loss(run: Run) -> str:
                              f"{common.fmt('{:.1f}x', r.get('speedup_vs_eager'))} eager, "
                              f"{common.fmt('{:.2f}x', r.get('speedup_vs_compile'))} compile, "
                              f"{r['peak_extra_grad_bufs']:.2f} grad bufs")
-    failed = len(data["results"]) - len(rows)
+    sweep = [r for r in _ok(data["results"]) if "triton_config" in r]
+    for dtype in dict.fromkeys(r["dtype"] for r in sweep):
+        best = min((r for r in sweep if r["dtype"] == dtype), key=lambda r: r["median_ms"])
+        parts.append(f"best triton launch {dtype}: {best['triton_config']} ({best['pct_copy_bw']:.0f}% copy BW)")
+    failed = sum(r.get("status") != "ok" for r in data["results"])
     return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
 
 
@@ -278,7 +288,7 @@ def target_checks(run: Run) -> list[tuple[str, str, str]]:
     checks = []
     loss = latest_results(run, "loss")
     if loss:
-        rows = _ok(loss["results"])
+        rows = _loss_rows(loss)
         largest = max((r["numel"] for r in rows), default=None)
         for r in (r for r in rows if r["numel"] == largest and r["backend"] in ("native", "triton")):
             name = f"loss {r['dtype']} {r['backend']} @{largest / 1e6:.0f}M"
