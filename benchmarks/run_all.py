@@ -118,6 +118,7 @@ class Run:
 
 
 def _arch_list(device: torch.device) -> str:
+    """TORCH_CUDA_ARCH_LIST (e.g. "9.0"): the environment's, else the GPU's compute capability."""
     if "TORCH_CUDA_ARCH_LIST" in os.environ:
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     major, minor = torch.cuda.get_device_capability(device)
@@ -156,7 +157,8 @@ def stage_build(run: Run, result: StageResult) -> None:
 
 
 def stage_nvcc(run: Run, result: StageResult) -> None:
-    arch = "sm_" + _arch_list(run.device).split(";")[0].replace(".", "") if run.device.type == "cuda" else "sm_90"
+    first = re.split(r"[;\s]", _arch_list(run.device).strip())[0].removesuffix("+PTX")
+    arch = "sm_" + first.replace(".", "") if run.device.type == "cuda" else "sm_90"
     rc = run.command(result, [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out),
                               "--folder", run.slug], TIMEOUT_S["nvcc"])
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
@@ -366,6 +368,10 @@ def main(argv=None) -> int:
     if device.type != "cuda" and "build" in stages:
         print("note: the build stage is for CUDA devices (the CPU extension is built by pip install -e .); skipped")
         stages.remove("build")
+    needs_kernel = {"tests", "loss", "sampler", "train_step"} & set(stages)
+    if device.type == "cuda" and needs_kernel and "build" not in stages + args.skip and not _has_cuda_kernel():
+        print("note: orw_fast._C has no CUDA kernel here yet: the build stage runs first")
+        stages.insert(0, "build")
     run = Run(args, device)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"orw_fast benchmark run on {common.device_name(device)} ({run.slug}), commit {run.commit}: "

@@ -5,12 +5,13 @@
 # Markdown, PNG, logs, run_<date>_<commit>.md with the targets). A failing stage is recorded and the
 # run goes on.
 #
-#   bash benchmarks/run_gpu.sh                                   # everything (~15-20 min on an H100)
-#   bash benchmarks/run_gpu.sh --stages build,nvcc,tests,hardware,loss   # split the run into parts
-#   bash benchmarks/run_gpu.sh --stages sampler
-#   bash benchmarks/run_gpu.sh --stages train_step
-#   bash benchmarks/run_gpu.sh --quick                           # smoke run at toy sizes
-# Other options: python benchmarks/run_all.py --help. A part that finds no built extension builds it first.
+#   bash benchmarks/run_gpu.sh                    # everything (estimated 15-25 min on an H100)
+# or in parts, e.g. to fit 10-minute calls (a part that finds no CUDA kernel built runs the build stage first):
+#   bash benchmarks/run_gpu.sh --stages build,nvcc,hardware,loss      # estimated 5-8 min
+#   bash benchmarks/run_gpu.sh --stages tests,sampler                 # estimated 5-9 min
+#   bash benchmarks/run_gpu.sh --stages train_step                    # estimated 4-7 min
+#   bash benchmarks/run_gpu.sh --quick                                # smoke run: benchmarks at toy sizes
+# Other options: python benchmarks/run_all.py --help.
 #
 # Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests) may be missing there. On a
 # machine with internet run `bash benchmarks/fetch_gpu_wheels.sh` (wheels for CPython 3.12 into .whl/) and
