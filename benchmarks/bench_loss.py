@@ -207,7 +207,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"- step: loss + loss.backward() + v.grad=None; {meta['settings']}",
         f"- time: median (and IQR) over {meta['repeats']} samples after warm-up, {timing}",
         f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; % copy BW = GB/s / the copy "
-        "bandwidth above; MB = 1e6 bytes",
+        "bandwidth above (a buffer far larger than the caches: inputs that stay in a cache can exceed 100 %); "
+        "MB = 1e6 bytes",
         f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; peak / grad buf = peak / (numel x itemsize)",
     ]
     lines += [f"- skipped: {name} ({why})" for name, why in meta["skipped_backends"].items()]

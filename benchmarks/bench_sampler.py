@@ -11,7 +11,7 @@ For the graph variants the replay is compared with N x one graph-captured model 
 bf16 autocast): the ratio is the sampler's own overhead (target: within 5 %).
 
 GPU defaults: the paper's CIFAR-10 UNet, 100 steps, batch 16, 64, 256. CPU defaults: a small UNet
-(3x16x16), 10 steps, batch 4 and 16 (graph variants need CUDA and are skipped with the reason).
+(3x16x16), 10 steps, batch 4, 16, 64 (graph variants need CUDA and are skipped with the reason).
 
     python benchmarks/bench_sampler.py                 # cuda if available, else cpu
     python benchmarks/bench_sampler.py --batches 64 --variants eager_fp32_loop,ours_graph_bf16
@@ -42,7 +42,7 @@ DEFAULT_VARIANTS = {
     "cuda": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_bf16", "ours_graph_bf16", "ours_graph_compile_bf16"),
     "cpu": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16"),
 }
-BATCHES = {"cuda": (16, 64, 256), "cpu": (4, 16)}
+BATCHES = {"cuda": (16, 64, 256), "cpu": (4, 16, 64)}
 STEPS = {"cuda": 100, "cpu": 10}
 REPEATS = {"cuda": 5, "cpu": 5}
 BASELINE = "eager_fp32_loop"
@@ -212,7 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser)
     add = parser.add_argument
     add("--model", choices=tuple(common.BENCH_MODELS), help="default: cifar10 on cuda, small on cpu")
-    add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 16,64,256; cpu 4,16)")
+    add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 16,64,256; cpu 4,16,64)")
     add("--steps", type=common.positive_int, help="Euler steps (default cuda 100, cpu 10)")
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} "
         f"(default cuda: {','.join(DEFAULT_VARIANTS['cuda'])}; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})")

@@ -13,7 +13,7 @@ samples/s and the ratio to official_eager at the same batch (target on GPU: >= 3
 share of the step, and peak memory.
 
 GPU defaults: the paper's CIFAR-10 UNet, 100 Euler steps, batch 64 and 128. CPU defaults: a small UNet
-(3x16x16), 10 Euler steps, batch 16.
+(3x16x16), 10 Euler steps, batch 16 and 64.
 
     python benchmarks/bench_train_step.py             # cuda if available, else cpu
     python benchmarks/bench_train_step.py --batches 128 --variants official_eager,ours
@@ -42,7 +42,7 @@ from benchmarks import common, hardware
 
 VARIANTS = ("official_eager", "ours", "ours_ot", "ours_compile")
 DEFAULT_VARIANTS = {"cuda": VARIANTS, "cpu": ("official_eager", "ours", "ours_ot")}
-BATCHES = {"cuda": (64, 128), "cpu": (16,)}
+BATCHES = {"cuda": (64, 128), "cpu": (16, 64)}
 STEPS = {"cuda": 100, "cpu": 10}
 REPEATS = {"cuda": 8, "cpu": 3}
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}
@@ -173,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser)
     add = parser.add_argument
     add("--model", choices=tuple(common.BENCH_MODELS), help="default: cifar10 on cuda, small on cpu")
-    add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 64,128; cpu 16)")
+    add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 64,128; cpu 16,64)")
     add("--sampler-steps", type=common.positive_int, help="Euler steps per rollout (default cuda 100, cpu 10)")
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} "
         f"(default cuda: all; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})")
