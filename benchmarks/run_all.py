@@ -11,12 +11,14 @@ Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_ste
   loss        benchmarks/bench_loss.py
   sampler     benchmarks/bench_sampler.py
   train_step  benchmarks/bench_train_step.py
-Results, logs and the summary go to OUT/<device-slug>/ (default benchmarks/results/); --archive also packs
-the files this run wrote into one .tar.gz after every stage (so a run cut short still leaves its results).
+Results, logs and the summary run_<date>_<commit>_<stages>.md go to OUT/<device-slug>/ (default
+benchmarks/results/); --archive also packs the files this run wrote into one .tar.gz after every stage (so a
+run cut short still leaves its results); --report sums up a folder filled by several runs.
 
     python benchmarks/run_all.py                          # cuda if available, else cpu
     python benchmarks/run_all.py --device cpu --quick     # smoke run
     python benchmarks/run_all.py --stages sampler,train_step --archive /tmp/results.tar.gz
+    python benchmarks/run_all.py --report benchmarks/results/nvidia-h100-80gb-hbm3   # no GPU needed
 """
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ def stage_nvcc(run: Run, result: StageResult) -> None:
     rc = run.command(result, [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out),
                               "--folder", run.slug], TIMEOUT_S["nvcc"])
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
-    result.detail = summarize_nvcc(run)
+    result.detail = headline("nvcc", run_results(run, "nvcc"))
 
 
 def stage_tests(run: Run, result: StageResult) -> None:
@@ -184,7 +186,7 @@ def stage_bench(run: Run, result: StageResult) -> None:
         cmd.append("--triton-sweep")
     rc = run.command(result, cmd, TIMEOUT_S[result.stage] * run.args.timeout_scale)
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
-    result.detail = SUMMARIES[result.stage](run)
+    result.detail = headline(result.stage, run_results(run, result.stage))
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
@@ -195,20 +197,33 @@ STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_test
 # Headlines of each stage's results (and the issue's targets on GPU)
 
 
-def latest_results(run: Run, name: str) -> dict | None:
-    """The JSON results of ``name`` this run wrote (newest), or None."""
+def run_results(run: Run, name: str) -> dict | None:
+    """The JSON results of ``name`` this run wrote (its date, commit and --quick), or None."""
     paths = sorted(run.folder.glob(f"{name}_{run.date}_{run.commit}{run.suffix}.json"), key=lambda p: p.stat().st_mtime)
     return json.loads(paths[-1].read_text()) if paths else None
+
+
+def newest_results(folder: Path, name: str, quick: bool = False) -> dict | None:
+    """The newest JSON results of ``name`` in ``folder`` (by their recorded date), quick runs only with ``quick``."""
+    found = []
+    for path in folder.glob(f"{name}_*.json"):
+        if path.stem.endswith("_quick") != quick:
+            continue
+        data = json.loads(path.read_text())
+        found.append((data["metadata"]["date_utc"], path.stat().st_mtime, data))
+    return max(found, key=lambda f: f[:2])[2] if found else None
 
 
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok"]
 
 
-def summarize_nvcc(run: Run) -> str:
-    data = latest_results(run, "nvcc")
-    if not data:
-        return "no results"
+def _failed(data: dict) -> str:
+    failed = sum(r.get("status") != "ok" for r in data["results"])
+    return f"; {failed} cases failed" if failed else ""
+
+
+def summarize_nvcc(data: dict) -> str:
     rows = data["results"]
     regs = [r["registers"] for r in rows if "registers" in r]
     spills = sum(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) for r in rows)
@@ -216,10 +231,7 @@ def summarize_nvcc(run: Run) -> str:
     return f"{len(rows)} kernels, {min(regs)}-{max(regs)} registers, {spills} B spills, {vec} with 128-bit loads"
 
 
-def summarize_hardware(run: Run) -> str:
-    data = latest_results(run, "hardware")
-    if not data:
-        return "no results"
+def summarize_hardware(data: dict) -> str:
     hw = data["metadata"]["hardware"]
     return f"copy {hw['copy_gbs']:.1f} GB/s, {hw['matmul_dtype']} matmul {hw['matmul_tflops']:.4g} TFLOP/s"
 
@@ -228,14 +240,10 @@ def _loss_rows(data: dict) -> list[dict]:
     return [r for r in _ok(data["results"]) if "triton_config" not in r]
 
 
-def summarize_loss(run: Run) -> str:
-    data = latest_results(run, "loss")
-    if not data:
-        return "no results"
-    rows = _loss_rows(data)
-    parts = []
+def summarize_loss(data: dict) -> str:
+    rows, parts = _loss_rows(data), []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        largest = max((r["numel"] for r in rows if r["dtype"] == dtype), default=None)
+        largest = max(r["numel"] for r in rows if r["dtype"] == dtype)
         for backend in ("native", "triton"):
             r = next((r for r in rows if r["dtype"] == dtype and r["numel"] == largest and r["backend"] == backend), None)
             if r:
@@ -247,16 +255,11 @@ def summarize_loss(run: Run) -> str:
     for dtype in dict.fromkeys(r["dtype"] for r in sweep):
         best = min((r for r in sweep if r["dtype"] == dtype), key=lambda r: r["median_ms"])
         parts.append(f"best triton launch {dtype}: {best['triton_config']} ({best['pct_copy_bw']:.0f}% copy BW)")
-    failed = sum(r.get("status") != "ok" for r in data["results"])
-    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+    return "; ".join(parts) + _failed(data)
 
 
-def summarize_sampler(run: Run) -> str:
-    data = latest_results(run, "sampler")
-    if not data:
-        return "no results"
-    rows = _ok(data["results"])
-    parts = []
+def summarize_sampler(data: dict) -> str:
+    rows, parts = _ok(data["results"]), []
     for batch in sorted({r["batch"] for r in rows}):
         ours = [r for r in rows if r["batch"] == batch and r["variant"].startswith("ours")]
         if not ours:
@@ -266,30 +269,35 @@ def summarize_sampler(run: Run) -> str:
         if "replay_vs_n_forwards" in best:
             text += f" (replay / N fwd {best['replay_vs_n_forwards']:.3f})"
         parts.append(text)
-    failed = len(data["results"]) - len(rows)
-    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+    return "; ".join(parts) + _failed(data)
 
 
-def summarize_train_step(run: Run) -> str:
-    data = latest_results(run, "train_step")
-    if not data:
-        return "no results"
-    rows = _ok(data["results"])
+def summarize_train_step(data: dict) -> str:
     parts = [f"batch {r['batch']} {r['variant']}: {r['samples_per_s']:.1f} samples/s, "
-             f"{common.fmt('{:.2f}x', r.get('speedup_vs_official'))} official" for r in rows if r["variant"] != "official_eager"]
-    failed = len(data["results"]) - len(rows)
-    return "; ".join(parts) + (f"; {failed} cases failed" if failed else "")
+             f"{common.fmt('{:.2f}x', r.get('speedup_vs_official'))} official"
+             for r in _ok(data["results"]) if r["variant"] != "official_eager"]
+    return "; ".join(parts) + _failed(data)
 
 
-SUMMARIES = {"hardware": summarize_hardware, "loss": summarize_loss, "sampler": summarize_sampler,
-             "train_step": summarize_train_step}
+RESULT_NAMES = {"nvcc": "nvcc", "hardware": "hardware", "loss": "loss", "sampler": "sampler",
+                "train_step": "train_step"}
+SUMMARIES = {"nvcc": summarize_nvcc, "hardware": summarize_hardware, "loss": summarize_loss,
+             "sampler": summarize_sampler, "train_step": summarize_train_step}
 
 
-def target_checks(run: Run) -> list[tuple[str, str, str]]:
-    """(target, measured, met|missed) for the issue's GPU targets, from this run's results."""
+def headline(stage: str, data: dict | None) -> str:
+    if data is None:
+        return "no results"
+    try:
+        return SUMMARIES[stage](data)
+    except (KeyError, ValueError, TypeError) as err:  # a results file of another layout
+        return f"results unreadable: {common.error_status(err)}"
+
+
+def target_checks(results: dict[str, dict | None]) -> list[tuple[str, str, str]]:
+    """(target, measured, met|missed) for the issue's GPU targets, from the results of each benchmark."""
     checks = []
-    loss = latest_results(run, "loss")
-    if loss:
+    if loss := results.get("loss"):
         rows = _loss_rows(loss)
         largest = max((r["numel"] for r in rows), default=None)
         for r in (r for r in rows if r["numel"] == largest and r["backend"] in ("native", "triton")):
@@ -302,41 +310,70 @@ def target_checks(run: Run) -> list[tuple[str, str, str]]:
                                r["speedup_vs_compile"] >= 1.5))
             checks.append((f"{name}: extra memory <= 1 grad buffer", f"{r['peak_extra_grad_bufs']:.2f}",
                            r["peak_extra_grad_bufs"] <= 1.05))
-    sampler = latest_results(run, "sampler")
-    if sampler:
+    if sampler := results.get("sampler"):
         for r in (r for r in _ok(sampler["results"]) if "replay_vs_n_forwards" in r):
             checks.append((f"sampler batch {r['batch']} {r['variant']}: replay <= 1.05 x N graphed forwards",
                            f"{r['replay_vs_n_forwards']:.3f}", r["replay_vs_n_forwards"] <= 1.05))
-    train = latest_results(run, "train_step")
-    if train:
+    if train := results.get("train_step"):
         for r in (r for r in _ok(train["results"]) if r.get("speedup_vs_official") and r["variant"] != "official_eager"):
             checks.append((f"train step batch {r['batch']} {r['variant']}: >= 3x official (aim 4x)",
                            f"{r['speedup_vs_official']:.2f}x", r["speedup_vs_official"] >= 3))
     return [(name, value, "met" if ok else "missed") for name, value, ok in checks]
 
 
-def write_summary(run: Run, results: list[StageResult], started: str) -> Path:
-    rows = [[r.stage, r.status, f"{r.seconds:.0f}", r.detail.replace("|", "/")] for r in results]
-    lines = [
-        f"# Benchmark run: {common.device_name(run.device)}",
-        "",
-        f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
-        f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
-        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/",
-        "",
-        common.markdown_table(["stage", "status", "seconds", "headline"], rows),
-    ]
-    checks = target_checks(run) if run.device.type == "cuda" else []
+def summary_text(title: str, header_lines: list[str], stages: list[dict], checks) -> str:
+    rows = [[r["stage"], r["status"], f"{r['seconds']:.0f}", r["detail"].replace("|", "/")] for r in stages]
+    lines = [f"# {title}", "", *header_lines, "", common.markdown_table(["stage", "status", "seconds", "headline"], rows)]
     if checks:
         lines += ["", "## Targets (issue 4)", "", common.markdown_table(["target", "measured", "result"], checks)]
-    text = "\n".join(lines) + "\n"
-    stem = f"run_{run.date}_{run.commit}{run.suffix}"
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run: Run, results: list[StageResult], stages: list[str], started: str) -> Path:
+    """run_<date>_<commit>[_quick]_<stages>.{md,json}: this invocation's stages and, on GPU, the targets."""
+    records = [asdict(r) for r in results]
+    checks = target_checks({name: run_results(run, name) for name in RESULT_NAMES}) if run.device.type == "cuda" else []
+    text = summary_text(
+        f"Benchmark run: {common.device_name(run.device)}",
+        [f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
+         f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
+         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/"],
+        records, checks)
+    stem = f"run_{run.date}_{run.commit}{run.suffix}_{'-'.join(stages)}"
     path = common.write_text_atomic(run.folder / f"{stem}.md", text)
     common.write_text_atomic(run.folder / f"{stem}.json", json.dumps(
         {"started_utc": started, "commit": run.commit, "device": common.device_name(run.device),
-         "stages": [asdict(r) for r in results], "targets": checks}, indent=2) + "\n")
+         "stages": records, "targets": checks}, indent=2) + "\n")
     run.written.update({path, run.folder / f"{stem}.json"})
     print("\n" + text)
+    return path
+
+
+def write_report(folder: Path, quick: bool = False) -> Path:
+    """summary_<date>_<commits>.md of a results folder filled by several runs (a GPU run in parts, say): the
+    newest record of each stage from the run_*.json files, headlines and targets from the newest results."""
+    records = {}
+    runs = [json.loads(p.read_text()) | {"_path": p} for p in folder.glob("run_*.json")]
+    for data in sorted(runs, key=lambda d: d["started_utc"]):
+        if ("_quick" in data["_path"].stem) == quick:
+            records.update({r["stage"]: r for r in data["stages"]})
+    results = {name: newest_results(folder, name, quick) for name in RESULT_NAMES}
+    for stage, record in records.items():
+        if stage in RESULT_NAMES:
+            record["detail"] = headline(stage, results[stage])
+    metas = [d["metadata"] for d in results.values() if d]
+    commits = sorted({m["git_commit"] for m in metas})
+    device = next((m["device_name"] for m in metas if "device_name" in m), folder.name)
+    checks = target_checks(results) if any(m.get("device") == "cuda" for m in metas) else []
+    text = summary_text(
+        f"Benchmark results: {device}",
+        [f"- {folder}: the newest record of each stage (run_*.json) and the newest results of each benchmark; "
+         f"commit(s) {', '.join(commits) or 'unknown'}"],
+        [records[s] for s in STAGES if s in records], checks)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    name = f"summary_{date}_{'+'.join(commits) or 'unknown'}{'_quick' * quick}.md"
+    path = common.write_text_atomic(folder / name, text)
+    print(text + f"\nwrote {path}")
     return path
 
 
@@ -356,13 +393,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--archive", type=Path, help="also pack this run's files into this .tar.gz, refreshed after every stage")
     add("--quick", action="store_true", help="benchmarks at toy sizes (smoke run)")
     add("--timeout-scale", type=float, default=1.0, help="multiplies every benchmark stage's time limit")
+    add("--report", type=Path, metavar="FOLDER", help="run nothing: sum up a results folder filled by several runs "
+        "(e.g. benchmarks/results/<gpu>/ after a GPU run in parts) into summary_<date>_<commit>.md")
     args = parser.parse_args(argv)
+    if args.report is not None and not args.report.is_dir():
+        parser.error(f"--report {args.report}: no such folder")
     args.out = args.out.resolve()
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report is not None:
+        write_report(args.report, args.quick)
+        return 0
     device = args.device
     stages = [s for s in (args.stages or DEFAULT_STAGES[device.type]) if s not in args.skip]
     if device.type != "cuda" and "build" in stages:
@@ -393,7 +437,7 @@ def main(argv=None) -> int:
         results.append(result)
         print(f"{result.status} ({result.seconds:.0f} s) {result.detail}", flush=True)
         run.archive()
-    write_summary(run, results, started)
+    write_summary(run, results, stages, started)
     run.archive()
     if args.archive:
         print(f"archive: {args.archive}")

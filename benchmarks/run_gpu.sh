@@ -11,6 +11,8 @@
 #   bash benchmarks/run_gpu.sh --stages tests,sampler                 # estimated 5-9 min
 #   bash benchmarks/run_gpu.sh --stages train_step                    # estimated 4-7 min
 #   bash benchmarks/run_gpu.sh --quick                                # smoke run: benchmarks at toy sizes
+# Each part writes run_<date>_<commit>_<stages>.md; `python benchmarks/run_all.py --report benchmarks/results/<gpu>`
+# (no GPU needed) sums the parts up into summary_<date>_<commit>.md with the targets.
 # Other options: python benchmarks/run_all.py --help.
 #
 # Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests) may be missing there. On a

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_loss, bench_sampler, bench_train_step, hardware, nvcc_report
+from benchmarks import bench_loss, bench_sampler, bench_train_step, hardware, nvcc_report, run_all
 from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +101,14 @@ def test_bad_arguments_are_named(module, argv, message, capsys):
     assert exit_.value.code == 2 and message in err and argv[0] in err
 
 
-def test_run_all_runs_a_stage_and_packs_its_files(tmp_path):
+def test_run_all_runs_a_stage_packs_its_files_and_sums_up(tmp_path, capsys):
     archive = tmp_path / "results.tar.gz"
     proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--device", "cpu", "--quick", "--stages",
                            "hardware", "--out", str(tmp_path / "out"), "--archive", str(archive)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (folder,) = (tmp_path / "out").iterdir()
-    summary = json.loads(next(folder.glob("run_*_quick.json")).read_text())
+    summary = json.loads(next(folder.glob("run_*_quick_hardware.json")).read_text())
     (stage,) = summary["stages"]
     assert stage["stage"] == "hardware" and stage["status"] == "ok" and "GB/s" in stage["detail"]
     assert any(f.startswith("hardware_") and f.endswith(".json") for f in stage["files"])
@@ -116,6 +116,10 @@ def test_run_all_runs_a_stage_and_packs_its_files(tmp_path):
         names = tar.getnames()
     assert any("/logs/hardware_" in n for n in names) and any("/run_" in n for n in names)
     assert "| hardware | ok" in proc.stdout
+    # a folder filled by several runs (a GPU run in parts) is summed up by --report
+    assert run_all.main(["--report", str(folder), "--quick"]) == 0
+    report = next(folder.glob("summary_*_quick.md")).read_text()
+    assert "| hardware | ok" in report and "GB/s" in report and report == capsys.readouterr().out.split("\nwrote ")[0]
 
 
 # ---------------------------------------------------------------------------------------------
