@@ -32,6 +32,8 @@ from benchmarks import common
 
 SOURCES = sorted((common.REPO_ROOT / "csrc").glob("*.cu"))
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_ALLOC_UNIT = 65536, 64, 256  # sm_80 .. sm_90: per-warp allocation in 256s
+# kernels written for 16-byte vector loads: the pass kernels with VEC = 16 / sizeof(T) elements per access
+EXPECT_128BIT = r"pass_kernel<\w+, (2|4|8),"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +238,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
              for r in rows]
     spills = sum(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) for r in rows)
     vector = [r["kernel"] for r in rows if r["has_128bit_loads"]]
+    expected = [r for r in rows if re.search(meta["expect_128bit"], r["kernel"])]
+    missing = [r["kernel"] for r in expected if not r["has_128bit_loads"]]
     regs = [r["registers"] for r in rows if "registers" in r]
     text = [
         f"# nvcc resource report ({meta['arch']}): {', '.join(meta['sources'])}",
@@ -247,6 +251,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"- summary: {len(rows)} kernels, {min(regs, default=0)}-{max(regs, default=0)} registers, {spills} bytes "
         f"of spills in all, {len(vector)} kernels with 128-bit global loads, "
         f"{sum(1 for r in rows if r['local_accesses'])} with local-memory accesses",
+        f"- check: 16-byte global loads in all {len(expected)} kernels written for them (`{meta['expect_128bit']}`): "
+        + ("yes" if not missing else f"MISSING in {', '.join(missing)}"),
     ]
     return "\n".join(text) + "\n\n" + common.markdown_table(header, lines) + "\n"
 
@@ -281,6 +287,7 @@ def main(argv=None) -> int:
         "git_commit": common.git_commit(), "torch": torch.__version__, "nvcc": nvcc,
         "nvcc_version": version[-1] if version else "?", "cuobjdump": cuobjdump,
         "access_method": details[0]["access_method"] if details else "?",
+        "expect_128bit": EXPECT_128BIT,
         "flags": " ".join(f for f in details[0]["command"].split()[5:] if not f.startswith("-I")) if details else "", "commands": [d["command"] for d in details],
     }
     report = format_report(meta, rows)
@@ -290,7 +297,8 @@ def main(argv=None) -> int:
     common.write_text_atomic(log_path, "\n".join(d["ptxas_log"] for d in details))
     print("wrote " + ", ".join(map(str, [*paths, log_path])))
     spilled = [r["kernel"] for r in rows if r.get("spill_store_bytes") or r.get("spill_load_bytes")]
-    return 1 if spilled else 0
+    unvectorized = [r["kernel"] for r in rows if re.search(EXPECT_128BIT, r["kernel"]) and not r["has_128bit_loads"]]
+    return 1 if spilled or unvectorized else 0
 
 
 if __name__ == "__main__":
