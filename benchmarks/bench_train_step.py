@@ -131,7 +131,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "",
         *common.metadata_lines(meta),
         f"- model: {meta['model']} ({meta['parameters'] / 1e6:.2f}M parameters, image {meta['image_shape']}); "
-        f"{meta['sampler_steps']} Euler steps per rollout; reward jpeg_compressibility; exp weights; "
+        f"{meta['sampler_steps']} Euler steps per rollout; reward jpeg_compressibility; exp weights; ours' loss "
+        f"backend {meta['loss_backend']}, rollout {'in a CUDA graph' if meta['device'] == 'cuda' else 'eager'}; "
         + ", ".join(f"{k} {v}" for k, v in meta["hyper"].items()),
         f"- step time: host wall clock of train_step() with the device synchronized, median (and IQR) of "
         f"{meta['repeats']} steps after the first step (graph capture / compilation: 'first step s') and one more",
@@ -195,14 +196,17 @@ def main(argv=None) -> int:
     precision = args.precision or PRECISION[kind]
     variants = args.variants or list(DEFAULT_VARIANTS[kind])
 
+    from orw_fast.ops.orw_cfm_w2 import _resolve_backend
+
     base_model, shape, _ = common.make_model(model_name, device)
     hw = hardware.measure(device, args.quick)
+    loss_backend = _resolve_backend("auto", device)  # what ORWCFMTrainer's fused loss runs on
     forward = common.model_flops(base_model, shape, device)
     flops = (steps + 1) * forward + common.model_flops(base_model, shape, device, backward=True)
     meta = common.run_metadata(device, "ORW-CFM-W2 training step", hardware=hw, model=model_name,
                                image_shape=list(shape), parameters=common.parameter_count(base_model),
                                flops_per_sample=flops, sampler_steps=steps, repeats=repeats, precision=precision,
-                               hyper=HYPER)
+                               loss_backend=loss_backend, hyper=HYPER)
     common.warn_if_loaded(meta)
     rows = []
     with tqdm(list(itertools.product(batches, variants)), unit="case") as bar:
