@@ -122,6 +122,20 @@ def test_run_all_runs_a_stage_packs_its_files_and_sums_up(tmp_path, capsys):
     assert "| hardware | ok" in report and "GB/s" in report and report == capsys.readouterr().out.split("\nwrote ")[0]
 
 
+def test_run_all_records_a_failing_stage_and_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(run, result):
+        raise RuntimeError("no GPU here")
+
+    def fine(run, result):
+        result.status, result.detail = "ok", "fine"
+
+    monkeypatch.setitem(run_all.STAGE_FUNCTIONS, "loss", broken)
+    monkeypatch.setitem(run_all.STAGE_FUNCTIONS, "sampler", fine)
+    code = run_all.main(["--device", "cpu", "--stages", "loss,sampler", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "| loss    | failed | " in out and "RuntimeError: no GPU here" in out and "| sampler | ok" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # nvcc report parsers (real output shapes of nvcc 13 / cuobjdump for sm_90)
 
