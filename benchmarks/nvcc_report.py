@@ -34,6 +34,11 @@ SOURCES = sorted((common.REPO_ROOT / "csrc").glob("*.cu"))
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_ALLOC_UNIT = 65536, 64, 256  # sm_80 .. sm_90: per-warp allocation in 256s
 # kernels written for 16-byte vector loads: the pass kernels with VEC = 16 / sizeof(T) elements per access
 EXPECT_128BIT = r"pass_kernel<\w+, (2|4|8),"
+EXPECT_128BIT_MANGLED = r"pass_kernelI(?:f|d|N3c10\d+(?:BFloat16|Half)E)Li[248]E"  # the same, without a demangler
+
+
+def expects_128bit(row: dict) -> bool:
+    return bool(re.search(EXPECT_128BIT, row["kernel"]) or re.search(EXPECT_128BIT_MANGLED, row["mangled"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
              for r in rows]
     spills = sum(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) for r in rows)
     vector = [r["kernel"] for r in rows if r["has_128bit_loads"]]
-    expected = [r for r in rows if re.search(meta["expect_128bit"], r["kernel"])]
+    expected = [r for r in rows if expects_128bit(r)]
     missing = [r["kernel"] for r in expected if not r["has_128bit_loads"]]
     regs = [r["registers"] for r in rows if "registers" in r]
     text = [
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
     common.write_text_atomic(log_path, "\n".join(d["ptxas_log"] for d in details))
     print("wrote " + ", ".join(map(str, [*paths, log_path])))
     spilled = [r["kernel"] for r in rows if r.get("spill_store_bytes") or r.get("spill_load_bytes")]
-    unvectorized = [r["kernel"] for r in rows if re.search(EXPECT_128BIT, r["kernel"]) and not r["has_128bit_loads"]]
+    unvectorized = [r["kernel"] for r in rows if expects_128bit(r) and not r["has_128bit_loads"]]
     return 1 if spilled or unvectorized else 0
 
 
