@@ -21,6 +21,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 steps, batch 16, 64, 256. CPU defau
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import sys
 import time
@@ -51,11 +52,8 @@ BASELINE = "eager_fp32_loop"
 def skip_reason(variant: str, device: torch.device) -> str | None:
     if "graph" in variant and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if variant == "torchdiffeq_euler":
-        try:
-            import torchdiffeq  # noqa: F401
-        except ImportError:
-            return "torchdiffeq is not installed"
+    if variant == "torchdiffeq_euler" and importlib.util.find_spec("torchdiffeq") is None:
+        return "torchdiffeq is not installed"
     return None
 
 
@@ -165,7 +163,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(cells + [
             f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
             f"{r['ms_per_step']:.3f}", common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
-            f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}", f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
+            f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}",
+            f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
             common.fmt("{:.3f}", r.get("forward_graph_ms")), common.fmt("{:.3f}", r.get("replay_vs_n_forwards"))])
     return common.markdown_table(header, lines)
 

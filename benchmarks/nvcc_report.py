@@ -293,7 +293,8 @@ def main(argv=None) -> int:
         "nvcc_version": version[-1] if version else "?", "cuobjdump": cuobjdump,
         "access_method": details[0]["access_method"] if details else "?",
         "expect_128bit": EXPECT_128BIT,
-        "flags": " ".join(f for f in details[0]["command"].split()[5:] if not f.startswith("-I")) if details else "", "commands": [d["command"] for d in details],
+        "flags": " ".join(f for f in details[0]["command"].split()[5:] if not f.startswith("-I")) if details else "",
+        "commands": [d["command"] for d in details],
     }
     report = format_report(meta, rows)
     print(report)
