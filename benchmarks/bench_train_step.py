@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     device = args.device
     kind = device.type
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # the trainers allocate on the current device
+        torch.cuda.set_device(device)  # the trainers allocate on the current device (parse_device gives an index)
     model_name = args.model or common.default_model(device)
     batches = args.batches or ((4,) if args.quick else BATCHES[kind])
     steps = args.sampler_steps or (2 if args.quick else STEPS[kind])

@@ -70,11 +70,20 @@ def device_slug(device: torch.device) -> str:
 
 
 def parse_device(text: str) -> torch.device:
-    device = torch.device(text)
-    if device.type not in ("cpu", "cuda"):
+    """argparse type: cpu, cuda or cuda:N; "cuda" becomes the current device with its index (cuda:0)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"device must be cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"--device {text}: no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -329,7 +338,7 @@ def positive_int(text: str) -> int:
 
 def add_common_args(parser: argparse.ArgumentParser, *, plot: bool = True) -> None:
     add = parser.add_argument
-    add("--device", type=parse_device, default=torch.device(default_device()),
+    add("--device", type=parse_device, default=default_device(),
         help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     add("--out", type=Path, default=RESULTS_DIR, help="results folder; files go to OUT/<device-slug>/ "
         "(default benchmarks/results)")

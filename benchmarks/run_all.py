@@ -384,7 +384,7 @@ def write_report(folder: Path, quick: bool = False) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--device", type=common.parse_device, default=torch.device(common.default_device()),
+    add("--device", type=common.parse_device, default=common.default_device(),
         help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     add("--stages", type=common.parse_list(STAGES), help=f"comma-separated subset of {','.join(STAGES)} "
         "(default: all on cuda; hardware,loss,sampler,train_step on cpu)")
