@@ -321,9 +321,53 @@ def target_checks(results: dict[str, dict | None]) -> list[tuple[str, str, str]]
     return [(name, value, "met" if ok else "missed") for name, value, ok in checks]
 
 
-def summary_text(title: str, header_lines: list[str], stages: list[dict], checks) -> str:
+def headline_rows(results: dict[str, dict | None]) -> list[list[str]]:
+    """One row per headline comparison (the README's table): the loss at its largest size per dtype (eager
+    against native), the sampler at its largest batch and the training step at each batch (baseline against
+    the fastest of ours), all medians of the same run."""
+    rows = []
+    if loss := results.get("loss"):
+        ok = _loss_rows(loss)
+        for dtype in dict.fromkeys(r["dtype"] for r in ok):
+            largest = max(r["numel"] for r in ok if r["dtype"] == dtype)
+            case = {r["backend"]: r for r in ok if r["dtype"] == dtype and r["numel"] == largest}
+            if "eager" in case and "native" in case:
+                e, n = case["eager"], case["native"]
+                rows.append(["loss fwd+bwd", f"{'x'.join(map(str, n['size']))} {dtype}", f"eager {e['median_ms']:.3f} ms",
+                             f"native {n['median_ms']:.3f} ms ({n['pct_copy_bw']:.0f} % of copy BW)",
+                             f"{n['speedup_vs_eager']:.1f}x"])
+    if sampler := results.get("sampler"):
+        ok = _ok(sampler["results"])
+        if ok:
+            batch = max(r["batch"] for r in ok)
+            base = next((r for r in ok if r["batch"] == batch and r["variant"] == "eager_fp32_loop"), None)
+            ours = [r for r in ok if r["batch"] == batch and r["variant"].startswith("ours")]
+            if base and ours:
+                best = min(ours, key=lambda r: r["median_ms"])
+                rows.append(["rollout sampler", f"batch {batch}, {best['steps']} Euler steps",
+                             f"eager fp32 loop {base['samples_per_s']:.1f} samples/s",
+                             f"{best['variant']} {best['samples_per_s']:.1f} samples/s",
+                             f"{base['median_ms'] / best['median_ms']:.2f}x"])
+    if train := results.get("train_step"):
+        ok = _ok(train["results"])
+        for batch in sorted({r["batch"] for r in ok}):
+            base = next((r for r in ok if r["batch"] == batch and r["variant"] == "official_eager"), None)
+            ours = [r for r in ok if r["batch"] == batch and r["variant"] != "official_eager"]
+            if base and ours:
+                best = min(ours, key=lambda r: r["median_ms"])
+                rows.append(["training step", f"batch {batch}, {best['sampler_steps']}-step rollout",
+                             f"official eager {base['samples_per_s']:.1f} samples/s",
+                             f"{best['variant']} {best['samples_per_s']:.1f} samples/s",
+                             f"{base['median_ms'] / best['median_ms']:.2f}x"])
+    return rows
+
+
+def summary_text(title: str, header_lines: list[str], stages: list[dict], checks, results) -> str:
     rows = [[r["stage"], r["status"], f"{r['seconds']:.0f}", r["detail"].replace("|", "/")] for r in stages]
     lines = [f"# {title}", "", *header_lines, "", common.markdown_table(["stage", "status", "seconds", "headline"], rows)]
+    if headlines := headline_rows(results):
+        lines += ["", "## Headline", "",
+                  common.markdown_table(["benchmark", "case", "baseline", "orw_fast", "speedup"], headlines)]
     if checks:
         lines += ["", "## Targets (issue 4)", "", common.markdown_table(["target", "measured", "result"], checks)]
     return "\n".join(lines) + "\n"
@@ -332,13 +376,14 @@ def summary_text(title: str, header_lines: list[str], stages: list[dict], checks
 def write_summary(run: Run, results: list[StageResult], stages: list[str], started: str) -> Path:
     """run_<date>_<commit>[_quick]_<stages>.{md,json}: this invocation's stages and, on GPU, the targets."""
     records = [asdict(r) for r in results]
-    checks = target_checks({name: run_results(run, name) for name in RESULT_NAMES}) if run.device.type == "cuda" else []
+    found = {name: run_results(run, name) for name in RESULT_NAMES}
+    checks = target_checks(found) if run.device.type == "cuda" else []
     text = summary_text(
         f"Benchmark run: {common.device_name(run.device)}",
         [f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
          f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
          f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/"],
-        records, checks)
+        records, checks, found)
     stem = f"run_{run.date}_{run.commit}{run.suffix}_{'-'.join(stages)}"
     path = common.write_text_atomic(run.folder / f"{stem}.md", text)
     common.write_text_atomic(run.folder / f"{stem}.json", json.dumps(
@@ -369,7 +414,7 @@ def write_report(folder: Path, quick: bool = False) -> Path:
         f"Benchmark results: {device}",
         [f"- {folder}: the newest record of each stage (run_*.json) and the newest results of each benchmark; "
          f"commit(s) {', '.join(commits) or 'unknown'}"],
-        [records[s] for s in STAGES if s in records], checks)
+        [records[s] for s in STAGES if s in records], checks, results)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     name = f"summary_{date}_{'+'.join(commits) or 'unknown'}{'_quick' * quick}.md"
     path = common.write_text_atomic(folder / name, text)
