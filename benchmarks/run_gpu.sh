@@ -40,5 +40,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu \
     --format=csv 2>/dev/null || true
+if [ -z "${ORW_FAST_COMMIT:-}" ] && ! git rev-parse --short HEAD >/dev/null 2>&1; then
+    echo "warning: no git checkout here and ORW_FAST_COMMIT is unset: the results will say commit 'unknown'"
+fi
 export PYTHONUNBUFFERED=1
 exec "$PY" benchmarks/run_all.py --device cuda ${OUT:+--archive "$OUT/gpu_results.tar.gz"} "$@"
