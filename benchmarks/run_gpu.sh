@@ -23,6 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+case "${1:-}" in -h|--help) exec "$PY" benchmarks/run_all.py --help ;; esac
 
 if ! "$PY" -c "import torchcfm, ot" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
