@@ -3,10 +3,11 @@
 One timed step is ``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax",
 validate=False, backend=...)``, ``loss.backward()``, ``v.grad = None`` (v requires grad, u and
 v_ref do not). Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA
-kernels) and triton (CUDA only).
+kernels) and triton (CUDA only). GB/s counts the bytes the fused pass must move (read v, u, v_ref,
+write grad_v) and is compared with the copy bandwidth measured in the same run (benchmarks/hardware.py).
+On CUDA every timed call starts with a cold L2 (--l2 flush, the default there).
 
-As a script: prints a table and writes it to
-benchmarks/results/<device-name>/loss_<YYYY-MM-DD>_<commit>.{json,md}
+As a script: prints a table and writes benchmarks/results/<device>/loss_<date>_<commit>.{json,csv,md,png}
 
     python benchmarks/bench_loss.py                  # cuda if available, else cpu; fp32 and bf16
     python benchmarks/bench_loss.py --device cpu --dtypes fp32 --sizes 64x3x32x32 --repeats 100
@@ -19,51 +20,40 @@ With pytest-benchmark (the plain ``pytest`` run only collects tests/):
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import importlib.metadata
 import importlib.util
 import itertools
-import json
 import math
-import os
-import platform
-import re
-import shlex
-import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
 from tqdm import tqdm
 
+from benchmarks import common, hardware
 from orw_fast import _native, orw_cfm_w2_loss
-from orw_fast.checkpoint import write_text_atomic
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKENDS = ("eager", "compile", "native", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
     "cpu": ((64, 3, 32, 32), (8, 4, 64, 64), (256, 3, 32, 32)),
-    "cuda": ((64, 3, 32, 32), (256, 3, 64, 64), (64, 4, 128, 128), (128, 8, 256, 256)),
+    # 0.2M, 0.8M, 3.1M, 16.8M and 67.1M elements: from one CIFAR batch to well past the L2
+    "cuda": ((64, 3, 32, 32), (256, 3, 32, 32), (256, 3, 64, 64), (128, 8, 128, 128), (256, 4, 256, 256)),
 }
 QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
-COPY_BYTES = 512 * 2**20  # the device-to-device copy that gives the reference bandwidth on CUDA
+# --triton-sweep: Triton launch configurations (elements per tile, tiles per program, warps) at the largest size
+TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = "4 x numel x itemsize (reads of v, u, v_ref + write of grad_v)"
 SETTINGS = "v requires grad (u, v_ref do not), alpha=1, weighting='softmax', validate=False for every backend"
 
 
 # ---------------------------------------------------------------------------------------------
 # The timed step
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def size_id(size) -> str:
@@ -108,89 +98,12 @@ def make_step(backend: str, v, u, v_ref, rewards):
     return step
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
 
-def time_ms(step, device: torch.device, repeats: int, warmup_s: float, min_sample_s: float = 2e-3):
-    """Per-call times in ms of ``repeats`` samples, each the mean of ``number`` back-to-back calls
-    (enough to last ``min_sample_s``), after ``warmup_s`` of warmup. CUDA events on CUDA.
-    Returns (samples, number)."""
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < warmup_s:
-        step()
-        calls += 1
-    synchronize(device)
-    number = max(1, math.ceil(min_sample_s * calls / (time.perf_counter() - start)))
-    if device.type == "cuda":
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
-        ]
-        for begin, end in events:
-            begin.record()
-            for _ in range(number):
-                step()
-            end.record()
-        synchronize(device)
-        return [begin.elapsed_time(end) / number for begin, end in events], number
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            step()
-        samples.append((time.perf_counter() - t0) * 1e3 / number)
-    return samples, number
-
-
-@contextmanager
-def _quiet_stderr():
-    """Silences file descriptor 2 inside the block (the profiler's C++ start/stop logging)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_extra_bytes(step, device: torch.device) -> int:
-    """Peak memory one step allocates on top of what is allocated before it (inputs included
-    there). CUDA: the caching allocator's peak statistics. CPU: the peak of the running sum of the
-    allocations and frees the profiler records (profile_memory=True)."""
-    if device.type == "cuda":
-        synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with _quiet_stderr(), torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
-
-
-def copy_bandwidth_gbs(device: torch.device, repeats: int, warmup_s: float) -> float:
-    """Device-to-device copy bandwidth, 2 * COPY_BYTES / median time of dst.copy_(src), in GB/s."""
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    samples, _ = time_ms(lambda: dst.copy_(src), device, repeats, warmup_s)
-    return 2 * COPY_BYTES / (statistics.median(samples) * 1e-3) / 1e9
-
-
-def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int, warmup_s: float) -> dict:
+def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int, warmup_s: float,
+             flush_l2: bool) -> dict:
     """One row of the table. A backend that fails (torch.compile, out of memory...) gets a
     "failed: ..." status instead of stopping the sweep."""
     numel, itemsize = math.prod(size), DTYPES[dtype].itemsize
@@ -199,158 +112,129 @@ def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int,
         step = make_step(backend, *make_inputs(size, DTYPES[dtype], device))
         start = time.perf_counter()
         step()  # compiles for "compile"
-        synchronize(device)
+        common.synchronize(device)
         first_call_s = time.perf_counter() - start
-        samples, number = time_ms(step, device, repeats, warmup_s)
-        peak = peak_extra_bytes(step, device)
+        timing = common.time_ms(step, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3,
+                                flush_l2=flush_l2)
+        peak = common.peak_extra_bytes(step, device)
     except Exception as err:  # reported in the table
-        message = next(iter(str(err).strip().splitlines()), "")
-        return {**row, "status": f"failed: {type(err).__name__}: {message}"}
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    median = statistics.median(samples)
+        return {**row, "status": common.error_status(err)}
+    bytes_moved = 4 * numel * itemsize
     return {
         **row,
         "status": "ok",
-        "median_ms": median,
-        "q1_ms": q1,
-        "q3_ms": q3,
-        "min_ms": min(samples),
-        "max_ms": max(samples),
-        "samples": len(samples),
-        "calls_per_sample": number,
+        **timing.summary(),
         "first_call_s": first_call_s,
-        "gbps": 4 * numel * itemsize / (median * 1e-3) / 1e9,
+        "bytes_per_step": bytes_moved,
+        "gbps": bytes_moved / (timing.median * 1e-3) / 1e9,
         "peak_extra_mb": peak / 1e6,
         "peak_extra_grad_bufs": peak / (numel * itemsize),
     }
 
 
-def add_ratios(rows: list[dict], copy_gbs: float | None) -> None:
-    """Speedup over eager of the same size and dtype, and % of the copy bandwidth."""
-    eager = {
-        (tuple(r["size"]), r["dtype"]): r["median_ms"] for r in rows if r["backend"] == "eager" and r["status"] == "ok"
-    }
+def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s: float, flush_l2: bool) -> list[dict]:
+    """run_case of the triton backend under each TRITON_SWEEP launch configuration (the module's CONFIG,
+    restored afterwards); rows carry ``triton_config`` = "block/tiles/warps"."""
+    from orw_fast.ops.triton import orw_cfm_w2 as triton_loss
+
+    default, rows = triton_loss.CONFIG, []
+    try:
+        for block, tiles, warps in TRITON_SWEEP:
+            triton_loss.CONFIG = triton_loss.LaunchConfig(block=block, tiles=tiles, num_warps=warps)
+            row = run_case("triton", size, dtype, device, repeats, warmup_s, flush_l2)
+            rows.append({**row, "triton_config": f"{block}/{tiles}/{warps}",
+                         "triton_default": (block, tiles, warps) == (default.block, default.tiles, default.num_warps)})
+    finally:
+        triton_loss.CONFIG = default
+    return rows
+
+
+def add_ratios(rows: list[dict], copy_gbs: float) -> None:
+    """Speedups over eager and torch.compile of the same size and dtype, and % of the copy bandwidth."""
+    base = {(tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows
+            if r["status"] == "ok" and "triton_config" not in r}
     for r in rows:
         if r["status"] != "ok":
             continue
-        base = eager.get((tuple(r["size"]), r["dtype"]))
-        r["speedup_vs_eager"] = None if base is None else base / r["median_ms"]
-        r["pct_copy_bw"] = None if copy_gbs is None else 100 * r["gbps"] / copy_gbs
+        for ref in ("eager", "compile"):
+            ref_ms = base.get((tuple(r["size"]), r["dtype"], ref))
+            r[f"speedup_vs_{ref}"] = None if ref_ms is None else ref_ms / r["median_ms"]
+        r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbs
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else None
-    return match.group(1).strip() if match else (platform.processor() or platform.machine())
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", name.lower())).strip("-")
-
-
-def git_commit() -> str:
-    """Short HEAD commit, with "-dirty" when files (results excepted) differ from it or are untracked."""
-    def git(*args):
-        cmd = ["git", "-C", str(REPO_ROOT), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        changes = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if changes.strip() else "")
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def collect_metadata(device: torch.device, repeats: int, skipped: dict, copy_gbs: float | None) -> dict:
-    return {
-        "benchmark": "orw_cfm_w2_loss forward + backward",
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "triton": package_version("triton"),
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "settings": SETTINGS,
-        "repeats": repeats,
-        "bytes_model": BYTES_MODEL,
-        "copy_bandwidth_gbs": copy_gbs,
-        "skipped_backends": skipped,
-    }
-
-
-def _fmt(template: str, value) -> str:
-    return "n/a" if value is None else template.format(value)
-
-
-def format_table(rows: list[dict], with_copy_bw: bool) -> str:
-    header = ["size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s"]
-    header += ["% copy BW"] * with_copy_bw + ["peak extra MB", "peak / grad buf", "vs eager"]
+def format_table(rows: list[dict]) -> str:
+    header = ["size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s", "% copy BW", "peak extra MB",
+              "peak / grad buf", "vs eager", "vs compile"]
     lines = []
     for r in rows:
         cells = [size_id(r["size"]), r["dtype"], r["backend"]]
         if r["status"] != "ok":
-            status = r["status"] if len(r["status"]) <= 70 else r["status"][:67] + "..."
-            lines.append(cells + [status] + [""] * (len(header) - 4))
+            lines.append(cells + [common.short_status(r["status"])] + [""] * (len(header) - 4))
             continue
-        cells += [f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}"]
-        cells += [_fmt("{:.1f}", r["pct_copy_bw"])] * with_copy_bw
-        cells += [f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x"]
-        cells += [_fmt("{:.2f}x", r["speedup_vs_eager"])]
+        cells += [f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}",
+                  f"{r['pct_copy_bw']:.1f}", f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x",
+                  common.fmt("{:.2f}x", r["speedup_vs_eager"]), common.fmt("{:.2f}x", r["speedup_vs_compile"])]
         lines.append(cells)
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    out = [header, ["-" * w for w in widths], *lines]
-    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in out)
+    return common.markdown_table(header, lines)
+
+
+def format_sweep(rows: list[dict]) -> str:
+    header = ["size", "dtype", "block/tiles/warps", "median ms", "GB/s", "% copy BW", "vs default"]
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        group = [r for r in rows if r["dtype"] == dtype and r["status"] == "ok"]
+        default = next((r["median_ms"] for r in group if r["triton_default"]), None)
+        for r in sorted(group, key=lambda r: r["median_ms"]):
+            lines.append([size_id(r["size"]), dtype, r["triton_config"] + " (default)" * r["triton_default"],
+                          f"{r['median_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
+                          common.fmt("{:.3f}x", default and default / r["median_ms"])])
+        lines += [[size_id(r["size"]), dtype, r["triton_config"], common.short_status(r["status"]), "", "", ""]
+                  for r in rows if r["dtype"] == dtype and r["status"] != "ok"]
+    return common.markdown_table(header, lines)
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
-    memory = (
-        "torch.cuda.max_memory_allocated during one step minus memory_allocated before it"
-        if meta["device"] == "cuda"
-        else "peak of the running sum of the allocations/frees that torch.profiler (profile_memory=True) "
-        "records during one step"
-    )
+    timing = ("one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
+              if meta["l2"] == "flush" else "each sample the mean of back-to-back calls lasting >= 2 ms")
     lines = [
         f"# {meta['benchmark']}: {meta['device_name']}",
         "",
-        f"- date (UTC) {meta['date_utc']}, commit {meta['git_commit']}, torch {meta['torch']}, "
-        f"triton {meta['triton']}, CUDA {meta['cuda']}, python {meta['python']}",
-        f"- CPU count {meta['cpu_count']}, torch threads {meta['torch_threads']}, load average (1/5/15 min) "
-        f"{meta['load_average_start']} at the start, {meta['load_average_end']} at the end",
-        f"- command: `{meta['command']}`",
+        *common.metadata_lines(meta),
         f"- step: loss + loss.backward() + v.grad=None; {meta['settings']}",
-        f"- time: median (and IQR) over {meta['repeats']} samples after warmup, each sample the mean of "
-        "back-to-back calls lasting >= 2 ms",
-        f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; MB = 1e6 bytes",
-        f"- peak extra memory: {memory}; peak / grad buf = peak / (numel x itemsize)",
+        f"- time: median (and IQR) over {meta['repeats']} samples after warm-up, {timing}",
+        f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; % copy BW = GB/s / the copy "
+        "bandwidth above (a buffer far larger than the caches: inputs that stay in a cache can exceed 100 %); "
+        "MB = 1e6 bytes",
+        f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; peak / grad buf = peak / (numel x itemsize)",
     ]
-    if meta["copy_bandwidth_gbs"] is not None:
-        lines.append(
-            f"- copy bandwidth: {meta['copy_bandwidth_gbs']:.1f} GB/s (2 x {COPY_BYTES // 2**20} MiB / median "
-            "dst.copy_(src)); small sizes may stay in L2 and exceed it"
-        )
     lines += [f"- skipped: {name} ({why})" for name, why in meta["skipped_backends"].items()]
-    has_bw = meta["copy_bandwidth_gbs"] is not None
-    return "\n".join(lines) + "\n\n" + format_table(rows, has_bw) + "\n"
+    main_rows = [r for r in rows if "triton_config" not in r]
+    sweep = [r for r in rows if "triton_config" in r]
+    text = "\n".join(lines) + "\n\n" + format_table(main_rows) + "\n"
+    if sweep:
+        text += ("\n## Triton launch sweep (orw_fast.ops.triton.orw_cfm_w2.CONFIG: block, tiles, num_warps), fastest "
+                 "first\n\n" + format_sweep(sweep) + "\n")
+    return text
+
+
+def plot(meta: dict, rows: list[dict]):
+    """GB/s against size, one panel per dtype, with the measured copy bandwidth as a line."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = common.new_figure(len(dtypes), f"ORW-CFM-W2 loss fwd+bwd, {meta['device_name']}")
+    for ax, dtype in zip(axes, dtypes):
+        for backend in BACKENDS:
+            pts = [(r["numel"], r["gbps"]) for r in rows if r["dtype"] == dtype and r["backend"] == backend
+                   and r["status"] == "ok" and "triton_config" not in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=backend)
+        ax.axhline(meta["hardware"]["copy_gbs"], color="gray", linestyle="--", label="copy bandwidth")
+        ax.set(xscale="log", xlabel="elements per tensor", ylabel="GB/s (fused-pass bytes)", title=dtype)
+        ax.legend()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,17 +254,6 @@ def parse_sizes(text: str):
     return sizes
 
 
-def parse_list(choices):
-    def parse(text: str):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
-        return items
-
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -388,65 +261,69 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=f"default sizes: cpu {', '.join(map(size_id, SIZES['cpu']))}\n"
         f"               cuda {', '.join(map(size_id, SIZES['cuda']))}",
     )
+    common.add_common_args(parser)
     add = parser.add_argument
-    add("--device", choices=("cpu", "cuda"), default=default_device(), help="default: %(default)s")
-    add("--dtypes", type=parse_list(tuple(DTYPES)), default=["fp32", "bf16"], help="comma-separated, default fp32,bf16")
+    add("--dtypes", type=common.parse_list(tuple(DTYPES)), default=["fp32", "bf16"],
+        help="comma-separated, default fp32,bf16")
     add("--sizes", type=parse_sizes, help="comma-separated, e.g. 64x3x32x32,8x4x64x64")
-    add("--backends", type=parse_list(BACKENDS), default=list(BACKENDS), help="comma-separated subset, default all")
+    add("--backends", type=common.parse_list(BACKENDS), default=list(BACKENDS), help="comma-separated subset, default all")
     add("--repeats", type=int, help="timed samples per case (default 50, 10 with --quick)")
-    add("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
-    add("--quick", action="store_true", help=f"smoke run: sizes {', '.join(map(size_id, QUICK_SIZES))}, 10 repeats, "
-        "short warmup; files get a _quick suffix")
+    add("--triton-sweep", action="store_true", help="also time the triton backend under each of "
+        f"{len(TRITON_SWEEP)} launch configurations (block, tiles, warps) at the largest size")
+    add("--l2", choices=("flush", "hot"), help="CUDA: flush L2 before every timed call (default) or time "
+        "back-to-back calls on a warm cache")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     if args.repeats is not None and args.repeats < 2:
         parser.error("--repeats must be >= 2")
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES[device.type])
     repeats = args.repeats or (10 if args.quick else 50)
     warmup_s = 0.05 if args.quick else 0.2
+    l2 = "n/a" if device.type != "cuda" else (args.l2 or "flush")
     skipped = {b: why for b in args.backends if (why := skip_reason(b, device))}
     backends = [b for b in args.backends if b not in skipped]
 
-    copy_gbs = copy_bandwidth_gbs(device, repeats, warmup_s) if device.type == "cuda" else None
-    meta = collect_metadata(device, repeats, skipped, copy_gbs)
-    if meta["load_average_start"][0] > 0.5 * os.cpu_count():
-        print(f"warning: load average {meta['load_average_start']} on {os.cpu_count()} CPUs: timings may be disturbed")
+    hw = hardware.measure(device, args.quick)
+    meta = common.run_metadata(device, "orw_cfm_w2_loss forward + backward", hardware=hw, settings=SETTINGS,
+                               repeats=repeats, l2=l2, bytes_model=BYTES_MODEL, skipped_backends=skipped)
+    common.warn_if_loaded(meta)
     rows = []
     with tqdm(list(itertools.product(sizes, args.dtypes, backends)), unit="case") as bar:
         for size, dtype, backend in bar:
             bar.set_postfix_str(f"{size_id(size)} {dtype} {backend}")
-            rows.append(run_case(backend, size, dtype, device, repeats, warmup_s))
-    add_ratios(rows, copy_gbs)
-    meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+            rows.append(run_case(backend, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush"))
+    if args.triton_sweep and "triton" in backends:
+        largest = max(sizes, key=math.prod)
+        for dtype in tqdm(args.dtypes, desc="triton sweep", unit="dtype"):
+            rows += triton_sweep(largest, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush")
+    add_ratios(rows, hw["copy_gbs"])
+    common.finish_metadata(meta)
     report = format_report(meta, rows)
     print(report)
-    stem = f"loss_{meta['date_utc'][:10]}_{meta['git_commit']}" + ("_quick" if args.quick else "")
-    folder = args.out / slug(meta["device_name"])
-    write_text_atomic(folder / f"{stem}.json", json.dumps({"metadata": meta, "results": rows}, indent=2) + "\n")
-    write_text_atomic(folder / f"{stem}.md", report)
-    print(f"wrote {folder / stem}.json and .md")
+    figure = plot(meta, rows) if args.plot else None
+    paths = common.write_results(args.out, "loss", meta, rows, report, quick=args.quick, figure=figure)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 # ---------------------------------------------------------------------------------------------
 # pytest-benchmark
 
 
-PYTEST_DEVICE = default_device()
-PYTEST_CASES = list(itertools.product(BACKENDS, SIZES[PYTEST_DEVICE], ("fp32", "bf16")))
+PYTEST_DEVICE = torch.device(common.default_device())
+PYTEST_CASES = list(itertools.product(BACKENDS, SIZES[PYTEST_DEVICE.type], ("fp32", "bf16")))
 
 
 @pytest.mark.parametrize(
     ("backend", "size", "dtype"), PYTEST_CASES, ids=[f"{b}-{size_id(s)}-{d}" for b, s, d in PYTEST_CASES]
 )
 def test_loss_fwd_bwd(benchmark, backend, size, dtype):
-    device = torch.device(PYTEST_DEVICE)
+    device = PYTEST_DEVICE
     if reason := skip_reason(backend, device):
         pytest.skip(reason)
     step = make_step(backend, *make_inputs(size, DTYPES[dtype], device))
@@ -461,10 +338,10 @@ def test_loss_fwd_bwd(benchmark, backend, size, dtype):
 
     def synced_step():
         step()
-        synchronize(device)
+        common.synchronize(device)
 
     benchmark(synced_step)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -118,11 +118,32 @@ def cmd_sample(args) -> None:
     print(f"wrote {save_image_grid(x1, args.out, scale=args.scale)}")
 
 
+BENCHMARKS = {  # name -> (script in benchmarks/, what it measures)
+    "loss": ("bench_loss.py", "fused loss forward + backward: eager, torch.compile, native, triton"),
+    "sampler": ("bench_sampler.py", "rollout sampler: eager fp32 loop, torchdiffeq, ours eager / CUDA graph / compile"),
+    "train-step": ("bench_train_step.py", "whole training step: ours against the official algorithm run eagerly"),
+    "hardware": ("hardware.py", "the device's copy bandwidth and matmul rate"),
+    "nvcc": ("nvcc_report.py", "registers, spills and 16-byte loads of the CUDA kernels (needs nvcc, no GPU)"),
+    "all": ("run_all.py", "every stage in one run with a summary (benchmarks/run_gpu.sh, run_cpu.sh)"),
+}
+BENCH_USAGE = "usage: orw-fast bench {" + ",".join(BENCHMARKS) + "} [options]\n\n" + "\n".join(
+    f"  {name:<11} {about}" for name, (_, about) in BENCHMARKS.items()) + (
+    "\n\n`orw-fast bench NAME --help` lists a benchmark's options; options without a name go to the loss "
+    "benchmark.\nResults: benchmarks/results/<device>/ (JSON, CSV, Markdown, PNG) with device, date and commit.")
+
+
 def cmd_bench(args) -> None:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
+    rest = list(args.bench_args)
+    if not rest or rest[0] in ("-h", "--help"):
+        print(BENCH_USAGE)
+        raise SystemExit(0 if rest else 2)
+    name = "loss" if rest[0].startswith("-") else rest.pop(0)
+    if name not in BENCHMARKS:
+        raise SystemExit(f"error: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[name][0]
     if not script.is_file():
-        raise SystemExit("error: `orw-fast bench` runs benchmarks/bench_loss.py of a source checkout")
-    sys.argv = [str(script), *args.bench_args]
+        raise SystemExit(f"error: `orw-fast bench` runs benchmarks/{BENCHMARKS[name][0]} of a source checkout")
+    sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
 
 
@@ -199,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("bench", add_help=False,
-                       help="loss benchmark (benchmarks/bench_loss.py; its options follow, see `orw-fast bench --help`)")
+                       help="benchmarks: loss | sampler | train-step | hardware | nvcc | all (see `orw-fast bench --help`)")
     p.set_defaults(run=cmd_bench)
     return parser
 

@@ -94,8 +94,14 @@ def test_demo_runs_and_writes_its_report(tmp_path):
         assert 0 <= stats["even_fraction"] <= 1 and sum(stats["class_counts"]) == 16
 
 
-def test_bench_passes_its_options_to_the_benchmark_script():
-    proc = run_cli("bench", "--help")
+def test_bench_passes_its_options_to_the_benchmark_script(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(name in out for name in ("loss", "sampler", "train-step", "all"))
+    with pytest.raises(SystemExit, match="unknown benchmark 'sampling'"):
+        main(["bench", "sampling"])
+    proc = run_cli("bench", "loss", "--help")
     assert proc.returncode == 0 and "--dtypes" in proc.stdout and "--backends" in proc.stdout
     proc = run_cli("demo", "--bogus")
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

@@ -1,0 +1,1 @@
+"""Re-implementations of other code, kept as speed baselines for the benchmarks."""

@@ -1,0 +1,215 @@
+"""The benchmark scripts at toy sizes on the CPU: each runs, writes well-formed JSON / CSV / Markdown / PNG
+results and reports failures per case; the driver runs a stage and packs its files; the nvcc report's
+parsers read real ptxas / SASS / PTX text; the official-code baseline computes what it claims. Timings are
+not checked."""
+import csv
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import bench_loss, bench_sampler, bench_train_step, hardware, nvcc_report, run_all
+from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def result_files(out: Path, name: str) -> dict[str, Path]:
+    """{suffix: path} of the one result set ``name`` wrote under out/<device-slug>/."""
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    files = {p.suffix: p for p in folder.glob(f"{name}_*_quick.*")}
+    assert set(files) >= {".json", ".csv", ".md"}, sorted(p.name for p in folder.iterdir())
+    return files
+
+
+def check_results(out: Path, name: str, *, plot: bool) -> list[dict]:
+    files = result_files(out, name)
+    data = json.loads(files[".json"].read_text())
+    meta, rows = data["metadata"], data["results"]
+    for key in ("device_name", "date_utc", "git_commit", "torch", "hardware"):
+        assert meta[key], key
+    assert meta["hardware"]["copy_gbs"] > 0 and meta["hardware"]["matmul_tflops"] > 0
+    with open(files[".csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    table = [line for line in files[".md"].read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == len(rows) + 2 and set(table[1]) <= set("|- ")
+    if plot:
+        assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
+
+
+def test_loss_benchmark(tmp_path):
+    code = bench_loss.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--sizes", "4x1x4x4,2x3x8x8",
+                            "--dtypes", "fp32,bf16", "--backends", "eager,native", "--repeats", "2"])
+    rows = check_results(tmp_path, "loss", plot=True)
+    expected = 2 * 2 * (1 + (bench_loss.skip_reason("native", torch.device("cpu")) is None))
+    assert code == 0 and len(rows) == expected
+    for r in rows:
+        assert r["status"] == "ok" and r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["speedup_vs_eager"] > 0
+        assert r["bytes_per_step"] == 4 * r["numel"] * bench_loss.DTYPES[r["dtype"]].itemsize
+
+
+def test_sampler_benchmark(tmp_path):
+    variants = "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_graph_bf16"
+    code = bench_sampler.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",
+                               "--steps", "2", "--variants", variants])
+    rows = check_results(tmp_path, "sampler", plot=True)
+    meta = json.loads(result_files(tmp_path, "sampler")[".json"].read_text())["metadata"]
+    assert code == 0 and meta["skipped_variants"] == {"ours_graph_bf16": "CUDA graphs need a CUDA device"}
+    assert [r["variant"] for r in rows] == variants.split(",")[:-1]
+    by_variant = {r["variant"]: r for r in rows}
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in rows)
+    # same noise, same Euler steps: the fp32 samplers agree, bf16 is close but not equal
+    assert by_variant["ours_eager_fp32"]["rel_err_vs_fp32_loop"] < 1e-5
+    assert by_variant["torchdiffeq_euler"]["rel_err_vs_fp32_loop"] < 1e-5
+    assert 0 < by_variant["ours_eager_bf16"]["rel_err_vs_fp32_loop"] < 0.1
+
+
+def test_train_step_benchmark(tmp_path):
+    code = bench_train_step.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",
+                                  "--sampler-steps", "2", "--repeats", "2", "--no-plot"])
+    rows = check_results(tmp_path, "train_step", plot=False)
+    assert code == 0 and [r["variant"] for r in rows] == ["official_eager", "ours", "ours_ot"]
+    for r in rows:
+        assert r["status"] == "ok" and r["samples_per_s"] > 0 and 0 < r["rollout_share"] and r["peak_extra_mb"] > 0
+    assert rows[0]["speedup_vs_official"] == 1.0
+
+
+def test_hardware_script(tmp_path, capsys):
+    assert hardware.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads(result_files(tmp_path, "hardware")[".json"].read_text())["results"]
+    assert rows[0]["quantity"] == "copy bandwidth" and rows[0]["value"] > 0
+    assert "GB/s copy bandwidth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [(bench_sampler, ["--batches", "0"], "expected positive integers"),
+     (bench_sampler, ["--variants", "eager,ours"], "choose from"),
+     (bench_train_step, ["--repeats", "x"], "expected an integer"),
+     (bench_loss, ["--sizes", "64x3xx"], "is not like 64x3x32x32")],
+)
+def test_bad_arguments_are_named(module, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and argv[0] in err
+
+
+def test_run_all_runs_a_stage_packs_its_files_and_sums_up(tmp_path, capsys):
+    archive = tmp_path / "results.tar.gz"
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--device", "cpu", "--quick", "--stages",
+                           "hardware", "--out", str(tmp_path / "out"), "--archive", str(archive)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (folder,) = (tmp_path / "out").iterdir()
+    summary = json.loads(next(folder.glob("run_*_quick_hardware.json")).read_text())
+    (stage,) = summary["stages"]
+    assert stage["stage"] == "hardware" and stage["status"] == "ok" and "GB/s" in stage["detail"]
+    assert any(f.startswith("hardware_") and f.endswith(".json") for f in stage["files"])
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert any("/logs/hardware_" in n for n in names) and any("/run_" in n for n in names)
+    assert "| hardware | ok" in proc.stdout
+    # a folder filled by several runs (a GPU run in parts) is summed up by --report
+    assert run_all.main(["--report", str(folder), "--quick"]) == 0
+    report = next(folder.glob("summary_*_quick.md")).read_text()
+    assert "| hardware | ok" in report and "GB/s" in report and report == capsys.readouterr().out.split("\nwrote ")[0]
+
+
+def test_run_all_records_a_failing_stage_and_goes_on(tmp_path, monkeypatch, capsys):
+    def broken(run, result):
+        raise RuntimeError("no GPU here")
+
+    def fine(run, result):
+        result.status, result.detail = "ok", "fine"
+
+    monkeypatch.setitem(run_all.STAGE_FUNCTIONS, "loss", broken)
+    monkeypatch.setitem(run_all.STAGE_FUNCTIONS, "sampler", fine)
+    code = run_all.main(["--device", "cpu", "--stages", "loss,sampler", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "| loss    | failed | " in out and "RuntimeError: no GPU here" in out and "| sampler | ok" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# nvcc report parsers (real output shapes of nvcc 13 / cuobjdump for sm_90)
+
+MANGLED = "_ZN8orw_fast12_GLOBAL__N_111pass_kernelIfLi4ELb1ELb0ELb0EEEvPKT_"
+PTXAS_LOG = f"""ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '{MANGLED}' for 'sm_90'
+ptxas info    : Function properties for {MANGLED}
+    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 35 registers, used 1 barriers, 32 bytes smem
+ptxas info    : Compile time = 60.771 ms
+"""
+SASS = f"""\t\tFunction : {MANGLED}
+        /*2260*/                   LDG.E.128.CONSTANT R8, desc[UR18][R28.64] ;      /* 0x000000121c087981 */
+        /*2270*/                   LDG.E.128.CONSTANT R16, desc[UR18][R24.64] ;     /* 0x0000001218107981 */
+        /*1d60*/              @!P1 LDG.E.U16.CONSTANT R29, desc[UR6][R12.64] ;       /* 0x000000060c1d9981 */
+        /*02b0*/                   LDG.E.CONSTANT R4, desc[UR18][R4.64] ;            /* 0x0000001204047981 */
+        /*23b0*/                   STG.E.128.STRONG.SM desc[UR18][R30.64], R8 ;      /* 0x000000081e007986 */
+        /*2f30*/                   STG.E desc[UR18][R8.64], R5 ;                     /* 0x0000000508007986 */
+        /*2f40*/                   STL [R1], R5 ;                                    /* 0x0000000508007986 */
+"""
+PTX = f""".visible .entry {MANGLED}(
+\tld.global.nc.v4.f32 \t{{%f1, %f2, %f3, %f4}}, [%rd10];
+\tld.global.nc.f32 \t%f5, [%rd11];
+\tld.global.nc.u16 \t%rs1, [%rd12];
+\tst.global.v4.f32 \t[%rd13], {{%f1, %f2, %f3, %f4}};
+\tld.local.u32 \t%r1, [%rd14];
+"""
+
+
+def test_nvcc_report_parsers():
+    res = nvcc_report.parse_ptxas(PTXAS_LOG)[MANGLED]
+    assert res == {"stack_bytes": 0, "spill_store_bytes": 8, "spill_load_bytes": 4, "registers": 35, "barriers": 1,
+                   "smem_bytes": 32}
+    assert nvcc_report.warps_per_sm(35) == 51 and nvcc_report.warps_per_sm(32) == 64
+    for parsed in (nvcc_report.parse_sass(SASS)[MANGLED], nvcc_report.parse_ptx(PTX)[MANGLED]):
+        assert parsed["global_loads"][128] >= 1 and parsed["global_loads"][16] == 1 and parsed["local"] == 1
+        assert parsed["global_stores"][128] == 1
+    assert dict(nvcc_report.parse_sass(SASS)[MANGLED]["global_loads"]) == {128: 2, 16: 1, 32: 1}
+    assert "pass_kernel<float, 4, true, false, false>" in nvcc_report.demangle([MANGLED])[MANGLED]
+
+
+# ---------------------------------------------------------------------------------------------
+# The official-code baseline
+
+
+class Linear(torch.nn.Module):
+    """v(t, x) = A x + t b on [B, 1, 2, 2] images: small, exact, with parameters to train."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.randn(4, 4) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, t, x):
+        flat = x.reshape(x.shape[0], -1)
+        return (flat @ self.A.T + t[:, None] * self.b).reshape(x.shape)
+
+
+def test_euler_rollout_is_the_samplers_euler():
+    from orw_fast.sampling import sample
+
+    model, x0 = Linear(), torch.randn(5, 1, 2, 2)
+    torch.testing.assert_close(euler_rollout(model, x0, 7), sample(model, x0, steps=7, cuda_graph=False))
+
+
+def test_baseline_keeps_each_weight_with_its_sample():
+    """torchcfm's exact-OT matcher resamples x1 with replacement; the baseline's weights follow the draw."""
+    trainer = OfficialEagerTrainer(Linear(), lambda x: x.mean(dim=(1, 2, 3)), image_shape=(1, 2, 2), batch_size=16)
+    x1 = torch.randn(16, 1, 2, 2)
+    weights = x1.sum(dim=(1, 2, 3)).exp()  # a function of each sample, so a mismatch shows
+    np.random.seed(0)
+    x0 = torch.randn_like(x1)
+    t, xt, ut, _, w = trainer.fm.guided_sample_location_and_conditional_flow(x0, x1, y1=weights)
+    drawn_x1 = xt + (1 - t)[:, None, None, None] * ut  # sigma = 0: xt = t x1 + (1 - t) x0, ut = x1 - x0
+    torch.testing.assert_close(w, drawn_x1.sum(dim=(1, 2, 3)).exp(), rtol=1e-4, atol=1e-5)
+    metrics = trainer.train_step()
+    assert set(metrics) == {"fm_loss", "w2_loss", "total_loss", "reward", "max_reward"}
