@@ -1,0 +1,171 @@
+"""The alpha sweep on scikit-learn's 8x8 digits shared by the even-digits and JPEG experiments.
+
+For every (alpha, seed) a copy of the pre-trained digits flow model (the demo's, cached) is fine-tuned
+online toward a reward; after every epoch its samples (a fixed noise) are measured: fraction of even
+digits and class entropy (by the digit classifier), diversity (mean pairwise distance), mean reward, and
+W2 to the reference model's samples (exact OT on the two sample sets, POT). Epoch 0 is the reference
+itself drawn from other noise: its W2 is the estimator's floor at this sample size.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from experiments.common import fine_tune_by_epoch, pyplot, w2_distance
+from orw_fast.demo import EVEN_DIGITS, pretrained_digits
+from orw_fast.images import save_image_grid
+from orw_fast.metrics import class_entropy, mean_pairwise_distance
+from orw_fast.pretrain import default_cache_dir
+from orw_fast.sampling import sample
+from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
+
+@dataclasses.dataclass
+class SweepSettings:
+    """One alpha sweep; every (alpha, seed) run gets ``epochs * steps_per_epoch`` steps."""
+
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+    seeds: tuple[int, ...] = (0, 1)
+    epochs: int = 16
+    steps_per_epoch: int = 15
+    batch_size: int = 64
+    temperature: float = 2.5
+    weighting: str = "exp"  # the paper's w = exp(tau * r)
+    learning_rate: float = 1e-3
+    sampler_steps: int = 20
+    eval_samples: int = 300
+    pretrain_steps: int = 3000
+
+
+def digit_stats(x1: torch.Tensor, classifier) -> dict:
+    """Classifier statistics of model-space digits x1 [N, 1, 8, 8]."""
+    labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
+    counts = torch.bincount(labels.cpu(), minlength=10)
+    return {"even_fraction": float(counts[list(EVEN_DIGITS)].sum()) / len(labels),
+            "class_entropy": class_entropy(labels, 10), "class_counts": counts.tolist()}
+
+
+def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress: bool = True,
+              grid_dir=None) -> dict:
+    """Runs every (alpha, seed) of ``s`` with ``reward_fn`` and returns
+    ``{"runs": {alpha: {seed: [per-epoch records]}}, "seconds": ...}``; with ``grid_dir``, writes the
+    final 64-sample grid of each alpha's first seed there."""
+    start = time.perf_counter()
+    base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu",
+                                         progress=progress)
+    shape = (s.eval_samples, 1, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1234))
+    ref_noise = torch.randn(shape, generator=torch.Generator().manual_seed(4321))
+    with torch.no_grad():
+        reference = sample(base, ref_noise, steps=s.sampler_steps, cuda_graph=False)
+
+    @torch.no_grad()
+    def evaluate(trainer: ORWCFMTrainer) -> dict:
+        trainer.model.eval()
+        x1 = sample(trainer.model, noise, steps=s.sampler_steps, cuda_graph=False)
+        evaluate.last = x1
+        return {**digit_stats(x1, classifier), "reward": float(reward_fn(x1).mean()),
+                "diversity": mean_pairwise_distance(x1), "w2_to_reference": w2_distance(x1, reference)}
+
+    runs = {}
+    for alpha in s.alphas:
+        runs[f"{alpha:g}"] = {}
+        for seed in s.seeds:
+            config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
+                                   weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
+                                   grid_size=0, seed=seed)
+            trainer = ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn)
+            if progress:
+                print(f"alpha={alpha:g} seed={seed}")
+            runs[f"{alpha:g}"][str(seed)] = fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate,
+                                                               progress)
+            if grid_dir is not None and seed == s.seeds[0]:
+                save_image_grid(evaluate.last[:64], f"{grid_dir}/samples_alpha_{alpha:g}.png", scale=4)
+    if grid_dir is not None:
+        save_image_grid(reference[:64], f"{grid_dir}/samples_reference.png", scale=4)
+    return {"settings": dataclasses.asdict(s), "runs": runs, "seconds": time.perf_counter() - start}
+
+
+METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference")
+
+
+def final_summary(results: dict, metrics=METRICS) -> dict:
+    """{alpha: {metric: (mean, std over seeds)}} of the last epoch."""
+    summary = {}
+    for alpha, by_seed in results["runs"].items():
+        finals = [records[-1] for records in by_seed.values()]
+        summary[alpha] = {m: (float(np.mean([f[m] for f in finals])), float(np.std([f[m] for f in finals])))
+                          for m in metrics}
+    return summary
+
+
+def format_table(results: dict, metrics: dict[str, str]) -> str:
+    """Markdown table of the final epoch, mean ± std over seeds (population std, ddof 0); ``metrics`` maps
+    keys to column titles."""
+    summary = final_summary(results, metrics)
+    first = next(iter(results["runs"].values()))
+    base = next(iter(first.values()))[0]
+    lines = ["| model | " + " | ".join(metrics.values()) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines.append("| reference (epoch 0) | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " |")
+    seeds = len(results["settings"]["seeds"])
+    for alpha, stats in summary.items():
+        cells = (f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}" for mean, std in stats.values())
+        lines.append(f"| alpha = {alpha} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir, name: str, columns: dict[str, str], pareto: tuple[str, str, str, str]):
+    """``name``.md (the final table), the Pareto plot ``pareto`` = (x key, y key, x label, y label) and the
+    per-epoch curves of ``columns`` into ``out_dir`` (the JSON is written by the caller)."""
+    x, y, xlabel, ylabel = pareto
+    (Path(out_dir) / f"{name}.md").write_text(format_table(results, columns) + "\n")
+    plot_pareto(results, Path(out_dir) / f"pareto_{x}_vs_{y}.png", x, y, xlabel, ylabel)
+    plot_epochs(results, Path(out_dir) / "epochs.png", columns)
+
+
+def plot_pareto(results: dict, path, x: str, y: str, xlabel: str, ylabel: str) -> None:
+    """Final (x, y) per alpha and seed, with the per-alpha means joined: the reward/diversity trade-off."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    summary = final_summary(results, (x, y))
+    for alpha, by_seed in results["runs"].items():
+        points = [(r[-1][x], r[-1][y]) for r in by_seed.values()]
+        ax.scatter(*zip(*points), s=14, alpha=0.5)
+        ax.annotate(f"α={alpha}", (summary[alpha][x][0], summary[alpha][y][0]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.plot([summary[a][x][0] for a in summary], [summary[a][y][0] for a in summary], "k.-", lw=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="final epoch, per alpha (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epochs(results: dict, path, metrics: dict[str, str]) -> None:
+    """One panel per metric: seed-mean value vs epoch, one line per alpha."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics.items()):
+        for alpha, by_seed in results["runs"].items():
+            values = np.array([[rec[key] for rec in records] for records in by_seed.values()])
+            ax.plot(range(values.shape[1]), values.mean(0), label=f"α={alpha}")
+        ax.set(xlabel="epoch", title=title)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_finite(results: dict) -> None:
+    """Raises if any recorded metric is NaN (a diverged run must not end up in a table)."""
+    for alpha, by_seed in results["runs"].items():
+        for seed, records in by_seed.items():
+            for rec in records:
+                if any(isinstance(v, float) and not math.isfinite(v) for v in rec.values()):
+                    raise RuntimeError(f"alpha={alpha} seed={seed} epoch {rec['epoch']} has non-finite metrics")
