@@ -191,12 +191,17 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *loss = total / acc_t(B);
 }
 
-int max_resident_blocks(int device) {
+// Blocks of `kernel` resident at once on `device` (SMs x occupancy of its register/shared-memory use):
+// the grid of the grid-stride pass kernels, one full wave. The register count differs per instantiation
+// (35-46 on sm_90), so a fixed 2048 / kThreads per SM would launch a partial second wave.
+template <auto kernel>
+int resident_blocks(int device) {
   static int cache[64] = {};
   if (device < 64 && cache[device]) return cache[device];
-  int sms = 0;
+  int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int blocks = sms * (2048 / kThreads);
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int blocks = sms * std::max(per_sm, 1);
   if (device < 64) cache[device] = blocks;
   return blocks;
 }
@@ -212,11 +217,12 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_r
                  cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = v.size(0), D = v.numel() / B;
-  const int64_t grid = std::min<int64_t>(B * nchunks, max_resident_blocks(v.get_device()));
   auto ptr = [](at::Tensor& g) { return g.numel() ? g.mutable_data_ptr<scalar_t>() : nullptr; };
   dispatch_grad_flags(gv.numel() > 0, gu.numel() > 0, gr.numel() > 0, [&](auto gv_t, auto gu_t, auto gr_t) {
-    pass_kernel<scalar_t, VEC, decltype(gv_t)::value, decltype(gu_t)::value,
-                decltype(gr_t)::value><<<grid, kThreads, 0, stream>>>(
+    constexpr auto kernel = &pass_kernel<scalar_t, VEC, decltype(gv_t)::value, decltype(gu_t)::value,
+                                         decltype(gr_t)::value>;
+    const int64_t grid = std::min<int64_t>(B * nchunks, resident_blocks<kernel>(v.get_device()));
+    kernel<<<grid, kThreads, 0, stream>>>(
         v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
         v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr),
         scores.const_data_ptr<acc_t>(), B, D, nchunks, acc_t(tau), weighting, acc_t(alpha),
