@@ -44,6 +44,31 @@ class SweepSettings:
     pretrain_steps: int = 3000
 
 
+def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Callable, columns: dict) -> None:
+    """The command line of a sweep script: ``run(settings, out_dir, progress=...)`` with ``defaults``
+    changed by --alphas/--seeds/--epochs/--steps-per-epoch, then prints the final table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out, help="output folder (%(default)s)")
+    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in defaults.alphas),
+                        help="comma-separated W2 coefficients (%(default)s)")
+    parser.add_argument("--seeds", type=int, default=len(defaults.seeds), help="number of seeds (%(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="(%(default)s)")
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="(%(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        parser.error(f"--alphas must be comma-separated numbers, got {args.alphas!r}")
+    if min(args.seeds, args.epochs, args.steps_per_epoch) < 1 or min(alphas) < 0:
+        parser.error("--seeds, --epochs and --steps-per-epoch must be >= 1 and every alpha >= 0")
+    settings = dataclasses.replace(defaults, alphas=alphas, seeds=tuple(range(args.seeds)), epochs=args.epochs,
+                                   steps_per_epoch=args.steps_per_epoch)
+    print(format_table(run(settings, args.out, progress=not args.quiet), columns))
+
+
 def digit_stats(x1: torch.Tensor, classifier) -> dict:
     """Classifier statistics of model-space digits x1 [N, 1, 8, 8]."""
     labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)

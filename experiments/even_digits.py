@@ -10,11 +10,10 @@ Markdown table, the reward/diversity Pareto plot, per-epoch curves and sample gr
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from experiments.common import write_results
-from experiments.digits import SweepSettings, check_finite, format_table, run_sweep, write_report
+from experiments.digits import SweepSettings, check_finite, run_sweep, sweep_cli, write_report
 from orw_fast.demo import EVEN_DIGITS, pretrained_digits
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.rewards import ClassifierReward
@@ -41,20 +40,7 @@ def run(s: SweepSettings, out_dir=None, *, cache_dir=None, progress: bool = True
 
 
 def main(argv=None) -> None:
-    defaults = SweepSettings()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="experiments/results/even_digits", help="output folder (%(default)s)")
-    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in defaults.alphas),
-                        help="comma-separated W2 coefficients (%(default)s)")
-    parser.add_argument("--seeds", type=int, default=len(defaults.seeds), help="number of seeds (%(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="(%(default)s)")
-    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="(%(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    settings = SweepSettings(alphas=tuple(float(a) for a in args.alphas.split(",")), seeds=tuple(range(args.seeds)),
-                             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch)
-    results = run(settings, args.out, progress=not args.quiet)
-    print(format_table(results, COLUMNS))
+    sweep_cli(argv, __doc__, SweepSettings(), "experiments/results/even_digits", run, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ The rewards are a few hundredths of a kB apart, so the weights are B·softmax(τ
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from pathlib import Path
 
 from experiments.common import write_results
-from experiments.digits import SweepSettings, check_finite, format_table, run_sweep, write_report
+from experiments.digits import SweepSettings, check_finite, run_sweep, sweep_cli, write_report
 from orw_fast.rewards import jpeg_compressibility
 
 COLUMNS = {"jpeg_kb": "JPEG size (kB)", "diversity": "diversity", "w2_to_reference": "W2 to reference",
@@ -42,20 +40,7 @@ def run(s: SweepSettings = DEFAULTS, out_dir=None, *, cache_dir=None, progress: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="experiments/results/jpeg_digits", help="output folder (%(default)s)")
-    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULTS.alphas),
-                        help="comma-separated W2 coefficients (%(default)s)")
-    parser.add_argument("--seeds", type=int, default=len(DEFAULTS.seeds), help="number of seeds (%(default)s)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="(%(default)s)")
-    parser.add_argument("--steps-per-epoch", type=int, default=DEFAULTS.steps_per_epoch, help="(%(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    settings = dataclasses.replace(DEFAULTS, alphas=tuple(float(a) for a in args.alphas.split(",")),
-                                   seeds=tuple(range(args.seeds)), epochs=args.epochs,
-                                   steps_per_epoch=args.steps_per_epoch)
-    results = run(settings, args.out, progress=not args.quiet)
-    print(format_table(results, COLUMNS))
+    sweep_cli(argv, __doc__, DEFAULTS, "experiments/results/jpeg_digits", run, COLUMNS)
 
 
 if __name__ == "__main__":
