@@ -302,13 +302,7 @@ def main(argv=None) -> int:
         for dtype in tqdm(args.dtypes, desc="triton sweep", unit="dtype"):
             rows += triton_sweep(largest, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush")
     add_ratios(rows, hw["copy_gbs"])
-    common.finish_metadata(meta)
-    report = format_report(meta, rows)
-    print(report)
-    figure = plot(meta, rows) if args.plot else None
-    paths = common.write_results(args.out, "loss", meta, rows, report, quick=args.quick, figure=figure)
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return common.finish_run(args, "loss", meta, rows, format_report, plot)
 
 
 # ---------------------------------------------------------------------------------------------

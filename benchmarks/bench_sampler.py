@@ -267,13 +267,7 @@ def main(argv=None) -> int:
             rows.append(row)
             common.free_memory(device)
     add_ratios(rows, flops, hw["matmul_tflops"])
-    common.finish_metadata(meta)
-    report = format_report(meta, rows)
-    print(report)
-    figure = plot(meta, rows) if args.plot else None
-    paths = common.write_results(args.out, "sampler", meta, rows, report, quick=args.quick, figure=figure)
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return common.finish_run(args, "sampler", meta, rows, format_report, plot)
 
 
 # ---------------------------------------------------------------------------------------------

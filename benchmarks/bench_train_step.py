@@ -44,7 +44,7 @@ VARIANTS = ("official_eager", "ours", "ours_ot", "ours_compile")
 DEFAULT_VARIANTS = {"cuda": VARIANTS, "cpu": ("official_eager", "ours", "ours_ot")}
 BATCHES = {"cuda": (64, 128), "cpu": (16, 64)}
 STEPS = {"cuda": 100, "cpu": 10}
-REPEATS = {"cuda": 8, "cpu": 3}
+REPEATS = {"cuda": 8, "cpu": 7}
 PRECISION = {"cuda": "bf16", "cpu": "fp32"}
 BASELINE = "official_eager"
 HYPER = dict(learning_rate=2e-4, w2_coefficient=1.0, temperature=0.5, grad_clip=1.0)  # the official script's
@@ -179,7 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} "
         f"(default cuda: all; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})")
     add("--precision", choices=("fp32", "bf16", "fp16"), help="autocast of ours (default bf16 on cuda, fp32 on cpu)")
-    add("--repeats", type=common.positive_int, help="timed steps per case (default cuda 8, cpu 3; 2 with --quick)")
+    add("--repeats", type=common.positive_int, help="timed steps per case (default cuda 8, cpu 7; 2 with --quick)")
     return parser.parse_args(argv)
 
 
@@ -218,13 +218,7 @@ def main(argv=None) -> int:
                 rows.append({"batch": batch, "variant": variant, "status": common.error_status(err)})
             common.free_memory(device)
     add_ratios(rows, flops, hw["matmul_tflops"])
-    common.finish_metadata(meta)
-    report = format_report(meta, rows)
-    print(report)
-    figure = plot(meta, rows) if args.plot else None
-    paths = common.write_results(args.out, "train_step", meta, rows, report, quick=args.quick, figure=figure)
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return common.finish_run(args, "train_step", meta, rows, format_report, plot)
 
 
 # ---------------------------------------------------------------------------------------------

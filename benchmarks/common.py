@@ -282,6 +282,18 @@ def finish_metadata(meta: dict) -> None:
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
 
 
+def finish_run(args, name: str, meta: dict, rows: list[dict], format_report: Callable, plot: Callable) -> int:
+    """Ends a benchmark's run: prints its table, writes its results (and, with --plot, its figure) under
+    args.out; returns the exit status, 0 when every row ran."""
+    finish_metadata(meta)
+    report = format_report(meta, rows)
+    print(report)
+    figure = plot(meta, rows) if args.plot else None
+    paths = write_results(args.out, name, meta, rows, report, quick=args.quick, figure=figure)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
 def metadata_lines(meta: dict) -> list[str]:
     """The Markdown bullet lines every report starts with."""
     hw = meta.get("hardware") or {}
