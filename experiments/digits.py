@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from experiments.common import fine_tune_by_epoch, pyplot, w2_distance
-from orw_fast.demo import EVEN_DIGITS, pretrained_digits
+from orw_fast.demo import evaluate_digits, pretrained_digits
 from orw_fast.images import save_image_grid
-from orw_fast.metrics import class_entropy, mean_pairwise_distance
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
@@ -69,14 +68,6 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
     print(format_table(run(settings, args.out, progress=not args.quiet), columns))
 
 
-def digit_stats(x1: torch.Tensor, classifier) -> dict:
-    """Classifier statistics of model-space digits x1 [N, 1, 8, 8]."""
-    labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
-    counts = torch.bincount(labels.cpu(), minlength=10)
-    return {"even_fraction": float(counts[list(EVEN_DIGITS)].sum()) / len(labels),
-            "class_entropy": class_entropy(labels, 10), "class_counts": counts.tolist()}
-
-
 def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress: bool = True,
               grid_dir=None) -> dict:
     """Runs every (alpha, seed) of ``s`` with ``reward_fn`` and returns
@@ -85,19 +76,15 @@ def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress
     start = time.perf_counter()
     base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu",
                                          progress=progress)
-    shape = (s.eval_samples, 1, 8, 8)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1234))
-    ref_noise = torch.randn(shape, generator=torch.Generator().manual_seed(4321))
+    ref_noise = torch.randn((s.eval_samples, 1, 8, 8), generator=torch.Generator().manual_seed(4321))
     with torch.no_grad():
         reference = sample(base, ref_noise, steps=s.sampler_steps, cuda_graph=False)
 
     @torch.no_grad()
     def evaluate(trainer: ORWCFMTrainer) -> dict:
-        trainer.model.eval()
-        x1 = sample(trainer.model, noise, steps=s.sampler_steps, cuda_graph=False)
+        stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps)
         evaluate.last = x1
-        return {**digit_stats(x1, classifier), "reward": float(reward_fn(x1).mean()),
-                "diversity": mean_pairwise_distance(x1), "w2_to_reference": w2_distance(x1, reference)}
+        return {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
 
     runs = {}
     for alpha in s.alphas:

@@ -38,7 +38,7 @@ def cmd_demo(args) -> None:
     from orw_fast.demo import DemoSettings, run_demo
 
     settings = DemoSettings(alphas=args.alphas, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                            temperature=args.tau, seed=args.seed)
+                            temperature=args.tau, weighting=args.weighting, seed=args.seed)
     run_demo(args.out, settings, cache_dir=args.cache_dir, device=_device(args.device), progress=not args.quiet)
     print(f"report written to {args.out}")
 
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=demo.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
     p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
+    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"),
+                   help="reward weights: exp(tau r) (the paper's), B softmax(tau r) or none")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")
     p.add_argument("--alpha", type=float, default=1.0, help="W2 coefficient")
     p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
-    p.add_argument("--weighting", default="softmax", choices=("softmax", "exp", "none"))
+    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"),
+                   help="reward weights: exp(tau r) (the paper's), B softmax(tau r) or none")
     p.add_argument("--coupling", default="independent", choices=("independent", "ot", "rollout"))
     p.add_argument("--epochs", type=int, default=demo.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
