@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from experiments.common import fine_tune_by_epoch, pyplot, w2_distance
+from experiments.common import fine_tune_by_epoch, pyplot, w2_distance, write_results
 from orw_fast.demo import evaluate_digits, pretrained_digits
 from orw_fast.images import save_image_grid
 from orw_fast.pretrain import default_cache_dir
@@ -68,14 +68,20 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
     print(format_table(run(settings, args.out, progress=not args.quiet), columns))
 
 
-def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress: bool = True,
-              grid_dir=None) -> dict:
-    """Runs every (alpha, seed) of ``s`` with ``reward_fn`` and returns
-    ``{"runs": {alpha: {seed: [per-epoch records]}}, "seconds": ...}``; with ``grid_dir``, writes the
-    final 64-sample grid of each alpha's first seed there."""
+def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: dict[str, str],
+              pareto: tuple[str, str, str, str], derive: Callable[[dict], dict] | None = None, out_dir=None,
+              cache_dir=None, progress: bool = True) -> dict:
+    """Runs every (alpha, seed) of ``s`` with the reward ``make_reward(classifier)`` and returns
+    ``{"settings", "runs": {alpha: {seed: [per-epoch records]}}, "seconds"}``; ``derive(record)`` adds
+    metrics computed from a record's others. With ``out_dir``: the final 64-sample grid of each alpha's
+    first seed and of the reference, ``name``.json and the report of :func:`write_report` go there."""
     start = time.perf_counter()
     base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu",
                                          progress=progress)
+    reward_fn = make_reward(classifier)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ref_noise = torch.randn((s.eval_samples, 1, 8, 8), generator=torch.Generator().manual_seed(4321))
     with torch.no_grad():
         reference = sample(base, ref_noise, steps=s.sampler_steps, cuda_graph=False)
@@ -84,7 +90,8 @@ def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress
     def evaluate(trainer: ORWCFMTrainer) -> dict:
         stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps)
         evaluate.last = x1
-        return {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
+        record = {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
+        return {**record, **derive(record)} if derive is not None else record
 
     runs = {}
     for alpha in s.alphas:
@@ -98,11 +105,15 @@ def run_sweep(s: SweepSettings, reward_fn: Callable, *, cache_dir=None, progress
                 print(f"alpha={alpha:g} seed={seed}")
             runs[f"{alpha:g}"][str(seed)] = fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate,
                                                                progress)
-            if grid_dir is not None and seed == s.seeds[0]:
-                save_image_grid(evaluate.last[:64], f"{grid_dir}/samples_alpha_{alpha:g}.png", scale=4)
-    if grid_dir is not None:
-        save_image_grid(reference[:64], f"{grid_dir}/samples_reference.png", scale=4)
-    return {"settings": dataclasses.asdict(s), "runs": runs, "seconds": time.perf_counter() - start}
+            if out_dir is not None and seed == s.seeds[0]:
+                save_image_grid(evaluate.last[:64], out_dir / f"samples_alpha_{alpha:g}.png", scale=4)
+    results = {"settings": dataclasses.asdict(s), "runs": runs, "seconds": time.perf_counter() - start}
+    check_finite(results)
+    if out_dir is not None:
+        save_image_grid(reference[:64], out_dir / "samples_reference.png", scale=4)
+        write_results(out_dir / f"{name}.json", results)
+        write_report(results, out_dir, name, columns, pareto)
+    return results
 
 
 METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference")

@@ -10,12 +10,8 @@ Markdown table, the reward/diversity Pareto plot, per-epoch curves and sample gr
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from experiments.common import write_results
-from experiments.digits import SweepSettings, check_finite, run_sweep, sweep_cli, write_report
-from orw_fast.demo import EVEN_DIGITS, pretrained_digits
-from orw_fast.pretrain import default_cache_dir
+from experiments.digits import SweepSettings, run_sweep, sweep_cli
+from orw_fast.demo import EVEN_DIGITS
 from orw_fast.rewards import ClassifierReward
 
 COLUMNS = {"even_fraction": "even digits", "class_entropy": "class entropy (nats)", "diversity": "diversity",
@@ -25,18 +21,8 @@ PARETO = ("even_fraction", "class_entropy", "fraction of even digits (reward)", 
 
 def run(s: SweepSettings, out_dir=None, *, cache_dir=None, progress: bool = True) -> dict:
     """The sweep with the even-digit reward; writes its report into ``out_dir`` when given."""
-    cache_dir = cache_dir or default_cache_dir()
-    _, classifier = pretrained_digits(cache_dir, steps=s.pretrain_steps, device="cpu", progress=progress)
-    reward = ClassifierReward(classifier, EVEN_DIGITS)
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_sweep(s, reward, cache_dir=cache_dir, progress=progress, grid_dir=out_dir)
-    check_finite(results)
-    if out_dir is not None:
-        write_results(out_dir / "even_digits.json", results)
-        write_report(results, out_dir, "even_digits", COLUMNS, PARETO)
-    return results
+    return run_sweep(s, lambda classifier: ClassifierReward(classifier, EVEN_DIGITS), name="even_digits",
+                     columns=COLUMNS, pareto=PARETO, out_dir=out_dir, cache_dir=cache_dir, progress=progress)
 
 
 def main(argv=None) -> None:

@@ -9,10 +9,7 @@ The rewards are a few hundredths of a kB apart, so the weights are B·softmax(τ
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from experiments.common import write_results
-from experiments.digits import SweepSettings, check_finite, run_sweep, sweep_cli, write_report
+from experiments.digits import SweepSettings, run_sweep, sweep_cli
 from orw_fast.rewards import jpeg_compressibility
 
 COLUMNS = {"jpeg_kb": "JPEG size (kB)", "diversity": "diversity", "w2_to_reference": "W2 to reference",
@@ -24,19 +21,9 @@ DEFAULTS = SweepSettings(alphas=(0.0, 0.5, 2.0), seeds=(0,), epochs=6, steps_per
 
 def run(s: SweepSettings = DEFAULTS, out_dir=None, *, cache_dir=None, progress: bool = True) -> dict:
     """The sweep with the JPEG-compressibility reward; writes its report into ``out_dir`` when given."""
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_sweep(s, jpeg_compressibility, cache_dir=cache_dir, progress=progress, grid_dir=out_dir)
-    for by_seed in results["runs"].values():
-        for records in by_seed.values():
-            for rec in records:
-                rec["jpeg_kb"] = -rec["reward"]
-    check_finite(results)
-    if out_dir is not None:
-        write_results(out_dir / "jpeg_digits.json", results)
-        write_report(results, out_dir, "jpeg_digits", COLUMNS, PARETO)
-    return results
+    return run_sweep(s, lambda classifier: jpeg_compressibility, name="jpeg_digits", columns=COLUMNS, pareto=PARETO,
+                     derive=lambda record: {"jpeg_kb": -record["reward"]}, out_dir=out_dir, cache_dir=cache_dir,
+                     progress=progress)
 
 
 def main(argv=None) -> None:
