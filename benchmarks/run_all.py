@@ -33,6 +33,7 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -340,26 +341,27 @@ def headline_rows(results: dict[str, dict | None]) -> list[list[str]]:
         ok = _ok(sampler["results"])
         if ok:
             batch = max(r["batch"] for r in ok)
-            base = next((r for r in ok if r["batch"] == batch and r["variant"] == "eager_fp32_loop"), None)
-            ours = [r for r in ok if r["batch"] == batch and r["variant"].startswith("ours")]
-            if base and ours:
-                best = min(ours, key=lambda r: r["median_ms"])
-                rows.append(["rollout sampler", f"batch {batch}, {best['steps']} Euler steps",
-                             f"eager fp32 loop {base['samples_per_s']:.1f} samples/s",
-                             f"{best['variant']} {best['samples_per_s']:.1f} samples/s",
-                             f"{base['median_ms'] / best['median_ms']:.2f}x"])
+            rows += _versus_baseline("rollout sampler", ok, batch, "eager_fp32_loop", "eager fp32 loop",
+                                     lambda best: f"batch {batch}, {best['steps']} Euler steps")
     if train := results.get("train_step"):
         ok = _ok(train["results"])
         for batch in sorted({r["batch"] for r in ok}):
-            base = next((r for r in ok if r["batch"] == batch and r["variant"] == "official_eager"), None)
-            ours = [r for r in ok if r["batch"] == batch and r["variant"] != "official_eager"]
-            if base and ours:
-                best = min(ours, key=lambda r: r["median_ms"])
-                rows.append(["training step", f"batch {batch}, {best['sampler_steps']}-step rollout",
-                             f"official eager {base['samples_per_s']:.1f} samples/s",
-                             f"{best['variant']} {best['samples_per_s']:.1f} samples/s",
-                             f"{base['median_ms'] / best['median_ms']:.2f}x"])
+            rows += _versus_baseline("training step", ok, batch, "official_eager", "official eager",
+                                     lambda best: f"batch {batch}, {best['sampler_steps']}-step rollout")
     return rows
+
+
+def _versus_baseline(benchmark: str, rows: list[dict], batch: int, baseline: str, baseline_label: str,
+                     case: Callable[[dict], str]) -> list[list[str]]:
+    """One headline row at ``batch``: the ``baseline`` variant against the fastest of orw_fast's ("ours*")
+    variants (none when either is missing)."""
+    base = next((r for r in rows if r["batch"] == batch and r["variant"] == baseline), None)
+    ours = [r for r in rows if r["batch"] == batch and r["variant"].startswith("ours")]
+    if base is None or not ours:
+        return []
+    best = min(ours, key=lambda r: r["median_ms"])
+    return [[benchmark, case(best), f"{baseline_label} {base['samples_per_s']:.1f} samples/s",
+             f"{best['variant']} {best['samples_per_s']:.1f} samples/s", f"{base['median_ms'] / best['median_ms']:.2f}x"]]
 
 
 def summary_text(title: str, header_lines: list[str], stages: list[dict], checks, results) -> str:
