@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 extern "C" {
 // `import orw_fast._C` loads this library, which runs the TORCH_LIBRARY registrations below.
@@ -50,8 +51,13 @@ int64_t check_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor&
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == B && scores.scalar_type() == acc &&
                   scores.is_contiguous(),
               "orw_cfm_w2: scores must be a contiguous [B] tensor of dtype ", acc);
-  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0, "orw_cfm_w2: alpha must be finite and >= 0");
-  TORCH_CHECK(std::isfinite(tau), "orw_cfm_w2: tau must be finite");
+  // alpha and tau enter the arithmetic in the accumulation dtype: they must be finite there.
+  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
+                                          : double(std::numeric_limits<float>::max());
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && alpha <= limit,
+              "orw_cfm_w2: alpha must be >= 0 and finite in ", acc, ", got ", alpha);
+  TORCH_CHECK(std::isfinite(tau) && std::abs(tau) <= limit, "orw_cfm_w2: tau must be finite in ",
+              acc, ", got ", tau);
   TORCH_CHECK(weighting >= kSoftmax && weighting <= kGiven, "orw_cfm_w2: unknown weighting ",
               weighting);
   return D;

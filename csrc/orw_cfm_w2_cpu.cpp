@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "orw_cfm_w2.h"
@@ -20,15 +21,21 @@ namespace {
 constexpr int64_t kChunk = 16384;  // elements of one sample per task
 constexpr int64_t kLanes = 16;     // independent accumulators; the k-loop below vectorizes
 
+// Softmax logits as in orw_fast/ops/reward_weights.py softmax_logits: 2 * (|tau| * (q/2 - q*/2)),
+// q = sign(tau) * s, q* = max q; range-safe for any finite scores and tau.
 template <typename acc_t>
 void compute_weights(const acc_t* scores, int64_t B, acc_t tau, int64_t weighting, acc_t* w) {
   switch (weighting) {
     case kSoftmax: {
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t i = 0; i < B; ++i) m = std::max(m, tau * scores[i]);
+      const acc_t sign = tau >= 0 ? acc_t(1) : acc_t(-1), a = std::abs(tau);
+      acc_t qmax = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < B; ++i) qmax = std::max(qmax, sign * scores[i]);
+      auto logit = [&](int64_t i) {
+        return acc_t(2) * (a * (acc_t(0.5) * (sign * scores[i]) - acc_t(0.5) * qmax));
+      };
       acc_t s = 0;
-      for (int64_t i = 0; i < B; ++i) s += std::exp(tau * scores[i] - m);
-      for (int64_t i = 0; i < B; ++i) w[i] = acc_t(B) * std::exp(tau * scores[i] - m) / s;
+      for (int64_t i = 0; i < B; ++i) s += std::exp(logit(i));
+      for (int64_t i = 0; i < B; ++i) w[i] = acc_t(B) * std::exp(logit(i)) / s;
       break;
     }
     case kExp:

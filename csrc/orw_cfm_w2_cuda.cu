@@ -74,20 +74,30 @@ __device__ acc_t block_reduce(acc_t x, Op op, acc_t* smem) {
   return x;
 }
 
-// Softmax statistics over the B scores: max of tau*r and the sum of exp(tau*r - max).
+// Softmax over the B scores, range-safe for any finite scores and tau (the expression of
+// orw_fast/ops/reward_weights.py softmax_logits): logit_i = 2 * (|tau| * (q_i/2 - q*/2)) with
+// q = sign(tau) * s and q* = max_j q_j, so every logit is <= 0, the largest is 0, none is NaN.
 template <typename acc_t>
 struct SoftmaxStats {
-  acc_t max, sum;
+  acc_t qmax, sum;  // q* and sum_j exp(logit_j)
 };
+
+template <typename acc_t>
+__device__ acc_t softmax_logit(acc_t s, acc_t tau, acc_t qmax) {
+  const acc_t q = tau >= 0 ? s : -s;
+  return acc_t(2) * (abs(tau) * (acc_t(0.5) * q - acc_t(0.5) * qmax));
+}
 
 template <typename acc_t>
 __device__ SoftmaxStats<acc_t> softmax_stats(const acc_t* scores, int64_t B, acc_t tau,
                                              acc_t* smem) {
   acc_t m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) m = MaxOp<acc_t>()(m, tau * scores[j]);
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) {
+    m = MaxOp<acc_t>()(m, tau >= 0 ? scores[j] : -scores[j]);
+  }
   m = block_reduce(m, MaxOp<acc_t>(), smem);
   acc_t s = 0;
-  for (int64_t j = threadIdx.x; j < B; j += kThreads) s += exp(tau * scores[j] - m);
+  for (int64_t j = threadIdx.x; j < B; j += kThreads) s += exp(softmax_logit(scores[j], tau, m));
   s = block_reduce(s, SumOp<acc_t>(), smem);
   return {m, s};
 }
@@ -96,7 +106,7 @@ template <typename acc_t>
 __device__ acc_t weight_of(const acc_t* scores, int64_t B, int64_t i, acc_t tau, int64_t weighting,
                            SoftmaxStats<acc_t> st) {
   switch (weighting) {
-    case kSoftmax: return acc_t(B) * exp(tau * scores[i] - st.max) / st.sum;
+    case kSoftmax: return acc_t(B) * exp(softmax_logit(scores[i], tau, st.qmax)) / st.sum;
     case kExp: return exp(tau * scores[i]);
     case kNone: return acc_t(1);
     default: return scores[i];

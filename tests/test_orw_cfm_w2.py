@@ -7,9 +7,8 @@ import orw_fast
 from orw_fast import _native
 from orw_fast.ops.orw_cfm_w2 import _triton_available
 
-from conftest import DEVICES
+from conftest import DEVICES, GPU_SKIP_REASON, requires_gpu
 
-ON_GPU = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 SHAPES = [(1,), (1, 1), (5, 7), (3, 5, 7, 3), (64, 3, 32, 32), (8, 4, 64, 64)]
 # The Triton interpreter costs ~0.3 s per launch on CPU: small shapes only there.
@@ -169,6 +168,65 @@ def test_extreme_rewards_stay_finite_under_softmax(backend, device, scale):
     assert torch.isfinite(loss)
 
 
+# (rewards, tau): tau * r beyond float32 (3e38 * 2), float64 rewards beyond float32 with float32 predictions,
+# a reward spread beyond float32 (r - r* overflows) with a tiny tau, and with the largest negative tau.
+RANGE_CASES = {
+    "tau_r_overflows": ([3e38, 0.0, 1.0, 2.0], torch.float32, 2.0),
+    "float64_rewards_1e300": ([1e300, 0.0, 1.0, 2.0], torch.float64, 1.0),
+    "float64_rewards_tiny_tau": ([1e300, -1e300, 3.0, 2.0], torch.float64, 1e-300),
+    "spread_overflows_small_tau": ([3e38, -3e38, 0.0, 1.0], torch.float32, 1e-37),
+    "most_negative_tau": ([3e38, -3e38, 0.0, 1.0], torch.float32, -3.4e38),
+    "zero_tau": ([3e38, -3e38, 0.0, 1.0], torch.float32, 0.0),
+}
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", RANGE_CASES)
+def test_softmax_is_finite_for_every_finite_input(backend, device, case):
+    """The softmax promise (finite weights, mean 1) holds where tau * r or r - max r leaves float32's range;
+    the float64 reference shifts in float64, where these are representable."""
+    skip_unless(backend, device)
+    values, dtype, tau = RANGE_CASES[case]
+    v, u, v_ref, _ = make_inputs((4, 5), torch.float32, device, seed=19)
+    rewards = torch.tensor(values, dtype=dtype, device=device)
+    loss = check_against_reference(backend, v, u, v_ref, rewards, tau=tau)
+    assert torch.isfinite(loss)
+    weights = orw_fast.reward_weights(rewards, tau)
+    assert torch.isfinite(weights).all() and weights.sum().item() == pytest.approx(4.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("name", ["tau", "alpha"])
+@pytest.mark.parametrize("value", [1e39, -1e39, 10**400, float("inf")], ids=["1e39", "-1e39", "10**400", "inf"])
+def test_scalars_beyond_the_computation_dtype_are_refused(backend, name, value):
+    """tau and alpha are used in float32 for float32 predictions: one float32 cannot hold must be refused
+    (a Python int beyond float64 too), naming the argument; float64 predictions take float64's range."""
+    skip_unless(backend, "cpu")
+    if name == "alpha" and value < 0:
+        value = -value
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number"):
+        _bad(backend=backend, **{name: value})()
+    v, u, v_ref, rewards = make_inputs((4, 3), torch.float64, "cpu", seed=13)
+    call = lambda: orw_fast.orw_cfm_w2_loss(v, u, v_ref, rewards, backend=backend, **{name: value})  # noqa: E731
+    if abs(value) == 1e39:  # float64 holds it
+        assert torch.isfinite(call())
+    else:
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number"):
+            call()
+
+
+def test_exp_weights_that_overflow_are_refused():
+    """exp(tau r) of the official code is inf for tau * r > 88.7 in float32: a clear error instead of inf."""
+    rewards = torch.tensor([100.0, 0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="weighting='exp' overflows"):
+        _bad(rewards=rewards, weighting="exp")()
+    with pytest.raises(ValueError, match="weighting='exp' overflows"):
+        orw_fast.reward_weights(rewards, 1.0, "exp")
+    assert torch.isinf(orw_fast.reward_weights(rewards, 1.0, "exp", validate=False)[0])
+
+
 @pytest.mark.parametrize("backend", ["eager", "native"])
 def test_gradcheck_float64(backend):
     skip_unless(backend, "cpu")
@@ -319,6 +377,8 @@ def _bad(**overrides):
         (dict(backend="cuda"), ValueError, "backend must be one of"),
         (dict(alpha=-0.1), ValueError, "alpha must be a finite number >= 0"),
         (dict(alpha=float("nan")), ValueError, "alpha must be"),
+        (dict(alpha=True), ValueError, "alpha must be a finite number"),
+        (dict(tau="1"), ValueError, "tau must be a finite number"),
         (dict(tau=float("inf")), ValueError, "tau must be a finite number"),
         (dict(tau=None), ValueError, "tau must be a finite number"),
         (dict(rewards=None), ValueError, "exactly one of rewards= or weights="),
@@ -392,7 +452,7 @@ def test_torch_compile_fullgraph(backend, device):
 
 # --- GPU-only ---------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+gpu = requires_gpu
 
 
 @gpu
@@ -433,7 +493,7 @@ def test_cuda_large_tensor_offsets():
     """More than 2^31 elements in total: offsets must be 64-bit (needs ~13 GB of GPU memory)."""
     free, _ = torch.cuda.mem_get_info()
     if free < 16 * 2**30:
-        pytest.skip("needs 16 GiB free")
+        pytest.skip(f"{GPU_SKIP_REASON} with 16 GiB free")
     n = 2**31 + 2**20
     B = 2
     v = torch.zeros(B, n // B, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -10,7 +10,6 @@ one write per gradient); their backward only scales the saved gradients by grad_
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import warnings
 from typing import NamedTuple
@@ -21,6 +20,8 @@ from orw_fast import _native
 from orw_fast.ops.fused_op_support import allocate_outputs, register_fused_autograd
 from orw_fast.ops.reward_weights import (
     accumulation_dtype,
+    check_exp_range,
+    check_real,
     check_scores,
     check_weighting,
     reward_weights,
@@ -57,11 +58,6 @@ def _check_predictions(v, u, v_ref) -> None:
             raise ValueError(f"{name} must have the shape of v {list(v.shape)}, got {list(t.shape)}")
         if t.device != v.device:
             raise ValueError(f"{name} is on {t.device} but v is on {v.device}; put all inputs on one device")
-
-
-def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,29 +185,36 @@ def orw_cfm_w2_loss(
         when they require grad, in their own dtype.
     """
     _check_predictions(v, u, v_ref)
-    _check_alpha(alpha)
-    check_weighting(weighting, tau)
+    acc = accumulation_dtype(torch.promote_types(torch.promote_types(v.dtype, u.dtype), v_ref.dtype))
+    alpha = check_real(alpha, "alpha", acc, minimum=0)
+    tau = check_weighting(weighting, tau, acc)
     if (rewards is None) == (weights is None):
         raise ValueError("pass exactly one of rewards= or weights=")
     batch, device = v.shape[0], v.device
-    acc = accumulation_dtype(torch.promote_types(torch.promote_types(v.dtype, u.dtype), v_ref.dtype))
-    if weights is not None:
-        check_scores(weights, "weights", batch, device, validate)
-        scores, code = weights.detach().to(acc).contiguous(), _GIVEN_WEIGHTS
-    else:
+    if rewards is not None:
         check_scores(rewards, "rewards", batch, device, validate)
+        if validate and weighting == "exp":
+            check_exp_range(rewards, tau, acc)
+        if rewards.dtype == torch.float64 and acc != torch.float64:
+            # float64 rewards may lie beyond the kernels' float32 range: weigh them in float64 first.
+            weights, rewards = reward_weights(rewards, tau, weighting, validate=False), None
+    if weights is not None:
+        check_scores(weights, "weights", batch, device, False)
+        scores, code = weights.detach().to(acc).contiguous(), _GIVEN_WEIGHTS
+        check_scores(scores, "weights" if weights.dtype == acc else f"weights (in {acc})", batch, device, validate)
+    else:
         scores, code = rewards.detach().to(acc).contiguous(), _WEIGHTING_CODE[weighting]
 
     backend = _resolve_backend(backend, device)
     if backend == "eager":
         w = scores if code == _GIVEN_WEIGHTS else reward_weights(scores, tau, weighting, validate=False)
-        loss, fm, w2, w = _eager(v, u, v_ref, w, float(alpha))
+        loss, fm, w2, w = _eager(v, u, v_ref, w, alpha)
     else:
         op = torch.ops.orw_fast.orw_cfm_w2 if backend == "native" else _triton_op()
         grad_on = torch.is_grad_enabled()
         kv, ku, kr = _kernel_layout(v, u, v_ref)
         loss, fm, w2, w, *_ = op(
-            kv, ku, kr, scores, float(alpha), float(tau), code,
+            kv, ku, kr, scores, alpha, tau, code,
             grad_on and kv.requires_grad, grad_on and ku.requires_grad, grad_on and kr.requires_grad,
         )
     return (loss, LossComponents(fm, w2, w)) if return_components else loss
@@ -226,11 +229,10 @@ class ORWCFMW2Loss(torch.nn.Module):
 
     def __init__(self, alpha: float = 1.0, tau: float = 1.0, weighting: str = "softmax", backend: str = "auto"):
         super().__init__()
-        _check_alpha(alpha)
-        check_weighting(weighting, tau)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.alpha, self.tau, self.weighting, self.backend = float(alpha), float(tau), weighting, backend
+        self.alpha = check_real(alpha, "alpha", torch.float64, minimum=0)
+        self.tau, self.weighting, self.backend = check_weighting(weighting, tau, torch.float64), weighting, backend
 
     def forward(self, v, u, v_ref, rewards=None, *, weights=None, return_components: bool = False):
         return orw_cfm_w2_loss(

@@ -1,7 +1,9 @@
-"""Per-sample weights from rewards: the "softmax", "exp" and "none" weightings of ORW-CFM-W2."""
+"""Per-sample weights from rewards: the "softmax", "exp" and "none" weightings of ORW-CFM-W2, and the checks
+of the scalars and score vectors the fused loss takes."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -17,6 +19,26 @@ def _is_capturing_or_compiling() -> bool:
     return torch.compiler.is_compiling() or (
         torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     )
+
+
+def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum: float | None = None) -> float:
+    """``value`` as a float: a real number (not a bool), finite and representable in ``dtype`` (where the
+    kernels compute with it), and >= ``minimum`` when given. Raises ValueError naming ``name``."""
+    expected = f"a finite number{'' if minimum is None else f' >= {minimum:g}'}"
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... ({len(repr(value))} characters)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {expected}, got {shown}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64's range
+        number = math.inf
+    limit = torch.finfo(dtype).max
+    if not math.isfinite(number) or abs(number) > limit:
+        raise ValueError(f"{name} must be {expected} representable in {dtype} (|{name}| <= {limit:.4g}), "
+                         f"got {shown}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be {expected}, got {shown}")
+    return number
 
 
 def check_scores(scores, name: str, batch: int | None, device: torch.device | None, validate: bool) -> None:
@@ -39,16 +61,41 @@ def check_scores(scores, name: str, batch: int | None, device: torch.device | No
         bad = int((~torch.isfinite(scores)).sum())
         if bad:
             raise ValueError(
-                f"{name} has {bad} non-finite value(s) (NaN or inf) out of {batch}; "
+                f"{name} has {bad} non-finite value(s) (NaN or inf) out of {scores.shape[0]}; "
                 "drop or fix those samples before computing weights"
             )
 
 
-def check_weighting(weighting: str, tau: float) -> None:
+def check_weighting(weighting: str, tau, dtype: torch.dtype = torch.float32) -> float:
+    """Checks the weighting name and returns tau as a float representable in ``dtype``."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    return check_real(tau, "tau", dtype)
+
+
+def check_exp_range(rewards: torch.Tensor, tau: float, dtype: torch.dtype) -> None:
+    """Raises ValueError when exp(tau * r) overflows ``dtype`` for some reward (one device sync; skipped while
+    torch.compile traces or a CUDA graph is captured)."""
+    if _is_capturing_or_compiling():
+        return
+    largest = (tau * rewards.detach().double()).max().item()
+    limit = math.log(torch.finfo(dtype).max)
+    if largest > limit:
+        raise ValueError(f"weighting='exp' overflows: tau * reward reaches {largest:.4g}, above log(max {dtype}) = "
+                         f"{limit:.4g}, so exp(tau * r) is inf; use weighting='softmax' (B * softmax(tau * r) is "
+                         "finite for any rewards) or a smaller tau, or rescale the rewards")
+
+
+def softmax_logits(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau * (s - s*) with s* the score of the largest tau * s: the logits of B * softmax(tau * s), all <= 0 and
+    never NaN for finite scores and tau, even where tau * s or s - s* is beyond the dtype's range.
+
+    Computed as 2 * (|tau| * (q/2 - q*/2)) with q = sign(tau) * s: the halves never overflow (so neither does
+    their difference), a product beyond the range is -inf (weight 0, which is right there), and for ordinary
+    values this is exactly tau * (s - s*). The native and Triton kernels compute the same expression.
+    """
+    q = scores if tau >= 0 else -scores
+    return 2 * (abs(tau) * (0.5 * q - 0.5 * q.max()))
 
 
 def reward_weights(
@@ -56,15 +103,19 @@ def reward_weights(
 ) -> torch.Tensor:
     """Weights w [B] for rewards r [B] (no gradient), in float64 for float64 rewards, else float32.
 
-    "softmax": w = B * softmax(tau * r), mean 1 and finite for any finite rewards;
-    "exp": w = exp(tau * r), the official ORW-CFM-W2 code (overflows for tau * r > ~88 in float32);
+    "softmax": w = B * softmax(tau * r), mean 1 and finite for any finite rewards and tau;
+    "exp": w = exp(tau * r), the official ORW-CFM-W2 code (inf for tau * r > ~88 in float32: a ValueError
+    with ``validate``);
     "none": w = 1.
     """
-    check_weighting(weighting, tau)
+    acc = accumulation_dtype(rewards.dtype) if isinstance(rewards, torch.Tensor) else torch.float32
+    tau = check_weighting(weighting, tau, acc)
     check_scores(rewards, "rewards", None, None, validate)
-    z = rewards.detach().to(accumulation_dtype(rewards.dtype)) * tau
+    r = rewards.detach().to(acc)
     if weighting == "softmax":
-        return z.shape[0] * torch.softmax(z, dim=0)
+        return r.shape[0] * torch.softmax(softmax_logits(r, tau), dim=0)
     if weighting == "exp":
-        return torch.exp(z)
-    return torch.ones_like(z)
+        if validate:
+            check_exp_range(rewards, tau, acc)
+        return torch.exp(tau * r)
+    return torch.ones_like(r)

@@ -49,20 +49,24 @@ def _weight(scores_ptr, i, B, tau, WEIGHTING: tl.constexpr, SCORE_BLOCK: tl.cons
     ACC: tl.constexpr = scores_ptr.dtype.element_ty
     s_i = tl.load(scores_ptr + i)
     if WEIGHTING == 0:
-        # Two passes over the scores (few, cached): their max, then the sum of exp(tau s - max).
+        # Two passes over the scores (few, cached): the max of q = sign(tau) s, then the sum of exp of the
+        # range-safe logits 2 (|tau| (q/2 - q*/2)) of orw_fast/ops/reward_weights.py softmax_logits.
         t = tl.full([], tau, ACC)
+        sign = tl.where(t >= 0, tl.full([], 1.0, ACC), tl.full([], -1.0, ACC))
+        a = tl.abs(t)
         m = tl.full([SCORE_BLOCK], float("-inf"), ACC)
         for b0 in range(0, B, SCORE_BLOCK):
             offs = b0 + tl.arange(0, SCORE_BLOCK)
-            z = t * tl.load(scores_ptr + offs, mask=offs < B, other=0.0)
-            m = tl.maximum(m, tl.where(offs < B, z, float("-inf")))
-        m_all = tl.max(m, 0)
+            q = sign * tl.load(scores_ptr + offs, mask=offs < B, other=0.0)
+            m = tl.maximum(m, tl.where(offs < B, q, float("-inf")))
+        q_max = tl.max(m, 0)
         total = tl.zeros([SCORE_BLOCK], ACC)
         for b0 in range(0, B, SCORE_BLOCK):
             offs = b0 + tl.arange(0, SCORE_BLOCK)
-            e = tl.exp(t * tl.load(scores_ptr + offs, mask=offs < B, other=0.0) - m_all)
+            q = sign * tl.load(scores_ptr + offs, mask=offs < B, other=0.0)
+            e = tl.exp(2.0 * (a * (0.5 * q - 0.5 * q_max)))
             total += tl.where(offs < B, e, 0.0)
-        w = tl.full([], B, ACC) * tl.exp(t * s_i - m_all) / tl.sum(total, 0)
+        w = tl.full([], B, ACC) * tl.exp(2.0 * (a * (0.5 * (sign * s_i) - 0.5 * q_max))) / tl.sum(total, 0)
     elif WEIGHTING == 1:
         w = tl.exp(tl.full([], tau, ACC) * s_i)
     elif WEIGHTING == 2:
@@ -192,8 +196,10 @@ def _check_inputs(v, u, v_ref, scores, alpha, tau, weighting) -> int:
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     torch._check(scores.dim() == 1 and scores.shape[0] == batch and scores.dtype == acc and scores.is_contiguous(),
                  lambda: f"orw_cfm_w2: scores must be a contiguous [B] tensor of dtype {acc}")
-    torch._check(math.isfinite(alpha) and alpha >= 0, lambda: "orw_cfm_w2: alpha must be finite and >= 0")
-    torch._check(math.isfinite(tau), lambda: "orw_cfm_w2: tau must be finite")
+    limit = torch.finfo(acc).max  # alpha and tau enter the arithmetic in the accumulation dtype
+    torch._check(math.isfinite(alpha) and 0 <= alpha <= limit,
+                 lambda: f"orw_cfm_w2: alpha must be >= 0 and finite in {acc}, got {alpha}")
+    torch._check(math.isfinite(tau) and abs(tau) <= limit, lambda: f"orw_cfm_w2: tau must be finite in {acc}, got {tau}")
     torch._check(0 <= weighting <= 3, lambda: f"orw_cfm_w2: unknown weighting {weighting}")
     return dim
 
