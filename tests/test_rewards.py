@@ -110,7 +110,7 @@ def test_classifier_reward_bad_inputs():
 def tiny_clip(tmp_path_factory):
     """A randomly initialized CLIP (8x8 images, 16-d transformers) and a character-level CLIP tokenizer,
     saved in transformers format."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = tmp_path_factory.mktemp("tiny_clip")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
@@ -172,15 +172,17 @@ def test_clip_reward_errors(tmp_path, monkeypatch):
 def test_as_reward_fn_converts_and_checks():
     x = _images(4, 3, 4)
     assert torch.equal(as_reward_fn(lambda im: [1, 2, 3, 4])(x), torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    r = as_reward_fn(lambda im: np.arange(4.0))(x)
-    assert r.dtype == torch.float32 and r.tolist() == [0.0, 1.0, 2.0, 3.0]
+    r = as_reward_fn(lambda im: np.arange(4.0))(x)  # float64 values keep their range (1e300 is finite)
+    assert r.dtype == torch.float64 and r.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert as_reward_fn(lambda im: np.arange(4, dtype=np.float32))(x).dtype == torch.float32
+    assert as_reward_fn(lambda im: [True, False, True, True])(x).tolist() == [1.0, 0.0, 1.0, 1.0]
     assert as_reward_fn(lambda im: torch.arange(4))(x).dtype == torch.float32
     assert as_reward_fn(lambda im: torch.zeros(4, dtype=torch.float64))(x).dtype == torch.float64
     assert not as_reward_fn(lambda im: im.mean((1, 2, 3)))(x.requires_grad_()).requires_grad
     assert torch.equal(as_reward_fn("jpeg_incompressibility")(x.detach()), jpeg_incompressibility(x.detach()))
     with pytest.raises(ValueError, match="2 of 4 rewards are non-finite"):
         as_reward_fn(lambda im: [1.0, float("nan"), float("inf"), 0.0])(x)
-    with pytest.raises(ValueError, match=r"rewards must be a floating tensor of shape \[B\] = \[4\]"):
+    with pytest.raises(ValueError, match=r"the reward function returned rewards of shape \[4, 1\] for 4 images"):
         as_reward_fn(lambda im: torch.zeros(4, 1))(x)
     with pytest.raises(TypeError, match="reward must be a callable"):
         as_reward_fn(3.0)
@@ -188,6 +190,23 @@ def test_as_reward_fn_converts_and_checks():
         check_rewards([1.0], 1)
     with pytest.raises(ValueError, match="1 of 3 rewards are non-finite"):
         check_rewards(torch.tensor([0.0, -float("inf"), 1.0]), 3)
+
+
+@pytest.mark.parametrize("output,exc,match", [
+    (["a", "b", "c", "d"], TypeError, "list holding <U1 values"),
+    ("good", TypeError, "str holding"),
+    ({"reward": 1.0}, TypeError, "dict holding object values"),
+    (None, TypeError, "NoneType"),
+    ([1.0, [2.0, 3.0], 4.0, 5.0], TypeError, "returned list, expected"),
+    ([[1.0, 2.0]] * 4, ValueError, r"shape \[4, 2\] for 4 images"),
+    ([1.0, 2.0], ValueError, r"shape \[2\] for 4 images"),
+    (torch.ones(4, dtype=torch.complex64), TypeError, "complex64"),
+])
+def test_a_reward_function_with_bad_output_is_named(output, exc, match):
+    """Whatever a reward function returns that is not B real numbers, the error says it is its output."""
+    with pytest.raises(exc, match=match) as err:
+        as_reward_fn(lambda im: output)(_images(4, 3, 4))
+    assert str(err.value).startswith("the reward function returned") and "B = 4 real numbers" in str(err.value)
 
 
 def test_bad_images():

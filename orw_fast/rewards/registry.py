@@ -24,12 +24,36 @@ def get_reward(name: str) -> RewardFn:
     return REWARDS[name]
 
 
+def _as_reward_tensor(out, batch: int) -> torch.Tensor:
+    """A reward function's output as a detached [batch] real tensor, or a TypeError/ValueError that says it is
+    the reward function's output that is wrong."""
+    expected = f"a tensor, numpy array or list of B = {batch} real numbers"
+    if isinstance(out, torch.Tensor):
+        rewards = out.detach()
+    else:
+        try:
+            array = np.asarray(out)
+        except (TypeError, ValueError) as err:  # ragged nesting and the like
+            raise TypeError(f"the reward function returned {type(out).__name__}, expected {expected} ({err})") from None
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"the reward function returned {type(out).__name__} holding {array.dtype} values, "
+                            f"expected {expected}")
+        rewards = torch.as_tensor(array.astype(np.float32, copy=False) if array.dtype.kind != "f" else array)
+    if rewards.is_complex():
+        raise TypeError(f"the reward function returned a {rewards.dtype} tensor, expected {expected}")
+    if tuple(rewards.shape) != (batch,):
+        raise ValueError(f"the reward function returned rewards of shape {list(rewards.shape)} for {batch} images, "
+                         f"expected {expected} (shape [{batch}])")
+    return rewards if rewards.is_floating_point() else rewards.float()
+
+
 def as_reward_fn(obj) -> RewardFn:
     """A checked reward function from a registered name or any callable ``images -> rewards``.
 
-    The callable may return a tensor, a list or a numpy array of B numbers. The wrapper returns a detached
-    [B] tensor on the images' device (a floating tensor keeps its dtype; anything else becomes float32) and
-    raises ValueError for a wrong shape or any non-finite reward.
+    The callable may return a tensor, a list or a numpy array of B real numbers. The wrapper returns a detached
+    [B] tensor on the images' device (floating values keep their dtype, so Python floats become float64; integers
+    and booleans become float32) and raises TypeError/ValueError naming the reward function's output for anything
+    else (strings, dicts, nested lists, a wrong length) and ValueError for any non-finite reward.
     """
     if isinstance(obj, str):
         obj = get_reward(obj)
@@ -38,11 +62,7 @@ def as_reward_fn(obj) -> RewardFn:
                         f"{type(obj).__name__}")
 
     def reward_fn(images: torch.Tensor) -> torch.Tensor:
-        out = obj(images)
-        if isinstance(out, torch.Tensor):
-            rewards = out.detach() if out.is_floating_point() else out.detach().float()
-        else:
-            rewards = torch.as_tensor(np.asarray(out, dtype=np.float32))
+        rewards = _as_reward_tensor(obj(images), images.shape[0])
         check_rewards(rewards, images.shape[0])
         return rewards.to(images.device)
 
