@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "sample": "orw_fast.sampling",
     "ORWCFMTrainer": "orw_fast.trainer",
-    "TrainerConfig": "orw_fast.trainer",
+    "TrainerConfig": "orw_fast.config",
+    "ConfigError": "orw_fast.config",
 }
 
 __all__ = ["BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "orw_cfm_w2_loss", "reward_weights", *_LAZY]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from orw_fast.checkpoint import write_text_atomic
+from orw_fast.checkpoint import prepare_output_dir, write_text_atomic
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import class_entropy, mean_pairwise_distance
 from orw_fast.models import load_classifier
@@ -52,6 +52,7 @@ def pretrained_digits(cache_dir, *, steps: int, device, progress: bool = True, s
     --dataset digits`` writes there), pre-trained first if missing."""
     folder = Path(cache_dir) / "digits"
     if not (folder / "flow.pt").is_file() or not (folder / "classifier.pt").is_file():
+        prepare_output_dir(folder, "the cache folder (--cache-dir / $ORW_FAST_CACHE)")  # before minutes of work
         print(f"pre-training the digits flow model and classifier ({steps} steps), cached in {folder}")
         result = pretrain_dataset("digits", folder, steps=steps, seed=seed, device=device, progress=progress)
         print(f"digit classifier: {result['classifier_accuracy']}")
@@ -73,7 +74,7 @@ def evaluate_digits(model, classifier, *, n: int, sampler_steps: int, seed: int 
     stats = {
         "even_fraction": float(counts[list(EVEN_DIGITS)].sum()) / n,
         "class_entropy": class_entropy(labels, 10),
-        "diversity": mean_pairwise_distance(x1),
+        "diversity": float(mean_pairwise_distance(x1)),
         "class_counts": counts.tolist(),
     }
     return stats, x1
@@ -82,22 +83,20 @@ def evaluate_digits(model, classifier, *, n: int, sampler_steps: int, seed: int 
 def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, device="cpu", progress=True) -> dict:
     """Runs the demo and writes its report into ``out_dir``; returns the metrics."""
     s = settings or DemoSettings()
-    out_dir, device = Path(out_dir), torch.device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, device = prepare_output_dir(out_dir, "the report folder"), torch.device(device)
+    configs = {alpha: TrainerConfig(  # every setting is checked before the pre-training starts
+        learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature, weighting=s.weighting,
+        batch_size=s.batch_size, sampler_steps=s.sampler_steps, savedir=str(out_dir / f"alpha_{alpha:g}"),
+        seed=s.seed, grid_size=64, checkpoint_every=0,
+    ) for alpha in s.alphas}
     base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device=device,
                                          progress=progress, seed=s.seed)
     reward = ClassifierReward(classifier, EVEN_DIGITS)
     stats, x1 = evaluate_digits(base, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps)
     save_image_grid(x1[:64], out_dir / "samples_base.png", scale=4)
     report = {"settings": dataclasses.asdict(s), "base": stats, "runs": {}}
-    for alpha in s.alphas:
-        run_dir = out_dir / f"alpha_{alpha:g}"
+    for alpha, config in configs.items():
         start = time.perf_counter()
-        config = TrainerConfig(
-            learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature, weighting=s.weighting,
-            batch_size=s.batch_size, sampler_steps=s.sampler_steps, savedir=str(run_dir), seed=s.seed,
-            grid_size=64, checkpoint_every=0,
-        )
         trainer = ORWCFMTrainer(copy.deepcopy(base), config, device, reward_fn=reward)  # reference = base
         history = trainer.train(s.epochs, s.steps_per_epoch, progress=progress)
         stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps)

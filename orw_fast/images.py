@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from orw_fast.checkpoint import write_bytes_atomic
 from orw_fast.rewards import to_uint8_images
 
 
@@ -27,12 +27,7 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> Image.
 
 def save_image_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 1) -> Path:
     """Writes image_grid(x) to ``path`` (PNG), enlarged ``scale`` times (nearest), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = image_grid(x, nrow)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, lambda f: img.save(f, format="PNG"))

@@ -6,16 +6,18 @@ import math
 import torch
 
 
-def effective_sample_size(weights: torch.Tensor) -> float:
-    """(sum w)^2 / sum w^2 for weights [B]: B for uniform weights, 1 when one sample takes all."""
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / sum w^2 for weights [B]: B for uniform weights, 1 when one sample takes all. A 0-dim float64
+    tensor on the weights' device (no host sync)."""
     w = weights.detach().double()
-    return (w.sum() ** 2 / (w * w).sum()).item()
+    return w.sum() ** 2 / (w * w).sum()
 
 
-def mean_pairwise_distance(x: torch.Tensor) -> float:
-    """Mean Euclidean distance between the B flattened samples of x [B, ...] (batch diversity)."""
+def mean_pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    """Mean Euclidean distance between the B flattened samples of x [B, ...] (batch diversity; 0 for B = 1). A
+    0-dim float64 tensor on x's device (no host sync)."""
     flat = x.detach().reshape(x.shape[0], -1).double()
-    return torch.pdist(flat).mean().item() if flat.shape[0] > 1 else 0.0
+    return torch.pdist(flat).mean() if flat.shape[0] > 1 else flat.new_zeros(())
 
 
 def class_entropy(labels: torch.Tensor, num_classes: int) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from orw_fast.checkpoint import load_file, model_state_from, save_atomic
+from orw_fast.checkpoint import check_state_matches, load_file, model_state_from, save_atomic
 from orw_fast.couplings import sample_path
 
 
@@ -78,15 +78,21 @@ def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128
 
 
 def load_flow_model(path) -> tuple[torch.nn.Module, dict]:
-    """(model, model_config) from a checkpoint that records its model config: flow.pt of
-    pretrain_dataset (EMA weights) or an ORWCFMTrainer checkpoint (policy weights)."""
+    """(model, model_config) from a checkpoint that records its model config: flow.pt of pretrain_dataset (EMA
+    weights) or an ORWCFMTrainer checkpoint of an orw_fast model (policy weights). Raises ValueError saying how to
+    make a checkpoint sampleable when it records no config."""
     from orw_fast.models import build_flow_model
 
     ckpt = load_file(path)
     config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
     if config is None:
-        raise ValueError(f"{str(path)!r} records no model config; write it with `orw-fast pretrain` or a "
-                         "trainer whose config has model_config")
+        raise ValueError(f"{str(path)!r} records no model config, so orw_fast cannot rebuild its model. Checkpoints "
+                         "of orw_fast models (orw_fast.models.make_flow_model, `orw-fast pretrain`) record it; for "
+                         "another model pass TrainerConfig(model_config={'dim': [C, H, W], ...UNetModelWrapper "
+                         "kwargs}) when training, or rebuild the model yourself and load the checkpoint's 'policy' "
+                         "(ORWCFMTrainer.load_pretrained(path, weights='policy'))")
     model = build_flow_model(config)
-    model.load_state_dict(model_state_from(ckpt, path, "ema"))
+    state, key = model_state_from(ckpt, path, "ema")
+    check_state_matches(model, state, f"checkpoint {str(path)!r}, entry {key!r}")
+    model.load_state_dict(state)
     return model, config

@@ -201,6 +201,17 @@ def clear_graph_cache(model=None) -> None:
 # Public API
 
 
+def check_method(method, name: str = "method") -> None:
+    """Raises TypeError/ValueError (naming ``name``) unless ``method`` is a fixed-step or torchdiffeq method."""
+    if not isinstance(method, str):
+        raise TypeError(f"{name} must be a string, got {type(method).__name__}")
+    if method not in FIXED_STEP_METHODS and method not in _torchdiffeq_solvers():
+        raise ValueError(
+            f"unknown {name} {method!r}: use one of {FIXED_STEP_METHODS} or a torchdiffeq method "
+            f"{tuple(_torchdiffeq_solvers())}"
+        )
+
+
 def _check_args(model, x0, steps, method, cuda_graph, autocast, rtol, atol) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable as model(t, x), got {type(model).__name__}")
@@ -212,13 +223,7 @@ def _check_args(model, x0, steps, method, cuda_graph, autocast, rtol, atol) -> N
         raise ValueError(f"x0 must be a non-empty [B, ...] tensor, got shape {list(x0.shape)}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
-    if method not in FIXED_STEP_METHODS and method not in _torchdiffeq_solvers():
-        raise ValueError(
-            f"unknown method {method!r}: use one of {FIXED_STEP_METHODS} or a torchdiffeq method "
-            f"{tuple(_torchdiffeq_solvers())}"
-        )
+    check_method(method)
     if not isinstance(cuda_graph, (str, bool)) or cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
     if cuda_graph is True and x0.device.type != "cuda":

@@ -38,105 +38,25 @@ import torch
 from tqdm.auto import tqdm
 
 from orw_fast import distributed as dist_utils
-from orw_fast.checkpoint import ORW_FORMAT, ORW_VERSION, load_file, load_model_weights, save_atomic
-from orw_fast.couplings import COUPLINGS, couple, sample_path
+from orw_fast.checkpoint import (
+    ORW_FORMAT,
+    ORW_VERSION,
+    check_optimizer_state,
+    check_rng_state,
+    check_scaler_state,
+    check_scheduler_state,
+    check_state_matches,
+    load_file,
+    read_model_weights,
+    save_atomic,
+)
+from orw_fast.config import PRECISIONS, ConfigError, TrainerConfig
+from orw_fast.couplings import couple, sample_path
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import effective_sample_size, mean_pairwise_distance
-from orw_fast.ops import WEIGHTINGS, orw_cfm_w2_loss, reward_weights
+from orw_fast.ops import orw_cfm_w2_loss, reward_weights
 from orw_fast.rewards import as_reward_fn, check_rewards
-from orw_fast.sampling import FIXED_STEP_METHODS, sample
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclasses.dataclass
-class TrainerConfig:
-    """Settings of :class:`ORWCFMTrainer`. The first block has the official code's keys and meaning."""
-
-    learning_rate: float = 2e-4
-    warmup_steps: int = 0  # linear LR warm-up over this many steps
-    w2_coefficient: float = 1.0  # alpha
-    temperature: float = 1.0  # tau
-    grad_clip: float = 1.0  # max grad norm; 0 disables
-    batch_size: int = 64  # the whole batch, split evenly over the processes
-    use_wandb: bool = False
-    wandb_project: str = "orw_fast"
-    run_name: str | None = None
-    savedir: str = "runs/orw"
-    ref_path: str | None = None  # reference weights (default: the loaded pre-trained model)
-    text_prompts: list[str] | None = None  # CLIP reward prompts (needs clip_model_path)
-    # orw_fast options
-    image_shape: tuple[int, ...] | None = None  # [C, H, W]; inferred from torchcfm UNets
-    weighting: str = "softmax"  # "softmax" | "exp" (official) | "none"
-    coupling: str = "independent"  # "independent" | "ot" | "rollout"
-    sigma: float = 0.0  # path noise
-    sampler_steps: int = 100
-    sampler_method: str = "euler"
-    cuda_graph: str | bool = "auto"
-    refresh_interval: int = 1  # epochs between last-policy refreshes
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; GradScaler for fp16)
-    compile: bool = False  # torch.compile the policy's forward
-    channels_last: bool = False
-    ema_decay: float = 0.0  # 0 disables the EMA copy
-    seed: int = 0  # rank r draws from seed + r
-    fsdp: bool = False  # multi-process: shard the policy and its copies with FSDP2 (fully_shard)
-    clip_model_path: str | None = None
-    grid_size: int = 64  # samples in the per-epoch grid (0: no grids)
-    checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
-    model_config: dict | None = None  # how to rebuild the model (orw_fast.models), kept in checkpoints
-
-    @classmethod
-    def coerce(cls, config) -> "TrainerConfig":
-        """A TrainerConfig from a TrainerConfig, a dict of its keys or None; unknown keys are errors."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return dataclasses.replace(config)
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict or TrainerConfig, got {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**config)
-
-    def __post_init__(self):
-        def bad(name, expected):
-            raise ValueError(f"config.{name} must be {expected}, got {getattr(self, name)!r}")
-
-        for name in ("learning_rate", "temperature"):
-            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
-                bad(name, "a finite number")
-        if self.learning_rate <= 0:
-            bad("learning_rate", "> 0")
-        for name in ("w2_coefficient", "grad_clip", "sigma"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                bad(name, "a finite number >= 0")
-        for name in ("batch_size", "sampler_steps", "refresh_interval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        for name in ("warmup_steps", "grid_size", "checkpoint_every", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
-        if not 0 <= self.ema_decay < 1:
-            bad("ema_decay", "in [0, 1)")
-        if self.weighting not in WEIGHTINGS:
-            bad("weighting", f"one of {WEIGHTINGS}")
-        if self.coupling not in COUPLINGS:
-            bad("coupling", f"one of {COUPLINGS}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"one of {tuple(PRECISIONS)}")
-        if self.image_shape is not None:
-            self.image_shape = tuple(int(d) for d in self.image_shape)
-        if self.fsdp:  # every rank must make the same number of (collective) model calls
-            if self.sampler_method not in FIXED_STEP_METHODS:
-                bad("sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True")
-            if self.cuda_graph is True:
-                bad("cuda_graph", "'auto' or False with fsdp=True (sharded models are not graph-captured)")
-            if self.precision == "fp16":
-                bad("precision", "'fp32' or 'bf16' with fsdp=True (no sharded GradScaler)")
-
+from orw_fast.sampling import sample
 
 def infer_image_shape(model) -> tuple[int, ...] | None:
     """[C, H, W] of a torchcfm UNet (it stores in_channels and image_size), else None."""
@@ -156,14 +76,22 @@ class ORWCFMTrainer:
         dist_utils.init_from_env(self.device)
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         if cfg.batch_size % self.world_size:
-            raise ValueError(f"config.batch_size must be divisible by the number of processes ({self.world_size}), "
-                             f"got {cfg.batch_size}")
+            raise ConfigError("batch_size", f"divisible by the number of processes ({self.world_size})", cfg.batch_size)
         if cfg.fsdp and self.world_size == 1:
-            raise ValueError("config.fsdp=True needs several processes (launch with torchrun)")
+            raise ConfigError("fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)",
+                              cfg.fsdp)
         self.local_batch_size = cfg.batch_size // self.world_size
+        if isinstance(model, torch.nn.DataParallel):  # the official code's parallel=True model
+            model = model.module
+        if cfg.parallel:
+            warnings.warn("config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
+                          "device per process; for several GPUs launch with torchrun --nproc_per_node=N", stacklevel=2)
         self.image_shape = cfg.image_shape or infer_image_shape(model)
         if self.image_shape is None:
-            raise ValueError("config.image_shape is needed: the shape [C, H, W] of one sample")
+            raise ConfigError("image_shape", "the shape [C, H, W] of one sample (it cannot be inferred from a "
+                              f"{type(model).__name__})", None)
+        if cfg.model_config is None:  # orw_fast's models know how to rebuild themselves (orw-fast sample needs it)
+            cfg.model_config = getattr(model, "orw_fast_model_config", None)
         if reward_fn is None and cfg.text_prompts:
             from orw_fast.rewards import CLIPReward
 
@@ -173,6 +101,7 @@ class ORWCFMTrainer:
         self.reward_fn = as_reward_fn(reward_fn)
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format)
+        self._check_sample_shape()
         dist_utils.broadcast_module(self.model)  # every rank (and every copy below) starts from rank 0's weights
         self.reference = self._frozen_copy(self.model)
         self.last_policy = self._frozen_copy(self.model)
@@ -191,6 +120,24 @@ class ORWCFMTrainer:
         self.step = 0
         self.savedir = Path(cfg.savedir)
         self._wandb = None
+
+    def _check_sample_shape(self) -> None:
+        """One no-grad forward of the policy (eval mode) on one sample of zeros: ``image_shape`` must be a shape
+        the model takes and returns, found here rather than at the first step."""
+        x = torch.zeros((1, *self.image_shape), device=self.device)
+        training = self.model.training
+        try:
+            with torch.no_grad():
+                out = self.model.eval()(torch.zeros(1, device=self.device), x)
+        except Exception as err:  # noqa: BLE001 - whatever the model raises, the shape is the cause to report
+            raise ConfigError("image_shape", f"a sample shape the model takes (model(t, x) with x of shape "
+                              f"{list(x.shape)} raised {type(err).__name__}: {err})", self.image_shape) from None
+        finally:
+            self.model.train(training)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError("image_shape", f"a sample shape the model maps to itself (x of shape {list(x.shape)} "
+                              f"gave {got})", self.image_shape)
 
     @staticmethod
     def _frozen_copy(model):
@@ -214,19 +161,27 @@ class ORWCFMTrainer:
 
     # -- weights -------------------------------------------------------------------------------
 
-    def load_pretrained(self, path, *, weights: str = "ema") -> None:
-        """Loads pre-trained weights into the policy, the last policy, the EMA and (unless
-        ``config.ref_path`` names other weights) the reference. Reads torchcfm checkpoints
-        (``{net_model, ema_model, ...}``, with or without the ``module.`` prefix; ``weights`` "ema" or
-        "net") and orw_fast checkpoints."""
-        load_model_weights(self.model, path, weights)
-        for copy_ in (self.last_policy, self.ema):
-            if copy_ is not None:
-                copy_.load_state_dict(self.model.state_dict())
-        if self.config.ref_path:
-            load_model_weights(self.reference, self.config.ref_path, weights)
-        else:
-            self.reference.load_state_dict(self.model.state_dict())
+    def load_pretrained(self, path, *, weights: str = "net", verbose: bool = True) -> str:
+        """Loads pre-trained weights into the policy, the last policy, the EMA and the reference (or, with
+        ``config.ref_path``, that file's weights into the reference). Reads torchcfm's and the official code's
+        checkpoints (``{net_model, ema_model, ...}``, with or without the ``module.`` prefix; ``weights`` "net",
+        the official code's choice and the default, or "ema"), orw_fast's ("policy" (= "net"), "ema", ...) and
+        bare state dicts. All or nothing: both files are read and checked against the model first, and on any
+        error nothing has changed. Returns what it loaded (rank 0 prints it when ``verbose``)."""
+        cfg = self.config
+        policy, key = read_model_weights(self.model, path, weights)
+        reference, ref_key = read_model_weights(self.reference, cfg.ref_path, weights) if cfg.ref_path else (policy, key)
+        for module in (self.model, self.last_policy, self.ema):
+            if module is not None:
+                dist_utils.load_full_state_dict(module, policy)
+        dist_utils.load_full_state_dict(self.reference, reference)
+        copies = "policy, last policy" + (", EMA" if self.ema is not None else "")
+        message = (f"loaded {key!r} of {str(path)!r} into the {copies} and reference" if not cfg.ref_path else
+                   f"loaded {key!r} of {str(path)!r} into the {copies}, and {ref_key!r} of {cfg.ref_path!r} into the "
+                   "reference")
+        if verbose and self.rank == 0:
+            print(message)
+        return message
 
     def refresh_last_policy(self) -> None:
         """last policy <- policy, copied in place (the sampler's captured graph stays valid)."""
@@ -272,6 +227,21 @@ class ORWCFMTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
+        # Every metric in one tensor and one host transfer, before the update: the whole batch's values, the
+        # same on every rank, so every rank takes the same decision below.
+        means = dist_utils.all_mean(torch.stack([x.detach().double() for x in (loss, parts.fm.mean(), parts.w2.mean())]))
+        values = torch.stack([
+            *means, grad_norm.detach().double(), all_rewards.mean().double(),
+            all_rewards.std().double() if all_rewards.numel() > 1 else all_rewards.new_zeros((), dtype=torch.float64),
+            all_rewards.max().double(), effective_sample_size(all_weights).to(self.device),
+            mean_pairwise_distance(dist_utils.all_gather_cat(x1)).to(self.device),
+        ]).tolist()
+        metrics = dict(zip(("loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max",
+                            "ess", "diversity"), values))
+        if not math.isfinite(metrics["loss"]) or not (math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()):
+            # (fp16: a non-finite gradient is the GradScaler's business, it skips the step and lowers the scale)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(self._non_finite_report(metrics, all_rewards, all_weights, v, v_ref))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -280,24 +250,36 @@ class ORWCFMTrainer:
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
                     e.lerp_(p.detach(), 1 - cfg.ema_decay)
         self.step += 1
-        means = torch.stack([x.detach().double() for x in (loss, parts.fm.mean(), parts.w2.mean())])
-        loss_mean, fm_mean, w2_mean = dist_utils.all_mean(means).tolist()  # equal shares: the whole batch's means
-        all_x1 = dist_utils.all_gather_cat(x1)
-        elapsed = time.perf_counter() - start
-        return {
-            "step": self.step,
-            "loss": loss_mean,
-            "fm_loss": fm_mean,
-            "w2_loss": w2_mean,
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-            "reward_max": all_rewards.max().item(),
-            "ess": effective_sample_size(all_weights),
-            "diversity": mean_pairwise_distance(all_x1),
-            "grad_norm": grad_norm.item(),
-            "lr": self.scheduler.get_last_lr()[0],
-            "samples_per_s": cfg.batch_size / elapsed,
-        }
+        return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
+                "samples_per_s": cfg.batch_size / (time.perf_counter() - start)}
+
+    def _non_finite_report(self, metrics, rewards, weights, v, v_ref) -> str:
+        """Why a step's loss or gradient norm is not finite, for the error that stops training (slow path; this
+        rank's tensors only, no collectives)."""
+        cfg = self.config
+
+        def finite(tensors) -> bool:
+            return all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
+
+        causes = []
+        if not finite([weights]):
+            causes.append(f"the {cfg.weighting} weights overflow: rewards span [{rewards.min().item():.4g}, "
+                          f"{rewards.max().item():.4g}] with temperature {cfg.temperature:g}, and exp(temperature * "
+                          "reward) is inf above 88.7; use weighting='softmax' (finite for any rewards), a smaller "
+                          "temperature, or rescale the reward")
+        if not finite(self.model.parameters()):
+            causes.append("the policy's weights were non-finite before this step (were they loaded that way?)")
+        elif not finite([v]):
+            causes.append(f"the policy's prediction overflowed (precision='{cfg.precision}')")
+        if not finite([v_ref]):
+            causes.append("the reference's prediction is non-finite (check its weights and the precision)")
+        causes.append(f"a learning rate too high for this model (now {self.scheduler.get_last_lr()[0]:.3g}; lower "
+                      "learning_rate or raise warmup_steps)")
+        if cfg.precision != "fp32":
+            causes.append(f"too little precision (precision='{cfg.precision}'; try 'fp32')")
+        return (f"step {self.step + 1}: the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']}, so "
+                "the update was not applied (the model, optimizer, scheduler and EMA are as before this step). Likely "
+                "cause(s): " + "; ".join(causes) + ".")
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -405,28 +387,22 @@ class ORWCFMTrainer:
         return Path(path)
 
     def resume(self, path) -> None:
-        """Restores a checkpoint written by :meth:`save_checkpoint`; training then continues exactly when
-        as many processes run as wrote it. Collective: every rank calls it and reads ``path``."""
+        """Restores a checkpoint written by :meth:`save_checkpoint`; training then continues exactly when as many
+        processes run as wrote it. All or nothing: every entry is checked against this trainer first; on any
+        error (naming the file and the entry) the trainer is exactly as before. An EMA that the checkpoint lacks
+        starts from its policy. Collective: every rank calls it and reads ``path``."""
         with dist_utils.on_all_ranks("reading a checkpoint"):
             ckpt = load_file(path)
-            if ckpt.get("format") != ORW_FORMAT:
-                raise ValueError(f"{str(path)!r} is not an orw_fast training checkpoint (use load_pretrained for "
-                                 "weights)")
-            if ckpt["config"].get("fsdp", False) != self.config.fsdp:
-                raise ValueError(f"checkpoint {str(path)!r} was written with fsdp={not self.config.fsdp}; resume it "
-                                 f"with the same setting (load_pretrained reads its weights either way)")
-        try:
-            for module, key in ((self.model, "policy"), (self.last_policy, "last_policy"), (self.reference, "reference")):
-                dist_utils.load_full_state_dict(module, ckpt[key])
-            if self.ema is not None and ckpt["ema"] is not None:
-                dist_utils.load_full_state_dict(self.ema, ckpt["ema"])
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {str(path)!r} does not match the model: {err}") from err
+            ranks = self._check_training_checkpoint(ckpt, f"checkpoint {str(path)!r}")
+        models = [(self.model, "policy"), (self.last_policy, "last_policy"), (self.reference, "reference")]
+        if self.ema is not None:
+            models.append((self.ema, "ema" if ckpt["ema"] is not None else "policy"))
+        for module, key in models:
+            dist_utils.load_full_state_dict(module, ckpt[key])
         dist_utils.load_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
-        ranks = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # version 1: one process
         if len(ranks) != self.world_size:
             warnings.warn(f"checkpoint {str(path)!r} was written by {len(ranks)} process(es), resumed by "
                           f"{self.world_size}: training continues with this run's per-rank random streams, not exactly "
@@ -439,3 +415,35 @@ class ORWCFMTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+
+    def _check_training_checkpoint(self, ckpt: dict, where: str) -> list:
+        """Raises ValueError naming ``where`` and the entry unless every entry of ``ckpt`` fits this trainer;
+        returns the per-rank random states."""
+        if ckpt.get("format") != ORW_FORMAT:
+            raise ValueError(f"{where} is not an orw_fast training checkpoint (use load_pretrained for weights)")
+
+        def entry(key):
+            if key not in ckpt:
+                raise ValueError(f"{where} has no entry {key!r}; nothing was loaded")
+            return ckpt[key]
+
+        config = entry("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}, entry 'config' is a {type(config).__name__}, not a dict; nothing was loaded")
+        if config.get("fsdp", False) != self.config.fsdp:
+            raise ValueError(f"{where} was written with fsdp={not self.config.fsdp}; resume it with the same setting "
+                             "(load_pretrained reads its weights either way)")
+        for module, key in ((self.model, "policy"), (self.last_policy, "last_policy"), (self.reference, "reference")):
+            check_state_matches(module, entry(key), f"{where}, entry {key!r}")
+        if self.ema is not None and entry("ema") is not None:
+            check_state_matches(self.ema, ckpt["ema"], f"{where}, entry 'ema'")
+        check_optimizer_state(self.model, self.optimizer, entry("optimizer"), f"{where}, entry 'optimizer'")
+        check_scheduler_state(self.optimizer, entry("scheduler"), f"{where}, entry 'scheduler'")
+        check_scaler_state(self.scaler, entry("scaler"), f"{where}, entry 'scaler'")
+        step = entry("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}, entry 'step' must be an integer >= 0, got {step!r}; nothing was loaded")
+        ranks = entry("rng") if isinstance(entry("rng"), list) else [ckpt["rng"]]  # version 1: one process
+        if len(ranks) == self.world_size:
+            check_rng_state(ranks[self.rank], self.device, f"{where}, entry 'rng' of rank {self.rank}")
+        return ranks

@@ -112,6 +112,67 @@ def test_nan_rewards_are_refused_before_any_update(tmp_path, base_model):
     assert trainer.step == 0
 
 
+class Switchable(ToyField):
+    """ToyField whose prediction becomes NaN once ``poisoned`` is set."""
+
+    poisoned = False
+
+    def forward(self, t, x):
+        out = super().forward(t, x)
+        return out * math.nan if self.poisoned else out
+
+
+def _training_state(trainer):
+    import copy
+
+    return copy.deepcopy({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+                          "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                          "step": trainer.step})
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys() and all(_assert_same(a[k], b[k]) is None for k in a)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) and all(_assert_same(x, y) is None for x, y in zip(a, b))
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("case,match", [
+    ("exp_overflow", "the exp weights overflow: rewards span"),
+    ("nan_prediction", "the policy's prediction overflowed"),
+])
+def test_a_non_finite_update_is_refused_and_leaves_everything_as_it_was(tmp_path, base_model, case, match):
+    model = Switchable()
+    model.load_state_dict(base_model.state_dict())
+    scale = {"value": 1.0}
+    trainer = ORWCFMTrainer(model, toy_config(tmp_path, weighting="exp", ema_decay=0.9), "cpu",
+                            reward_fn=lambda x: x[:, 0] * scale["value"])
+    trainer.train_step()  # a good step first: the optimizer has state to keep
+    before = _training_state(trainer)
+    if case == "exp_overflow":
+        scale["value"] = 1e3  # exp(2 * 1e3 * x) is inf in float32
+    else:
+        model.poisoned = True
+    with pytest.raises(FloatingPointError, match=match) as err:
+        trainer.train_step()
+    assert "step 2: the loss is" in str(err.value) and "the update was not applied" in str(err.value)
+    _assert_same(_training_state(trainer), before)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_softmax_weights_train_on_rewards_beyond_float32(tmp_path, base_model):
+    """temperature * reward beyond float32's range: the step runs and the weights stay finite."""
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu",
+                            reward_fn=lambda x: torch.sign(x[:, 0]) * 3e38)
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and 1 <= metrics["ess"] <= 64
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_torchcfm_checkpoint_round_trip(tmp_path):
     from torchcfm.models.unet.unet import UNetModelWrapper
 

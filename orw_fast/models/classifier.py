@@ -125,11 +125,12 @@ def save_classifier(model: DigitClassifier, path):
 
 def load_classifier(path) -> DigitClassifier:
     """A DigitClassifier from a file written by save_classifier (ValueError if it is not one)."""
-    from orw_fast.checkpoint import load_file
+    from orw_fast.checkpoint import check_state_matches, load_file
 
     ckpt = load_file(path)
     if not {"state_dict", "image_shape", "num_classes"} <= set(ckpt):
         raise ValueError(f"{str(path)!r} is not a classifier file written by `orw-fast pretrain`")
     model = DigitClassifier(tuple(ckpt["image_shape"]), ckpt["num_classes"])
+    check_state_matches(model, ckpt["state_dict"], f"classifier file {str(path)!r}, entry 'state_dict'")
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

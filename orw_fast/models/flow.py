@@ -73,7 +73,9 @@ def build_flow_model(config: Mapping) -> UNetModelWrapper:
         raise ValueError(
             f"image side {shape[1]} must be divisible by 2^{levels - 1} for channel_mult {config['channel_mult']!r}"
         )
-    return UNetModelWrapper(**{**config, "dim": shape})
+    model = UNetModelWrapper(**{**config, "dim": shape})
+    model.orw_fast_model_config = dict(config)  # the trainer keeps it in checkpoints: `orw-fast sample` rebuilds it
+    return model
 
 
 def make_flow_model(image_shape, preset: str | None = None, **overrides) -> tuple[UNetModelWrapper, dict]:
