@@ -1,9 +1,12 @@
 """Command line: ``orw-fast demo | pretrain | finetune | sample | bench`` (also ``python -m orw_fast``).
 
-``finetune`` also runs multi-process: ``torchrun --nproc_per_node=N -m orw_fast finetune ...``."""
+``finetune`` also runs multi-process: ``torchrun --nproc_per_node=N -m orw_fast finetune ...``.
+Every user error is one line naming the flag it came from: argparse checks each value's type and range, output
+locations are checked before long work starts, and a value the trainer refuses is reported under its flag."""
 from __future__ import annotations
 
 import argparse
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -11,13 +14,17 @@ from pathlib import Path
 import torch
 
 from orw_fast import distributed as dist_utils
+from orw_fast.checkpoint import prepare_output_dir, prepare_output_file
+
+
+# -- argument types: a bad value is an argparse error naming the flag -----------------------------------------
 
 
 def _device(text: str) -> torch.device:
-    device = torch.device("cuda" if text == "auto" and torch.cuda.is_available() else "cpu" if text == "auto" else text)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
-    return device
+    try:
+        return dist_utils.local_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _existing_file(text: str) -> Path:
@@ -27,11 +34,46 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _number(kind=float, minimum=None, *, above=False):
+    """An argparse type: a finite int/float, >= ``minimum`` (> with ``above``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, got {text!r}")
+        return value
+    return parse
+
+
+_POSITIVE_INT = _number(int, 1)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers >= 0, got {text!r}")
+    return values
+
+
+def _classes(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices, got {text!r}") from None
+    if any(c < 0 for c in classes) or len(set(classes)) != len(classes):
+        raise argparse.ArgumentTypeError(f"expected distinct class indices >= 0, got {text!r}")
+    return classes
+
+
+# -- commands -------------------------------------------------------------------------------------------------
 
 
 def cmd_demo(args) -> None:
@@ -39,7 +81,8 @@ def cmd_demo(args) -> None:
 
     settings = DemoSettings(alphas=args.alphas, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                             temperature=args.tau, weighting=args.weighting, seed=args.seed)
-    run_demo(args.out, settings, cache_dir=args.cache_dir, device=_device(args.device), progress=not args.quiet)
+    run_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
+             progress=not args.quiet)
     print(f"report written to {args.out}")
 
 
@@ -47,9 +90,10 @@ def cmd_pretrain(args) -> None:
     from orw_fast.pretrain import default_cache_dir, pretrain_dataset
 
     out = args.out or (default_cache_dir() / "digits" if args.dataset == "digits" else Path("runs/pretrain"))
-    result = pretrain_dataset(args.dataset, out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              preset=args.preset, classifier=args.classifier, seed=args.seed,
-                              device=_device(args.device), progress=not args.quiet)
+    prepare_output_dir(out, "--out")
+    result = pretrain_dataset(args.dataset, out, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, preset=args.preset, classifier=args.classifier, seed=args.seed,
+                              device=args.device, progress=not args.quiet)
     for key in ("flow", "classifier_accuracy", "classifier"):
         if key in result:
             print(f"{key}: {result[key]}")
@@ -79,22 +123,33 @@ def _reward_classifier(args, device):
     return classifier
 
 
+# The TrainerConfig key each finetune flag sets: a value the trainer refuses is reported under its flag.
+FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
+                  "batch_size": "--batch-size", "savedir": "--out", "weighting": "--weighting",
+                  "coupling": "--coupling", "sampler_steps": "--sampler-steps", "precision": "--precision",
+                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp"}
+DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed"}
+
+
 def cmd_finetune(args) -> None:
     from orw_fast.pretrain import load_flow_model
     from orw_fast.rewards import ClassifierReward, get_reward
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    device = dist_utils.local_device(_device(args.device))
+    device = args.device
     dist_utils.init_from_env(device)
-    model, model_config = load_flow_model(args.checkpoint)
+    config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
+                           batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
+                           coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
+                           compile=args.compile, seed=args.seed, fsdp=args.fsdp)
+    with dist_utils.on_all_ranks("checking --out"):
+        if dist_utils.is_main():
+            prepare_output_dir(args.out, "--out")
+    model, config.model_config = load_flow_model(args.checkpoint)
     if args.reward == "classifier":
         reward = ClassifierReward(_reward_classifier(args, device), args.target_classes)
     else:
         reward = get_reward(args.reward)
-    config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
-                           batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
-                           coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
-                           compile=args.compile, seed=args.seed, fsdp=args.fsdp, model_config=model_config)
     trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
     if args.resume:
         trainer.resume(args.resume)
@@ -109,11 +164,11 @@ def cmd_sample(args) -> None:
     from orw_fast.sampling import sample
     from orw_fast.trainer import infer_image_shape
 
-    device = _device(args.device)
+    prepare_output_file(args.out, "--out")
     model, _ = load_flow_model(args.checkpoint)
-    model.to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    x0 = torch.randn((args.n, *infer_image_shape(model)), device=device, generator=gen)
+    model.to(args.device).eval()
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x0 = torch.randn((args.n, *infer_image_shape(model)), device=args.device, generator=gen)
     x1 = sample(model, x0, steps=args.steps, method=args.method)
     print(f"wrote {save_image_grid(x1, args.out, scale=args.scale)}")
 
@@ -148,29 +203,31 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from orw_fast.rewards import REWARDS
+
     parser = argparse.ArgumentParser(prog="orw-fast", description="ORW-CFM-W2 fine-tuning of flow-matching models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        p.add_argument("--seed", type=_number(int, 0), default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from orw_fast.demo import DemoSettings
 
     demo = DemoSettings()
+    weighting_help = "reward weights: exp(tau r) (the paper's), B softmax(tau r) or none"
     p = sub.add_parser("demo", help="offline demo: fine-tune toward even digits (scikit-learn digits)")
     p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder (default %(default)s)")
     p.add_argument("--alphas", type=_floats, default=demo.alphas, help="W2 coefficients, comma-separated")
-    p.add_argument("--epochs", type=int, default=demo.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
-    p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
-    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"),
-                   help="reward weights: exp(tau r) (the paper's), B softmax(tau r) or none")
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=demo.epochs)
+    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=demo.steps_per_epoch)
+    p.add_argument("--tau", type=_number(), default=demo.temperature, help="reward temperature")
+    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"), help=weighting_help)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)
-    p.set_defaults(run=cmd_demo)
+    p.set_defaults(run=cmd_demo, config_flags=DEMO_FLAGS)
 
     p = sub.add_parser("pretrain", help="train a flow-matching model (and a classifier when labels exist)")
     p.add_argument("--dataset", default="digits", help="digits | idx:PATH | folder:PATH")
@@ -178,47 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: the demo's cache ~/.cache/orw_fast/digits for digits, else "
                    "runs/pretrain)")
     p.add_argument("--preset", default=None, help="model preset (digits, mnist, cifar10; default from the image shape)")
-    p.add_argument("--steps", type=int, default=demo.pretrain_steps)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=_POSITIVE_INT, default=demo.pretrain_steps)
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
+    p.add_argument("--lr", type=_number(float, 0, above=True), default=2e-3)
     p.add_argument("--no-classifier", dest="classifier", action="store_false", help="skip the classifier")
     common(p)
     p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model")
     p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt from `orw-fast pretrain`")
-    p.add_argument("--reward", default="classifier", help="classifier | jpeg_compressibility | jpeg_incompressibility")
+    p.add_argument("--reward", default="classifier", choices=("classifier", *REWARDS),
+                   help="the reward: a digit classifier's probability of --target-classes, or a registered reward")
     p.add_argument("--classifier", type=_existing_file, help="classifier.pt for --reward classifier")
     p.add_argument("--dataset", help="labelled dataset (digits | idx:PATH | folder:PATH) to train the reward "
                    "classifier on when --classifier is not given")
-    p.add_argument("--target-classes", type=lambda s: [int(c) for c in s.split(",")], default=[0, 2, 4, 6, 8])
+    p.add_argument("--target-classes", type=_classes, default=[0, 2, 4, 6, 8],
+                   help="classes the classifier reward counts (default: the even digits)")
     p.add_argument("--out", type=Path, default=Path("runs/finetune"))
     p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")
-    p.add_argument("--alpha", type=float, default=1.0, help="W2 coefficient")
-    p.add_argument("--tau", type=float, default=demo.temperature, help="reward temperature")
-    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"),
-                   help="reward weights: exp(tau r) (the paper's), B softmax(tau r) or none")
+    p.add_argument("--alpha", type=_number(float, 0), default=1.0, help="W2 coefficient")
+    p.add_argument("--tau", type=_number(), default=demo.temperature, help="reward temperature")
+    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"), help=weighting_help)
     p.add_argument("--coupling", default="independent", choices=("independent", "ot", "rollout"))
-    p.add_argument("--epochs", type=int, default=demo.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=demo.steps_per_epoch)
-    p.add_argument("--batch-size", type=int, default=demo.batch_size,
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=demo.epochs)
+    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=demo.steps_per_epoch)
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=demo.batch_size,
                    help="the whole batch; under torchrun split evenly over the processes")
-    p.add_argument("--lr", type=float, default=demo.learning_rate)
-    p.add_argument("--sampler-steps", type=int, default=demo.sampler_steps)
+    p.add_argument("--lr", type=_number(float, 0, above=True), default=demo.learning_rate)
+    p.add_argument("--sampler-steps", type=_POSITIVE_INT, default=demo.sampler_steps)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the policy")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas")
     common(p)
-    p.set_defaults(run=cmd_finetune)
+    p.set_defaults(run=cmd_finetune, config_flags=FINETUNE_FLAGS)
 
     p = sub.add_parser("sample", help="a grid of samples from a checkpoint")
     p.add_argument("--checkpoint", type=_existing_file, required=True)
-    p.add_argument("--out", type=Path, default=Path("samples.png"))
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="the PNG file to write")
+    p.add_argument("--n", type=_POSITIVE_INT, default=64, help="number of samples")
+    p.add_argument("--steps", type=_POSITIVE_INT, default=100)
     p.add_argument("--method", default="euler")
-    p.add_argument("--scale", type=int, default=4, help="enlarge the PNG this many times")
+    p.add_argument("--scale", type=_POSITIVE_INT, default=4, help="enlarge the PNG this many times")
     common(p)
     p.set_defaults(run=cmd_sample)
 
@@ -229,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    from orw_fast.config import ConfigError
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -237,13 +297,17 @@ def main(argv=None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if dist_utils.env_world_size() > 1 and args.command != "finetune":
         parser.error(f"only finetune runs multi-process; run {args.command} as one process, without torchrun")
+    finished = False
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, dist_utils.PeerError) as err:
+        finished = True
+    except ConfigError as err:
+        flag = getattr(args, "config_flags", {}).get(err.key)
+        raise SystemExit(f"error: {flag} must be {err.expected}, got {err.value!r}" if flag else f"error: {err}") from err
+    except (ValueError, FloatingPointError, OSError, dist_utils.PeerError) as err:
         raise SystemExit(f"error: {err}") from err
-    finally:
-        if dist_utils.is_distributed():
-            torch.distributed.destroy_process_group()
+    finally:  # after a failure the other ranks may not reach a barrier: only a finished run synchronizes
+        dist_utils.shutdown(synchronize=finished)
 
 
 if __name__ == "__main__":

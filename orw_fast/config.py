@@ -31,6 +31,8 @@ def _real(minimum=None, *, above=False, below=None):
     bounds += "" if below is None else f"{' and' if bounds else ''} < {below:g}"
 
     def check(key, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(key, f"a finite number{bounds}", value)
         try:
             number = check_real(value, key, torch.float32)
         except ValueError:

@@ -6,7 +6,9 @@ body. Collectives (marked so) must be called by every rank in the same order.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 
 import torch
@@ -41,13 +43,26 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_device(device: torch.device) -> torch.device:
-    """``device``, with an index-less "cuda" under torchrun made this rank's GPU (cuda:LOCAL_RANK), which
-    also becomes the current CUDA device (NCCL collectives run on it)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+def local_device(device) -> torch.device:
+    """The device this process computes on, from a torch.device or a string ("cpu", "cuda", "cuda:N", "auto":
+    CUDA when available, else the CPU). An index-less "cuda" under torchrun becomes this rank's GPU
+    (cuda:LOCAL_RANK), which also becomes the current CUDA device (NCCL collectives run on it). Raises
+    ValueError for a string that names no device, or a CUDA device this machine does not have."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from err
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but no CUDA device is available here (this torch "
+                             f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); use 'cpu'")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
         torch.cuda.set_device(device)
     return device
 
@@ -55,8 +70,9 @@ def local_device(device: torch.device) -> torch.device:
 def init_from_env(device: torch.device) -> bool:
     """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT) when WORLD_SIZE > 1 and no group exists yet: NCCL for a CUDA ``device`` (bound to it),
-    gloo otherwise. Returns :func:`is_distributed`. A group the caller initialised (with their own
-    backend or timeout) is used as it is."""
+    gloo otherwise, and registers :func:`shutdown` to run at interpreter exit (a script that never
+    destroys the group it did not create must still exit cleanly). Returns :func:`is_distributed`. A
+    group the caller initialised (with their own backend or timeout) is used as it is, and left to them."""
     if env_world_size() > 1:
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
@@ -67,7 +83,22 @@ def init_from_env(device: torch.device) -> bool:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
+        atexit.register(shutdown)
     return is_distributed()
+
+
+def shutdown(synchronize: bool = False) -> None:
+    """Tears the default process group down while the interpreter is fully alive: first collects the garbage
+    that may still hold it (FSDP2 modules sit in reference cycles, so they outlive their trainer until a
+    collection, which could otherwise come during interpreter finalization), then, with ``synchronize``
+    (collective, for the normal end of a run), waits at a barrier until every rank is done with its
+    collectives, then destroys the group. Does nothing when no group exists; safe to call twice."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if synchronize and is_distributed():
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

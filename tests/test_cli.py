@@ -1,4 +1,5 @@
 """The orw-fast command line: help, errors for bad paths/options, and a tiny end-to-end run."""
+import re
 import struct
 import subprocess
 import sys
@@ -39,6 +40,62 @@ def test_bad_dataset_spec_is_a_clear_error():
 def test_bad_alphas_are_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--alphas", "0,x"])
+
+
+def _fails_with(argv, match, capsys):
+    """main(argv) stops with one line naming the problem (argparse's exit 2 or our exit 1), no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    message = str(exit_.value.code) if isinstance(exit_.value.code, str) else capsys.readouterr().err
+    assert exit_.value.code not in (0, None) and "Traceback" not in message, message
+    assert re.search(match, message.strip().splitlines()[-1]), message  # the last line says it all
+
+
+@pytest.mark.parametrize("command", ["demo", "pretrain", "finetune", "sample"])
+def test_a_bad_device_is_one_clear_line(command, tmp_path, capsys):
+    extra = ["--checkpoint", __file__] if command in ("finetune", "sample") else []
+    _fails_with([command, *extra, "--device", "bogus"], r"argument --device: device must be cpu, cuda, cuda:N or "
+                r"auto, got 'bogus'", capsys)
+
+
+def test_user_errors_name_the_flag(tmp_path, capsys):
+    """Each of these printed a traceback or succeeded silently before: now each is one line under its flag."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    unwritable = a_file / "sub"  # below a file: no folder can be made there, whoever runs the tests
+    ckpt = ["--checkpoint", str(a_file)]
+    cases = [
+        (["finetune", *ckpt, "--out", str(unwritable)], r"--out '.*sub': the folder cannot be created"),
+        (["finetune", *ckpt, "--out", str(a_file)], r"--out '.*a_file' is an existing file, not a folder"),
+        (["pretrain", "--out", str(unwritable), "--steps", "1"], r"--out '.*sub': the folder cannot be created"),
+        (["demo", "--out", str(a_file)], r"--out '.*a_file' is an existing file"),
+        (["sample", *ckpt, "--out", str(tmp_path)], r"--out '.*' is a folder; give a file name"),
+        (["sample", *ckpt, "--out", str(unwritable / "x.png")], r"the folder of --out '.*sub': the folder cannot"),
+        (["sample", *ckpt, "--n", "-1"], r"argument --n: must be >= 1, got '-1'"),
+        (["sample", *ckpt, "--scale", "0"], r"argument --scale: must be >= 1, got '0'"),
+        (["sample", *ckpt, "--scale", "-3"], r"argument --scale: must be >= 1, got '-3'"),
+        (["finetune", *ckpt, "--alpha", "-1"], r"argument --alpha: must be >= 0, got '-1'"),
+        (["finetune", *ckpt, "--alpha", "nan"], r"argument --alpha: expected a finite number"),
+        (["finetune", *ckpt, "--tau", "1e39"], r"--tau must be a finite number in float32's range"),
+        (["finetune", *ckpt, "--lr", "0"], r"argument --lr: must be > 0"),
+        (["finetune", *ckpt, "--batch-size", "0"], r"argument --batch-size: must be >= 1"),
+        (["finetune", *ckpt, "--reward", "clip"], r"invalid choice: 'clip' \(choose from 'classifier', "
+                                                  r"'jpeg_compressibility', 'jpeg_incompressibility'\)"),
+        (["finetune", *ckpt, "--out", str(tmp_path / "ft")], r"checkpoint '.*a_file' cannot be read"),
+        (["demo", "--alphas", "1,-1"], r"argument --alphas: must be finite numbers >= 0"),
+    ]
+    for argv, match in cases:
+        _fails_with(argv, match, capsys)
+
+
+def test_demo_checks_its_cache_folder_before_pretraining(tmp_path, capsys, monkeypatch):
+    import orw_fast.demo as demo
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    monkeypatch.setattr(demo, "pretrain_dataset", lambda *a, **k: pytest.fail("pre-training started"))
+    _fails_with(["demo", "--cache-dir", str(a_file), "--out", str(tmp_path / "report")],
+                r"the cache folder .*a_file/digits': the folder cannot be created", capsys)
 
 
 def write_idx(path, images, labels):

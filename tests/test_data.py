@@ -125,6 +125,15 @@ def test_idx_bad_contents(tmp_path, mnist_like):
         load_idx_dataset(write_idx(tmp_path / "f.idx", images.astype(np.float32)))
 
 
+@pytest.mark.parametrize("shape,match", [((0, 6, 7), "holds 0 image"), ((3, 0, 0), "of 0x0 pixels")])
+def test_idx_without_pixels_is_refused(tmp_path, shape, match):
+    """0 images (or 0x0 ones) loaded before, and pre-training crashed on them later."""
+    path = write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match=match) as info:
+        load_idx_dataset(path)
+    assert str(path) in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # image folders
 
@@ -198,6 +207,38 @@ def test_folder_errors(tmp_path):
         load_folder_dataset(tmp_path, image_size=(0, 4))
     with pytest.raises(FileNotFoundError):
         load_folder_dataset(tmp_path / "missing")
+
+
+def _png_claiming(path, width, height):
+    """A valid 1x1 PNG whose header then claims width x height (the IHDR chunk's CRC kept valid)."""
+    import io
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_is_refused_with_its_name(tmp_path):
+    write_pngs(tmp_path, [np.zeros((4, 4), np.uint8)], ["a.png"])
+    _png_claiming(tmp_path / "bomb.png", 200000, 200000)
+    for channels in (None, 1):  # the header read (channels=None) and the decode
+        with pytest.raises(ValueError, match=r"bomb.png.*decompression bomb"):
+            load_folder_dataset(tmp_path, channels=channels, backend="pillow")
+
+
+def test_dali_backend_without_dali_is_a_clear_error(tmp_path, monkeypatch):
+    import orw_fast.data.folder as folder
+
+    write_pngs(tmp_path, [np.zeros((4, 4), np.uint8)], ["a.png"])
+    monkeypatch.setattr(folder, "dali_available", lambda: False)
+    with pytest.raises(ValueError, match="backend='dali' needs NVIDIA DALI.*pip install nvidia-dali-cuda130"):
+        load_folder_dataset(tmp_path, backend="dali")
+    assert load_folder_dataset(tmp_path)[0].shape == (1, 1, 4, 4)  # "auto" falls back to pillow
 
 
 @needs_dali

@@ -14,9 +14,9 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import orw_fast.trainer as trainer_module
+from orw_fast import distributed as dist_utils
 from orw_fast.checkpoint import load_file, save_atomic
 from orw_fast.couplings import couple, sample_path
 from orw_fast.trainer import ORWCFMTrainer
@@ -38,11 +38,12 @@ def _rank_main(worker, rank, port, out, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    finished = False
     try:  # an exception's traceback goes to stderr, the exit code to run_ranks
         torch.save(worker(rank, *args), out / f"rank{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finished = True
+    finally:  # as a user script would end: the library's orderly teardown
+        dist_utils.shutdown(synchronize=finished)
 
 
 def run_ranks(tmp_path, worker, *args) -> list:
@@ -268,3 +269,29 @@ def test_torchrun_finetune_end_to_end(tmp_path):
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count("\n") == 2
     assert (tmp_path / "ft" / "samples_epoch001.png").stat().st_size > 0
     assert load_file(tmp_path / "ft" / "last.pt")["step"] == 2
+
+
+_USER_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+atexit.register(lambda: print("group destroyed before exit:", not dist.is_initialized(), flush=True))  # runs last
+from test_trainer import ToyField, right_reward, toy_config
+from orw_fast.trainer import ORWCFMTrainer
+trainer = ORWCFMTrainer(ToyField(), toy_config(sys.argv[2], batch_size=4, sampler_steps=2), "cpu", reward_fn=right_reward)
+trainer.train_step()
+"""
+
+
+def test_a_torchrun_script_that_never_destroys_the_group_exits_cleanly(tmp_path):
+    """A user's script under torchrun: the trainer made the process group, so the library tears it down at exit
+    (its worker threads joined while the interpreter is alive), not the interpreter's finalization."""
+    (tmp_path / "user.py").write_text(_USER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", str(tmp_path / "user.py"), str(REPO / "tests"), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("group destroyed before exit: True") == 2, proc.stdout
+    assert "terminate called" not in proc.stderr

@@ -1,10 +1,12 @@
 """ORWCFMTrainer on small CPU problems: learning signal, the W2 trade-off, checkpoints, resume, errors."""
 import math
+import re
 
 import pytest
 import torch
 
 from orw_fast.checkpoint import save_atomic
+from orw_fast.config import ConfigError
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 
@@ -246,6 +248,55 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_bad_config_values_are_refused(config, match, base_model):
     with pytest.raises(ValueError, match=match):
         ORWCFMTrainer(fresh(base_model), {"image_shape": (2,), **config}, "cpu", reward_fn=right_reward)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("learning_rate", True, "config.learning_rate must be a finite number > 0, got True"),
+    ("batch_size", True, "config.batch_size must be an integer >= 1, got True"),
+    ("compile", "no", "config.compile must be True or False, got 'no'"),
+    ("channels_last", "no", "config.channels_last must be True or False"),
+    ("savedir", None, "config.savedir must be a non-empty path, got None"),
+    ("ema_decay", "0.5", "config.ema_decay must be a finite number >= 0 and < 1"),
+    ("seed", 2**70, "config.seed must be an integer >= 0 and <="),
+    ("temperature", 1e39, "config.temperature must be a finite number in float32's range"),
+    ("w2_coefficient", 10**400, "config.w2_coefficient must be a finite number >= 0"),
+    ("image_shape", (-1, 8, 8), "config.image_shape must be None or the shape of one sample"),
+    ("image_shape", "abc", "config.image_shape must be None or the shape of one sample"),
+    ("sampler_method", "leapfrog", "config.sampler_method must be one of"),
+    ("cuda_graph", 1, "config.cuda_graph must be one of"),
+    ("parallel", "yes", "config.parallel must be True or False"),
+])
+def test_every_config_value_is_checked_and_named(key, value, match):
+    """These ran with a coerced value, or failed later with an error that did not name the key."""
+    with pytest.raises(ConfigError, match=re.escape(match)) as err:
+        TrainerConfig(**{key: value})
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("shape,match", [
+    ((1, 8), r"a sample shape the model takes \(model\(t, x\) with x of shape \[1, 1, 8\] raised"),
+    ((3, 8, 8), r"a sample shape the model takes"),  # the UNet has 1 input channel
+])
+def test_a_sample_shape_the_model_cannot_take_is_refused_when_the_trainer_is_made(tmp_path, shape, match):
+    from orw_fast.models import make_flow_model
+
+    model, _ = make_flow_model((1, 8, 8), preset="digits")
+    with pytest.raises(ConfigError, match=match):
+        ORWCFMTrainer(model, toy_config(tmp_path, image_shape=shape), "cpu", reward_fn=right_reward)
+
+
+def test_a_cuda_device_without_cuda_says_so(tmp_path, base_model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' was asked for but no CUDA device is available"):
+        ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cuda", reward_fn=right_reward)
+
+
+def test_the_official_parallel_key_is_accepted(tmp_path, base_model):
+    with pytest.warns(UserWarning, match="config.parallel=True .* torchrun"):
+        trainer = ORWCFMTrainer(torch.nn.DataParallel(fresh(base_model)), {**vars(toy_config(tmp_path)),
+                                                                          "parallel": True}, "cpu",
+                                reward_fn=right_reward)
+    assert isinstance(trainer.model, ToyField)  # the DataParallel wrapper is taken off
 
 
 def test_missing_reward_or_shape_is_refused(base_model):

@@ -53,6 +53,13 @@ def _check_image_size(image_size) -> tuple[int, int] | None:
     return size
 
 
+def _pil_errors() -> tuple:
+    """What Pillow raises for a file it cannot or will not decode (a decompression bomb is not an OSError)."""
+    from PIL import Image
+
+    return (OSError, Image.DecompressionBombError, ValueError)
+
+
 def _infer_channels(files: list[Path]) -> int:
     """1 when every image is grayscale (by its header), else 3."""
     from PIL import Image
@@ -62,7 +69,7 @@ def _infer_channels(files: list[Path]) -> int:
             with Image.open(f) as im:
                 if im.mode not in _GRAY_MODES:
                     return 3
-        except OSError as e:
+        except _pil_errors() as e:
             raise ValueError(f"cannot read image {f}: {e}") from None
     return 1
 
@@ -95,7 +102,7 @@ def _decode_pillow(files: list[Path], channels: int, size: tuple[int, int] | Non
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 arrays.append(np.asarray(im).reshape(im.height, im.width, channels))
-        except OSError as e:
+        except _pil_errors() as e:
             raise ValueError(f"cannot decode image {f}: {e}") from None
     images = torch.from_numpy(_stack(arrays, files, "HWC")).permute(0, 3, 1, 2)
     return images.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
@@ -107,7 +114,7 @@ def _pillow_decodes(file: Path) -> bool:
     try:
         with Image.open(file) as im:
             im.load()
-    except OSError:
+    except _pil_errors():
         return False
     return True
 
@@ -179,6 +186,9 @@ def load_folder_dataset(
     size = _check_image_size(image_size)
     if backend == "auto":
         backend = "dali" if dali_available() else "pillow"
+    elif backend == "dali" and not dali_available():
+        raise ValueError("backend='dali' needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130 "
+                         "(or backend='pillow')")
     files, classes = list_image_files(root)
     channels = _infer_channels(files) if channels is None else channels
     decode = _decode_dali if backend == "dali" else _decode_pillow

@@ -111,6 +111,9 @@ def load_idx_dataset(path: str | Path, *, split: str = "train") -> tuple[torch.T
         raise ValueError(
             f"{images_path}: an images IDX file must hold uint8 [N, H, W], got {array.dtype.name} {list(array.shape)}"
         )
+    if 0 in array.shape:
+        raise ValueError(f"{images_path}: holds {array.shape[0]} image(s) of {array.shape[1]}x{array.shape[2]} pixels; "
+                         "a dataset needs at least one image of at least 1x1")
     images = torch.from_numpy(array).to(torch.float32).div_(127.5).sub_(1.0).unsqueeze_(1)
     labels_path = labels_path_for(images_path)
     if labels_path is None:
