@@ -1,5 +1,10 @@
-"""Test configuration. Without a GPU, Triton kernels run in its interpreter: TRITON_INTERPRET=1 must
-be set before triton is first imported, which happens here, before any test module imports orw_fast."""
+"""Test configuration.
+
+- Without a GPU, Triton kernels run in its interpreter: TRITON_INTERPRET=1 must be set before triton is first
+  imported, which happens here, before any test module imports orw_fast.
+- In CI (CI=true) a test may skip only because there is no GPU (reason GPU_SKIP_REASON): any other skip, a
+  missing package or tool, is turned into a failure, so a missing install step cannot pass as green.
+"""
 import os
 
 import pytest
@@ -9,6 +14,36 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GPU_SKIP_REASON = "needs a CUDA GPU"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=GPU_SKIP_REASON)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_skips_in_ci(report) -> None:
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not reason.startswith(GPU_SKIP_REASON):
+            report.outcome = "failed"
+            report.longrepr = (f"skipped in CI for a reason other than a missing GPU: {reason!r}. In CI only "
+                               f"'{GPU_SKIP_REASON}' may skip: install what is missing (scripts/bootstrap.sh).")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skips_in_ci(outcome.get_result())
 
 
 @pytest.fixture

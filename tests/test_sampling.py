@@ -11,7 +11,7 @@ import torchdiffeq
 from orw_fast import sampling
 from orw_fast.sampling import FIXED_STEP_METHODS, clear_graph_cache, sample
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import requires_gpu
 
 
 class MLPField(torch.nn.Module):
@@ -36,7 +36,7 @@ def linear_field(a, b):
 
 
 def tiny_unet(seed=0):
-    UNetModelWrapper = pytest.importorskip("torchcfm.models.unet.unet").UNetModelWrapper
+    from torchcfm.models.unet.unet import UNetModelWrapper
     torch.manual_seed(seed)
     unet = UNetModelWrapper(
         dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions="4",
@@ -212,7 +212,7 @@ def cached(model):
     return dict(sampling._GRAPH_CACHE.get(model, {}))
 
 
-@requires_cuda
+@requires_gpu
 @pytest.mark.parametrize("method", FIXED_STEP_METHODS)
 @pytest.mark.parametrize("trajectory", [False, True])
 def test_graph_matches_eager(method, trajectory):
@@ -224,7 +224,7 @@ def test_graph_matches_eager(method, trajectory):
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
-@requires_cuda
+@requires_gpu
 def test_graph_matches_eager_unet():
     unet = tiny_unet().cuda()
     x0 = torch.randn(4, 1, 8, 8, device="cuda")
@@ -234,7 +234,7 @@ def test_graph_matches_eager_unet():
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)  # cuDNN may use TF32 either way
 
 
-@requires_cuda
+@requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_graph_autocast_matches_eager_autocast(dtype):
     model = MLPField(dim=32, hidden=128).cuda()
@@ -245,7 +245,7 @@ def test_graph_autocast_matches_eager_autocast(dtype):
     torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=1e-2)
 
 
-@requires_cuda
+@requires_gpu
 def test_graph_replay_with_new_x0():
     model = MLPField(dim=32, hidden=128).cuda()
     xa, xb = torch.randn(2, 64, 32, device="cuda")
@@ -257,7 +257,7 @@ def test_graph_replay_with_new_x0():
     assert not torch.allclose(ya, yb)
 
 
-@requires_cuda
+@requires_gpu
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_graph_sees_in_place_weight_refresh(autocast):
     last, policy = MLPField(dim=32, hidden=128, seed=0).cuda(), MLPField(dim=32, hidden=128, seed=1).cuda()
@@ -273,7 +273,7 @@ def test_graph_sees_in_place_weight_refresh(autocast):
     torch.testing.assert_close(after, expected, rtol=tol, atol=tol)
 
 
-@requires_cuda
+@requires_gpu
 def test_graph_recaptured_when_parameters_replaced():
     model = MLPField(dim=32, hidden=128).cuda()
     x0 = torch.randn(64, 32, device="cuda")
@@ -287,7 +287,7 @@ def test_graph_recaptured_when_parameters_replaced():
     torch.testing.assert_close(after, sample(model, x0, steps=6, cuda_graph=False), rtol=1e-5, atol=1e-5)
 
 
-@requires_cuda
+@requires_gpu
 def test_graph_cache_keys_and_lifetime():
     model = MLPField(dim=32, hidden=128).cuda()
     x0 = torch.randn(64, 32, device="cuda")
