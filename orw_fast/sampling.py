@@ -1,12 +1,15 @@
-"""ODE sampling of flow-matching models: integrate dx/dt = model(t, x) from t=0 (noise) to t=1 (data).
+"""ODE sampling of flow-matching models: integrate dx/dt = model(t, x, *cond) from t=0 (noise) to t=1 (data).
 
-Fixed-step methods on a uniform grid of ``steps`` steps: "euler" (1st order, 1 model call per step),
-"midpoint" and "heun" (explicit trapezoid), 2nd order, 2 calls per step. Every other method name
-("dopri5", "rk4", "bosh3", ...) goes to ``torchdiffeq.odeint``, the accuracy reference.
+Fixed-step methods on a uniform grid of ``steps`` steps, or on an explicit grid ``times`` (e.g. the shifted
+sigma schedule of SD3/FLUX, t = 1 - sigma): "euler" (1st order, 1 model call per step), "midpoint" and "heun"
+(explicit trapezoid), 2nd order, 2 calls per step. Every other method name ("dopri5", "rk4", "bosh3", ...) goes
+to ``torchdiffeq.odeint``, the accuracy reference. ``cond`` is a tuple of conditioning tensors (text
+embeddings, class labels) passed to every call, the same for all steps.
 
-On CUDA the fixed-step loop is captured once into one CUDA graph and replayed per call; the graph is
-cached per model (weakly: it dies with the model) and per (device, shape, dtype, steps, method,
-autocast, trajectory) and is keyed by the data_ptr()s of the model's parameters and buffers: refreshing
+On CUDA the fixed-step loop is captured once into one CUDA graph and replayed per call (``cond`` is copied into
+the graph's static inputs); the graph is cached per model (weakly: it dies with the model) and per (device,
+shape, dtype, time grid, method, autocast, trajectory, cond shapes) and is keyed by the data_ptr()s of the
+model's parameters and buffers: refreshing
 the weights in place (``model.load_state_dict(other.state_dict())``, ``p.copy_(...)``) keeps the graph
 and the replay reads the new values; replacing parameter or buffer tensors makes a new capture.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from typing import Callable, NamedTuple
 
@@ -30,11 +34,29 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Time grid and one step of each fixed-step method (shared by the eager and the graphed loop)
 
 
-def _time_grid(steps: int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[2*steps+1, batch]: row k holds t = k / (2*steps), so step i uses rows 2i (start), 2i+1 (half
-    step) and 2i+2 (end). Each t is rounded once from float64."""
-    t = torch.arange(2 * steps + 1, dtype=torch.float64, device=device) / (2 * steps)
-    return t.to(dtype)[:, None].expand(-1, batch).contiguous()
+class _Grid(NamedTuple):
+    """A fixed-step schedule: ``t`` [2*steps+1, batch], where step i uses rows 2i (start), 2i+1 (half step) and
+    2i+2 (end), each t rounded once from float64; ``dt`` the steps' lengths (Python floats, from float64)."""
+
+    t: torch.Tensor
+    dt: tuple[float, ...]
+
+
+def _uniform(steps: int) -> torch.Tensor:
+    return torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+def _time_grid(times: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> _Grid:
+    """The schedule of the float64 grid ``times`` [steps+1]; a uniform grid gets t = k / (2*steps) and dt =
+    1/steps exactly."""
+    steps = times.numel() - 1
+    if torch.equal(times, _uniform(steps)):
+        t, dt = torch.arange(2 * steps + 1, dtype=torch.float64) / (2 * steps), (1.0 / steps,) * steps
+    else:
+        half = (times[:-1] + times[1:]) / 2
+        t = torch.cat([torch.stack([times[:-1], half], dim=1).reshape(-1), times[-1:]])
+        dt = tuple((times[1:] - times[:-1]).tolist())
+    return _Grid(t.to(device, dtype)[:, None].expand(-1, batch).contiguous(), dt)
 
 
 def _euler_step(velocity: Velocity, x, t0, t_half, t1, dt: float):
@@ -54,30 +76,29 @@ def _heun_step(velocity: Velocity, x, t0, t_half, t1, dt: float):
 _STEPS = {"euler": _euler_step, "midpoint": _midpoint_step, "heun": _heun_step}
 
 
-def _integrate(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, method: str, return_trajectory: bool):
+def _integrate(velocity: Velocity, x: torch.Tensor, grid: _Grid, method: str, return_trajectory: bool):
     """The fixed-step loop over ``grid`` (from :func:`_time_grid`); never writes ``x``.
     Returns (x1, trajectory [steps+1, *x.shape] or None)."""
-    step, steps = _STEPS[method], (grid.shape[0] - 1) // 2
-    dt = 1.0 / steps
+    step, steps, t = _STEPS[method], len(grid.dt), grid.t
     trajectory = None
     if return_trajectory:
         trajectory = x.new_empty((steps + 1, *x.shape))
         trajectory[0].copy_(x)
     for i in range(steps):
-        x = step(velocity, x, grid[2 * i], grid[2 * i + 1], grid[2 * i + 2], dt)
+        x = step(velocity, x, t[2 * i], t[2 * i + 1], t[2 * i + 2], grid.dt[i])
         if trajectory is not None:
             trajectory[i + 1].copy_(x)
     return x, trajectory
 
 
-def _velocity(model, autocast: torch.dtype | None, device_type: str) -> Velocity:
-    """model(t [B], x) under autocast (or with any ambient autocast disabled when ``autocast`` is
+def _velocity(model, cond: tuple, autocast: torch.dtype | None, device_type: str) -> Velocity:
+    """model(t [B], x, *cond) under autocast (or with any ambient autocast disabled when ``autocast`` is
     None), returned in x's dtype. The autocast weight cache is off: casts are recomputed per call, which
     CUDA-graph capture needs and which keeps in-place weight refreshes visible."""
 
     def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None, cache_enabled=False):
-            v = model(t, x)
+            v = model(t, x, *cond)
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"model(t, x) must return a tensor of x's shape {list(x.shape)}, got {got}")
@@ -100,17 +121,19 @@ def _torchdiffeq_solvers() -> dict:
     return SOLVERS
 
 
-def _odeint(velocity: Velocity, x0, steps, method, rtol, atol, return_trajectory):
-    """torchdiffeq.odeint from t=0 to t=1. Its fixed-grid solvers (rk4, heun3, explicit_adams, ...)
-    take ``steps`` uniform steps; adaptive ones choose their steps by rtol/atol. The solution is
-    reported at linspace(0, 1, steps+1) with a trajectory, else at t=0 and t=1 only."""
+def _odeint(velocity: Velocity, x0, times, method, rtol, atol, return_trajectory):
+    """torchdiffeq.odeint over ``times`` (float64 [steps+1]). Its fixed-grid solvers (rk4, heun3,
+    explicit_adams, ...) step on that grid; adaptive ones choose their steps by rtol/atol between its ends. The
+    solution is reported at every grid time with a trajectory, else at the two ends only."""
     import torchdiffeq
     from torchdiffeq._impl.solvers import FixedGridODESolver
 
-    uniform = torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device)
+    steps = times.numel() - 1
+    uniform = torch.equal(times, _uniform(steps))  # as torchdiffeq's users write it: linspace in x0's dtype
+    grid = torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device) if uniform else times.to(x0.device, x0.dtype)
     fixed_grid = issubclass(_torchdiffeq_solvers()[method], FixedGridODESolver)
-    options = {"grid_constructor": lambda f, y0, t: uniform} if fixed_grid else None
-    times = uniform if return_trajectory else uniform[[0, -1]]
+    options = {"grid_constructor": lambda f, y0, t: grid} if fixed_grid else None
+    times = grid if return_trajectory else grid[[0, -1]]
     batch = x0.shape[0]
     solution = torchdiffeq.odeint(
         lambda t, x: velocity(t.expand(batch), x), x0, times, rtol=rtol, atol=atol, method=method, options=options
@@ -123,24 +146,27 @@ def _odeint(velocity: Velocity, x0, steps, method, rtol, atol, return_trajectory
 
 
 class _GraphedSampler(NamedTuple):
-    """One captured N-step loop: static input/outputs, and every tensor the graph reads that it does
-    not own (the time grid, the model's parameters and buffers), kept alive so that their memory
-    cannot be reused while the graph can replay."""
+    """One captured N-step loop: static inputs (x0 and the conditioning) and outputs, and every tensor the graph
+    reads that it does not own (the time grid, the model's parameters and buffers), kept alive so that their
+    memory cannot be reused while the graph can replay."""
 
     graph: torch.cuda.CUDAGraph
     x_in: torch.Tensor
+    cond_in: tuple
     x_out: torch.Tensor
     trajectory: torch.Tensor | None
     keep_alive: tuple
 
-    def __call__(self, x0: torch.Tensor):
+    def __call__(self, x0: torch.Tensor, cond: tuple):
         self.x_in.copy_(x0)
+        for static, value in zip(self.cond_in, cond):
+            static.copy_(value)
         self.graph.replay()
         x1 = self.x_out.clone()
         return x1, (None if self.trajectory is None else self.trajectory.clone())
 
 
-# model -> {(tensor data_ptrs, device, shape, dtype, steps, method, autocast, return_trajectory): sampler}
+# model -> {(tensor data_ptrs, device, shape, dtype, times, method, autocast, return_trajectory, cond): sampler}
 _GRAPH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -150,24 +176,31 @@ def _model_tensors(model) -> tuple:
     return ()
 
 
-def _capture(velocity: Velocity, x0, steps, method, return_trajectory, tensors) -> _GraphedSampler:
+def _capture(model, x0, cond, times, method, autocast, return_trajectory, tensors) -> _GraphedSampler:
     x_in = x0.clone()
-    grid = _time_grid(steps, x0.shape[0], x0.device, x0.dtype)
+    cond_in = tuple(c.clone() for c in cond)
+    velocity = _velocity(model, cond_in, autocast, x0.device.type)
+    grid = _time_grid(times, x0.shape[0], x0.device, x0.dtype)
     side = torch.cuda.Stream(x0.device)
     side.wait_stream(torch.cuda.current_stream(x0.device))
     with torch.cuda.stream(side):
         for _ in range(_WARMUP_STEPS):
-            _STEPS[method](velocity, x_in, grid[0], grid[1], grid[2], 1.0 / steps)
+            _STEPS[method](velocity, x_in, grid.t[0], grid.t[1], grid.t[2], grid.dt[0])
     torch.cuda.current_stream(x0.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         x_out, trajectory = _integrate(velocity, x_in, grid, method, return_trajectory)
-    return _GraphedSampler(graph, x_in, x_out, trajectory, (grid, *tensors))
+    return _GraphedSampler(graph, x_in, cond_in, x_out, trajectory, (grid.t, *tensors))
 
 
-def _graphed(model, velocity: Velocity, x0, steps, method, autocast, return_trajectory):
+# models whose capture failed under cuda_graph="auto" -> why (they are sampled eagerly from then on)
+_UNCAPTURABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graphed(model, x0, cond, times, method, autocast, return_trajectory, *, required: bool):
     """Replays the cached graph for this model and call signature, capturing it first if needed.
-    Graphs captured for other tensors of the model (replaced weights) are dropped."""
+    Graphs captured for other tensors of the model (replaced weights) are dropped. When the capture fails
+    and the graph is not ``required``, warns once, records the model as uncapturable and returns None."""
     try:
         entries = _GRAPH_CACHE.setdefault(model, {})
     except TypeError as e:
@@ -177,13 +210,24 @@ def _graphed(model, velocity: Velocity, x0, steps, method, autocast, return_traj
         ) from e
     tensors = _model_tensors(model)
     ptrs = tuple(t.data_ptr() for t in tensors)
-    key = (ptrs, x0.device, tuple(x0.shape), x0.dtype, steps, method, autocast, return_trajectory)
+    key = (ptrs, x0.device, tuple(x0.shape), x0.dtype, tuple(times.tolist()), method, autocast, return_trajectory,
+           tuple((tuple(c.shape), c.dtype, c.device) for c in cond))
     sampler = entries.get(key)
     if sampler is None:
         for stale in [k for k in entries if k[0] != ptrs]:
             del entries[stale]
-        sampler = entries[key] = _capture(velocity, x0, steps, method, return_trajectory, tensors)
-    return sampler(x0)
+        try:
+            sampler = _capture(model, x0, cond, times, method, autocast, return_trajectory, tensors)
+        except Exception as err:  # noqa: BLE001 - whatever stops the capture, "auto" samples eagerly instead
+            if required:
+                raise
+            _UNCAPTURABLE[model] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"sample(cuda_graph='auto'): {type(model).__name__} cannot be captured in a CUDA graph "
+                          f"({_UNCAPTURABLE[model]:.300}); it is sampled eagerly from now on (pass cuda_graph=False "
+                          "to silence this, or cuda_graph=True to make it an error)", stacklevel=3)
+            return None
+        entries[key] = sampler
+    return sampler(x0, cond)
 
 
 def clear_graph_cache(model=None) -> None:
@@ -212,17 +256,35 @@ def check_method(method, name: str = "method") -> None:
         )
 
 
-def _check_args(model, x0, steps, method, cuda_graph, autocast, rtol, atol) -> None:
+def _check_times(times, steps) -> torch.Tensor:
+    """The float64 grid of ``times`` (or of ``steps`` uniform steps), checked."""
+    if times is None:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        return _uniform(int(steps))
+    try:
+        grid = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"times must be a 1-D sequence or tensor of t values, got {type(times).__name__}") from err
+    if grid.numel() < 2 or not bool(torch.isfinite(grid).all()) or not bool((grid[1:] > grid[:-1]).all()) or \
+            grid[0] < 0 or grid[-1] > 1:
+        raise ValueError(f"times must be >= 2 increasing values in [0, 1] (t=0 noise, t=1 data), got {grid.tolist()}")
+    if steps is not None and steps != grid.numel() - 1:
+        raise ValueError(f"steps={steps!r} does not match times, which has {grid.numel() - 1} steps; give one of them")
+    return grid
+
+
+def _check_args(model, x0, method, cuda_graph, autocast, rtol, atol, cond) -> None:
     if not callable(model):
-        raise TypeError(f"model must be callable as model(t, x), got {type(model).__name__}")
+        raise TypeError(f"model must be callable as model(t, x, *cond), got {type(model).__name__}")
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a torch.Tensor of shape [B, ...], got {type(x0).__name__}")
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}; convert it with .float()")
     if x0.dim() == 0 or x0.numel() == 0:
         raise ValueError(f"x0 must be a non-empty [B, ...] tensor, got shape {list(x0.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(cond, tuple) or not all(isinstance(c, torch.Tensor) for c in cond):
+        raise TypeError(f"cond must be a tuple of tensors, got {type(cond).__name__}")
     check_method(method)
     if not isinstance(cuda_graph, (str, bool)) or cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
@@ -242,7 +304,9 @@ def sample(
     model,
     x0: torch.Tensor,
     *,
-    steps: int = 100,
+    steps: int | None = None,
+    times=None,
+    cond: tuple = (),
     method: str = "euler",
     cuda_graph: bool | str = "auto",
     autocast: torch.dtype | None = None,
@@ -250,41 +314,51 @@ def sample(
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ):
-    """Integrates dx/dt = model(t, x) from t=0 (x0, noise) to t=1 (samples), without gradients.
+    """Integrates dx/dt = model(t, x, *cond) from t=0 (x0, noise) to t=1 (samples), without gradients.
 
     Args:
-        model: called as ``model(t, x)`` with t a [B] tensor in x0's dtype and device and x of x0's
+        model: called as ``model(t, x, *cond)`` with t a [B] tensor in x0's dtype and device and x of x0's
             shape; returns the velocity, x's shape (e.g. torchcfm's UNetModelWrapper). Its train/eval
             mode is left as it is: in train mode dropout is sampled (and captured in the CUDA graph).
         x0: [B, ...] floating tensor, the initial noise (in model space). The state stays in its dtype.
-        steps: number of uniform steps for "euler", "midpoint", "heun" and torchdiffeq's fixed-grid
-            solvers ("rk4", ...); for adaptive solvers the number of trajectory intervals.
+        steps: number of uniform steps on [0, 1] (default 100) for "euler", "midpoint", "heun" and
+            torchdiffeq's fixed-grid solvers ("rk4", ...); for adaptive solvers the number of trajectory
+            intervals.
+        times: instead of ``steps``, the grid itself: increasing t values in [0, 1] ([steps+1]; the
+            scheduler's shifted schedule of a diffusers flow model as t = 1 - sigma).
+        cond: conditioning tensors passed to every call of ``model`` after x (unchanged over the steps).
         method: "euler" (1 model call per step), "midpoint", "heun" (explicit trapezoid; 2 calls per
             step), or any ``torchdiffeq.odeint`` method ("dopri5", "rk4", "bosh3", ...), using rtol/atol.
-        cuda_graph: "auto" (CUDA graph when x0 is on CUDA and the method is fixed-step), True (required;
-            ValueError otherwise) or False (eager). The graph is captured on the first call for a
-            (model, device, shape, dtype, steps, method, autocast, return_trajectory) and replayed
+        cuda_graph: "auto" (CUDA graph when x0 is on CUDA and the method is fixed-step; a model whose capture
+            fails is sampled eagerly from then on, with one warning), True (required; an error otherwise) or
+            False (eager). The graph is captured on the first call for a
+            (model, device, shape, dtype, grid, method, autocast, return_trajectory, cond shapes) and replayed
             afterwards; see the module docstring for weight refreshes. A model that syncs with the host
             (``.item()``, data-dependent shapes) cannot be captured: pass False.
         autocast: None (model runs in x0's dtype; an ambient autocast is disabled), torch.bfloat16 or
             torch.float16: the model runs under ``torch.autocast(x0.device.type, dtype)``, its output is
             cast back to x0's dtype.
-        return_trajectory: also return the states at t = linspace(0, 1, steps+1).
+        return_trajectory: also return the states at the grid's times.
         rtol, atol: tolerances of torchdiffeq's adaptive solvers (ignored by fixed-step methods).
 
     Returns:
         x1, x0's shape, dtype and device; with ``return_trajectory`` a tuple ``(x1, trajectory)``,
         trajectory [steps+1, *x0.shape] with trajectory[0] == x0 and trajectory[-1] == x1.
     """
-    _check_args(model, x0, steps, method, cuda_graph, autocast, rtol, atol)
-    steps = int(steps)
-    velocity = _velocity(model, autocast, x0.device.type)
+    _check_args(model, x0, method, cuda_graph, autocast, rtol, atol, cond)
+    grid_times = _check_times(times, 100 if steps is None and times is None else steps)
     if method not in FIXED_STEP_METHODS:
-        x1, trajectory = _odeint(velocity, x0, steps, method, float(rtol), float(atol), return_trajectory)
-    elif cuda_graph is True or (cuda_graph == "auto" and x0.device.type == "cuda"):
-        with torch.cuda.device(x0.device):
-            x1, trajectory = _graphed(model, velocity, x0, steps, method, autocast, return_trajectory)
+        velocity = _velocity(model, cond, autocast, x0.device.type)
+        x1, trajectory = _odeint(velocity, x0, grid_times, method, float(rtol), float(atol), return_trajectory)
     else:
-        grid = _time_grid(steps, x0.shape[0], x0.device, x0.dtype)
-        x1, trajectory = _integrate(velocity, x0, grid, method, return_trajectory)
+        graphed = None
+        if cuda_graph is True or (cuda_graph == "auto" and x0.device.type == "cuda" and model not in _UNCAPTURABLE):
+            with torch.cuda.device(x0.device):
+                graphed = _graphed(model, x0, cond, grid_times, method, autocast, return_trajectory,
+                                   required=cuda_graph is True)
+        if graphed is None:
+            velocity = _velocity(model, cond, autocast, x0.device.type)
+            graphed = _integrate(velocity, x0, _time_grid(grid_times, x0.shape[0], x0.device, x0.dtype), method,
+                                 return_trajectory)
+        x1, trajectory = graphed
     return (x1, trajectory) if return_trajectory else x1

@@ -212,6 +212,101 @@ def cached(model):
     return dict(sampling._GRAPH_CACHE.get(model, {}))
 
 
+class CondField(MLPField):
+    """MLPField shifted by a conditioning tensor c [B, dim]: v(t, x, c) = net(t, x) + c."""
+
+    def forward(self, t, x, c):
+        return super().forward(t, x) + c
+
+
+@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+def test_an_explicit_time_grid_is_followed(method):
+    """A non-uniform grid (SD3's shifted sigmas as t = 1 - sigma): each step uses its own dt and times; the
+    trajectory is reported at the grid's times."""
+    model = MLPField()
+    x0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(7))
+    times = [0.0, 0.05, 0.2, 0.6, 1.0]
+    x1, traj = sample(model, x0, times=times, method=method, return_trajectory=True)
+    x = x0
+    with torch.no_grad():
+        for t0, t1 in zip(times[:-1], times[1:]):
+            full = lambda t: torch.full((4,), t)  # noqa: E731
+            dt = t1 - t0
+            if method == "euler":
+                x = x + dt * model(full(t0), x)
+            elif method == "midpoint":
+                x = x + dt * model(full((t0 + t1) / 2), x + 0.5 * dt * model(full(t0), x))
+            else:
+                k1 = model(full(t0), x)
+                x = x + 0.5 * dt * (k1 + model(full(t1), x + dt * k1))
+    torch.testing.assert_close(x1, x, rtol=1e-6, atol=1e-6)
+    assert traj.shape == (5, 4, 3) and torch.equal(traj[-1], x1)
+    uniform = sample(model, x0, steps=4, method=method)
+    assert not torch.allclose(uniform, x1, atol=1e-4)
+
+
+def test_conditioning_reaches_every_call():
+    model = CondField()
+    x0 = torch.zeros(2, 3)
+    c = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    base = sample(model, x0, steps=5, cond=(torch.zeros(2, 3),))
+    shifted = sample(model, x0, steps=5, cond=(c,))
+    assert torch.allclose((shifted - base)[:, 2], torch.zeros(2), atol=0.1)  # the field shifts where c does
+    assert shifted[0, 0] > base[0, 0] + 0.5 and shifted[1, 1] > base[1, 1] + 1.0
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(times=[0.0, 0.5, 0.4, 1.0]), ValueError, "times must be >= 2 increasing values in"),
+    (dict(times=[0.0, 1.5]), ValueError, r"in \[0, 1\]"),
+    (dict(times=[0.5]), ValueError, ">= 2 increasing"),
+    (dict(times=[0.0, 0.5, 1.0], steps=3), ValueError, "steps=3 does not match times, which has 2 steps"),
+    (dict(times="abc"), TypeError, "times must be a 1-D sequence"),
+    (dict(cond=torch.zeros(2)), TypeError, "cond must be a tuple of tensors"),
+])
+def test_bad_grids_and_conditioning_are_refused(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sample(MLPField(), torch.zeros(2, 3), **kwargs)
+
+
+class HostSyncField(MLPField):
+    """Reads a value back to the host every call (``.item()``): not capturable in a CUDA graph."""
+
+    def forward(self, t, x):
+        return super().forward(t, x) * (1.0 + 0.0 * float(x.abs().max().item()))
+
+
+@requires_gpu
+def test_auto_samples_an_uncapturable_model_eagerly_with_one_warning():
+    model = HostSyncField(dim=8).cuda()
+    x0 = torch.randn(4, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    eager = sample(model, x0, steps=5, cuda_graph=False)
+    with pytest.warns(UserWarning, match="cannot be captured in a CUDA graph"):
+        first = sample(model, x0, steps=5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # from now on eager without a new capture attempt or warning
+        second = sample(model, x0, steps=5)
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(second, eager, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        sample(HostSyncField(dim=8).cuda(), x0, steps=5, cuda_graph=True)
+
+
+@requires_gpu
+def test_graph_with_conditioning_and_a_time_grid_replays_new_inputs():
+    """The conditioning is a static input of the graph: a second call with other values replays, not recaptures."""
+    model = CondField(dim=32, hidden=64).cuda()
+    times = [0.0, 0.1, 0.3, 0.7, 1.0]
+    for seed in (0, 1):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x0, c = torch.randn(8, 32, device="cuda", generator=g), torch.randn(8, 32, device="cuda", generator=g)
+        eager = sample(model, x0, times=times, cond=(c,), cuda_graph=False)
+        graphed = sample(model, x0, times=times, cond=(c,), cuda_graph=True)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert len(cached(model)) == 1
+
+
 @requires_gpu
 @pytest.mark.parametrize("method", FIXED_STEP_METHODS)
 @pytest.mark.parametrize("trajectory", [False, True])
