@@ -23,7 +23,8 @@ from orw_fast.models import load_classifier
 from orw_fast.pretrain import default_cache_dir, load_flow_model, pretrain_dataset
 from orw_fast.rewards import ClassifierReward
 from orw_fast.sampling import sample
-from orw_fast.trainer import ORWCFMTrainer, TrainerConfig, infer_image_shape
+from orw_fast.models.flow_model import infer_image_shape
+from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 EVEN_DIGITS = (0, 2, 4, 6, 8)
 

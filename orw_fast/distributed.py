@@ -181,6 +181,22 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or for an FSDP2 DTensor (collective) the whole tensor it is a shard of."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+@torch.no_grad()
+def copy_full_into(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """dst.copy_(full) for a whole tensor ``full``; a DTensor ``dst`` takes its own shard of it (no collective:
+    every rank holds ``full``)."""
+    if hasattr(dst, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(full)
+
+
 def _full_options(**kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -8,7 +8,11 @@ weight moves with its x1), draw t and x_t, predict with the policy (grad) and th
 sampler's CUDA graph stays valid).
 
 The constructor follows the official ORW-CFM-W2 code: ``ORWCFMTrainer(model, config, device,
-reward_fn=None)`` with a dict of its keys; :class:`TrainerConfig` holds them plus orw_fast's options.
+reward_fn=None)`` with a dict of its keys; :class:`TrainerConfig` holds them plus orw_fast's options. ``model`` is
+a flow field ``model(t, x)`` or a :class:`~orw_fast.models.flow_model.FlowModel` (e.g. a diffusers SD3/FLUX model
+with LoRA): everything that differs between kinds of models sits behind that interface, and the loop below is
+the same for all of them. A conditional model's batch carries prompts (drawn from its prompt source by a CPU
+generator); rewards get the decoded images and their prompts.
 
 Multi-process (torchrun; picked up when torch.distributed is initialised or WORLD_SIZE > 1): every rank
 starts from rank 0's weights, rolls out and scores ``batch_size / world_size`` samples with its own seed
@@ -23,7 +27,6 @@ the policy and its frozen copies with FSDP2 instead of replicating them.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -45,7 +48,6 @@ from orw_fast.checkpoint import (
     check_rng_state,
     check_scaler_state,
     check_scheduler_state,
-    check_state_matches,
     load_file,
     read_model_weights,
     save_atomic,
@@ -54,25 +56,23 @@ from orw_fast.config import PRECISIONS, ConfigError, TrainerConfig
 from orw_fast.couplings import couple, sample_path
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import effective_sample_size, mean_pairwise_distance
+from orw_fast.models.flow_model import FlowModel, PixelFlowModel
+from orw_fast.models.policy_weights import FullCopies
 from orw_fast.ops import orw_cfm_w2_loss, reward_weights
 from orw_fast.rewards import as_reward_fn, check_rewards
-from orw_fast.sampling import sample
-
-def infer_image_shape(model) -> tuple[int, ...] | None:
-    """[C, H, W] of a torchcfm UNet (it stores in_channels and image_size), else None."""
-    channels, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
-    return (int(channels), int(size), int(size)) if channels and size else None
-
 
 class ORWCFMTrainer:
-    """Online ORW-CFM-W2 fine-tuning of ``model`` (a flow field ``model(t, x)``, t: [B]) toward
-    ``reward_fn`` (images [B, ...] in model space -> rewards [B]; defaults to a CLIP reward when
-    ``config.text_prompts`` is set). Under torchrun it joins the process group (NCCL for CUDA, gloo
-    otherwise) and an index-less "cuda" device becomes cuda:LOCAL_RANK."""
+    """Online ORW-CFM-W2 fine-tuning of ``model`` (a flow field ``model(t, x)``, t: [B], or a
+    :class:`~orw_fast.models.flow_model.FlowModel`) toward ``reward_fn`` (images [B, C, H, W] in [-1, 1], and the
+    batch's prompts when it takes two arguments -> rewards [B]; defaults to a CLIP reward when ``config.text_prompts``
+    is set). Under torchrun it joins the process group (NCCL for CUDA, gloo otherwise) and an index-less "cuda"
+    device becomes cuda:LOCAL_RANK."""
 
-    def __init__(self, model: torch.nn.Module, config=None, device=None, reward_fn: Callable | None = None):
+    def __init__(self, model, config=None, device=None, reward_fn: Callable | None = None):
         self.config = cfg = TrainerConfig.coerce(config)
-        self.device = dist_utils.local_device(device if device is not None else next(model.parameters()).device)
+        flow = model if isinstance(model, FlowModel) else PixelFlowModel(model, cfg.image_shape,
+                                                                          channels_last=cfg.channels_last)
+        self.device = dist_utils.local_device(device if device is not None else flow.default_device())
         dist_utils.init_from_env(self.device)
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         if cfg.batch_size % self.world_size:
@@ -81,17 +81,9 @@ class ORWCFMTrainer:
             raise ConfigError("fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)",
                               cfg.fsdp)
         self.local_batch_size = cfg.batch_size // self.world_size
-        if isinstance(model, torch.nn.DataParallel):  # the official code's parallel=True model
-            model = model.module
         if cfg.parallel:
             warnings.warn("config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
                           "device per process; for several GPUs launch with torchrun --nproc_per_node=N", stacklevel=2)
-        self.image_shape = cfg.image_shape or infer_image_shape(model)
-        if self.image_shape is None:
-            raise ConfigError("image_shape", "the shape [C, H, W] of one sample (it cannot be inferred from a "
-                              f"{type(model).__name__})", None)
-        if cfg.model_config is None:  # orw_fast's models know how to rebuild themselves (orw-fast sample needs it)
-            cfg.model_config = getattr(model, "orw_fast_model_config", None)
         if reward_fn is None and cfg.text_prompts:
             from orw_fast.rewards import CLIPReward
 
@@ -99,16 +91,17 @@ class ORWCFMTrainer:
         if reward_fn is None:
             raise ValueError("give reward_fn (images -> [B] rewards) or config.text_prompts for a CLIP reward")
         self.reward_fn = as_reward_fn(reward_fn)
-        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.model = model.to(self.device, memory_format=memory_format)
-        self._check_sample_shape()
-        dist_utils.broadcast_module(self.model)  # every rank (and every copy below) starts from rank 0's weights
-        self.reference = self._frozen_copy(self.model)
-        self.last_policy = self._frozen_copy(self.model)
-        self.ema = self._frozen_copy(self.model) if cfg.ema_decay > 0 else None
-        forward = self._distribute()
-        self.forward = torch.compile(forward) if cfg.compile else forward
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.flow = flow
+        flow.prepare(self.device, ema=cfg.ema_decay > 0)
+        if flow.prompts is not None:
+            flow.prompts.sample(self.local_batch_size, torch.Generator())  # a batch it cannot split is an error now
+        self.image_shape = flow.sample_shape()
+        if cfg.model_config is None:  # orw_fast's models know how to rebuild themselves (orw-fast sample needs it)
+            cfg.model_config = flow.describe()
+        self.weights = flow.weights
+        self.weights.distribute(self.world_size, cfg.fsdp, self.device)
+        self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
+        self.optimizer = torch.optim.Adam(self.weights.trainable_parameters(), lr=cfg.learning_rate)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -116,48 +109,23 @@ class ORWCFMTrainer:
         self.autocast_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
+        self.prompt_generator = torch.Generator().manual_seed(cfg.seed + self.rank)  # which prompts: no device sync
         torch.manual_seed(cfg.seed + self.rank)  # dropout and anything else drawing from the global RNG
         self.step = 0
         self.savedir = Path(cfg.savedir)
         self._wandb = None
 
-    def _check_sample_shape(self) -> None:
-        """One no-grad forward of the policy (eval mode) on one sample of zeros: ``image_shape`` must be a shape
-        the model takes and returns, found here rather than at the first step."""
-        x = torch.zeros((1, *self.image_shape), device=self.device)
-        training = self.model.training
-        try:
-            with torch.no_grad():
-                out = self.model.eval()(torch.zeros(1, device=self.device), x)
-        except Exception as err:  # noqa: BLE001 - whatever the model raises, the shape is the cause to report
-            raise ConfigError("image_shape", f"a sample shape the model takes (model(t, x) with x of shape "
-                              f"{list(x.shape)} raised {type(err).__name__}: {err})", self.image_shape) from None
-        finally:
-            self.model.train(training)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError("image_shape", f"a sample shape the model maps to itself (x of shape {list(x.shape)} "
-                              f"gave {got})", self.image_shape)
+    # The modules of a fully trained model (FullCopies): the policy, and its frozen reference, last policy and EMA.
+    model = property(lambda self: self.weights.module)
+    reference = property(lambda self: self._full_copies().reference_module)
+    last_policy = property(lambda self: self._full_copies().last_policy_module)
+    ema = property(lambda self: self._full_copies().ema_module)
 
-    @staticmethod
-    def _frozen_copy(model):
-        return copy.deepcopy(model).eval().requires_grad_(False)
-
-    def _distribute(self) -> torch.nn.Module:
-        """The module train_step calls: the policy, wrapped in DDP when several processes run; with
-        config.fsdp the policy and its frozen copies are sharded (in place) instead."""
-        if self.world_size == 1:
-            return self.model
-        if self.config.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for module in (self.model, self.reference, self.last_policy, self.ema):
-                if module is not None:
-                    fully_shard(module)
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+    def _full_copies(self) -> FullCopies:
+        if not isinstance(self.weights, FullCopies):
+            raise AttributeError(f"a {type(self.weights).__name__} policy has no separate reference, last-policy or "
+                                 "EMA modules (trainer.weights holds them)")
+        return self.weights
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -167,17 +135,16 @@ class ORWCFMTrainer:
         checkpoints (``{net_model, ema_model, ...}``, with or without the ``module.`` prefix; ``weights`` "net",
         the official code's choice and the default, or "ema"), orw_fast's ("policy" (= "net"), "ema", ...) and
         bare state dicts. All or nothing: both files are read and checked against the model first, and on any
-        error nothing has changed. Returns what it loaded (rank 0 prints it when ``verbose``)."""
-        cfg = self.config
-        policy, key = read_model_weights(self.model, path, weights)
-        reference, ref_key = read_model_weights(self.reference, cfg.ref_path, weights) if cfg.ref_path else (policy, key)
-        for module in (self.model, self.last_policy, self.ema):
-            if module is not None:
-                dist_utils.load_full_state_dict(module, policy)
-        dist_utils.load_full_state_dict(self.reference, reference)
-        copies = "policy, last policy" + (", EMA" if self.ema is not None else "")
-        message = (f"loaded {key!r} of {str(path)!r} into the {copies} and reference" if not cfg.ref_path else
-                   f"loaded {key!r} of {str(path)!r} into the {copies}, and {ref_key!r} of {cfg.ref_path!r} into the "
+        error nothing has changed. Returns what it loaded (rank 0 prints it when ``verbose``). Fully trained
+        models only (a LoRA policy's base weights come with its pipeline)."""
+        cfg, copies = self.config, self._full_copies()
+        policy, key = read_model_weights(copies.module, path, weights)
+        reference, ref_key = (read_model_weights(copies.reference_module, cfg.ref_path, weights) if cfg.ref_path
+                              else (policy, key))
+        copies.load_pretrained(policy, reference)
+        names = "policy, last policy" + (", EMA" if copies.ema_module is not None else "")
+        message = (f"loaded {key!r} of {str(path)!r} into the {names} and reference" if not cfg.ref_path else
+                   f"loaded {key!r} of {str(path)!r} into the {names}, and {ref_key!r} of {cfg.ref_path!r} into the "
                    "reference")
         if verbose and self.rank == 0:
             print(message)
@@ -185,27 +152,36 @@ class ORWCFMTrainer:
 
     def refresh_last_policy(self) -> None:
         """last policy <- policy, copied in place (the sampler's captured graph stays valid)."""
-        self.last_policy.load_state_dict(self.model.state_dict())
+        self.weights.refresh_last_policy()
 
     # -- one step ------------------------------------------------------------------------------
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def rollout(self, batch_size: int, model=None):
-        """(x0, x1): noise and the samples the last policy (or ``model``) makes from it, no grad."""
+    def _generate(self, module, x0, prompts):
         cfg = self.config
+        return self.flow.generate(module, x0, prompts, steps=cfg.sampler_steps, method=cfg.sampler_method,
+                                  cuda_graph=False if cfg.fsdp else cfg.cuda_graph, autocast=self.autocast_dtype)
+
+    def rollout(self, batch_size: int):
+        """(x0, x1, prompts): noise, the samples the last policy makes from it (no grad), and the batch's prompts
+        (None for an unconditional model)."""
+        prompts = None if self.flow.prompts is None else self.flow.prompts.sample(batch_size, self.prompt_generator)
         x0 = torch.randn((batch_size, *self.image_shape), device=self.device, generator=self.generator)
-        x1 = sample(model or self.last_policy, x0, steps=cfg.sampler_steps, method=cfg.sampler_method,
-                    cuda_graph=False if cfg.fsdp else cfg.cuda_graph, autocast=self.autocast_dtype)
-        return x0, x1
+        with self.weights.last_policy() as module:
+            x1 = self._generate(module, x0, prompts)
+        return x0, x1, prompts
 
     def train_step(self) -> dict:
         """One ORW-CFM-W2 update of the whole batch; returns its metrics (the same on every rank)."""
         cfg, start = self.config, time.perf_counter()
-        x0, x1 = self.rollout(self.local_batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        x0, x1, prompts = self.rollout(self.local_batch_size)
+        cond = self.flow.conditions(prompts)
         with dist_utils.on_all_ranks("scoring rewards"):  # a bad reward on any rank stops all, before any update
-            rewards = self.reward_fn(x1).to(self.device)
+            rewards = self.reward_fn(self.flow.to_images(x1), prompts).to(self.device)
             check_rewards(rewards, self.local_batch_size)
         all_rewards = dist_utils.all_gather_cat(rewards)
         all_weights = reward_weights(all_rewards, cfg.temperature, cfg.weighting, validate=False)
@@ -216,15 +192,15 @@ class ORWCFMTrainer:
         t, xt, ut = sample_path(x0, x1c, sigma=cfg.sigma, generator=self.generator)
         self.model.train()
         with self._autocast():
-            v = self.forward(t, xt)
-            with torch.no_grad():
-                v_ref = self.reference(t, xt)
+            v = self.flow.velocity(self.forward, t, xt, *cond)
+            with torch.no_grad(), self.weights.reference() as reference:
+                v_ref = self.flow.velocity(reference, t, xt, *cond)
         loss, parts = orw_cfm_w2_loss(v, ut, v_ref, weights=weights, alpha=cfg.w2_coefficient,
                                       return_components=True, validate=False)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP / FSDP average the ranks' gradients: the whole batch's mean
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.weights.trainable_parameters(), cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         # Every metric in one tensor and one host transfer, before the update: the whole batch's values, the
@@ -245,13 +221,19 @@ class ORWCFMTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+        self.weights.update_ema(cfg.ema_decay)
         self.step += 1
         return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
-                "samples_per_s": cfg.batch_size / (time.perf_counter() - start)}
+                "samples_per_s": cfg.batch_size / (time.perf_counter() - start), "peak_memory_mb": self._peak_memory_mb()}
+
+    def _peak_memory_mb(self) -> float:
+        """This rank's peak memory: on CUDA the most allocated during this step, on the CPU the process's peak
+        resident size so far."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e6
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
 
     def _non_finite_report(self, metrics, rewards, weights, v, v_ref) -> str:
         """Why a step's loss or gradient norm is not finite, for the error that stops training (slow path; this
@@ -267,7 +249,7 @@ class ORWCFMTrainer:
                           f"{rewards.max().item():.4g}] with temperature {cfg.temperature:g}, and exp(temperature * "
                           "reward) is inf above 88.7; use weighting='softmax' (finite for any rewards), a smaller "
                           "temperature, or rescale the reward")
-        if not finite(self.model.parameters()):
+        if not finite(self.weights.trainable_parameters()):
             causes.append("the policy's weights were non-finite before this step (were they loaded that way?)")
         elif not finite([v]):
             causes.append(f"the policy's prediction overflowed (precision='{cfg.precision}')")
@@ -332,16 +314,20 @@ class ORWCFMTrainer:
             self.save_checkpoint(self.savedir / f"checkpoint_epoch{epoch:03d}.pt")
 
     def save_samples(self, path) -> Path:
-        """A grid of ``config.grid_size`` policy samples from a fixed noise (the same every epoch).
-        Collective: every rank samples (sharded models need all of them), rank 0 writes."""
-        x0 = torch.randn((self.config.grid_size, *self.image_shape), device=self.device,
+        """A grid of ``config.grid_size`` policy samples from a fixed noise and fixed prompts (the same every epoch),
+        each prompt under its image. Collective: every rank samples (sharded models need all of them), rank 0
+        writes."""
+        n = self.config.grid_size
+        x0 = torch.randn((n, *self.image_shape), device=self.device,
                          generator=torch.Generator(device=self.device).manual_seed(12345))
+        prompts = None if self.flow.prompts is None else self.flow.prompts.first(n)
+        training = self.model.training
         self.model.eval()
-        x1 = sample(self.model, x0, steps=self.config.sampler_steps, method=self.config.sampler_method,
-                    cuda_graph=False, autocast=self.autocast_dtype)
+        images = self.flow.to_images(self._generate(self.model, x0, prompts))
+        self.model.train(training)
         with dist_utils.on_all_ranks("writing a sample grid"):
             if self.rank == 0:
-                save_image_grid(x1, path)
+                save_image_grid(images, path, captions=None if prompts is None else [str(p) for p in prompts])
         return Path(path)
 
     def _start_wandb(self) -> None:
@@ -360,14 +346,10 @@ class ORWCFMTrainer:
         """Everything needed to continue exactly: models (full, unwrapped state dicts, loadable with or
         without torch.distributed), optimizer, scheduler, scaler, step, every rank's RNGs, config; written
         atomically. Collective: every rank calls it, rank 0 writes."""
-        full = dist_utils.full_state_dict
         state = {
             "format": ORW_FORMAT,
             "version": ORW_VERSION,
-            "policy": full(self.model),
-            "last_policy": full(self.last_policy),
-            "reference": full(self.reference),
-            "ema": full(self.ema) if self.ema is not None else None,
+            **self.weights.states(),
             "optimizer": dist_utils.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -379,11 +361,13 @@ class ORWCFMTrainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
+                "prompts": self.prompt_generator.get_state(),
             }),
         }
         with dist_utils.on_all_ranks("writing a checkpoint"):
             if self.rank == 0:
                 save_atomic(state, path)
+                self.flow.export(Path(path), state)
         return Path(path)
 
     def resume(self, path) -> None:
@@ -394,11 +378,7 @@ class ORWCFMTrainer:
         with dist_utils.on_all_ranks("reading a checkpoint"):
             ckpt = load_file(path)
             ranks = self._check_training_checkpoint(ckpt, f"checkpoint {str(path)!r}")
-        models = [(self.model, "policy"), (self.last_policy, "last_policy"), (self.reference, "reference")]
-        if self.ema is not None:
-            models.append((self.ema, "ema" if ckpt["ema"] is not None else "policy"))
-        for module, key in models:
-            dist_utils.load_full_state_dict(module, ckpt[key])
+        self.weights.load_states(ckpt)
         dist_utils.load_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -415,6 +395,8 @@ class ORWCFMTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if rng.get("prompts") is not None:  # (checkpoints before prompts had none)
+            self.prompt_generator.set_state(rng["prompts"])
 
     def _check_training_checkpoint(self, ckpt: dict, where: str) -> list:
         """Raises ValueError naming ``where`` and the entry unless every entry of ``ckpt`` fits this trainer;
@@ -433,10 +415,7 @@ class ORWCFMTrainer:
         if config.get("fsdp", False) != self.config.fsdp:
             raise ValueError(f"{where} was written with fsdp={not self.config.fsdp}; resume it with the same setting "
                              "(load_pretrained reads its weights either way)")
-        for module, key in ((self.model, "policy"), (self.last_policy, "last_policy"), (self.reference, "reference")):
-            check_state_matches(module, entry(key), f"{where}, entry {key!r}")
-        if self.ema is not None and entry("ema") is not None:
-            check_state_matches(self.ema, ckpt["ema"], f"{where}, entry 'ema'")
+        self.weights.check_states(ckpt, where)
         check_optimizer_state(self.model, self.optimizer, entry("optimizer"), f"{where}, entry 'optimizer'")
         check_scheduler_state(self.optimizer, entry("scheduler"), f"{where}, entry 'scheduler'")
         check_scaler_state(self.scaler, entry("scaler"), f"{where}, entry 'scaler'")
