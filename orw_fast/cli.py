@@ -99,6 +99,32 @@ def cmd_pretrain(args) -> None:
             print(f"{key}: {result[key]}")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _t2i_options(p, *, sampling: bool) -> None:
+    """The text-to-image flags (diffusers SD3/SD3.5 or FLUX)."""
+    p.add_argument("--pretrained", help="a diffusers SD3/SD3.5 or FLUX pipeline: a local folder or a hub id"
+                   + (" (default: the one the run loaded)" if sampling else ""))
+    p.add_argument("--prompts", help="text file, one prompt a line" + (" (default: the run's)" if sampling else ""))
+    p.add_argument("--weights-dtype", default="fp32", choices=tuple(DTYPES), help="dtype of the pipeline's weights")
+    if sampling:
+        return
+    p.add_argument("--samples-per-prompt", type=_POSITIVE_INT, default=1, help="samples of each prompt in a batch")
+    p.add_argument("--clip-model", help="local CLIP folder (transformers format) for --reward clip_score")
+    p.add_argument("--lora-rank", type=_POSITIVE_INT, default=16, help="rank of the LoRA adapter (default 16)")
+    p.add_argument("--full-finetune", action="store_true", help="train the whole transformer instead of LoRA")
+    p.add_argument("--guidance-scale", type=_number(float, 0), default=None,
+                   help="rollout guidance: SD3's CFG scale, FLUX's guidance embedding (default: the pipeline's)")
+    p.add_argument("--negative-prompt", default="", help="SD3's unconditional prompt for guidance")
+    p.add_argument("--resolution", type=_POSITIVE_INT, default=None, help="image side in pixels (default: the "
+                   "pipeline's)")
+    p.add_argument("--max-sequence-length", type=_POSITIVE_INT, default=None, help="T5 tokens per prompt")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--keep-text-encoders", action="store_true", help="keep the text encoders after caching the "
+                   "prompts' embeddings")
+
+
 def _reward_classifier(args, device):
     """The classifier of --classifier, or one trained on the labels of --dataset (by rank 0, whose
     weights every rank then scores with)."""
@@ -127,30 +153,64 @@ def _reward_classifier(args, device):
 FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
                   "batch_size": "--batch-size", "savedir": "--out", "weighting": "--weighting",
                   "coupling": "--coupling", "sampler_steps": "--sampler-steps", "precision": "--precision",
-                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp"}
+                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay"}
 DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed"}
+
+
+def _t2i_model(args):
+    """The DiffusersFlowModel of the text-to-image flags (--pretrained, --prompts, LoRA, guidance, ...)."""
+    from orw_fast.models.diffusers_flow import DiffusersFlowModel
+    from orw_fast.prompts import PromptSource
+
+    if args.prompts is None:
+        raise SystemExit("error: --pretrained needs --prompts FILE (one prompt a line)")
+    prompts = PromptSource(args.prompts, samples_per_prompt=args.samples_per_prompt)
+    return DiffusersFlowModel(args.pretrained, prompts, lora_rank=None if args.full_finetune else args.lora_rank,
+                              resolution=args.resolution, guidance_scale=args.guidance_scale,
+                              negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
+                              dtype=DTYPES[args.weights_dtype], gradient_checkpointing=args.gradient_checkpointing,
+                              keep_text_encoders=args.keep_text_encoders)
+
+
+def _reward(args, device):
+    from orw_fast.rewards import REWARDS, ClassifierReward, CLIPScoreReward, get_reward
+
+    if args.reward == "classifier":
+        if args.pretrained is not None:
+            raise SystemExit("error: --reward classifier (the default) scores the digits of a --checkpoint model; "
+                             f"with --pretrained choose --reward clip_score or one of {', '.join(REWARDS)}")
+        return ClassifierReward(_reward_classifier(args, device), args.target_classes)
+    if args.reward == "clip_score":
+        if args.pretrained is None:
+            raise SystemExit("error: --reward clip_score needs prompts: use it with --pretrained and --prompts")
+        if args.clip_model is None:
+            raise SystemExit("error: --reward clip_score needs --clip-model DIR, a local CLIP folder in transformers "
+                             "format (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
+        return CLIPScoreReward(args.clip_model, device=device)
+    return get_reward(args.reward)
 
 
 def cmd_finetune(args) -> None:
     from orw_fast.pretrain import load_flow_model
-    from orw_fast.rewards import ClassifierReward, get_reward
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
+    if (args.checkpoint is None) == (args.pretrained is None):
+        raise SystemExit("error: give one of --checkpoint (a flow.pt of `orw-fast pretrain`) or --pretrained (a "
+                         "diffusers SD3/FLUX folder or hub id)")
     device = args.device
     dist_utils.init_from_env(device)
     config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
                            batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
                            coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
-                           compile=args.compile, seed=args.seed, fsdp=args.fsdp)
+                           compile=args.compile, seed=args.seed, fsdp=args.fsdp, ema_decay=args.ema_decay)
     with dist_utils.on_all_ranks("checking --out"):
         if dist_utils.is_main():
             prepare_output_dir(args.out, "--out")
-    model, config.model_config = load_flow_model(args.checkpoint)
-    if args.reward == "classifier":
-        reward = ClassifierReward(_reward_classifier(args, device), args.target_classes)
+    if args.pretrained is not None:
+        model = _t2i_model(args)
     else:
-        reward = get_reward(args.reward)
-    trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
+        model, config.model_config = load_flow_model(args.checkpoint)
+    trainer = ORWCFMTrainer(model, config, device, reward_fn=_reward(args, device))
     if args.resume:
         trainer.resume(args.resume)
     trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
@@ -159,24 +219,33 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from orw_fast.checkpoint import load_file
     from orw_fast.images import save_image_grid
+    from orw_fast.models.flow_model import PixelFlowModel
     from orw_fast.pretrain import load_flow_model
-    from orw_fast.sampling import sample
-    from orw_fast.trainer import infer_image_shape
 
     prepare_output_file(args.out, "--out")
-    model, _ = load_flow_model(args.checkpoint)
-    model.to(args.device).eval()
+    described = (load_file(args.checkpoint).get("config") or {}).get("model_config") or {}
+    if described.get("kind") == "diffusers":
+        from orw_fast.models.diffusers_flow import DiffusersFlowModel
+
+        flow = DiffusersFlowModel.from_checkpoint(args.checkpoint, pipeline=args.pretrained, prompts=args.prompts,
+                                                  device=args.device, dtype=DTYPES[args.weights_dtype])
+        module, prompts = flow.weights.module, flow.prompts.first(args.n)
+    else:
+        model, _ = load_flow_model(args.checkpoint)
+        flow, module, prompts = PixelFlowModel(model.to(args.device).eval()), model, None
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x0 = torch.randn((args.n, *infer_image_shape(model)), device=args.device, generator=gen)
-    x1 = sample(model, x0, steps=args.steps, method=args.method)
-    print(f"wrote {save_image_grid(x1, args.out, scale=args.scale)}")
+    x0 = torch.randn((args.n, *flow.sample_shape()), device=args.device, generator=gen)
+    images = flow.to_images(flow.generate(module, x0, prompts, steps=args.steps, method=args.method))
+    print(f"wrote {save_image_grid(images, args.out, scale=args.scale, captions=prompts)}")
 
 
 BENCHMARKS = {  # name -> (script in benchmarks/, what it measures)
     "loss": ("bench_loss.py", "fused loss forward + backward: eager, torch.compile, native, triton"),
     "sampler": ("bench_sampler.py", "rollout sampler: eager fp32 loop, torchdiffeq, ours eager / CUDA graph / compile"),
     "train-step": ("bench_train_step.py", "whole training step: ours against the official algorithm run eagerly"),
+    "t2i": ("bench_t2i.py", "text-to-image: rollouts, LoRA/full training steps, prompt caching (SD3, FLUX)"),
     "hardware": ("hardware.py", "the device's copy bandwidth and matmul rate"),
     "nvcc": ("nvcc_report.py", "registers, spills and 16-byte loads of the CUDA kernels (needs nvcc, no GPU)"),
     "all": ("run_all.py", "every stage in one run with a summary (benchmarks/run_gpu.sh, run_cpu.sh)"),
@@ -242,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(run=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model")
-    p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt from `orw-fast pretrain`")
-    p.add_argument("--reward", default="classifier", choices=("classifier", *REWARDS),
-                   help="the reward: a digit classifier's probability of --target-classes, or a registered reward")
+    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model (pixel or text-to-image)")
+    p.add_argument("--checkpoint", type=_existing_file, help="flow.pt from `orw-fast pretrain` (or give --pretrained)")
+    p.add_argument("--reward", default="classifier", choices=("classifier", "clip_score", *REWARDS),
+                   help="a digit classifier's probability of --target-classes, CLIP text-image alignment "
+                   "(text-to-image), or a registered reward (default classifier)")
     p.add_argument("--classifier", type=_existing_file, help="classifier.pt for --reward classifier")
     p.add_argument("--dataset", help="labelled dataset (digits | idx:PATH | folder:PATH) to train the reward "
                    "classifier on when --classifier is not given")
@@ -267,21 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the policy")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas")
+    p.add_argument("--ema-decay", type=_number(float, 0), default=0.0, help="EMA of the policy (0: none)")
+    _t2i_options(p, sampling=False)
     common(p)
     p.set_defaults(run=cmd_finetune, config_flags=FINETUNE_FLAGS)
 
     p = sub.add_parser("sample", help="a grid of samples from a checkpoint")
-    p.add_argument("--checkpoint", type=_existing_file, required=True)
+    p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt or a training checkpoint")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="the PNG file to write")
     p.add_argument("--n", type=_POSITIVE_INT, default=64, help="number of samples")
     p.add_argument("--steps", type=_POSITIVE_INT, default=100)
     p.add_argument("--method", default="euler")
     p.add_argument("--scale", type=_POSITIVE_INT, default=4, help="enlarge the PNG this many times")
+    _t2i_options(p, sampling=True)
     common(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("bench", add_help=False,
-                       help="benchmarks: loss | sampler | train-step | hardware | nvcc | all (see `orw-fast bench --help`)")
+                       help="benchmarks: loss | sampler | train-step | t2i | hardware | nvcc | all (see `orw-fast bench --help`)")
     p.set_defaults(run=cmd_bench)
     return parser
 

@@ -17,7 +17,8 @@ from packaging.requirements import Requirement
 # What bootstrap.sh installs, and the module each must import as.
 INSTALLED = {
     "orw_fast": "orw_fast._C", "torch": "torch", "triton": "triton", "torchcfm": "torchcfm",
-    "torchdiffeq": "torchdiffeq", "transformers": "transformers", "nvidia-dali-cuda130": "nvidia.dali",
+    "torchdiffeq": "torchdiffeq", "transformers": "transformers", "diffusers": "diffusers", "peft": "peft",
+    "nvidia-dali-cuda130": "nvidia.dali",
     "pytest": "pytest", "pytest-benchmark": "pytest_benchmark",
 }
 # (package, requirement) pairs not installed on purpose.

@@ -80,7 +80,7 @@ def test_user_errors_name_the_flag(tmp_path, capsys):
         (["finetune", *ckpt, "--lr", "0"], r"argument --lr: must be > 0"),
         (["finetune", *ckpt, "--batch-size", "0"], r"argument --batch-size: must be >= 1"),
         (["finetune", *ckpt, "--reward", "clip"], r"invalid choice: 'clip' \(choose from 'classifier', "
-                                                  r"'jpeg_compressibility', 'jpeg_incompressibility'\)"),
+                                                  r"'clip_score', 'jpeg_compressibility', 'jpeg_incompressibility'\)"),
         (["finetune", *ckpt, "--out", str(tmp_path / "ft")], r"checkpoint '.*a_file' cannot be read"),
         (["demo", "--alphas", "1,-1"], r"argument --alphas: must be finite numbers >= 0"),
     ]

@@ -2,6 +2,7 @@
 trainer initialises it from torchrun's environment variables). One step equals one process on the
 concatenated batch (DDP and FSDP2), a 2-rank run resumes exactly, a failing rank stops every rank, and
 ``torchrun -m orw_fast finetune`` runs end to end. Every run is bounded by TIMEOUT_S (a hang fails)."""
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -81,10 +82,22 @@ def full(tensors) -> list:
     return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
 
 
-def _one_step(rank, fsdp):
-    """One step, recording this rank's random draws: rollout (x0, x1), coupling noise and t."""
+def _make(kind, folder, savedir):
+    """(trainer inputs) for a kind of model: the 2-D toy field, or a tiny SD3 pipeline with LoRA."""
+    if kind == "toy":
+        return ToyField(), config(savedir), right_reward
+    from orw_fast.models.diffusers_flow import DiffusersFlowModel
+
+    flow = DiffusersFlowModel(folder, ["a red cat", "a blue dog", "a small bird"], lora_rank=4, resolution=8,
+                              guidance_scale=2.0, max_sequence_length=16)
+    return flow, config(savedir, sampler_steps=2, ema_decay=0.0), lambda images, prompts: images.mean(dim=(1, 2, 3))
+
+
+def _one_step(rank, kind, fsdp, folder):
+    """One step, recording this rank's random draws: rollout (x0, x1, prompts), coupling noise and t."""
     torch.manual_seed(rank)  # different weights on each rank: the trainer must start all from rank 0's
-    trainer = ORWCFMTrainer(ToyField(), config("unused", fsdp=fsdp), "cpu", reward_fn=right_reward)
+    model, cfg, reward = _make(kind, folder, "unused")
+    trainer = ORWCFMTrainer(model, dataclasses.replace(cfg, fsdp=fsdp), "cpu", reward_fn=reward)
     drawn = {}
 
     def recorded(name, fn):
@@ -97,41 +110,57 @@ def _one_step(rank, fsdp):
     with mock.patch.object(trainer_module, "couple", recorded("couple", couple)), \
             mock.patch.object(trainer_module, "sample_path", recorded("path", sample_path)):
         metrics = trainer.train_step()
-    return {"x0": drawn["rollout"][0], "x1": drawn["rollout"][1], "noise": drawn["couple"][0],
-            "t": drawn["path"][0], "metrics": metrics, "grads": full(p.grad for p in trainer.model.parameters()),
-            "params": full(trainer.model.parameters()), "ema": full(trainer.ema.parameters())}
+    params = trainer.weights.trainable_parameters()
+    return {"x0": drawn["rollout"][0], "x1": drawn["rollout"][1], "prompts": drawn["rollout"][2],
+            "noise": drawn["couple"][0], "t": drawn["path"][0], "metrics": metrics, "grads": full(p.grad for p in params),
+            "params": full(params), "ema": full(trainer.ema.parameters()) if kind == "toy" else None}
 
 
-def _one_step_each(rank):
-    return {variant: _one_step(rank, fsdp) for variant, fsdp in VARIANTS.items()}
+def _one_step_each(rank, folder):
+    return {(kind, variant): _one_step(rank, kind, fsdp, folder) for kind in KINDS for variant, fsdp in VARIANTS.items()}
+
+
+KINDS = ("toy", "sd3")
 
 
 @pytest.fixture(scope="module")
 def one_step_runs(tmp_path_factory):
-    return run_ranks(tmp_path_factory.mktemp("one_step"), _one_step_each)
+    from orw_fast.models.tiny_pipelines import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("one_step")
+    folder = save_tiny_pipeline("sd3", root / "sd3", sample_size=8)
+    return folder, run_ranks(root, _one_step_each, folder)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch, one_step_runs, variant):
-    ranks = [run[variant] for run in one_step_runs]
+def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch, one_step_runs, kind, variant):
+    """For a fully trained toy field and for a LoRA adapter on SD3 (prompts drawn per rank)."""
+    folder, runs = one_step_runs
+    ranks = [run[kind, variant] for run in runs]
     for key in ("x1", "noise", "t"):  # each rank drew its own share
         assert not torch.equal(ranks[0][key], ranks[1][key])
     for key in ("params", "ema"):  # the ranks stay in sync
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0][key], ranks[1][key]))
+        if ranks[0][key] is not None:
+            assert all(torch.equal(a, b) for a, b in zip(ranks[0][key], ranks[1][key]))
 
-    # one process, batch 16, fed the same x0, x1 (rollout), coupling noise and t as the two ranks
+    # one process, batch 16, fed the same x0, x1 (rollout), prompts, coupling noise and t as the two ranks
     torch.manual_seed(0)
-    single = ORWCFMTrainer(ToyField(), config(tmp_path / "single"), "cpu", reward_fn=right_reward)
+    model, cfg, reward = _make(kind, folder, tmp_path / "single")
+    single = ORWCFMTrainer(model, cfg, "cpu", reward_fn=reward)
     x0, x1, noise, t = (torch.cat([r[key] for r in ranks]) for key in ("x0", "x1", "noise", "t"))
-    monkeypatch.setattr(single, "rollout", lambda batch: (x0, x1) if batch == 16 else pytest.fail(f"batch {batch}"))
+    prompts = None if ranks[0]["prompts"] is None else ranks[0]["prompts"] + ranks[1]["prompts"]
+    monkeypatch.setattr(single, "rollout", lambda batch: (x0, x1, prompts) if batch == 16 else pytest.fail(f"{batch}"))
     monkeypatch.setattr(trainer_module, "couple", lambda x1_, weights, **kwargs: (noise, x1_, weights))
     monkeypatch.setattr(trainer_module, "sample_path", lambda a, b, **kwargs: sample_path(a, b, t, **kwargs))
     metrics = single.train_step()
 
+    params = single.weights.trainable_parameters()
     for rank in ranks:
-        torch.testing.assert_close(rank["grads"], [p.grad for p in single.model.parameters()])
-        torch.testing.assert_close(rank["params"], list(single.model.parameters()))
-        torch.testing.assert_close(rank["ema"], list(single.ema.parameters()))
+        torch.testing.assert_close(rank["grads"], [p.grad for p in params])
+        torch.testing.assert_close(rank["params"], list(params))
+        if rank["ema"] is not None:
+            torch.testing.assert_close(rank["ema"], list(single.ema.parameters()))
         for key in ("loss", "fm_loss", "w2_loss", "reward_mean", "reward_std", "ess", "diversity", "grad_norm"):
             assert rank["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
 

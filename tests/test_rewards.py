@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from orw_fast.rewards import (
-    REWARDS, ClassifierReward, CLIPReward, as_reward_fn, check_rewards, get_reward, jpeg_compressibility,
-    jpeg_incompressibility, to_uint8_images,
+    REWARDS, ClassifierReward, CLIPFeatureReward, CLIPReward, CLIPScoreReward, as_reward_fn, check_rewards, get_reward,
+    jpeg_compressibility, jpeg_incompressibility, takes_prompts, to_uint8_images,
 )
 
 
@@ -144,7 +144,7 @@ def test_clip_reward_on_a_tiny_checkpoint(tiny_clip):
     model, tokenizer = CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip)
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     pixels = ((x + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    torch.testing.assert_close(reward.preprocess(x), pixels)
+    torch.testing.assert_close(reward.clip.preprocess(x), pixels)
     with torch.no_grad():
         out = model(**tokenizer(prompts, padding=True, return_tensors="pt"), pixel_values=pixels)
     probs = out.logits_per_image.softmax(-1)
@@ -156,6 +156,48 @@ def test_clip_reward_on_a_tiny_checkpoint(tiny_clip):
     assert grey.shape == big.shape == (2,) and bool((big.abs() <= 1).all())
 
 
+def test_clip_score_is_the_cosine_of_each_image_and_its_own_prompt(tiny_clip):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    reward = CLIPScoreReward(tiny_clip, device="cpu")
+    x = _images(3, 3, 8)
+    prompts = ["a dog", "a cat", "a dog"]
+    r = reward(x, prompts)
+    model, tokenizer = CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip)
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    with torch.no_grad():
+        out = model(**tokenizer(prompts, padding=True, return_tensors="pt"),
+                    pixel_values=((x + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    want = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+    torch.testing.assert_close(r, want, rtol=1e-5, atol=1e-6)
+    assert set(reward._texts) == {"a dog", "a cat"}  # each distinct prompt encoded once
+    with pytest.raises(ValueError, match="one prompt .* per image"):
+        reward(x, None)
+    wrapped = as_reward_fn(reward)  # the trainer's wrapper passes the prompts along
+    torch.testing.assert_close(wrapped(x, prompts), r)
+
+
+def test_a_model_on_clip_features_is_a_reward(tiny_clip):
+    head = torch.nn.Linear(8, 1)
+    reward = CLIPFeatureReward(head, tiny_clip, device="cpu")
+    x = _images(4, 3, 8)
+    with torch.no_grad():
+        want = head(reward.clip.images(x)).squeeze(1)
+    torch.testing.assert_close(reward(x), want)
+    assert not takes_prompts(reward) and takes_prompts(CLIPScoreReward.forward)
+    with pytest.raises(ValueError, match="head must return one score per image"):
+        CLIPFeatureReward(lambda f: f, tiny_clip, device="cpu")(x)
+
+
+def test_which_reward_functions_get_prompts():
+    assert takes_prompts(lambda images, prompts: 0) and takes_prompts(lambda images, *, prompts=None: 0)
+    assert not takes_prompts(lambda images: 0) and not takes_prompts(lambda images, quality=95: 0)
+    assert not takes_prompts(jpeg_compressibility)
+    x = _images(2, 3, 4)
+    assert as_reward_fn(lambda im, prompts: [len(p) for p in prompts])(x, ["ab", "abc"]).tolist() == [2.0, 3.0]
+    assert as_reward_fn(lambda im: [1.0, 2.0])(x, ["ignored", "too"]).tolist() == [1.0, 2.0]
+
+
 def test_clip_reward_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="model_path is not given.*local weights only.*hf download"):
         CLIPReward(["a", "b"])
@@ -165,7 +207,7 @@ def test_clip_reward_errors(tmp_path, monkeypatch):
         CLIPReward(["a dog"], model_path=tmp_path)
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match="CLIPReward needs transformers"):
+    with pytest.raises(ImportError, match="CLIP rewards need transformers"):
         CLIPReward(["a", "b"], model_path=tmp_path)
 
 

@@ -1,12 +1,14 @@
-"""Reward functions: model-space images [B, C, H, W] in [-1, 1] -> rewards [B] (float tensors)."""
+"""Reward functions: model-space images [B, C, H, W] in [-1, 1] (and, for text-to-image rewards, the batch's
+prompts) -> rewards [B] (float tensors)."""
 from orw_fast.rewards.base import check_images, check_rewards, to_uint8_images
 from orw_fast.rewards.classifier import CLASSIFIER_MODES, ClassifierReward
-from orw_fast.rewards.clip import CLIPReward
+from orw_fast.rewards.clip import CLIPEncoder, CLIPFeatureReward, CLIPReward, CLIPScoreReward
 from orw_fast.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility, jpeg_sizes_kb
-from orw_fast.rewards.registry import REWARDS, RewardFn, as_reward_fn, get_reward
+from orw_fast.rewards.registry import REWARDS, RewardFn, as_reward_fn, get_reward, takes_prompts
 
 __all__ = [
-    "CLASSIFIER_MODES", "CLIPReward", "ClassifierReward", "REWARDS", "RewardFn", "as_reward_fn", "check_images",
+    "CLASSIFIER_MODES", "CLIPEncoder", "CLIPFeatureReward", "CLIPReward", "CLIPScoreReward", "ClassifierReward",
+    "REWARDS", "RewardFn", "as_reward_fn", "check_images",
     "check_rewards", "get_reward", "jpeg_compressibility", "jpeg_incompressibility", "jpeg_sizes_kb",
-    "to_uint8_images",
+    "takes_prompts", "to_uint8_images",
 ]

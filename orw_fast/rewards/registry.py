@@ -1,6 +1,7 @@
 """Rewards by name, and any callable made into a checked reward function."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -47,10 +48,25 @@ def _as_reward_tensor(out, batch: int) -> torch.Tensor:
     return rewards if rewards.is_floating_point() else rewards.float()
 
 
+def takes_prompts(fn) -> bool:
+    """Whether a reward function wants the batch's prompts: it has a parameter named ``prompts``, or two
+    positional parameters without defaults (``reward(images, prompts)``)."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # builtins and the like: images only
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is inspect.Parameter.empty]
+    return any(p.name == "prompts" for p in params) or len(required) >= 2
+
+
 def as_reward_fn(obj) -> RewardFn:
     """A checked reward function from a registered name or any callable ``images -> rewards``.
 
-    The callable may return a tensor, a list or a numpy array of B real numbers. The wrapper returns a detached
+    The callable takes the images [B, C, H, W] in [-1, 1], and the batch's B prompts too when it asks for them
+    (:func:`takes_prompts`); the wrapper is called as ``reward_fn(images, prompts=None)``. It may return a
+    tensor, a list or a numpy array of B real numbers. The wrapper returns a detached
     [B] tensor on the images' device (floating values keep their dtype, so Python floats become float64; integers
     and booleans become float32) and raises TypeError/ValueError naming the reward function's output for anything
     else (strings, dicts, nested lists, a wrong length) and ValueError for any non-finite reward.
@@ -61,8 +77,10 @@ def as_reward_fn(obj) -> RewardFn:
         raise TypeError(f"reward must be a callable images -> [B] rewards or a name in {tuple(REWARDS)}, got "
                         f"{type(obj).__name__}")
 
-    def reward_fn(images: torch.Tensor) -> torch.Tensor:
-        rewards = _as_reward_tensor(obj(images), images.shape[0])
+    with_prompts = takes_prompts(obj)
+
+    def reward_fn(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        rewards = _as_reward_tensor(obj(images, prompts) if with_prompts else obj(images), images.shape[0])
         check_rewards(rewards, images.shape[0])
         return rewards.to(images.device)
 
