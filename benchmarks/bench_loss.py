@@ -169,17 +169,10 @@ def add_ratios(rows: list[dict], copy_gbs: float) -> None:
 def format_table(rows: list[dict]) -> str:
     header = ["size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s", "% copy BW", "peak extra MB",
               "peak / grad buf", "vs eager", "vs compile"]
-    lines = []
-    for r in rows:
-        cells = [size_id(r["size"]), r["dtype"], r["backend"]]
-        if r["status"] != "ok":
-            lines.append(cells + [common.short_status(r["status"])] + [""] * (len(header) - 4))
-            continue
-        cells += [f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}",
-                  f"{r['pct_copy_bw']:.1f}", f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x",
-                  common.fmt("{:.2f}x", r["speedup_vs_eager"]), common.fmt("{:.2f}x", r["speedup_vs_compile"])]
-        lines.append(cells)
-    return common.markdown_table(header, lines)
+    return common.results_table(header, rows, lambda r: [size_id(r["size"]), r["dtype"], r["backend"]], lambda r: [
+        f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
+        f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x", common.fmt("{:.2f}x", r["speedup_vs_eager"]),
+        common.fmt("{:.2f}x", r["speedup_vs_compile"])])
 
 
 def format_sweep(rows: list[dict]) -> str:

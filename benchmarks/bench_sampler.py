@@ -154,19 +154,12 @@ def add_ratios(rows: list[dict], flops_per_sample_step: int, matmul_tflops: floa
 def format_table(rows: list[dict]) -> str:
     header = ["batch", "variant", "median ms", "IQR ms", "samples/s", "ms/step", "vs fp32 loop", "TFLOP/s",
               "% matmul", "rel err", "first call s", "peak extra MB", "graph fwd ms", "replay / N fwd"]
-    lines = []
-    for r in rows:
-        cells = [str(r["batch"]), r["variant"]]
-        if r["status"] != "ok":
-            lines.append(cells + [common.short_status(r["status"])] + [""] * (len(header) - 3))
-            continue
-        lines.append(cells + [
-            f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
-            f"{r['ms_per_step']:.3f}", common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
-            f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}",
-            f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
-            common.fmt("{:.3f}", r.get("forward_graph_ms")), common.fmt("{:.3f}", r.get("replay_vs_n_forwards"))])
-    return common.markdown_table(header, lines)
+    return common.results_table(header, rows, lambda r: [str(r["batch"]), r["variant"]], lambda r: [
+        f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
+        f"{r['ms_per_step']:.3f}", common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
+        f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}",
+        f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
+        common.fmt("{:.3f}", r.get("forward_graph_ms")), common.fmt("{:.3f}", r.get("replay_vs_n_forwards"))])
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:

@@ -110,19 +110,12 @@ def add_ratios(rows: list[dict], flops_per_sample: int, matmul_tflops: float) ->
 def format_table(rows: list[dict]) -> str:
     header = ["batch", "variant", "precision", "median step ms", "IQR ms", "samples/s", "vs official", "TFLOP/s",
               "% matmul", "rollout ms", "rollout share", "first step s", "peak alloc MB", "peak extra MB"]
-    lines = []
-    for r in rows:
-        cells = [str(r["batch"]), r["variant"]]
-        if r["status"] != "ok":
-            lines.append(cells + [common.short_status(r["status"])] + [""] * (len(header) - 3))
-            continue
-        lines.append(cells + [
-            r["precision"], f"{r['median_ms']:.1f}", f"{r['q1_ms']:.1f}..{r['q3_ms']:.1f}", f"{r['samples_per_s']:.1f}",
-            common.fmt("{:.2f}x", r.get("speedup_vs_official")), f"{r['model_tflops']:.3g}",
-            f"{r['pct_matmul_rate']:.1f}", f"{r['rollout_ms']:.1f}",
-            f"{100 * r['rollout_share']:.0f} %", f"{r['first_call_s']:.2f}", common.fmt("{:.0f}", r.get("peak_allocated_mb")),
-            f"{r['peak_extra_mb']:.1f}"])
-    return common.markdown_table(header, lines)
+    return common.results_table(header, rows, lambda r: [str(r["batch"]), r["variant"]], lambda r: [
+        r["precision"], f"{r['median_ms']:.1f}", f"{r['q1_ms']:.1f}..{r['q3_ms']:.1f}", f"{r['samples_per_s']:.1f}",
+        common.fmt("{:.2f}x", r.get("speedup_vs_official")), f"{r['model_tflops']:.3g}",
+        f"{r['pct_matmul_rate']:.1f}", f"{r['rollout_ms']:.1f}",
+        f"{100 * r['rollout_share']:.0f} %", f"{r['first_call_s']:.2f}", common.fmt("{:.0f}", r.get("peak_allocated_mb")),
+        f"{r['peak_extra_mb']:.1f}"])
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:

@@ -378,6 +378,17 @@ def short_status(status: str, limit: int = 70) -> str:
     return status if len(status) <= limit else status[: limit - 3] + "..."
 
 
+def results_table(header: list[str], rows: list[dict], keys, values) -> str:
+    """A Markdown table of result rows: ``keys(r)`` are the cells that name the case; a row whose status is "ok"
+    continues with ``values(r)``, any other with its (shortened) status and empty cells."""
+    lines = []
+    for r in rows:
+        cells = keys(r)
+        rest = values(r) if r["status"] == "ok" else [short_status(r["status"])] + [""] * (len(header) - len(cells) - 1)
+        lines.append(cells + rest)
+    return markdown_table(header, lines)
+
+
 def error_status(err: BaseException) -> str:
     return f"failed: {type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
 

@@ -1,7 +1,7 @@
 """The whole benchmark run in one command: each stage in its own process, with its own log and time limit; a
 failed stage is recorded and the next one runs; a summary (with the issue's targets on GPU) comes last.
 
-Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step):
+Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step, t2i):
   build       pip install --no-build-isolation --no-deps --no-index -e . for the GPU's architecture
               (TORCH_CUDA_ARCH_LIST, e.g. 9.0), `python setup.py build_ext --inplace` if pip fails; skipped
               when orw_fast._C already has a CUDA kernel newer than every source
@@ -11,6 +11,7 @@ Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_ste
   loss        benchmarks/bench_loss.py
   sampler     benchmarks/bench_sampler.py
   train_step  benchmarks/bench_train_step.py
+  t2i         benchmarks/bench_t2i.py (text-to-image: SD3.5-medium and FLUX.1-dev sizes on cuda, tiny on cpu)
 Results, logs and the summary run_<date>_<commit>_<stages>.md go to OUT/<device-slug>/ (default
 benchmarks/results/); --archive also packs the files this run wrote into one .tar.gz after every stage (so a
 run cut short still leaves its results); --report sums up a folder filled by several runs.
@@ -43,12 +44,12 @@ import torch
 from benchmarks import common
 
 ROOT = common.REPO_ROOT
-STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step")
-DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step")}
+STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step", "t2i")
+DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
 BENCH_SCRIPTS = {"hardware": "hardware.py", "loss": "bench_loss.py", "sampler": "bench_sampler.py",
-                 "train_step": "bench_train_step.py"}
+                 "train_step": "bench_train_step.py", "t2i": "bench_t2i.py"}
 TIMEOUT_S = {"build": 900, "nvcc": 600, "tests": 1200, "hardware": 300, "loss": 1200, "sampler": 1500,
-             "train_step": 1500}
+             "train_step": 1500, "t2i": 1500}
 
 
 @dataclass
@@ -191,7 +192,7 @@ def stage_bench(run: Run, result: StageResult) -> None:
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
-                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench}
+                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench, "t2i": stage_bench}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,10 +281,17 @@ def summarize_train_step(data: dict) -> str:
     return "; ".join(parts) + _failed(data)
 
 
+def summarize_t2i(data: dict) -> str:
+    parts = [f"{r['model']} B={r['batch']} {r['variant']}: {r['median_ms']:.1f} ms"
+             + common.fmt(", {:.0f} MB peak", r.get("peak_allocated_mb"))
+             for r in _ok(data["results"]) if r["variant"] in ("rollout_graph", "rollout_eager", "step_lora")]
+    return "; ".join(parts) + _failed(data)
+
+
 RESULT_NAMES = {"nvcc": "nvcc", "hardware": "hardware", "loss": "loss", "sampler": "sampler",
-                "train_step": "train_step"}
+                "train_step": "train_step", "t2i": "t2i"}
 SUMMARIES = {"nvcc": summarize_nvcc, "hardware": summarize_hardware, "loss": summarize_loss,
-             "sampler": summarize_sampler, "train_step": summarize_train_step}
+             "sampler": summarize_sampler, "train_step": summarize_train_step, "t2i": summarize_t2i}
 
 
 def headline(stage: str, data: dict | None) -> str:
@@ -434,7 +442,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", type=common.parse_device, default=common.default_device(),
         help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     add("--stages", type=common.parse_list(STAGES), help=f"comma-separated subset of {','.join(STAGES)} "
-        "(default: all on cuda; hardware,loss,sampler,train_step on cpu)")
+        "(default: all on cuda; hardware,loss,sampler,train_step,t2i on cpu)")
     add("--skip", type=common.parse_list(STAGES), default=[], help="stages to leave out")
     add("--out", type=Path, default=common.RESULTS_DIR, help="results root (default benchmarks/results)")
     add("--archive", type=Path, help="also pack this run's files into this .tar.gz, refreshed after every stage")

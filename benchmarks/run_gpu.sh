@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command (H100/H200, sm_90): build the extension for the GPU, nvcc resource report
 # (registers, spills, 16-byte loads in the SASS), the test suite with its CUDA tests, copy bandwidth and bf16
-# matmul rate, the loss / sampler / training-step benchmarks -> benchmarks/results/<device>/ (JSON, CSV,
+# matmul rate, the loss / sampler / training-step / text-to-image benchmarks -> benchmarks/results/<device>/ (JSON, CSV,
 # Markdown, PNG, logs, run_<date>_<commit>.md with the targets). A failing stage is recorded and the
 # run goes on.
 #
@@ -10,12 +10,15 @@
 #   bash benchmarks/run_gpu.sh --stages build,nvcc,hardware,loss      # estimated 5-8 min
 #   bash benchmarks/run_gpu.sh --stages tests,sampler                 # estimated 5-9 min
 #   bash benchmarks/run_gpu.sh --stages train_step                    # estimated 4-7 min
+#   bash benchmarks/run_gpu.sh --stages t2i                           # text-to-image: SD3.5-medium and FLUX.1-dev
+#                                                                       sizes, random weights (estimated 5-10 min)
 #   bash benchmarks/run_gpu.sh --quick                                # smoke run: benchmarks at toy sizes
 # Each part writes run_<date>_<commit>_<stages>.md; `python benchmarks/run_all.py --report benchmarks/results/<gpu>`
 # (no GPU needed) sums the parts up into summary_<date>_<commit>.md with the targets.
 # Other options: python benchmarks/run_all.py --help.
 #
-# Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests) may be missing there. On a
+# Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests; diffusers for the text-to-image
+# stage and tests) may be missing there. On a
 # machine with internet run `bash benchmarks/fetch_gpu_wheels.sh` (wheels for CPython 3.12 into .whl/) and
 # bring .whl/ along; this script installs them into /tmp/orw_fast_site when the import fails.
 # Environment: PYTHON (default python3), ORW_FAST_COMMIT (the commit to record when the checkout has no .git),
@@ -25,14 +28,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 case "${1:-}" in -h|--help) exec "$PY" benchmarks/run_all.py --help ;; esac
 
-if ! "$PY" -c "import torchcfm, ot" 2>/dev/null; then
+if ! "$PY" -c "import torchcfm, ot, diffusers, peft, transformers" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         echo "installing the carried wheels: $(ls .whl | tr '\n' ' ')"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/orw_fast_site \
             .whl/*.whl && export PYTHONPATH="/tmp/orw_fast_site${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "warning: torchcfm / POT are not importable and there is no .whl/ folder: the sampler and" \
-             "training-step benchmarks and the model tests will fail (see bash benchmarks/fetch_gpu_wheels.sh)"
+        echo "warning: torchcfm / POT / diffusers / peft / transformers are not importable and there is no .whl/" \
+             "folder: the sampler, training-step and text-to-image benchmarks and their tests will fail (see" \
+             "bash benchmarks/fetch_gpu_wheels.sh)"
     fi
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_loss, bench_sampler, bench_train_step, hardware, nvcc_report, run_all
+from benchmarks import bench_loss, bench_sampler, bench_t2i, bench_train_step, hardware, nvcc_report, run_all
 from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +78,23 @@ def test_train_step_benchmark(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and r["samples_per_s"] > 0 and 0 < r["rollout_share"] and r["peak_extra_mb"] > 0
     assert rows[0]["speedup_vs_official"] == 1.0
+
+
+def test_text_to_image_benchmark(tmp_path):
+    """Every variant on the tiny SD3 model (FLUX's path is the same code, tested in test_text_to_image.py)."""
+    code = bench_t2i.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--models", "tiny-sd3",
+                           "--batches", "2", "--sampler-steps", "2", "--repeats", "2", "--lora-rank", "2"])
+    rows = check_results(tmp_path, "t2i", plot=True)
+    assert code == 0 and [r["variant"] for r in rows] == list(bench_t2i.VARIANTS)
+    for r in rows:
+        if r["variant"] == "rollout_graph":
+            assert r["status"] == "skipped: CUDA graphs need a CUDA device"
+        else:
+            assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["trainable_parameters"] > 0, r
+    lora, full = (next(r["trainable_parameters"] for r in rows if r["variant"] == v) for v in ("step_lora", "step_full"))
+    assert lora < full
+    with pytest.raises(SystemExit, match="published architectures need a GPU"):
+        bench_t2i.main(["--device", "cpu", "--models", "flux-dev", "--out", str(tmp_path)])
 
 
 def test_hardware_script(tmp_path, capsys):
