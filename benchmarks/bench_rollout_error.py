@@ -1,0 +1,238 @@
+"""Rollout accuracy against model calls: which fixed-step sampler reaches 100-step Euler's accuracy cheapest.
+
+For each model, the same noise x0 is integrated by every (method, time grid, number of steps) and compared with a
+tight torchdiffeq ``dopri5`` solution (rtol = atol = --ref-tol) of the same ODE:
+  rms_error   per-sample RMS of x1 - x1_ref (over the sample's elements), the median over the batch
+  w2          W2 distance between the sample sets {x1} and {x1_ref} (exact OT, squared Euclidean cost, POT)
+Methods: euler (1 call a step), midpoint and heun (2 calls a step). Grids on t in [0, 1] (t=0 noise):
+  uniform      k / N
+  noise_dense  SD3's shift 3: t = 1 - 3 s / (1 + 2 s), s = 1 - k / N (steps shorter near the noise)
+  data_dense   its mirror, t = 3 u / (1 + 2 u), u = k / N (steps shorter near the data)
+The chosen default is the cheapest (fewest model calls) configuration whose rms_error and w2 are both no larger than
+100-step uniform Euler's (the official rollout) on every model measured.
+
+Models: "digits" (the demo's pre-trained digits flow model, cached in $ORW_FAST_CACHE/digits; pre-trained first if
+missing) and "cifar10" (the paper's CIFAR-10 UNet, 35.7M parameters, random weights with the zero-initialized
+layers filled: see benchmarks.common.make_model); on the CPU "small" (a 3x16x16 UNet) stands in for the CIFAR UNet
+with --quick.
+
+    python benchmarks/bench_rollout_error.py                       # digits + cifar10 (CPU: about 10 minutes)
+    python benchmarks/bench_rollout_error.py --models digits --calls 10,20,100
+    python benchmarks/bench_rollout_error.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import common
+
+METHODS = {"euler": 1, "midpoint": 2, "heun": 2}  # name -> model calls per step
+GRIDS = ("uniform", "noise_dense", "data_dense")
+MODELS = ("digits", "cifar10", "small")
+CALLS = (4, 8, 10, 16, 20, 24, 28, 32, 40, 48, 64, 100)
+CIFAR_CALLS = (16, 20, 24, 32, 40, 48, 64)  # the CIFAR UNet takes about 0.5 s a call on 2 CPU cores
+BATCH = {"digits": 64, "cifar10": 8, "small": 16}
+SHIFT = 3.0
+BASELINE = ("euler", "uniform", 100)  # the official rollout: 100 uniform Euler steps
+
+
+def time_grid(name: str, steps: int) -> torch.Tensor:
+    """The float64 grid [steps + 1] from 0 to 1 of ``name`` (see the module docstring)."""
+    u = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if name == "uniform":
+        return u
+    if name == "noise_dense":
+        s = 1 - u
+        return 1 - SHIFT * s / (1 + (SHIFT - 1) * s)
+    if name == "data_dense":
+        return SHIFT * u / (1 + (SHIFT - 1) * u)
+    raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
+
+
+def load_model(name: str, device: torch.device):
+    """(model in eval mode, sample shape) of a MODELS name."""
+    if name == "digits":
+        from orw_fast.demo import DemoSettings, pretrained_digits
+        from orw_fast.models.flow_model import infer_image_shape
+        from orw_fast.pretrain import default_cache_dir
+
+        model, _ = pretrained_digits(default_cache_dir(), steps=DemoSettings().pretrain_steps, device=device)
+        return model.eval(), infer_image_shape(model)
+    model, shape, _ = common.make_model(name, device)
+    return model.eval(), shape
+
+
+def w2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact W2 between two equally weighted sample sets [N, ...] (POT's emd, squared Euclidean cost)."""
+    import ot
+
+    a, b = a.reshape(a.shape[0], -1).double().cpu(), b.reshape(b.shape[0], -1).double().cpu()
+    cost = torch.cdist(a, b).square().numpy()
+    return float(ot.emd2([], [], cost)) ** 0.5
+
+
+def measure(model, x0: torch.Tensor, ref: torch.Tensor, method: str, grid: str, steps: int) -> dict:
+    from orw_fast.sampling import sample
+
+    x1 = sample(model, x0, times=time_grid(grid, steps), method=method, cuda_graph=False)
+    rms = (x1 - ref).flatten(1).square().mean(dim=1).sqrt()
+    return {"method": method, "grid": grid, "steps": steps, "model_calls": steps * METHODS[method],
+            "rms_error": float(rms.median()), "rms_error_max": float(rms.max()), "w2": w2_distance(x1, ref),
+            "status": "ok"}
+
+
+def cases(calls) -> list[tuple[str, str, int]]:
+    """(method, grid, steps) for every budget of model calls a method can spend exactly, and the baseline."""
+    return sorted({(m, g, c // METHODS[m]) for m, g, c in itertools.product(METHODS, GRIDS, calls)
+                   if c % METHODS[m] == 0} | {BASELINE})
+
+
+def run_model(name: str, device: torch.device, calls: list[int], batch: int, ref_tol: float, seed: int,
+              bar) -> tuple[list[dict], dict]:
+    from orw_fast.sampling import sample
+
+    model, shape = load_model(name, device)
+    x0 = torch.randn((batch, *shape), device=device, generator=torch.Generator(device=device).manual_seed(seed))
+    counter = {"calls": 0}
+
+    def counted(t, x):
+        counter["calls"] += 1
+        return model(t, x)
+
+    ref = sample(counted, x0, method="dopri5", rtol=ref_tol, atol=ref_tol, cuda_graph=False)
+    info = {"model": name, "batch": batch, "reference_calls": counter["calls"],
+            "sample_rms": float(ref.flatten(1).square().mean(dim=1).sqrt().median())}
+    rows = []
+    for method, grid, steps in cases(calls):
+        bar.set_postfix_str(f"{name} {method} {grid} {steps}")
+        try:
+            rows.append({"model": name, **measure(model, x0, ref, method, grid, steps)})
+        except Exception as err:  # reported in the table
+            rows.append({"model": name, "method": method, "grid": grid, "steps": steps,
+                         "model_calls": steps * METHODS[method], "status": common.error_status(err)})
+        bar.update(1)
+    return rows, info
+
+
+def choose_default(rows: list[dict]) -> dict | None:
+    """The configuration with the fewest model calls whose rms_error and w2 are at most the baseline's on every
+    model (ties: the smaller worst ratio to the baseline); None when none qualifies."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    models = sorted({r["model"] for r in ok})
+    base = {r["model"]: r for r in ok if (r["method"], r["grid"], r["steps"]) == BASELINE}
+    if set(base) != set(models):
+        return None
+    by_config: dict = {}
+    for r in ok:
+        by_config.setdefault((r["method"], r["grid"], r["steps"]), {})[r["model"]] = r
+    best = None
+    for (method, grid, steps), per_model in by_config.items():
+        if set(per_model) != set(models):
+            continue
+        ratio = max(per_model[m][key] / base[m][key] for m in models for key in ("rms_error", "w2"))
+        if ratio <= 1.0:
+            key = (steps * METHODS[method], ratio)
+            if best is None or key < best[0]:
+                best = (key, {"method": method, "grid": grid, "steps": steps, "model_calls": key[0],
+                              "worst_error_vs_baseline": ratio})
+    return None if best is None else best[1]
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["model", "method", "grid", "steps", "model calls", "median RMS error", "max RMS error", "W2 to ref"]
+    ordered = sorted(rows, key=lambda r: (r["model"], r["method"], r["grid"], r["model_calls"]))
+    return common.results_table(header, ordered,
+                                lambda r: [r["model"], r["method"], r["grid"], str(r["steps"]), str(r["model_calls"])],
+                                lambda r: [f"{r['rms_error']:.2e}", f"{r['rms_error_max']:.2e}", f"{r['w2']:.2e}"])
+
+
+def format_report(meta: dict, rows: list[dict]) -> str:
+    chosen = meta["chosen"]
+    lines = [
+        f"# {meta['benchmark']}: {meta['device_name']}",
+        "",
+        *common.metadata_lines(meta),
+        "- reference: torchdiffeq dopri5, rtol = atol = "
+        + f"{meta['ref_tol']:g}; " + "; ".join(
+            f"{m['model']}: batch {m['batch']}, {m['reference_calls']} model calls, sample RMS {m['sample_rms']:.3f}"
+            for m in meta["models"]),
+        "- median RMS error: per-sample RMS of x1 - x1_ref, median over the batch; W2: exact OT between the sets",
+        "- baseline: 100 uniform Euler steps (the official rollout), "
+        + "; ".join(f"{r['model']} {r['rms_error']:.2e}" for r in rows
+                    if r["status"] == "ok" and (r["method"], r["grid"], r["steps"]) == BASELINE),
+        "- chosen: " + ("none reaches the baseline's error" if chosen is None else
+                        f"**{chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps = {chosen['model_calls']} "
+                        f"model calls** (median RMS error and W2 at most {chosen['worst_error_vs_baseline']:.2f}x the "
+                        "baseline's on every model): the cheapest configuration as accurate as 100-step Euler"),
+    ]
+    return "\n".join(lines) + "\n\n" + format_table(rows) + "\n"
+
+
+def plot(meta: dict, rows: list[dict]):
+    ok = [r for r in rows if r["status"] == "ok"]
+    models = [m["model"] for m in meta["models"]]
+    fig, axes = common.new_figure(max(len(models), 1), f"rollout error against model calls, {meta['device_name']}")
+    for ax, model in zip(axes, models):
+        for method, grid in itertools.product(METHODS, GRIDS):
+            pts = sorted((r["model_calls"], r["rms_error"]) for r in ok
+                         if r["model"] == model and r["method"] == method and r["grid"] == grid)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=f"{method}, {grid}",
+                        linestyle={"uniform": "-", "noise_dense": "--", "data_dense": ":"}[grid])
+        base = [r["rms_error"] for r in ok if r["model"] == model and (r["method"], r["grid"], r["steps"]) == BASELINE]
+        if base:
+            ax.axhline(base[0], color="grey", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="model calls", ylabel="median RMS error vs dopri5", title=model)
+        ax.legend(fontsize="x-small")
+    return fig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    add = parser.add_argument
+    add("--models", type=common.parse_list(MODELS), help="comma-separated (default digits,cifar10; --quick: small)")
+    add("--calls", type=common.parse_positive_ints, help=f"model-call budgets (default {','.join(map(str, CALLS))}; "
+        f"cifar10 {','.join(map(str, CIFAR_CALLS))})")
+    add("--batch", type=common.positive_int, help="samples per model (default digits 64, cifar10 8, small 16)")
+    add("--ref-tol", type=float, default=1e-6, help="dopri5 rtol = atol of the reference (default 1e-6)")
+    add("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    models = args.models or (("small",) if args.quick else ("digits", "cifar10"))
+    calls = args.calls or ((4, 8) if args.quick else CALLS)
+    ref_tol = 1e-4 if args.quick and args.ref_tol == 1e-6 else args.ref_tol
+    meta = common.run_metadata(device, "rollout error against model calls", ref_tol=ref_tol, calls=list(calls))
+    common.warn_if_loaded(meta)
+    rows, infos = [], []
+    total = sum(len(cases(calls if args.calls or args.quick or name != "cifar10" else CIFAR_CALLS)) for name in models)
+    with tqdm(total=total, unit="case") as bar:
+        for name in models:
+            batch = args.batch or (4 if args.quick else BATCH[name])
+            model_calls = calls if args.calls or args.quick or name != "cifar10" else CIFAR_CALLS
+            model_rows, info = run_model(name, device, list(model_calls), batch, ref_tol, args.seed, bar)
+            rows += model_rows
+            infos.append(info)
+            common.free_memory(device)
+    meta["models"] = infos
+    meta["chosen"] = choose_default(rows)
+    return common.finish_run(args, "rollout_error", meta, rows, format_report, plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
