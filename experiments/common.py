@@ -1,15 +1,13 @@
-"""Shared pieces of the experiments: the epoch loop over ORWCFMTrainer, sample-set W2, result files."""
+"""Shared pieces of the experiments: the epoch loop over ORWCFMTrainer, result files."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from orw_fast.checkpoint import write_text_atomic
 from orw_fast.trainer import ORWCFMTrainer
@@ -34,17 +32,6 @@ def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int
                         "seconds": time.perf_counter() - start, **evaluate(trainer)})
     bar.close()
     return records
-
-
-def w2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Exact W2 distance between two equal-weight sample sets a [N, ...] and b [M, ...] (flattened),
-    by optimal transport with POT (``ot.emd2`` on squared Euclidean costs, float64)."""
-    import ot
-
-    x = a.detach().reshape(a.shape[0], -1).double().cpu().numpy()
-    y = b.detach().reshape(b.shape[0], -1).double().cpu().numpy()
-    cost = ot.dist(x, y, metric="sqeuclidean")
-    return math.sqrt(max(float(ot.emd2(ot.unif(len(x)), ot.unif(len(y)), cost, numItermax=1_000_000)), 0.0))
 
 
 def git_commit() -> str:

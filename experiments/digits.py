@@ -18,9 +18,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from experiments.common import fine_tune_by_epoch, pyplot, w2_distance, write_results
+from experiments.common import fine_tune_by_epoch, pyplot, write_results
 from orw_fast.demo import evaluate_digits, pretrained_digits
 from orw_fast.images import save_image_grid
+from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig

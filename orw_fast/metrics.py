@@ -1,4 +1,4 @@
-"""Batch statistics logged by the trainer and the demo."""
+"""Batch statistics logged by the trainer and the demo, and the W2 distance between sample sets."""
 from __future__ import annotations
 
 import math
@@ -25,3 +25,14 @@ def class_entropy(labels: torch.Tensor, num_classes: int) -> float:
     p = torch.bincount(labels.detach().cpu(), minlength=num_classes).double()
     p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum()) if p.numel() else math.nan
+
+
+def w2_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact W2 distance between two equal-weight sample sets a [N, ...] and b [M, ...] (flattened),
+    by optimal transport with POT (``ot.emd2`` on squared Euclidean costs, float64)."""
+    import ot
+
+    x = a.detach().reshape(a.shape[0], -1).double().cpu().numpy()
+    y = b.detach().reshape(b.shape[0], -1).double().cpu().numpy()
+    cost = ot.dist(x, y, metric="sqeuclidean")
+    return math.sqrt(max(float(ot.emd2(ot.unif(len(x)), ot.unif(len(y)), cost, numItermax=1_000_000)), 0.0))

@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import torch
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun")
+GRIDS = ("uniform", "noise_dense", "data_dense")
+GRID_SHIFT = 3.0
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 _WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy init, cuDNN/cuBLAS autotuning)
 
@@ -44,6 +46,22 @@ class _Grid(NamedTuple):
 
 def _uniform(steps: int) -> torch.Tensor:
     return torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+def time_grid(name: str, steps: int) -> torch.Tensor:
+    """A named grid of ``steps`` steps on [0, 1] (float64 [steps + 1], t=0 noise, t=1 data): "uniform" (k / N),
+    "noise_dense" (SD3's time shift 3, t = 1 - 3s / (1 + 2s) with s = 1 - k / N: shorter steps near the noise) or
+    "data_dense" (its mirror, t = 3u / (1 + 2u) with u = k / N: shorter steps near the data)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    u = _uniform(int(steps))
+    if name == "uniform":
+        return u
+    if name == "noise_dense":
+        return 1 - GRID_SHIFT * (1 - u) / (1 + (GRID_SHIFT - 1) * (1 - u))
+    if name == "data_dense":
+        return GRID_SHIFT * u / (1 + (GRID_SHIFT - 1) * u)
+    raise ValueError(f"grid must be one of {GRIDS}, got {name!r}")
 
 
 def _time_grid(times: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype) -> _Grid:

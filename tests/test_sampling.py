@@ -403,3 +403,19 @@ def test_graph_cache_keys_and_lifetime():
     del model
     gc.collect()
     assert alive() is None and len(sampling._GRAPH_CACHE) == n_models - 1, "the cache must not keep the model alive"
+
+
+def test_named_time_grids():
+    from orw_fast.sampling import GRIDS, time_grid
+
+    torch.testing.assert_close(time_grid("uniform", 4), torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+    dense = time_grid("data_dense", 4)  # t = 3u / (1 + 2u): steps shrink toward the data
+    torch.testing.assert_close(dense, torch.tensor([0, 0.5, 0.75, 0.9, 1], dtype=torch.float64))
+    torch.testing.assert_close(time_grid("noise_dense", 4), 1 - dense.flip(0))  # the mirror image
+    for name in GRIDS:
+        grid = time_grid(name, 7)
+        assert grid.dtype == torch.float64 and grid[0] == 0 and grid[-1] == 1 and bool((grid.diff() > 0).all())
+    with pytest.raises(ValueError, match="grid must be one of"):
+        time_grid("cosine", 4)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        time_grid("uniform", 0)
