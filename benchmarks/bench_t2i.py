@@ -88,8 +88,8 @@ def brightness(images, prompts):
 def _trainer(flow, device, batch: int, steps: int, savedir: str):
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    config = TrainerConfig(batch_size=batch, sampler_steps=steps, learning_rate=1e-4, grid_size=0,
-                           checkpoint_every=0, savedir=savedir, precision="bf16" if device.type == "cuda" else "fp32")
+    config = TrainerConfig(batch_size=batch, sampler_steps=steps, sampler_method="euler", learning_rate=1e-4,
+                           grid_size=0, checkpoint_every=0, savedir=savedir, precision="bf16" if device.type == "cuda" else "fp32")
     return ORWCFMTrainer(flow, config, device, reward_fn=brightness)
 
 

@@ -64,6 +64,7 @@ def make_trainer(variant: str, model, shape, batch: int, steps: int, precision: 
 
     config = TrainerConfig(**HYPER, batch_size=batch, savedir=savedir, image_shape=shape, weighting="exp",
                            coupling="ot" if variant == "ours_ot" else "independent", sampler_steps=steps,
+                           sampler_method="euler", sampler_grid="uniform",  # the official step's work
                            precision=precision, compile=variant == "ours_compile", grid_size=0, checkpoint_every=0)
     trainer = ORWCFMTrainer(model, config, reward_fn=jpeg_compressibility)
     return trainer, trainer.rollout

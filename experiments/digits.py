@@ -40,6 +40,8 @@ class SweepSettings:
     weighting: str = "exp"  # the paper's w = exp(tau * r)
     learning_rate: float = 1e-3
     sampler_steps: int = 20
+    sampler_method: str = "euler"  # the rollouts the results in experiments/README.md were measured with
+    sampler_grid: str = "uniform"
     eval_samples: int = 300
     pretrain_steps: int = 3000
 
@@ -100,7 +102,7 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
         for seed in s.seeds:
             config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
                                    weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
-                                   grid_size=0, seed=seed)
+                                   sampler_method=s.sampler_method, sampler_grid=s.sampler_grid, grid_size=0, seed=seed)
             trainer = ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn)
             if progress:
                 print(f"alpha={alpha:g} seed={seed}")

@@ -6,7 +6,9 @@ is constant on each mode (r_k), so the prediction is a closed form for the mode 
 p_k(N) = π_k·exp(N·τ·r_k) / Σ_j π_j·exp(N·τ·r_j). A small MLP flow is pre-trained on the mixture, then
 fine-tuned online with ``weighting="exp"``; after each epoch (long enough for the policy to converge to
 the tilted last policy) the mode masses of its samples are measured and compared with p_k(N). Runs with
-alpha > 0 show the W2 term holding the masses back toward the prior.
+alpha > 0 show the W2 term holding the masses back toward the prior. Runs at alpha = 0 with ``rollout_reuse`` r > 1
+(each rollout of the last policy serves r updates, 1/r of the rollouts) check that reusing rollouts does not move
+the masses away from the prediction beyond the sampling noise.
 
     python -m experiments.toy_theory --out experiments/results/toy
 """
@@ -34,6 +36,7 @@ class ToySettings:
     mode_std: float = 0.3
     tau: float = 1.0
     alphas: tuple[float, ...] = (0.0, 0.3, 1.0)
+    reuse_factors: tuple[int, ...] = (2, 4, 8)  # rollout_reuse of extra alpha = 0 runs (1 is the alpha = 0 run)
     epochs: int = 5
     steps_per_epoch: int = 400  # enough for the policy to converge to the tilted last policy
     batch_size: int = 256
@@ -133,21 +136,31 @@ def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
         raise ValueError("prior and mode_rewards must have one entry per mode and the prior must sum to 1")
     base = pretrain(s, progress)
     evaluate = make_evaluator(s)
-    runs = {}
-    for alpha in s.alphas:
+
+    def fine_tune(alpha: float, reuse: int = 1) -> list[dict]:
         config = TrainerConfig(image_shape=(2,), batch_size=s.batch_size, learning_rate=s.learning_rate,
                                temperature=s.tau, weighting="exp", w2_coefficient=alpha, grad_clip=0.0,
-                               sampler_steps=s.sampler_steps, grid_size=0, seed=s.seed)
+                               sampler_steps=s.sampler_steps, sampler_method="euler", sampler_grid="uniform",
+                               grid_size=0, seed=s.seed,
+                               rollout_reuse=reuse)
         trainer = ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s))
-        runs[f"{alpha:g}"] = fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate, progress)
+        return fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate, progress)
+
+    runs = {f"{alpha:g}": fine_tune(alpha) for alpha in s.alphas}
+    reuse_runs = {str(r): fine_tune(0.0, r) for r in s.reuse_factors}
     prediction = [predicted_masses(s, n) for n in range(s.epochs + 1)]
+
+    def errors(records):  # q_N ∝ w^N q_0: the largest |measured - predicted| mass per epoch
+        return [max(abs(m - p) for m, p in zip(rec["masses"], pred)) for rec, pred in zip(records, prediction)]
+
     alpha0 = runs.get("0", [])
-    # q_N ∝ w^N q_0 (from the prior) and q_N ∝ w q_{N-1} (one tilt of the previous epoch's measured masses)
-    errors = [max(abs(m - p) for m, p in zip(rec["masses"], pred)) for rec, pred in zip(alpha0, prediction)]
+    # q_N ∝ w q_{N-1}: one tilt of the previous epoch's measured masses
     one_epoch = [max(abs(m - p) for m, p in zip(rec["masses"], predicted_masses(s, 1, prev["masses"])))
                  for prev, rec in zip(alpha0, alpha0[1:])]
     results = {"settings": dataclasses.asdict(s), "predicted": prediction, "runs": runs,
-               "alpha0_max_abs_error_per_epoch": errors, "alpha0_one_epoch_max_abs_error": one_epoch}
+               "alpha0_max_abs_error_per_epoch": errors(alpha0), "alpha0_one_epoch_max_abs_error": one_epoch,
+               "reuse_runs": reuse_runs,
+               "reuse_max_abs_error_per_epoch": {r: errors(records) for r, records in reuse_runs.items()}}
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_results(out_dir / "toy_theory.json", results)
@@ -166,6 +179,13 @@ def format_table(results: dict) -> str:
             cells = " | ".join(f"{m:.3f} ({p:.3f})" for m, p in zip(rec["masses"], pred))
             err = max(abs(m - p) for m, p in zip(rec["masses"], pred))
             lines.append(f"| {alpha} | {rec['epoch']} | {cells} | {err:.3f} |")
+    if results.get("reuse_runs"):
+        lines += ["", "alpha = 0 with rollout_reuse r (each rollout serves r updates): max abs error per epoch", "",
+                  "| rollout_reuse | " + " | ".join(f"epoch {n}" for n in range(len(results["predicted"]))) + " |",
+                  "|---" * (len(results["predicted"]) + 1) + "|",
+                  "| 1 | " + " | ".join(f"{e:.3f}" for e in results["alpha0_max_abs_error_per_epoch"]) + " |"]
+        lines += [f"| {r} | " + " | ".join(f"{e:.3f}" for e in errs) + " |"
+                  for r, errs in results["reuse_max_abs_error_per_epoch"].items()]
     return "\n".join(lines)
 
 

@@ -265,8 +265,8 @@ def check_rng_state(state, device: torch.device, where: str) -> None:
         "numpy": lambda s: np.random.RandomState().set_state(s),
         "python": lambda s: random.Random().setstate(s),
     }
-    if state.get("prompts") is not None:
-        trials["prompts"] = lambda s: torch.Generator().set_state(s)
+    if state.get("host") is not None:
+        trials["host"] = lambda s: torch.Generator().set_state(s)
     if state.get("cuda") is not None and torch.cuda.is_available():
         trials["cuda"] = lambda s: [torch.Generator(device=f"cuda:{i}").set_state(x) for i, x in enumerate(s)]
     for name, trial in trials.items():

@@ -15,6 +15,7 @@ import torch
 
 from orw_fast import distributed as dist_utils
 from orw_fast.checkpoint import prepare_output_dir, prepare_output_file
+from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS
 
 
 # -- argument types: a bad value is an argparse error naming the flag -----------------------------------------
@@ -153,7 +154,9 @@ def _reward_classifier(args, device):
 FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
                   "batch_size": "--batch-size", "savedir": "--out", "weighting": "--weighting",
                   "coupling": "--coupling", "sampler_steps": "--sampler-steps", "precision": "--precision",
-                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay"}
+                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay",
+                  "sampler_method": "--sampler-method", "rollout_batches": "--rollout-batches",
+                  "rollout_reuse": "--rollout-reuse"}
 DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed"}
 
 
@@ -201,8 +204,10 @@ def cmd_finetune(args) -> None:
     dist_utils.init_from_env(device)
     config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
                            batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
-                           coupling=args.coupling, sampler_steps=args.sampler_steps, precision=args.precision,
-                           compile=args.compile, seed=args.seed, fsdp=args.fsdp, ema_decay=args.ema_decay)
+                           coupling=args.coupling, sampler_steps=args.sampler_steps,
+                           sampler_method=args.sampler_method, rollout_batches=args.rollout_batches,
+                           rollout_reuse=args.rollout_reuse, precision=args.precision, compile=args.compile,
+                           seed=args.seed, fsdp=args.fsdp, ema_decay=args.ema_decay)
     with dist_utils.on_all_ranks("checking --out"):
         if dist_utils.is_main():
             prepare_output_dir(args.out, "--out")
@@ -237,7 +242,8 @@ def cmd_sample(args) -> None:
         flow, module, prompts = PixelFlowModel(model.to(args.device).eval()), model, None
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x0 = torch.randn((args.n, *flow.sample_shape()), device=args.device, generator=gen)
-    images = flow.to_images(flow.generate(module, x0, prompts, steps=args.steps, method=args.method))
+    grid = None if args.grid == "uniform" and flow.rollout_grid is None else args.grid
+    images = flow.to_images(flow.generate(module, x0, prompts, steps=args.steps, method=args.method, grid=grid))
     print(f"wrote {save_image_grid(images, args.out, scale=args.scale, captions=prompts)}")
 
 
@@ -282,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_number(int, 0), default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    from orw_fast.config import TrainerConfig
     from orw_fast.demo import DemoSettings
 
     demo = DemoSettings()
@@ -332,7 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=demo.batch_size,
                    help="the whole batch; under torchrun split evenly over the processes")
     p.add_argument("--lr", type=_number(float, 0, above=True), default=demo.learning_rate)
-    p.add_argument("--sampler-steps", type=_POSITIVE_INT, default=demo.sampler_steps)
+    p.add_argument("--sampler-steps", type=_POSITIVE_INT, default=demo.sampler_steps, help="rollout steps (default "
+                   f"{demo.sampler_steps}; with the default method and grid as accurate as 100 Euler steps)")
+    p.add_argument("--sampler-method", default=TrainerConfig.sampler_method, choices=FIXED_STEP_METHODS,
+                   help=f"rollout solver (default {TrainerConfig.sampler_method}: 2 model calls a step)")
+    p.add_argument("--rollout-batches", type=_POSITIVE_INT, default=1,
+                   help="make the rollouts of this many steps in one sampler call (default 1)")
+    p.add_argument("--rollout-reuse", type=_POSITIVE_INT, default=1,
+                   help="use each rollout in this many updates (default 1: a fresh rollout per sample and step)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the policy")
     p.add_argument("--fsdp", action="store_true",
@@ -348,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_POSITIVE_INT, default=64, help="number of samples")
     p.add_argument("--steps", type=_POSITIVE_INT, default=100)
     p.add_argument("--method", default="euler")
+    p.add_argument("--grid", default="uniform", choices=GRIDS,
+                   help="time grid of a pixel model's rollout (a diffusers model follows its scheduler)")
     p.add_argument("--scale", type=_POSITIVE_INT, default=4, help="enlarge the PNG this many times")
     _t2i_options(p, sampling=True)
     common(p)

@@ -1,7 +1,8 @@
 """ORWCFMTrainer: online reward-weighted flow-matching fine-tuning with W2 regularization.
 
-One step (see the design notes): roll out B samples with the *last policy* (no grad, the sampler of
-orw_fast.sampling), score them, turn rewards into weights, pair every x1 with noise (coupling; the
+One step (see the design notes): take B rollouts of the *last policy* (no grad, the sampler of orw_fast.sampling)
+with their rewards from the rollout pool (orw_fast.rollouts: made ``rollout_batches`` steps at a time, each
+sample used ``rollout_reuse`` times; by default one fresh rollout per sample and step), turn rewards into weights, pair every x1 with noise (coupling; the
 weight moves with its x1), draw t and x_t, predict with the policy (grad) and the frozen reference
 (no grad), fused loss, backward, grad clip, Adam with LR warm-up, optional EMA. Every
 ``refresh_interval`` epochs the last policy becomes a copy of the policy (copied in place, so the
@@ -13,6 +14,10 @@ a flow field ``model(t, x)`` or a :class:`~orw_fast.models.flow_model.FlowModel`
 with LoRA): everything that differs between kinds of models sits behind that interface, and the loop below is
 the same for all of them. A conditional model's batch carries prompts (drawn from its prompt source by a CPU
 generator); rewards get the decoded images and their prompts.
+
+Host syncs: a step reads its metrics back once, before the update, because the update must not be applied when the
+loss or the gradient norm is not finite (and a black-box reward reads the images on the host anyway). The batch
+diversity, an O(B^2) all-gathered metric, is computed every ``diversity_every`` steps only.
 
 Multi-process (torchrun; picked up when torch.distributed is initialised or WORLD_SIZE > 1): every rank
 starts from rank 0's weights, rolls out and scores ``batch_size / world_size`` samples with its own seed
@@ -60,6 +65,7 @@ from orw_fast.models.flow_model import FlowModel, PixelFlowModel
 from orw_fast.models.policy_weights import FullCopies
 from orw_fast.ops import orw_cfm_w2_loss, reward_weights
 from orw_fast.rewards import as_reward_fn, check_rewards
+from orw_fast.rollouts import RolloutPool
 
 class ORWCFMTrainer:
     """Online ORW-CFM-W2 fine-tuning of ``model`` (a flow field ``model(t, x)``, t: [B], or a
@@ -81,6 +87,9 @@ class ORWCFMTrainer:
             raise ConfigError("fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)",
                               cfg.fsdp)
         self.local_batch_size = cfg.batch_size // self.world_size
+        if cfg.sampler_grid is not None and flow.rollout_grid is None:
+            raise ConfigError("sampler_grid", f"None for a {type(flow).__name__} (its rollouts follow its scheduler's "
+                              "sigma schedule)", cfg.sampler_grid)
         if cfg.parallel:
             warnings.warn("config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
                           "device per process; for several GPUs launch with torchrun --nproc_per_node=N", stacklevel=2)
@@ -109,7 +118,9 @@ class ORWCFMTrainer:
         self.autocast_dtype = PRECISIONS[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
-        self.prompt_generator = torch.Generator().manual_seed(cfg.seed + self.rank)  # which prompts: no device sync
+        # draws on the host (which prompts, the rollout pool's orders): no device sync
+        self.host_generator = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self._pool: RolloutPool | None = None
         torch.manual_seed(cfg.seed + self.rank)  # dropout and anything else drawing from the global RNG
         self.step = 0
         self.savedir = Path(cfg.savedir)
@@ -151,8 +162,10 @@ class ORWCFMTrainer:
         return message
 
     def refresh_last_policy(self) -> None:
-        """last policy <- policy, copied in place (the sampler's captured graph stays valid)."""
+        """last policy <- policy, copied in place (the sampler's captured graph stays valid); the rollouts of the
+        previous last policy that are left in the pool are dropped."""
         self.weights.refresh_last_policy()
+        self._pool = None
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -162,27 +175,39 @@ class ORWCFMTrainer:
     def _generate(self, module, x0, prompts):
         cfg = self.config
         return self.flow.generate(module, x0, prompts, steps=cfg.sampler_steps, method=cfg.sampler_method,
+                                  grid=cfg.sampler_grid or self.flow.rollout_grid,
                                   cuda_graph=False if cfg.fsdp else cfg.cuda_graph, autocast=self.autocast_dtype)
 
     def rollout(self, batch_size: int):
         """(x0, x1, prompts): noise, the samples the last policy makes from it (no grad), and the batch's prompts
         (None for an unconditional model)."""
-        prompts = None if self.flow.prompts is None else self.flow.prompts.sample(batch_size, self.prompt_generator)
+        prompts = None if self.flow.prompts is None else self.flow.prompts.sample(batch_size, self.host_generator)
         x0 = torch.randn((batch_size, *self.image_shape), device=self.device, generator=self.generator)
         with self.weights.last_policy() as module:
             x1 = self._generate(module, x0, prompts)
         return x0, x1, prompts
+
+    def _next_rollouts(self):
+        """The step's (x0, x1, prompts, rewards) from the rollout pool, which is refilled when empty: one rollout
+        of ``rollout_batches`` x B samples, scored in one call of the reward function."""
+        cfg, batch = self.config, self.local_batch_size
+        if self._pool is None or len(self._pool) < batch:
+            size = cfg.rollout_batches * batch
+            x0, x1, prompts = self.rollout(size)
+            with dist_utils.on_all_ranks("scoring rewards"):  # a bad reward on any rank stops all, before any update
+                rewards = self.reward_fn(self.flow.to_images(x1), prompts).to(self.device)
+                check_rewards(rewards, size)
+            self._pool = RolloutPool.make(x0, x1, prompts, rewards, reuse=cfg.rollout_reuse,
+                                          generator=self.host_generator)
+        return self._pool.take(batch)
 
     def train_step(self) -> dict:
         """One ORW-CFM-W2 update of the whole batch; returns its metrics (the same on every rank)."""
         cfg, start = self.config, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        x0, x1, prompts = self.rollout(self.local_batch_size)
+        x0, x1, prompts, rewards = self._next_rollouts()
         cond = self.flow.conditions(prompts)
-        with dist_utils.on_all_ranks("scoring rewards"):  # a bad reward on any rank stops all, before any update
-            rewards = self.reward_fn(self.flow.to_images(x1), prompts).to(self.device)
-            check_rewards(rewards, self.local_batch_size)
         all_rewards = dist_utils.all_gather_cat(rewards)
         all_weights = reward_weights(all_rewards, cfg.temperature, cfg.weighting, validate=False)
         share = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
@@ -206,14 +231,14 @@ class ORWCFMTrainer:
         # Every metric in one tensor and one host transfer, before the update: the whole batch's values, the
         # same on every rank, so every rank takes the same decision below.
         means = dist_utils.all_mean(torch.stack([x.detach().double() for x in (loss, parts.fm.mean(), parts.w2.mean())]))
-        values = torch.stack([
-            *means, grad_norm.detach().double(), all_rewards.mean().double(),
-            all_rewards.std().double() if all_rewards.numel() > 1 else all_rewards.new_zeros((), dtype=torch.float64),
-            all_rewards.max().double(), effective_sample_size(all_weights).to(self.device),
-            mean_pairwise_distance(dist_utils.all_gather_cat(x1)).to(self.device),
-        ]).tolist()
-        metrics = dict(zip(("loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max",
-                            "ess", "diversity"), values))
+        names = ["loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max", "ess"]
+        values = [*means, grad_norm.detach().double(), all_rewards.mean().double(),
+                  all_rewards.std().double() if all_rewards.numel() > 1 else all_rewards.new_zeros((), dtype=torch.float64),
+                  all_rewards.max().double(), effective_sample_size(all_weights).to(self.device)]
+        if self.step % cfg.diversity_every == 0:
+            names.append("diversity")
+            values.append(mean_pairwise_distance(dist_utils.all_gather_cat(x1)).to(self.device))
+        metrics = dict(zip(names, torch.stack(values).tolist()))
         if not math.isfinite(metrics["loss"]) or not (math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()):
             # (fp16: a non-finite gradient is the GradScaler's business, it skips the step and lowers the scale)
             self.optimizer.zero_grad(set_to_none=True)
@@ -361,8 +386,9 @@ class ORWCFMTrainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
-                "prompts": self.prompt_generator.get_state(),
+                "host": self.host_generator.get_state(),
             }),
+            "rollout_pools": dist_utils.all_gather_object(None if self._pool is None else self._pool.state()),
         }
         with dist_utils.on_all_ranks("writing a checkpoint"):
             if self.rank == 0:
@@ -383,6 +409,7 @@ class ORWCFMTrainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
+        self._pool = None
         if len(ranks) != self.world_size:
             warnings.warn(f"checkpoint {str(path)!r} was written by {len(ranks)} process(es), resumed by "
                           f"{self.world_size}: training continues with this run's per-rank random streams, not exactly "
@@ -395,8 +422,11 @@ class ORWCFMTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        if rng.get("prompts") is not None:  # (checkpoints before prompts had none)
-            self.prompt_generator.set_state(rng["prompts"])
+        if rng.get("host") is not None:  # (earlier checkpoints have none)
+            self.host_generator.set_state(rng["host"])
+        pools = ckpt.get("rollout_pools")
+        self._pool = None if pools is None or pools[self.rank] is None else \
+            RolloutPool.from_state(pools[self.rank], self.device)
 
     def _check_training_checkpoint(self, ckpt: dict, where: str) -> list:
         """Raises ValueError naming ``where`` and the entry unless every entry of ``ckpt`` fits this trainer;
@@ -425,4 +455,11 @@ class ORWCFMTrainer:
         ranks = entry("rng") if isinstance(entry("rng"), list) else [ckpt["rng"]]  # version 1: one process
         if len(ranks) == self.world_size:
             check_rng_state(ranks[self.rank], self.device, f"{where}, entry 'rng' of rank {self.rank}")
+            pools = ckpt.get("rollout_pools")
+            if pools is not None:
+                if not isinstance(pools, list) or len(pools) != self.world_size:
+                    raise ValueError(f"{where}, entry 'rollout_pools' must hold one pool (or None) per rank; nothing "
+                                     "was loaded")
+                RolloutPool.check_state(pools[self.rank], self.image_shape,
+                                        f"{where}, entry 'rollout_pools' of rank {self.rank}")
         return ranks

@@ -76,7 +76,8 @@ def test_w2_regularization_keeps_diversity(tmp_path, base_model):
         trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / str(alpha), w2_coefficient=alpha),
                                 "cpu", reward_fn=right_reward)
         history = trainer.train(num_epochs=6, steps_per_epoch=10, progress=False)
-        results[alpha] = history[-1]
+        assert [m["step"] for m in history if "diversity" in m] == [1, 11, 21, 31, 41, 51]  # diversity_every=10
+        results[alpha] = {**history[-1], "diversity": history[-10]["diversity"]}
     # alpha = 0 collapses onto the rewarded mode; a large alpha keeps both modes (larger spread)
     assert results[0.0]["diversity"] < 0.6 * results[20.0]["diversity"], results
     assert results[0.0]["reward_mean"] > results[20.0]["reward_mean"], results
@@ -332,3 +333,17 @@ def test_compiled_policy_matches_eager(tmp_path, base_model):
                                 "cpu", reward_fn=right_reward)
         runs.append([trainer.train_step()["loss"] for _ in range(3)])
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+def test_rollouts_follow_the_default_sampler_and_a_named_grid(tmp_path, base_model):
+    """By default the trainer's rollouts are the configured method on the model's rollout grid (data_dense for
+    pixel models); sampler_grid names another."""
+    from orw_fast.sampling import sample, time_grid
+
+    for grid, expected in ((None, "data_dense"), ("uniform", "uniform")):
+        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_grid=grid, sampler_method="midpoint",
+                                                              sampler_steps=5), "cpu", reward_fn=right_reward)
+        torch.manual_seed(0)
+        x0, x1, _ = trainer.rollout(8)
+        want = sample(trainer.last_policy, x0, times=time_grid(expected, 5), method="midpoint", cuda_graph=False)
+        torch.testing.assert_close(x1, want, rtol=0, atol=0)

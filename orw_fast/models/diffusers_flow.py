@@ -87,7 +87,7 @@ def _positive_int(name, value, *, optional=False):
 
 
 class DiffusersFlowModel(FlowModel):
-    """An SD3/SD3.5 or FLUX pipeline fine-tuned toward a reward.
+    """An SD3/SD3.5 or FLUX pipeline fine-tuned toward a reward (rollouts on the scheduler's sigma schedule).
 
     Args:
         pipeline: a pipeline object, a local diffusers folder or a hub id (:func:`load_pipeline`).
@@ -103,6 +103,8 @@ class DiffusersFlowModel(FlowModel):
         gradient_checkpointing: recompute the transformer's activations in backward (less memory, more time).
         keep_text_encoders: keep the text encoders after the prompts are cached (default: drop them).
     """
+
+    rollout_grid = None  # the scheduler's sigma schedule
 
     def __init__(self, pipeline, prompts, *, lora_rank: int | None = 16, lora_alpha: float | None = None,
                  lora_targets=LORA_TARGETS, resolution: int | None = None, guidance_scale: float | None = None,
@@ -201,8 +203,12 @@ class DiffusersFlowModel(FlowModel):
         channels, side = self.transformer.config.in_channels, self.resolution // self.vae_scale
         return (side // 2 * (side // 2), channels) if self.kind == "flux" else (channels, side, side)
 
-    def times(self, steps: int) -> torch.Tensor:
-        """t = 1 - sigma of the pipeline's own schedule for ``steps`` steps (float64, [steps+1])."""
+    def times(self, steps: int, grid: str | None = None) -> torch.Tensor:
+        """t = 1 - sigma of the pipeline's own schedule for ``steps`` steps (float64, [steps+1]); a named ``grid`` is
+        refused (the transformer was trained for its scheduler's schedule: ``rollout_grid`` is None)."""
+        if grid is not None:
+            raise ValueError(f"sampler_grid must be None for a diffusers model (its rollouts follow the scheduler's "
+                             f"sigma schedule), got {grid!r}")
         if steps not in self._times:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
