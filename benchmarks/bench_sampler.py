@@ -7,6 +7,9 @@ Variants (all start from the same noise; each is checked against the eager fp32 
   ours_eager_bf16          orw_fast.sample(..., cuda_graph=False, autocast=torch.bfloat16)
   ours_graph_bf16          orw_fast.sample(..., cuda_graph=True, autocast=torch.bfloat16): one CUDA graph of N steps
   ours_graph_compile_bf16  the same around torch.compile(model)
+  ours_compile_fp32        ours_eager_fp32 around torch.compile(model) (the CPU's counterpart; 'first call s' holds
+                           the compilation)
+  ours_channels_last_fp32  ours_eager_fp32 with the model's weights in channels-last layout
 For the graph variants the replay is compared with N x one graph-captured model forward (same batch,
 bf16 autocast): the ratio is the sampler's own overhead (target: within 5 %).
 
@@ -21,6 +24,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 steps, batch 16, 64, 256. CPU defau
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import itertools
 import sys
@@ -38,10 +42,11 @@ from benchmarks import common, hardware
 from benchmarks.baselines.official_eager import euler_rollout
 
 VARIANTS = ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16", "ours_graph_bf16",
-            "ours_graph_compile_bf16")
+            "ours_graph_compile_bf16", "ours_compile_fp32", "ours_channels_last_fp32")
 DEFAULT_VARIANTS = {
     "cuda": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_bf16", "ours_graph_bf16", "ours_graph_compile_bf16"),
-    "cpu": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16"),
+    "cpu": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16", "ours_compile_fp32",
+            "ours_channels_last_fp32"),
 }
 BATCHES = {"cuda": (16, 64, 256), "cpu": (4, 16, 64)}
 STEPS = {"cuda": 100, "cpu": 10}
@@ -66,8 +71,10 @@ class Sampler:
         self.variant, self.steps = variant, steps
         self.autocast = torch.bfloat16 if variant.endswith("bf16") else None
         self.velocity_model = model
-        if variant == "ours_graph_compile_bf16":
+        if "compile" in variant:
             self.velocity_model = torch.compile(model, dynamic=False, mode=compile_mode)
+        if variant == "ours_channels_last_fp32":
+            self.velocity_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         if variant == BASELINE:
             self.fn = lambda x0: euler_rollout(model, x0, steps)
         elif variant == "torchdiffeq_euler":

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_loss, bench_sampler, bench_t2i, bench_train_step, hardware, nvcc_report, run_all
+from benchmarks import (bench_loss, bench_sampler, bench_t2i, bench_time_to_target, bench_train_step, hardware,
+                        nvcc_report, run_all)
 from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def result_files(out: Path, name: str) -> dict[str, Path]:
     return files
 
 
-def check_results(out: Path, name: str, *, plot: bool) -> list[dict]:
+def check_results(out: Path, name: str, *, plot: bool, other_table_lines: int = 0) -> list[dict]:
     files = result_files(out, name)
     data = json.loads(files[".json"].read_text())
     meta, rows = data["metadata"], data["results"]
@@ -37,7 +38,7 @@ def check_results(out: Path, name: str, *, plot: bool) -> list[dict]:
     with open(files[".csv"]) as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     table = [line for line in files[".md"].read_text().splitlines() if line.startswith("| ")]
-    assert len(table) == len(rows) + 2 and set(table[1]) <= set("|- ")
+    assert len(table) == len(rows) + 2 + other_table_lines and set(table[1]) <= set("|- ")
     if plot:
         assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return rows
@@ -55,7 +56,7 @@ def test_loss_benchmark(tmp_path):
 
 
 def test_sampler_benchmark(tmp_path):
-    variants = "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_graph_bf16"
+    variants = "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_channels_last_fp32,ours_graph_bf16"
     code = bench_sampler.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",
                                "--steps", "2", "--variants", variants])
     rows = check_results(tmp_path, "sampler", plot=True)
@@ -67,6 +68,7 @@ def test_sampler_benchmark(tmp_path):
     # same noise, same Euler steps: the fp32 samplers agree, bf16 is close but not equal
     assert by_variant["ours_eager_fp32"]["rel_err_vs_fp32_loop"] < 1e-5
     assert by_variant["torchdiffeq_euler"]["rel_err_vs_fp32_loop"] < 1e-5
+    assert by_variant["ours_channels_last_fp32"]["rel_err_vs_fp32_loop"] < 1e-5
     assert 0 < by_variant["ours_eager_bf16"]["rel_err_vs_fp32_loop"] < 0.1
 
 
@@ -230,3 +232,41 @@ def test_baseline_keeps_each_weight_with_its_sample():
     torch.testing.assert_close(w, drawn_x1.sum(dim=(1, 2, 3)).exp(), rtol=1e-4, atol=1e-5)
     metrics = trainer.train_step()
     assert set(metrics) == {"fm_loss", "w2_loss", "total_loss", "reward", "max_reward"}
+
+
+def test_the_published_baseline_leaves_the_weights_in_rollout_order(monkeypatch):
+    """pair_weights=False: the loss gets the weights as the rollout made them, next to resampled x1 (the published
+    code's pairing), so some weight multiplies another sample's loss."""
+    trainer = OfficialEagerTrainer(Linear(), lambda x: x.mean(dim=(1, 2, 3)), image_shape=(1, 2, 2), batch_size=16,
+                                   pair_weights=False)
+    x1 = torch.randn(16, 1, 2, 2)
+    weights = torch.arange(16, dtype=torch.float32)
+    seen = {}
+    original = trainer.fm.sample_location_and_conditional_flow
+
+    def recorded(x0, x1_):
+        t, xt, ut = original(x0, x1_)
+        seen["x1"] = xt + (1 - t)[:, None, None, None] * ut
+        return t, xt, ut
+
+    monkeypatch.setattr(trainer.fm, "sample_location_and_conditional_flow", recorded)
+    np.random.seed(0)
+    loss, _ = trainer.compute_loss(x1, weights)
+    assert torch.isfinite(loss)
+    resampled = [int((seen["x1"][i] - x1).flatten(1).abs().sum(1).argmin()) for i in range(16)]
+    assert resampled != list(range(16))  # the matcher moved x1 (with replacement) while the weights stayed
+
+
+def test_time_to_target_benchmark(tmp_path):
+    code = bench_time_to_target.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--seeds", "1",
+                                      "--variants", "official_paired,official_published,orw_fast,orw_fast_reuse2"])
+    rows = check_results(tmp_path, "time_to_target", plot=True, other_table_lines=4 + 2)  # the summary table
+    assert code == 0 and [r["variant"] for r in rows] == ["official_paired", "official_published", "orw_fast",
+                                                          "orw_fast_reuse2"]
+    for r in rows:
+        assert r["status"] == "ok" and r["steps"] == 3 and r["seconds"] > 0 and not r["reached"]
+        assert r["rollout_ms"] > 0 and r["reward_ms"] > 0 and r["optimizer_ms"] > 0 and r["loss_backward_ms"] > 0
+        assert 0 <= r["class_entropy"] <= 2.31 and r["diversity"] > 0
+    meta = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())["metadata"]
+    assert [s["variant"] for s in meta["summary"]] == [r["variant"] for r in rows]
+    assert all(s["speedup_vs_official_paired"] is None for s in meta["summary"])  # none reached the target

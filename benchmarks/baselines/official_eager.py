@@ -23,7 +23,8 @@ replacement: some samples twice, some not at all), so ``w_i`` multiplies the los
 baseline keeps the official compute path (same OT solve, same resampling) and carries the weights through the
 same resampling with the matcher's ``guided_sample_location_and_conditional_flow(x0, x1, y1=w)``, which
 indexes them with the same draw: the pairing is right and the cost is one extra [B] gather, so the speed is
-the official code's. (orw_fast's couplings keep every x1 once, with its own weight.)
+the official code's. (orw_fast's couplings keep every x1 once, with its own weight.) ``pair_weights=False`` runs the
+step exactly as published instead: the weights stay in rollout order while the matcher resamples x1.
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ class OfficialEagerTrainer:
         model: the flow model ``model(t, x)``; trained in place (the last policy and the reference are copies).
         reward_fn: images [B, C, H, W] in model space -> rewards [B].
         image_shape: (C, H, W) of one sample.
-        The rest are the official config's keys (``temperature`` is tau, ``w2_coefficient`` alpha).
+        The rest are the official config's keys (``temperature`` is tau, ``w2_coefficient`` alpha);
+        ``pair_weights``: carry the weights through the OT resampling (True) or leave them as published (False).
     """
 
     def __init__(self, model: torch.nn.Module, reward_fn: Callable, *, image_shape, device=None,
                  batch_size: int = 128, learning_rate: float = 2e-4, warmup_steps: int = 5000,
                  w2_coefficient: float = 1.0, temperature: float = 0.5, grad_clip: float = 1.0,
-                 sampler_steps: int = 100):
+                 sampler_steps: int = 100, pair_weights: bool = True):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.net_model = model.to(self.device).train()
         self.last_policy = copy.deepcopy(self.net_model).eval()
@@ -67,6 +69,7 @@ class OfficialEagerTrainer:
         self.batch_size = batch_size
         self.alpha, self.beta, self.grad_clip = w2_coefficient, temperature, grad_clip
         self.sampler_steps = sampler_steps
+        self.pair_weights = pair_weights
         self.fm = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
         self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -81,7 +84,10 @@ class OfficialEagerTrainer:
 
     def compute_loss(self, x1: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         x0 = torch.randn_like(x1)
-        t, xt, ut, _, weights = self.fm.guided_sample_location_and_conditional_flow(x0, x1, y1=weights)
+        if self.pair_weights:
+            t, xt, ut, _, weights = self.fm.guided_sample_location_and_conditional_flow(x0, x1, y1=weights)
+        else:  # as published: x1 is resampled, the weights are not
+            t, xt, ut = self.fm.sample_location_and_conditional_flow(x0, x1)
         vt = self.net_model(t, xt)
         vt_ref = self.ref_model(t, xt).detach()
         fm_loss = ((vt - ut) ** 2).mean(dim=tuple(range(1, vt.dim())))

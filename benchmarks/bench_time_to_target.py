@@ -1,0 +1,313 @@
+"""Time to target: how much sooner orw_fast's fine-tuning reaches a reward than the official algorithm, end to end.
+
+The even-digits task of the demo (its cached pre-trained flow model and digit classifier; pre-trained first if
+missing): reward = the classifier's probability of an even digit. Every variant fine-tunes a copy of the same model
+with the same method settings (the paper's exp weights, alpha = 1, tau 2.5, learning rate 1e-3, batch 64, the last
+policy refreshed every 15 steps, gradient clipping at 1, no warm-up) until the *rolling even fraction* (the share of
+each step's rollouts that the classifier calls even, averaged over the last 10 steps) reaches the target (0.95), or
+until --max-steps. Variants:
+  official_paired     benchmarks/baselines/official_eager.py: fp32, eager, torchcfm's exact-OT matcher, a fresh batch
+                      of 100-step Euler rollouts every step, the weights carried through the matcher's resampling
+  official_published  the same step exactly as published: the matcher resamples x1 and the weights stay in rollout
+                      order, so each weight scales another sample's loss
+  orw_fast            ORWCFMTrainer at its defaults (sampler, coupling, fused loss, ...) with the method settings
+                      above; bf16 autocast on CUDA
+  orw_fast_reuse2     the same with rollout_reuse=2 (each rollout serves two updates; an option, not a default)
+Reported per run and as the median over seeds: steps and wall-clock to the target (training only: the step loop,
+rollouts and rewards included, evaluation excluded), and at that point the class entropy, diversity (mean pairwise
+distance) and even fraction of 500 samples from a fixed noise (midpoint, 50 steps, the same for every variant), and
+the mean time split of a step: rollout / reward / loss + backward / optimizer. A run that reaches the reward with
+less diversity is not faster: compare the columns.
+
+    python benchmarks/bench_time_to_target.py                     # CPU: about 13 minutes
+    python benchmarks/bench_time_to_target.py --device cuda
+    python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
+    python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks import common, hardware
+
+VARIANTS = ("official_paired", "official_published", "orw_fast", "orw_fast_reuse2")
+EVEN_DIGITS = (0, 2, 4, 6, 8)
+METHOD = dict(weighting="exp", w2_coefficient=1.0, temperature=2.5, learning_rate=1e-3, batch_size=64,
+              grad_clip=1.0, warmup_steps=0)
+METHOD_OFFICIAL = {k: v for k, v in METHOD.items() if k != "weighting"}  # the official step always uses exp weights
+STEPS_PER_EPOCH = 15
+WINDOW = 10
+PHASES = ("rollout", "reward", "loss_backward", "optimizer")
+
+
+class EvenReward(torch.nn.Module):
+    """P(even digit) under the classifier (the demo's ClassifierReward), recording for every call the share of the
+    images whose most likely class is even."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.even_fractions: list[float] = []
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(self.classifier(images).float(), dim=1)
+        even = torch.tensor(EVEN_DIGITS, device=logp.device)
+        self.even_fractions.append(float(torch.isin(logp.argmax(dim=1), even).float().mean()))
+        return logp.index_select(1, even).logsumexp(dim=1).exp()
+
+
+class PhaseTimer:
+    """Wall-clock per phase of a step, from wrappers around the trainer's rollout and reward function and hooks on its
+    optimizer (synchronizing the device around each, so a phase is its own time on a GPU too)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, dict.fromkeys(PHASES, 0.0)
+
+    def wrap(self, phase: str, fn):
+        def timed(*args, **kwargs):
+            common.synchronize(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            common.synchronize(self.device)
+            self.seconds[phase] += time.perf_counter() - start
+            return out
+
+        return timed
+
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        started = {}
+
+        def pre(*_):
+            common.synchronize(self.device)
+            started["t"] = time.perf_counter()
+
+        def post(*_):
+            common.synchronize(self.device)
+            self.seconds["optimizer"] += time.perf_counter() - started["t"]
+
+        optimizer.register_step_pre_hook(pre)
+        optimizer.register_step_post_hook(post)
+
+
+def make_trainer(variant: str, model, shape, reward: EvenReward, device: torch.device, seed: int, sampler_steps: int,
+                 overrides: dict):
+    """(trainer, refresh) for a variant; ``refresh()`` makes the last policy the policy. ``sampler_steps``: the
+    official rollout's; ``overrides``: TrainerConfig values of orw_fast's (none: its defaults)."""
+    if variant.startswith("official"):
+        from benchmarks.baselines.official_eager import OfficialEagerTrainer
+
+        trainer = OfficialEagerTrainer(model, reward, image_shape=shape, device=device,
+                                       sampler_steps=sampler_steps, pair_weights=variant == "official_paired",
+                                       **METHOD_OFFICIAL)
+        return trainer, trainer.update_last_policy
+    from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
+    extra = {"rollout_reuse": 2} if variant == "orw_fast_reuse2" else {}
+    config = TrainerConfig(**METHOD, seed=seed, grid_size=0, checkpoint_every=0, savedir="unused",
+                           precision="bf16" if device.type == "cuda" else "fp32", **extra, **overrides)
+    trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
+    return trainer, trainer.refresh_last_policy
+
+
+@torch.no_grad()
+def evaluate(model, classifier, shape, device: torch.device, n: int, steps: int = 50) -> dict:
+    """Even fraction, class entropy and diversity of n samples of ``model`` from a fixed noise (midpoint, ``steps``
+    steps)."""
+    from orw_fast.metrics import class_entropy, mean_pairwise_distance
+    from orw_fast.sampling import sample
+
+    x0 = torch.randn((n, *shape), device=device, generator=torch.Generator(device=device).manual_seed(4321))
+    training = model.training
+    x1 = sample(model.eval(), x0, steps=steps, method="midpoint", cuda_graph=False)
+    model.train(training)
+    labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
+    return {"eval_even_fraction": float(torch.isin(labels, torch.tensor(EVEN_DIGITS, device=device)).float().mean()),
+            "class_entropy": class_entropy(labels, 10) + 0.0, "diversity": float(mean_pairwise_distance(x1))}
+
+
+def run_one(variant: str, seed: int, base, classifier, device: torch.device, *, max_steps: int, target: float,
+            eval_samples: int, eval_steps: int, sampler_steps: int, overrides: dict) -> dict:
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # torchcfm's exact-OT matcher draws its pairs from numpy's global RNG
+    from orw_fast.models.flow_model import infer_image_shape
+
+    model, shape = copy.deepcopy(base).train(), infer_image_shape(base)
+    reward = EvenReward(classifier)
+    trainer, refresh = make_trainer(variant, model, shape, reward, device, seed, sampler_steps, overrides)
+    timer = PhaseTimer(device)
+    trainer.rollout = timer.wrap("rollout", trainer.rollout)
+    trainer.reward_fn = timer.wrap("reward", trainer.reward_fn)
+    timer.hook_optimizer(trainer.optimizer)
+    seconds, steps, reached = 0.0, 0, False
+    while steps < max_steps and not reached:
+        common.synchronize(device)
+        start = time.perf_counter()
+        trainer.train_step()
+        steps += 1
+        if steps % STEPS_PER_EPOCH == 0:
+            refresh()
+        common.synchronize(device)
+        seconds += time.perf_counter() - start
+        window = reward.even_fractions[-WINDOW:]
+        reached = len(window) == WINDOW and sum(window) / WINDOW >= target
+    policy = trainer.model if hasattr(trainer, "model") else trainer.net_model
+    split = {f"{phase}_ms": 1e3 * timer.seconds[phase] / steps for phase in PHASES[:2] + ("optimizer",)}
+    split["loss_backward_ms"] = 1e3 * seconds / steps - sum(split.values())
+    return {"variant": variant, "seed": seed, "status": "ok", "reached": reached, "steps": steps, "seconds": seconds,
+            "ms_per_step": 1e3 * seconds / steps, "rolling_even_fraction": sum(window) / len(window), **split,
+            **evaluate(policy, classifier, shape, device, eval_samples, eval_steps)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per variant: medians over its seeds, the share of seeds that reached the target, and the wall-clock
+    ratio to official_paired's median."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant and r["status"] == "ok"]
+        if not runs:
+            continue
+        med = {k: statistics.median(r[k] for r in runs) for k in
+               ("steps", "seconds", "ms_per_step", "class_entropy", "diversity", "eval_even_fraction",
+                "rollout_ms", "reward_ms", "loss_backward_ms", "optimizer_ms")}
+        out.append({"variant": variant, "seeds": len(runs), "reached": sum(r["reached"] for r in runs), **med})
+    base = next((s["seconds"] for s in out if s["variant"] == "official_paired"), None)
+    for s in out:
+        s["speedup_vs_official_paired"] = base / s["seconds"] if base and s["reached"] == s["seeds"] else None
+    return out
+
+
+def format_report(meta: dict, rows: list[dict]) -> str:
+    header = ["variant", "reached", "steps", "wall-clock s", "vs official_paired", "class entropy", "diversity",
+              "even (eval)", "ms/step", "rollout ms", "reward ms", "loss+bwd ms", "optim ms"]
+    lines = [[s["variant"], f"{s['reached']}/{s['seeds']}", f"{s['steps']:.0f}", f"{s['seconds']:.1f}",
+              common.fmt("{:.1f}x", s["speedup_vs_official_paired"]), f"{s['class_entropy']:.2f}",
+              f"{s['diversity']:.2f}", f"{s['eval_even_fraction']:.1%}", f"{s['ms_per_step']:.0f}",
+              f"{s['rollout_ms']:.0f}", f"{s['reward_ms']:.1f}", f"{s['loss_backward_ms']:.0f}",
+              f"{s['optimizer_ms']:.1f}"] for s in meta["summary"]]
+    runs = common.results_table(
+        ["variant", "seed", "reached", "steps", "wall-clock s", "class entropy", "diversity", "even (eval)"], rows,
+        lambda r: [r["variant"], str(r["seed"])],
+        lambda r: [str(r["reached"]), str(r["steps"]), f"{r['seconds']:.1f}", f"{r['class_entropy']:.2f}",
+                   f"{r['diversity']:.2f}", f"{r['eval_even_fraction']:.1%}"])
+    text = [
+        f"# {meta['benchmark']}: {meta['device_name']}",
+        "",
+        *common.metadata_lines(meta),
+        f"- task: even digits (the demo's cached models), reward P(even); target: rolling even fraction of the step's "
+        f"rollouts >= {meta['target']} over {WINDOW} steps; at most {meta['max_steps']} steps "
+        f"({meta['published_max_steps']} for official_published)",
+        "- method settings (every variant): " + ", ".join(f"{k} {v}" for k, v in METHOD.items())
+        + f", last policy refreshed every {STEPS_PER_EPOCH} steps; official rollouts: {meta['sampler_steps']} Euler "
+        f"steps; orw_fast: {meta['orw_fast_sampler']}",
+        "- wall-clock: the step loop until the target (rollouts and rewards included, evaluation excluded); "
+        "medians over seeds; class entropy (nats, max 2.30), diversity and even (eval): 500 samples at that point "
+        "(midpoint, 50 steps, fixed noise)",
+        "",
+        common.markdown_table(header, lines),
+        "",
+        "Every run:",
+        "",
+        runs,
+    ]
+    return "\n".join(text) + "\n"
+
+
+def plot(meta: dict, rows: list[dict]):
+    fig, axes = common.new_figure(2, f"time to target, {meta['device_name']}")
+    summary = meta["summary"]
+    names = [s["variant"] for s in summary]
+    axes[0].barh(names, [s["seconds"] for s in summary])
+    axes[0].set(xlabel="median wall-clock to the target (s)", xscale="log")
+    bottom = np.zeros(len(summary))
+    for phase in PHASES:
+        values = np.array([s[f"{phase}_ms"] for s in summary])
+        axes[1].barh(names, values, left=bottom, label=phase)
+        bottom += values
+    axes[1].set(xlabel="ms per step")
+    axes[1].legend(fontsize="small")
+    return fig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    add = parser.add_argument
+    add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    add("--seeds", type=common.positive_int, default=3, help="seeds per variant (default 3)")
+    add("--published-seeds", type=common.positive_int, default=1,
+        help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)")
+    add("--max-steps", type=common.positive_int, default=400, help="cap per run (default 400)")
+    add("--published-max-steps", type=common.positive_int, default=300, help="cap of official_published (300)")
+    add("--target", type=float, default=0.95, help="rolling even fraction to reach (default 0.95)")
+    add("--sampler-steps", type=common.positive_int, default=100, help="the official rollout's Euler steps (100)")
+    add("--eval-samples", type=common.positive_int, default=500)
+    return parser.parse_args(argv)
+
+
+def load_models(device: torch.device, quick: bool):
+    """(flow model, classifier): the demo's cached digits models, or with ``quick`` untrained tiny ones."""
+    if quick:
+        from orw_fast.models import DigitClassifier, make_flow_model
+
+        torch.manual_seed(0)
+        model, _ = make_flow_model((1, 8, 8), "digits")
+        return model.to(device), DigitClassifier(image_shape=(1, 8, 8), num_classes=10).to(device).eval()
+    from orw_fast.demo import DemoSettings, pretrained_digits
+    from orw_fast.pretrain import default_cache_dir
+
+    return pretrained_digits(default_cache_dir(), steps=DemoSettings().pretrain_steps, device=device)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from orw_fast.config import TrainerConfig
+    from orw_fast.models.flow_model import PixelFlowModel
+
+    base, classifier = load_models(device, args.quick)
+    variants = args.variants or list(VARIANTS)
+    max_steps = 3 if args.quick else args.max_steps
+    published_max = 3 if args.quick else args.published_max_steps
+    defaults = TrainerConfig()
+    meta = common.run_metadata(device, "time to target", hardware=hardware.measure(device, args.quick),
+                               target=args.target, max_steps=max_steps,
+                               published_max_steps=published_max, sampler_steps=args.sampler_steps,
+                               orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
+                               f"{PixelFlowModel.rollout_grid} grid")
+    common.warn_if_loaded(meta)
+    cases = [(v, s) for v in variants for s in range(args.published_seeds if v == "official_published" else args.seeds)]
+    rows = []
+    with tqdm(cases, unit="run") as bar:
+        for variant, seed in bar:
+            bar.set_postfix_str(f"{variant} seed {seed}")
+            try:
+                rows.append(run_one(variant, seed, base, classifier, device,
+                                    max_steps=published_max if variant == "official_published" else max_steps,
+                                    target=args.target, eval_samples=16 if args.quick else args.eval_samples,
+                                    eval_steps=2 if args.quick else 50,
+                                    sampler_steps=2 if args.quick else args.sampler_steps,
+                                    overrides={"sampler_steps": 2} if args.quick else {}))
+            except Exception as err:  # reported in the table
+                rows.append({"variant": variant, "seed": seed, "status": common.error_status(err)})
+            common.free_memory(device)
+    meta["summary"] = summarize(rows)
+    return common.finish_run(args, "time_to_target", meta, rows, format_report, plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
