@@ -19,7 +19,7 @@ distance) and even fraction of 500 samples from a fixed noise (midpoint, 50 step
 the mean time split of a step: rollout / reward / loss + backward / optimizer. A run that reaches the reward with
 less diversity is not faster: compare the columns.
 
-    python benchmarks/bench_time_to_target.py                     # CPU: about 13 minutes
+    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 20 minutes
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
@@ -250,7 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--published-seeds", type=common.positive_int, default=1,
         help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)")
     add("--max-steps", type=common.positive_int, default=400, help="cap per run (default 400)")
-    add("--published-max-steps", type=common.positive_int, default=300, help="cap of official_published (300)")
+    add("--published-max-steps", type=common.positive_int, default=150,
+        help="cap of official_published (default 150, about what official_paired needs to reach the target)")
     add("--target", type=float, default=0.95, help="rolling even fraction to reach (default 0.95)")
     add("--sampler-steps", type=common.positive_int, default=100, help="the official rollout's Euler steps (100)")
     add("--eval-samples", type=common.positive_int, default=500)
