@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and this che
 import torch
 from tqdm import tqdm
 
-from benchmarks import common
+from benchmarks import common, hardware
 from orw_fast.sampling import GRIDS, time_grid
 
 METHODS = {"euler": 1, "midpoint": 2, "heun": 2}  # name -> model calls per step
@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     models = args.models or (("small",) if args.quick else ("digits", "cifar10"))
     calls = args.calls or ((4, 8) if args.quick else CALLS)
     ref_tol = 1e-4 if args.quick and args.ref_tol == 1e-6 else args.ref_tol
-    meta = common.run_metadata(device, "rollout error against model calls", ref_tol=ref_tol, calls=list(calls))
+    meta = common.run_metadata(device, "rollout error against model calls", hardware=hardware.measure(device, args.quick),
+                               ref_tol=ref_tol, calls=list(calls))
     common.warn_if_loaded(meta)
     rows, infos = [], []
     total = sum(len(cases(calls if args.calls or args.quick or name != "cifar10" else CIFAR_CALLS)) for name in models)

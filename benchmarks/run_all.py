@@ -1,7 +1,8 @@
 """The whole benchmark run in one command: each stage in its own process, with its own log and time limit; a
 failed stage is recorded and the next one runs; a summary (with the issue's targets on GPU) comes last.
 
-Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step, t2i):
+Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step, t2i; rollout_error and
+time_to_target take 25 and 20 minutes on a 2-core CPU, so they run on the CPU only when named):
   build       pip install --no-build-isolation --no-deps --no-index -e . for the GPU's architecture
               (TORCH_CUDA_ARCH_LIST, e.g. 9.0), `python setup.py build_ext --inplace` if pip fails; skipped
               when orw_fast._C already has a CUDA kernel newer than every source
@@ -12,6 +13,8 @@ Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_ste
   sampler     benchmarks/bench_sampler.py
   train_step  benchmarks/bench_train_step.py
   t2i         benchmarks/bench_t2i.py (text-to-image: SD3.5-medium and FLUX.1-dev sizes on cuda, tiny on cpu)
+  rollout_error   benchmarks/bench_rollout_error.py (rollout accuracy against model calls)
+  time_to_target  benchmarks/bench_time_to_target.py (wall-clock to a reward: official algorithm vs orw_fast)
 Results, logs and the summary run_<date>_<commit>_<stages>.md go to OUT/<device-slug>/ (default
 benchmarks/results/); --archive also packs the files this run wrote into one .tar.gz after every stage (so a
 run cut short still leaves its results); --report sums up a folder filled by several runs.
@@ -44,12 +47,14 @@ import torch
 from benchmarks import common
 
 ROOT = common.REPO_ROOT
-STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step", "t2i")
+STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step", "t2i", "rollout_error",
+          "time_to_target")
 DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
 BENCH_SCRIPTS = {"hardware": "hardware.py", "loss": "bench_loss.py", "sampler": "bench_sampler.py",
-                 "train_step": "bench_train_step.py", "t2i": "bench_t2i.py"}
+                 "train_step": "bench_train_step.py", "t2i": "bench_t2i.py", "rollout_error": "bench_rollout_error.py",
+                 "time_to_target": "bench_time_to_target.py"}
 TIMEOUT_S = {"build": 900, "nvcc": 600, "tests": 1200, "hardware": 300, "loss": 1200, "sampler": 1500,
-             "train_step": 1500, "t2i": 1500}
+             "train_step": 1500, "t2i": 1500, "rollout_error": 1800, "time_to_target": 1800}
 
 
 @dataclass
@@ -192,7 +197,8 @@ def stage_bench(run: Run, result: StageResult) -> None:
 
 
 STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
-                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench, "t2i": stage_bench}
+                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench, "t2i": stage_bench,
+                   "rollout_error": stage_bench, "time_to_target": stage_bench}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +294,26 @@ def summarize_t2i(data: dict) -> str:
     return "; ".join(parts) + _failed(data)
 
 
+def summarize_rollout_error(data: dict) -> str:
+    chosen = data["metadata"].get("chosen")
+    if chosen is None:
+        return "no configuration reaches 100-step Euler's error" + _failed(data)
+    return (f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} "
+            f"steps ({chosen['model_calls']} model calls)" + _failed(data))
+
+
+def summarize_time_to_target(data: dict) -> str:
+    parts = [f"{s['variant']}: {s['reached']}/{s['seeds']} reached, {s['seconds']:.0f} s"
+             + common.fmt(" ({:.1f}x)", s.get("speedup_vs_official_paired")) for s in data["metadata"]["summary"]]
+    return "; ".join(parts) + _failed(data)
+
+
 RESULT_NAMES = {"nvcc": "nvcc", "hardware": "hardware", "loss": "loss", "sampler": "sampler",
-                "train_step": "train_step", "t2i": "t2i"}
+                "train_step": "train_step", "t2i": "t2i", "rollout_error": "rollout_error",
+                "time_to_target": "time_to_target"}
 SUMMARIES = {"nvcc": summarize_nvcc, "hardware": summarize_hardware, "loss": summarize_loss,
-             "sampler": summarize_sampler, "train_step": summarize_train_step, "t2i": summarize_t2i}
+             "sampler": summarize_sampler, "train_step": summarize_train_step, "t2i": summarize_t2i,
+             "rollout_error": summarize_rollout_error, "time_to_target": summarize_time_to_target}
 
 
 def headline(stage: str, data: dict | None) -> str:

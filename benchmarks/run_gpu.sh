@@ -10,6 +10,8 @@
 #   bash benchmarks/run_gpu.sh --stages build,nvcc,hardware,loss      # estimated 5-8 min
 #   bash benchmarks/run_gpu.sh --stages tests,sampler                 # estimated 5-9 min
 #   bash benchmarks/run_gpu.sh --stages train_step                    # estimated 4-7 min
+#   bash benchmarks/run_gpu.sh --stages rollout_error,time_to_target  # rollout accuracy; time to a reward against
+#                                                                       the official algorithm (estimated 5-10 min)
 #   bash benchmarks/run_gpu.sh --stages t2i                           # text-to-image: SD3.5-medium and FLUX.1-dev
 #                                                                       sizes, random weights (estimated 5-10 min)
 #   bash benchmarks/run_gpu.sh --quick                                # smoke run: benchmarks at toy sizes

@@ -28,7 +28,7 @@ from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 @dataclasses.dataclass
 class ToySettings:
-    """The toy problem and its fine-tuning schedule (defaults: ~1 min on 2 CPU cores)."""
+    """The toy problem and its fine-tuning schedule (defaults: ~3 min on 2 CPU cores)."""
 
     prior: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)  # π_k
     mode_rewards: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)  # r_k: the rarest mode is the best

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (bench_loss, bench_sampler, bench_t2i, bench_time_to_target, bench_train_step, hardware,
-                        nvcc_report, run_all)
+from benchmarks import (bench_loss, bench_rollout_error, bench_sampler, bench_t2i, bench_time_to_target,
+                        bench_train_step, hardware, nvcc_report, run_all)
 from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,3 +270,25 @@ def test_time_to_target_benchmark(tmp_path):
     meta = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())["metadata"]
     assert [s["variant"] for s in meta["summary"]] == [r["variant"] for r in rows]
     assert all(s["speedup_vs_official_paired"] is None for s in meta["summary"])  # none reached the target
+    data = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())
+    assert run_all.summarize_time_to_target(data).startswith("official_paired: 0/1 reached")
+
+
+def test_rollout_error_benchmark(tmp_path):
+    code = bench_rollout_error.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--calls", "8,16"])
+    rows = check_results(tmp_path, "rollout_error", plot=True)
+    assert code == 0 and all(r["status"] == "ok" for r in rows)
+    by = {(r["method"], r["grid"], r["steps"]): r for r in rows}
+    assert set(by) >= {("euler", "uniform", 100), ("heun", "data_dense", 8), ("midpoint", "uniform", 4)}
+    # the errors shrink with the work, and second order beats Euler at the same number of calls
+    assert by["euler", "uniform", 100]["rms_error"] < by["euler", "uniform", 16]["rms_error"]
+    assert by["heun", "uniform", 8]["rms_error"] < by["euler", "uniform", 16]["rms_error"]
+    data = json.loads(result_files(tmp_path, "rollout_error")[".json"].read_text())
+    chosen = data["metadata"]["chosen"]
+    base = by["euler", "uniform", 100]
+    assert chosen["model_calls"] <= 100
+    picked = by[chosen["method"], chosen["grid"], chosen["steps"]]
+    assert picked["rms_error"] <= base["rms_error"] and picked["w2"] <= base["w2"]
+    assert run_all.summarize_rollout_error(data) == (
+        f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps "
+        f"({chosen['model_calls']} model calls)")
