@@ -194,9 +194,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     timing = ("one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
               if meta["l2"] == "flush" else "each sample the mean of back-to-back calls lasting >= 2 ms")
     lines = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         f"- step: loss + loss.backward() + v.grad=None; {meta['settings']}",
         f"- time: median (and IQR) over {meta['repeats']} samples after warm-up, {timing}",
         f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; % copy BW = GB/s / the copy "

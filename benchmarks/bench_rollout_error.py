@@ -137,9 +137,7 @@ def format_table(rows: list[dict]) -> str:
 def format_report(meta: dict, rows: list[dict]) -> str:
     chosen = meta["chosen"]
     lines = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         "- reference: torchdiffeq dopri5, rtol = atol = "
         + f"{meta['ref_tol']:g}; " + "; ".join(
             f"{m['model']}: batch {m['batch']}, {m['reference_calls']} model calls, sample RMS {m['sample_rms']:.3f}"

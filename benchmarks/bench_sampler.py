@@ -171,9 +171,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_report(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         f"- model: {meta['model']} ({meta['parameters'] / 1e6:.2f}M parameters, image {meta['image_shape']}), eval "
         f"mode, {meta['steps']} Euler steps from t=0 to t=1; compile mode {meta['compile_mode']}",
         f"- time: median (and IQR) of {meta['repeats']} calls after a first call (graph capture / compilation, "

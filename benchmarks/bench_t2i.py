@@ -152,9 +152,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_report(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         f"- models: {', '.join(meta['models'])} (random weights; published: the SD3.5-medium / FLUX.1-dev transformer "
         f"and VAE, bf16); {meta['sampler_steps']} steps per rollout on the pipeline's sigma schedule; LoRA rank "
         f"{meta['lora_rank']}; reward: mean brightness of the VAE-decoded images; precision {meta['precision']}",

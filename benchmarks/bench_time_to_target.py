@@ -207,9 +207,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         lambda r: [str(r["reached"]), str(r["steps"]), f"{r['seconds']:.1f}", f"{r['class_entropy']:.2f}",
                    f"{r['diversity']:.2f}", f"{r['eval_even_fraction']:.1%}"])
     text = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         f"- task: even digits (the demo's cached models), reward P(even); target: rolling even fraction of the step's "
         f"rollouts >= {meta['target']} over {WINDOW} steps; at most {meta['max_steps']} steps "
         f"({meta['published_max_steps']} for official_published)",

@@ -121,9 +121,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_report(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"# {meta['benchmark']}: {meta['device_name']}",
-        "",
-        *common.metadata_lines(meta),
+        *common.report_head(meta),
         f"- model: {meta['model']} ({meta['parameters'] / 1e6:.2f}M parameters, image {meta['image_shape']}); "
         f"{meta['sampler_steps']} Euler steps per rollout; reward jpeg_compressibility; exp weights; ours' loss "
         f"backend {meta['loss_backend']}, rollout {'in a CUDA graph' if meta['device'] == 'cuda' else 'eager'}; "

@@ -294,6 +294,11 @@ def finish_run(args, name: str, meta: dict, rows: list[dict], format_report: Cal
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
+def report_head(meta: dict) -> list[str]:
+    """A report's title (benchmark and device) and its metadata bullet lines."""
+    return [f"# {meta['benchmark']}: {meta['device_name']}", "", *metadata_lines(meta)]
+
+
 def metadata_lines(meta: dict) -> list[str]:
     """The Markdown bullet lines every report starts with."""
     hw = meta.get("hardware") or {}
