@@ -2,8 +2,9 @@
 
 For every (alpha, seed) a copy of the pre-trained digits flow model (the demo's, cached) is fine-tuned
 online toward a reward; after every epoch its samples (a fixed noise) are measured: fraction of even
-digits and class entropy (by the digit classifier), diversity (mean pairwise distance), mean reward, and
-W2 to the reference model's samples (exact OT on the two sample sets, POT). Epoch 0 is the reference
+digits and class entropy (by the digit classifier), diversity (mean pairwise distance), mean reward,
+W2 to the reference model's samples (exact OT on the two sample sets, POT), and sample quality: the digits FD
+to the held-out real digits and the background level (orw_fast.demo.DigitsQuality). Epoch 0 is the reference
 itself drawn from other noise: its W2 is the estimator's floor at this sample size.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from experiments.common import fine_tune_by_epoch, pyplot, write_results
-from orw_fast.demo import evaluate_digits, pretrained_digits
+from orw_fast.demo import DigitsQuality, evaluate_digits, pretrained_digits
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir
@@ -81,7 +82,7 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
     start = time.perf_counter()
     base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu",
                                          progress=progress)
-    reward_fn = make_reward(classifier)
+    reward_fn, quality = make_reward(classifier), DigitsQuality(classifier)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,8 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
 
     @torch.no_grad()
     def evaluate(trainer: ORWCFMTrainer) -> dict:
-        stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps)
+        stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps,
+                                    quality=quality)
         evaluate.last = x1
         record = {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
         return {**record, **derive(record)} if derive is not None else record
@@ -119,7 +121,8 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
     return results
 
 
-METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference")
+METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference", "digits_fd",
+           "background")
 
 
 def final_summary(results: dict, metrics=METRICS) -> dict:

@@ -15,7 +15,7 @@ from orw_fast.demo import EVEN_DIGITS
 from orw_fast.rewards import ClassifierReward
 
 COLUMNS = {"even_fraction": "even digits", "class_entropy": "class entropy (nats)", "diversity": "diversity",
-           "w2_to_reference": "W2 to reference"}
+           "w2_to_reference": "W2 to reference", "digits_fd": "digits FD", "background": "background (0-255)"}
 PARETO = ("even_fraction", "class_entropy", "fraction of even digits (reward)", "class entropy (nats, diversity)")
 
 

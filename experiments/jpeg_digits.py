@@ -13,7 +13,7 @@ from experiments.digits import SweepSettings, run_sweep, sweep_cli
 from orw_fast.rewards import jpeg_compressibility
 
 COLUMNS = {"jpeg_kb": "JPEG size (kB)", "diversity": "diversity", "w2_to_reference": "W2 to reference",
-           "class_entropy": "class entropy (nats)"}
+           "class_entropy": "class entropy (nats)", "digits_fd": "digits FD", "background": "background (0-255)"}
 PARETO = ("jpeg_kb", "diversity", "JPEG size (kB, lower = more compressible)", "diversity (mean pairwise distance)")
 DEFAULTS = SweepSettings(alphas=(0.0, 0.5, 2.0), seeds=(0,), epochs=6, steps_per_epoch=25, temperature=300.0,
                          weighting="softmax")

@@ -8,6 +8,18 @@ from tqdm.auto import tqdm
 _SPLIT_SEED = 0  # the held-out split is the same for every training seed
 
 
+def split_indices(n: int, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices [N - k], [k] of a dataset of n items, k = round(n * test_fraction): one fixed
+    permutation, the same for every seed and run (the classifier's split, and the real digits of the digits FD)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    num_test = round(n * test_fraction)
+    if not 0 < num_test < n:
+        raise ValueError(f"test_fraction {test_fraction} of {n} images leaves an empty train or test set")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    return perm[num_test:], perm[:num_test]
+
+
 class DigitClassifier(nn.Module):
     """Images [B, C, H, W] in [-1, 1] -> logits [B, num_classes] (float32).
 
@@ -36,6 +48,13 @@ class DigitClassifier(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
         return self.head(self.features(x))
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128 features [B, 128] the last layer reads (after its ReLU): the space of the digits FD
+        (orw_fast.metrics.frechet_distance)."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
+        return self.head[:-1](self.features(x))
 
 
 @torch.no_grad()
@@ -79,17 +98,11 @@ def train_classifier(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    n = images.shape[0]
-    num_test = round(n * test_fraction)
-    if not 0 < num_test < n:
-        raise ValueError(f"test_fraction {test_fraction} of {n} images leaves an empty train or test set")
+    train_idx, test_idx = split_indices(images.shape[0], test_fraction)
 
     device = next(model.parameters()).device
     images, labels = images.to(device, torch.float32), labels.to(device, torch.int64)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED)).to(device)
-    test_idx, train_idx = perm[:num_test], perm[num_test:]
+    train_idx, test_idx = train_idx.to(device), test_idx.to(device)
     x_train, y_train, x_test, y_test = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
     gen = torch.Generator().manual_seed(seed)
@@ -110,7 +123,7 @@ def train_classifier(
         "train_accuracy": _accuracy(model, x_train, y_train, 512),
         "test_accuracy": _accuracy(model, x_test, y_test, 512),
         "num_train": int(x_train.shape[0]),
-        "num_test": num_test,
+        "num_test": int(test_idx.numel()),
     }
 
 
