@@ -2,8 +2,8 @@
 
 The even-digits task of the demo (its cached pre-trained flow model and digit classifier; pre-trained first if
 missing): reward = the classifier's probability of an even digit. Every variant fine-tunes a copy of the same model
-with the same method settings (the paper's exp weights, alpha = 1, tau 2.5, learning rate 1e-3, batch 64, the last
-policy refreshed every 15 steps, gradient clipping at 1, no warm-up) until the *rolling even fraction* (the share of
+with the same method settings (the paper's exp weights, alpha = 1, tau 5, learning rate 1e-3, batch 64, the last
+policy refreshed every 5 steps, gradient clipping at 1, no warm-up) until the *rolling even fraction* (the share of
 each step's rollouts that the classifier calls even, averaged over the last 10 steps) reaches the target (0.95), or
 until --max-steps. Variants:
   official_paired     benchmarks/baselines/official_eager.py: fp32, eager, torchcfm's exact-OT matcher, a fresh batch
@@ -15,15 +15,16 @@ until --max-steps. Variants:
   orw_fast_reuse2     the same with rollout_reuse=2 (each rollout serves two updates; an option, not a default)
 Reported per run and as the median over seeds: steps and wall-clock to the target (training only: the step loop,
 rollouts and rewards included, evaluation excluded), and at that point the class entropy, diversity (mean pairwise
-distance) and even fraction of 500 samples from a fixed noise (midpoint, 50 steps, the same for every variant), and
-the mean time split of a step: rollout / reward / loss + backward / optimizer. A run that reaches the reward with
-less diversity is not faster: compare the columns.
+distance), digits FD and background level (orw_fast.demo.DigitsQuality) and even fraction of 500 samples from a
+fixed noise (midpoint, 50 steps, the same for every variant; the base model's too), and the mean time split of a
+step: rollout / reward / loss + backward / optimizer. A run that reaches the reward with less diversity or worse
+quality is not faster: compare the columns.
 
-On the 2-core CPU a step of official_paired takes about 1.5 s and one of orw_fast about 0.6-0.9 s, and a run needs
-a few hundred steps (in one seed official_paired was at a rolling 0.89 after 400 steps), so the default 3 seeds of
-each variant take about an hour there; --seeds 1 --variants official_paired,orw_fast about 17 minutes.
+The method settings are the demo's but tau 5 (not 2.5) and a refresh every 5 steps (not 15), so that the default
+run fits in 15 minutes on 2 CPU cores: there a step of official_paired takes about 1.7-2.3 s, and with the demo's
+settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 2.5); with these, about 75.
 
-    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about an hour (see below)
+    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 12 minutes
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
@@ -48,10 +49,10 @@ from benchmarks import common, hardware
 
 VARIANTS = ("official_paired", "official_published", "orw_fast", "orw_fast_reuse2")
 EVEN_DIGITS = (0, 2, 4, 6, 8)
-METHOD = dict(weighting="exp", w2_coefficient=1.0, temperature=2.5, learning_rate=1e-3, batch_size=64,
+METHOD = dict(weighting="exp", w2_coefficient=1.0, temperature=5.0, learning_rate=1e-3, batch_size=64,
               grad_clip=1.0, warmup_steps=0)
 METHOD_OFFICIAL = {k: v for k, v in METHOD.items() if k != "weighting"}  # the official step always uses exp weights
-STEPS_PER_EPOCH = 15
+STEPS_PER_EPOCH = 5
 WINDOW = 10
 PHASES = ("rollout", "reward", "loss_backward", "optimizer")
 
@@ -127,9 +128,9 @@ def make_trainer(variant: str, model, shape, reward: EvenReward, device: torch.d
 
 
 @torch.no_grad()
-def evaluate(model, classifier, shape, device: torch.device, n: int, steps: int = 50) -> dict:
-    """Even fraction, class entropy and diversity of n samples of ``model`` from a fixed noise (midpoint, ``steps``
-    steps)."""
+def evaluate(model, classifier, quality, shape, device: torch.device, n: int, steps: int = 50) -> dict:
+    """Even fraction, class entropy, diversity, digits FD and background level (``quality``: a
+    orw_fast.demo.DigitsQuality) of n samples of ``model`` from a fixed noise (midpoint, ``steps`` steps)."""
     from orw_fast.metrics import class_entropy, mean_pairwise_distance
     from orw_fast.sampling import sample
 
@@ -139,11 +140,12 @@ def evaluate(model, classifier, shape, device: torch.device, n: int, steps: int 
     model.train(training)
     labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
     return {"eval_even_fraction": float(torch.isin(labels, torch.tensor(EVEN_DIGITS, device=device)).float().mean()),
-            "class_entropy": class_entropy(labels, 10) + 0.0, "diversity": float(mean_pairwise_distance(x1))}
+            "class_entropy": class_entropy(labels, 10) + 0.0, "diversity": float(mean_pairwise_distance(x1)),
+            **quality(x1)}
 
 
-def run_one(variant: str, seed: int, base, classifier, device: torch.device, *, max_steps: int, target: float,
-            eval_samples: int, eval_steps: int, sampler_steps: int, overrides: dict) -> dict:
+def run_one(variant: str, seed: int, base, classifier, quality, device: torch.device, *, max_steps: int,
+            target: float, eval_samples: int, eval_steps: int, sampler_steps: int, overrides: dict) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact-OT matcher draws its pairs from numpy's global RNG
     from orw_fast.models.flow_model import infer_image_shape
@@ -172,7 +174,7 @@ def run_one(variant: str, seed: int, base, classifier, device: torch.device, *, 
     split["loss_backward_ms"] = 1e3 * seconds / steps - sum(split.values())
     return {"variant": variant, "seed": seed, "status": "ok", "reached": reached, "steps": steps, "seconds": seconds,
             "ms_per_step": 1e3 * seconds / steps, "rolling_even_fraction": sum(window) / len(window), **split,
-            **evaluate(policy, classifier, shape, device, eval_samples, eval_steps)}
+            **evaluate(policy, classifier, quality, shape, device, eval_samples, eval_steps)}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -184,8 +186,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if not runs:
             continue
         med = {k: statistics.median(r[k] for r in runs) for k in
-               ("steps", "seconds", "ms_per_step", "class_entropy", "diversity", "eval_even_fraction",
-                "rollout_ms", "reward_ms", "loss_backward_ms", "optimizer_ms")}
+               ("steps", "seconds", "ms_per_step", "class_entropy", "diversity", "digits_fd", "background",
+                "eval_even_fraction", "rollout_ms", "reward_ms", "loss_backward_ms", "optimizer_ms")}
         out.append({"variant": variant, "seeds": len(runs), "reached": sum(r["reached"] for r in runs), **med})
     base = next((s["seconds"] for s in out if s["variant"] == "official_paired"), None)
     for s in out:
@@ -195,17 +197,24 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def format_report(meta: dict, rows: list[dict]) -> str:
     header = ["variant", "reached", "steps", "wall-clock s", "vs official_paired", "class entropy", "diversity",
-              "even (eval)", "ms/step", "rollout ms", "reward ms", "loss+bwd ms", "optim ms"]
-    lines = [[s["variant"], f"{s['reached']}/{s['seeds']}", f"{s['steps']:.0f}", f"{s['seconds']:.1f}",
+              "digits FD", "background", "even (eval)", "ms/step", "rollout ms", "reward ms", "loss+bwd ms",
+              "optim ms"]
+    b = meta["base"]
+    lines = [["base model (no fine-tuning)", "", "", "", "", f"{b['class_entropy']:.2f}", f"{b['diversity']:.2f}",
+              f"{b['digits_fd']:.1f}", f"{b['background']:.0f}", f"{b['eval_even_fraction']:.1%}", "", "", "", "",
+              ""]]
+    lines += [[s["variant"], f"{s['reached']}/{s['seeds']}", f"{s['steps']:.0f}", f"{s['seconds']:.1f}",
               common.fmt("{:.1f}x", s["speedup_vs_official_paired"]), f"{s['class_entropy']:.2f}",
-              f"{s['diversity']:.2f}", f"{s['eval_even_fraction']:.1%}", f"{s['ms_per_step']:.0f}",
+              f"{s['diversity']:.2f}", f"{s['digits_fd']:.1f}", f"{s['background']:.0f}",
+              f"{s['eval_even_fraction']:.1%}", f"{s['ms_per_step']:.0f}",
               f"{s['rollout_ms']:.0f}", f"{s['reward_ms']:.1f}", f"{s['loss_backward_ms']:.0f}",
               f"{s['optimizer_ms']:.1f}"] for s in meta["summary"]]
     runs = common.results_table(
-        ["variant", "seed", "reached", "steps", "wall-clock s", "class entropy", "diversity", "even (eval)"], rows,
+        ["variant", "seed", "reached", "steps", "wall-clock s", "class entropy", "diversity", "digits FD",
+         "even (eval)"], rows,
         lambda r: [r["variant"], str(r["seed"])],
         lambda r: [str(r["reached"]), str(r["steps"]), f"{r['seconds']:.1f}", f"{r['class_entropy']:.2f}",
-                   f"{r['diversity']:.2f}", f"{r['eval_even_fraction']:.1%}"])
+                   f"{r['diversity']:.2f}", f"{r['digits_fd']:.1f}", f"{r['eval_even_fraction']:.1%}"])
     text = [
         *common.report_head(meta),
         f"- task: even digits (the demo's cached models), reward P(even); target: rolling even fraction of the step's "
@@ -215,8 +224,9 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         + f", last policy refreshed every {STEPS_PER_EPOCH} steps; official rollouts: {meta['sampler_steps']} Euler "
         f"steps; orw_fast: {meta['orw_fast_sampler']}",
         "- wall-clock: the step loop until the target (rollouts and rewards included, evaluation excluded); "
-        "medians over seeds; class entropy (nats, max 2.30), diversity and even (eval): 500 samples at that point "
-        "(midpoint, 50 steps, fixed noise)",
+        "medians over seeds; class entropy (nats, max 2.30), diversity, digits FD (to the held-out real digits, "
+        "orw_fast.demo.DigitsQuality; lower is better), background (0-255) and even (eval): 500 samples at that "
+        "point (midpoint, 50 steps, fixed noise)",
         "",
         common.markdown_table(header, lines),
         "",
@@ -251,9 +261,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--seeds", type=common.positive_int, default=3, help="seeds per variant (default 3)")
     add("--published-seeds", type=common.positive_int, default=1,
         help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)")
-    add("--max-steps", type=common.positive_int, default=400, help="cap per run (default 400)")
-    add("--published-max-steps", type=common.positive_int, default=150,
-        help="cap of official_published (default 150, about what official_paired needs to reach the target)")
+    add("--max-steps", type=common.positive_int, default=300, help="cap per run (default 300)")
+    add("--published-max-steps", type=common.positive_int, default=75,
+        help="cap of official_published (default 75, about what official_paired needs to reach the target)")
     add("--target", type=float, default=0.95, help="rolling even fraction to reach (default 0.95)")
     add("--sampler-steps", type=common.positive_int, default=100, help="the official rollout's Euler steps (100)")
     add("--eval-samples", type=common.positive_int, default=500)
@@ -280,9 +290,12 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     from orw_fast.config import TrainerConfig
-    from orw_fast.models.flow_model import PixelFlowModel
+    from orw_fast.demo import DigitsQuality
+    from orw_fast.models.flow_model import PixelFlowModel, infer_image_shape
 
     base, classifier = load_models(device, args.quick)
+    quality = DigitsQuality(classifier)
+    eval_samples, eval_steps = (16, 2) if args.quick else (args.eval_samples, 50)
     variants = args.variants or list(VARIANTS)
     max_steps = 3 if args.quick else args.max_steps
     published_max = 3 if args.quick else args.published_max_steps
@@ -292,6 +305,7 @@ def main(argv=None) -> int:
                                published_max_steps=published_max, sampler_steps=args.sampler_steps,
                                orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
                                f"{PixelFlowModel.rollout_grid} grid")
+    meta["base"] = evaluate(base, classifier, quality, infer_image_shape(base), device, eval_samples, eval_steps)
     common.warn_if_loaded(meta)
     cases = [(v, s) for v in variants for s in range(args.published_seeds if v == "official_published" else args.seeds)]
     rows = []
@@ -299,10 +313,9 @@ def main(argv=None) -> int:
         for variant, seed in bar:
             bar.set_postfix_str(f"{variant} seed {seed}")
             try:
-                rows.append(run_one(variant, seed, base, classifier, device,
+                rows.append(run_one(variant, seed, base, classifier, quality, device,
                                     max_steps=published_max if variant == "official_published" else max_steps,
-                                    target=args.target, eval_samples=16 if args.quick else args.eval_samples,
-                                    eval_steps=2 if args.quick else 50,
+                                    target=args.target, eval_samples=eval_samples, eval_steps=eval_steps,
                                     sampler_steps=2 if args.quick else args.sampler_steps,
                                     overrides={"sampler_steps": 2} if args.quick else {}))
             except Exception as err:  # reported in the table
