@@ -1,37 +1,12 @@
-"""Shared pieces of the experiments: the epoch loop over ORWCFMTrainer, result files."""
+"""Shared pieces of the experiments: result files and plotting (the epoch loop is orw_fast.epochs)."""
 from __future__ import annotations
 
 import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from orw_fast.checkpoint import write_text_atomic
-from orw_fast.trainer import ORWCFMTrainer
-
-
-def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int,
-                       evaluate: Callable[[ORWCFMTrainer], dict], progress: bool = True) -> list[dict]:
-    """Runs ``epochs`` ORW-CFM-W2 epochs of ``steps_per_epoch`` steps (the last policy is refreshed after
-    each) and returns ``[evaluate(trainer)]`` for the model before training and after every epoch, each
-    with "epoch", the epoch's mean training reward ("train_reward") and its wall time."""
-    from tqdm.auto import tqdm
-
-    records = [{"epoch": 0, **evaluate(trainer)}]
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", leave=False)
-    for epoch in range(1, epochs + 1):
-        start, rewards = time.perf_counter(), []
-        for _ in range(steps_per_epoch):
-            rewards.append(trainer.train_step()["reward_mean"])
-            bar.update(1)
-        trainer.refresh_last_policy()
-        records.append({"epoch": epoch, "train_reward": float(np.mean(rewards)),
-                        "seconds": time.perf_counter() - start, **evaluate(trainer)})
-    bar.close()
-    return records
 
 
 def git_commit() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,8 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from experiments.common import fine_tune_by_epoch, pyplot, write_results
+from experiments.common import pyplot, write_results
 from orw_fast.demo import DigitsQuality, evaluate_digits, pretrained_digits
+from orw_fast.epochs import check_finite, fine_tune_by_epoch
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir
@@ -189,12 +189,3 @@ def plot_epochs(results: dict, path, metrics: dict[str, str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def check_finite(results: dict) -> None:
-    """Raises if any recorded metric is NaN (a diverged run must not end up in a table)."""
-    for alpha, by_seed in results["runs"].items():
-        for seed, records in by_seed.items():
-            for rec in records:
-                if any(isinstance(v, float) and not math.isfinite(v) for v in rec.values()):
-                    raise RuntimeError(f"alpha={alpha} seed={seed} epoch {rec['epoch']} has non-finite metrics")

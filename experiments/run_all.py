@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from experiments import even_digits, jpeg_digits, toy_theory
+from experiments import even_digits, jpeg_digits, text_alignment, toy_theory
 from experiments.common import write_results
 from experiments.digits import SweepSettings
 from orw_fast.demo import pretrained_digits
@@ -41,6 +41,8 @@ def main(argv=None) -> None:
         toy_theory.run(toy_theory.ToySettings(), out / "toy", progress=progress))))
     timed("even_digits", lambda: even_digits.run(SweepSettings(), out / "even_digits", progress=progress))
     timed("jpeg_digits", lambda: jpeg_digits.run(jpeg_digits.DEFAULTS, out / "jpeg_digits", progress=progress))
+    timed("text_alignment (pre-training the text model when not cached)",
+          lambda: text_alignment.run(text_alignment.AlignmentSettings(), out / "text_alignment", progress=progress))
     timing["total"] = round(time.perf_counter() - start, 1)
     write_results(out / "timing.json", {"seconds": timing, "cpu": platform.processor() or platform.machine(),
                                         "threads": torch.get_num_threads(), "torch": torch.__version__})

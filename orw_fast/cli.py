@@ -78,12 +78,20 @@ def _classes(text: str) -> list[int]:
 
 
 def cmd_demo(args) -> None:
-    from orw_fast.demo import DemoSettings, run_demo
+    given = {k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch),
+                               ("temperature", args.tau), ("weighting", args.weighting)) if v is not None}
+    if args.task == "text":
+        from orw_fast.alignment import AlignmentSettings, run_text_demo
 
-    settings = DemoSettings(alphas=args.alphas, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                            temperature=args.tau, weighting=args.weighting, seed=args.seed)
-    run_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
-             progress=not args.quiet)
+        settings = AlignmentSettings(alphas=args.alphas, seeds=(args.seed,), **given)
+        run_text_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
+                      progress=not args.quiet)
+    else:
+        from orw_fast.demo import DemoSettings, run_demo
+
+        settings = DemoSettings(alphas=args.alphas, seed=args.seed, **given)
+        run_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
+                 progress=not args.quiet)
     print(f"report written to {args.out}")
 
 
@@ -289,17 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from orw_fast.config import TrainerConfig
+    from orw_fast.alignment import AlignmentSettings
     from orw_fast.demo import DemoSettings
 
     demo = DemoSettings()
     weighting_help = "reward weights: exp(tau r) (the paper's), B softmax(tau r) or none"
-    p = sub.add_parser("demo", help="offline demo: fine-tune toward even digits (scikit-learn digits)")
+    text = AlignmentSettings()
+    p = sub.add_parser("demo", help="offline demo: fine-tune toward even digits, or toward prompt alignment of a "
+                                    "text-conditioned SD3-architecture digits model (scikit-learn digits)")
+    p.add_argument("--task", choices=("even", "text"), default="even",
+                   help="even: even digits from a pixel flow model (~8 min on 2 cores); text: prompt alignment with "
+                        "LoRA on an SD3 transformer (~5 min, pre-training the model first: ~3 min)")
     p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder (default %(default)s)")
     p.add_argument("--alphas", type=_floats, default=demo.alphas, help="W2 coefficients, comma-separated")
-    p.add_argument("--epochs", type=_POSITIVE_INT, default=demo.epochs)
-    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=demo.steps_per_epoch)
-    p.add_argument("--tau", type=_number(), default=demo.temperature, help="reward temperature")
-    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"), help=weighting_help)
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=None,
+                   help=f"default {demo.epochs} (even), {text.epochs} (text)")
+    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=None,
+                   help=f"default {demo.steps_per_epoch} (even), {text.steps_per_epoch} (text)")
+    p.add_argument("--tau", type=_number(), default=None,
+                   help=f"reward temperature (default {demo.temperature} (even), {text.temperature} (text))")
+    p.add_argument("--weighting", default=None, choices=("softmax", "exp", "none"),
+                   help=weighting_help + f" (default {demo.weighting})")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)

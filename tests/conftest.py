@@ -57,3 +57,14 @@ def poison_empty():
     yield
     torch.use_deterministic_algorithms(prev_det)
     torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A model cache (what ``$ORW_FAST_CACHE`` points to) holding the digits flow model and classifier, pre-trained
+    briefly (1000 flow-matching steps): shared by the reduced experiments."""
+    from orw_fast.demo import pretrained_digits
+
+    folder = tmp_path_factory.mktemp("cache")
+    pretrained_digits(folder, steps=1000, device="cpu", progress=False)
+    return folder

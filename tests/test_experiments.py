@@ -52,7 +52,7 @@ def test_w2_holds_the_masses_back(toy_results):
 
 
 @pytest.fixture(scope="module")
-def even_digits_results(tmp_path_factory):
+def even_digits_results(digits_cache):
     """The even-digits sweep of experiments/ (same tau, weighting and learning rate) at reduced scale: a
     briefly pre-trained model, 10-step rollouts, 200 evaluation samples, alpha 0 and 1, one seed."""
     from experiments.digits import SweepSettings
@@ -60,7 +60,7 @@ def even_digits_results(tmp_path_factory):
 
     settings = SweepSettings(alphas=(0.0, 1.0), seeds=(0,), epochs=8, steps_per_epoch=15, sampler_steps=10,
                              eval_samples=200, pretrain_steps=1000)
-    return run_even_digits(settings, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return run_even_digits(settings, cache_dir=digits_cache, progress=False)
 
 
 def test_even_digits_alpha_0_collapses_and_alpha_1_keeps_diversity(even_digits_results):

@@ -102,6 +102,8 @@ class DiffusersFlowModel(FlowModel):
         dtype: weights' dtype when loading from a folder or id (the state of a rollout stays float32).
         gradient_checkpointing: recompute the transformer's activations in backward (less memory, more time).
         keep_text_encoders: keep the text encoders after the prompts are cached (default: drop them).
+        eval_prompts: prompts also encoded (for :meth:`generate` and rewards) but never drawn for training, e.g.
+            held-out prompts of an evaluation.
     """
 
     rollout_grid = None  # the scheduler's sigma schedule
@@ -110,7 +112,7 @@ class DiffusersFlowModel(FlowModel):
                  lora_targets=LORA_TARGETS, resolution: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str = "", max_sequence_length: int | None = None,
                  dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
-                 keep_text_encoders: bool = False):
+                 keep_text_encoders: bool = False, eval_prompts=()):
         self.pipe = load_pipeline(pipeline, dtype=dtype)
         self.kind = pipeline_kind(self.pipe)
         self.source = str(pipeline) if isinstance(pipeline, (str, Path)) else None
@@ -140,6 +142,9 @@ class DiffusersFlowModel(FlowModel):
         self.max_sequence_length = _positive_int("max_sequence_length", max_sequence_length, optional=True) \
             or default_tokens
         self.gradient_checkpointing, self.keep_text_encoders = bool(gradient_checkpointing), bool(keep_text_encoders)
+        if isinstance(eval_prompts, str) or not all(isinstance(p, str) and p for p in eval_prompts):
+            raise ValueError(f"eval_prompts must be a list of non-empty strings, got {eval_prompts!r}")
+        self.eval_prompts = list(dict.fromkeys(p for p in eval_prompts if p not in self.prompts.prompts))
         self.transformer = pipe.transformer
         self._times: dict[int, torch.Tensor] = {}
 
@@ -177,7 +182,8 @@ class DiffusersFlowModel(FlowModel):
     def _cache_prompts(self, device) -> None:
         """Every distinct prompt (and the negative prompt) through the text encoders once; the encoders are then
         dropped unless kept."""
-        pipe, texts = self.pipe, [*self.prompts.prompts, self.negative_prompt]
+        known = [*self.prompts.prompts, *self.eval_prompts]
+        pipe, texts = self.pipe, [*known, self.negative_prompt]
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).to(device)
@@ -193,7 +199,7 @@ class DiffusersFlowModel(FlowModel):
             embeds.append(e)
             pooled.append(p)
         self._embeds, self._pooled = torch.cat(embeds), torch.cat(pooled)
-        self._row = {prompt: i for i, prompt in enumerate(self.prompts.prompts)}
+        self._row = {prompt: i for i, prompt in enumerate(known)}
         if not self.keep_text_encoders:
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
                 if hasattr(pipe, name):
@@ -234,8 +240,8 @@ class DiffusersFlowModel(FlowModel):
         try:
             rows = torch.tensor([self._row[p] for p in prompts], device=self._embeds.device)
         except KeyError as err:
-            raise ValueError(f"prompt {err.args[0]!r} is not one of the model's prompts (they are encoded when the "
-                             "trainer prepares the model)") from None
+            raise ValueError(f"prompt {err.args[0]!r} is not one of the model's prompts or eval_prompts (they are "
+                             "encoded when the trainer prepares the model)") from None
         return self._embeds[rows], self._pooled[rows]
 
     def _transformer_output(self, module, t, x, embeds, pooled):

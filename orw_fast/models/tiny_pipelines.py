@@ -18,7 +18,10 @@ WORDS = ("a an the of photo picture image small large thick thin red blue green 
          "car house tree digit zero one two three four five six seven eight nine handwritten").split()
 
 
-def _clip_tokenizer(folder: Path, max_length: int):
+def clip_tokenizer(folder: Path, max_length: int, *, whole_words=()):
+    """A ``CLIPTokenizer`` written into ``folder`` whose vocabulary is WORDS and single characters; ``max_length``
+    tokens a prompt. It spells every word out in characters except ``whole_words`` (some of WORDS), which its BPE
+    merges build into one token each (checked: ValueError if one word's merges split another)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -27,10 +30,22 @@ def _clip_tokenizer(folder: Path, max_length: int):
     for c in "abcdefghijklmnopqrstuvwxyz0123456789":
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(f"{c}</w>", len(vocab))
+    merges = []
+    for word in whole_words:  # w1 w2 -> w1w2, w1w2 w3 -> w1w2w3, ..., the last symbol with its end-of-word mark
+        symbols = [*word[:-1], f"{word[-1]}</w>"]
+        for i in range(1, len(symbols)):
+            merge = f"{''.join(symbols[:i])} {symbols[i]}"
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault("".join(symbols[:i + 1]), len(vocab))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    split = [w for w in whole_words if len(tokenizer.tokenize(w)) != 1]
+    if split:
+        raise ValueError(f"the merges of whole_words split {split}: choose words without each other's prefixes inside")
+    return tokenizer
 
 
 def _t5_tokenizer(folder: Path, max_length: int):
@@ -47,7 +62,8 @@ def _t5_tokenizer(folder: Path, max_length: int):
     return T5TokenizerFast.from_pretrained(folder), len(pieces)
 
 
-def _clip_text_encoder(vocab_size: int, projection: bool, width: int = 32, layers: int = 2):
+def clip_text_encoder(vocab_size: int, projection: bool, width: int = 32, layers: int = 2):
+    """A CLIP text encoder (``CLIPTextModelWithProjection`` with ``projection``) with random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
@@ -73,7 +89,9 @@ PUBLISHED = {
 }
 
 
-def _vae(latent_channels: int = 4, published: dict | None = None):
+def tiny_vae(latent_channels: int = 4, published: dict | None = None):
+    """An ``AutoencoderKL`` with random weights: one block that keeps the resolution (RGB <-> ``latent_channels``),
+    or with ``published`` (scaling and shift factors) the SD3/FLUX VAE's architecture."""
     from diffusers import AutoencoderKL
 
     if published is not None:  # the SD3 / FLUX VAE (8x downsampling, 16 latent channels)
@@ -103,10 +121,10 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
     torch.manual_seed(seed)
     arch = PUBLISHED[kind] if published else None
     with tempfile.TemporaryDirectory() as tmp:
-        clip_tokenizer = _clip_tokenizer(Path(tmp) / "clip", 77)
-        vocab = len(clip_tokenizer)
+        tokenizer = clip_tokenizer(Path(tmp) / "clip", 77)
+        vocab = len(tokenizer)
         widths, text_layers = (arch["clip_widths"], 1) if published else ((32, 32), 2)
-        vae = _vae(published=arch["vae"] if published else None)
+        vae = tiny_vae(published=arch["vae"] if published else None)
         if kind == "sd3":
             config = arch["transformer"] if published else dict(
                 sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
@@ -115,8 +133,8 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
             pipeline = StableDiffusion3Pipeline(
                 transformer=SD3Transformer2DModel(**config),
                 scheduler=FlowMatchEulerDiscreteScheduler(**(arch["scheduler"] if published else dict(shift=3.0))),
-                vae=vae, text_encoder=_clip_text_encoder(vocab, True, widths[0], text_layers), tokenizer=clip_tokenizer,
-                text_encoder_2=_clip_text_encoder(vocab, True, widths[1], text_layers), tokenizer_2=clip_tokenizer,
+                vae=vae, text_encoder=clip_text_encoder(vocab, True, widths[0], text_layers), tokenizer=tokenizer,
+                text_encoder_2=clip_text_encoder(vocab, True, widths[1], text_layers), tokenizer_2=tokenizer,
                 text_encoder_3=None, tokenizer_3=None)
         else:
             from transformers import T5Config, T5EncoderModel
@@ -133,8 +151,8 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
                                                                   max_shift=1.15)
             pipeline = FluxPipeline(
                 transformer=FluxTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
-                vae=vae, text_encoder=_clip_text_encoder(vocab, False, widths[0], text_layers),
-                tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+                vae=vae, text_encoder=clip_text_encoder(vocab, False, widths[0], text_layers),
+                tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
     if not published:
         pipeline.default_sample_size = sample_size // pipeline.vae_scale_factor
     return pipeline

@@ -1,0 +1,41 @@
+"""The epoch loop of the experiments and demos: ORW-CFM-W2 epochs with an evaluation before training and after
+every epoch, and the check that no recorded metric is NaN."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from orw_fast.trainer import ORWCFMTrainer
+
+
+def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int,
+                       evaluate: Callable[[ORWCFMTrainer], dict], progress: bool = True) -> list[dict]:
+    """Runs ``epochs`` ORW-CFM-W2 epochs of ``steps_per_epoch`` steps (the last policy is refreshed after
+    each) and returns ``[evaluate(trainer)]`` for the model before training and after every epoch, each
+    with "epoch", the epoch's mean training reward ("train_reward") and its wall time."""
+    from tqdm.auto import tqdm
+
+    records = [{"epoch": 0, **evaluate(trainer)}]
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", leave=False)
+    for epoch in range(1, epochs + 1):
+        start, rewards = time.perf_counter(), []
+        for _ in range(steps_per_epoch):
+            rewards.append(trainer.train_step()["reward_mean"])
+            bar.update(1)
+        trainer.refresh_last_policy()
+        records.append({"epoch": epoch, "train_reward": float(np.mean(rewards)),
+                        "seconds": time.perf_counter() - start, **evaluate(trainer)})
+    bar.close()
+    return records
+
+
+def check_finite(results: dict) -> None:
+    """Raises if any recorded metric is NaN (a diverged run must not end up in a table)."""
+    for alpha, by_seed in results["runs"].items():
+        for seed, records in by_seed.items():
+            for rec in records:
+                if any(isinstance(v, float) and not math.isfinite(v) for v in rec.values()):
+                    raise RuntimeError(f"alpha={alpha} seed={seed} epoch {rec['epoch']} has non-finite metrics")
