@@ -24,7 +24,7 @@ The method settings are the demo's but tau 5 (not 2.5) and a refresh every 5 ste
 run fits in 15 minutes on 2 CPU cores: there a step of official_paired takes about 1.7-2.3 s, and with the demo's
 settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 2.5); with these, about 75.
 
-    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 12 minutes
+    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 14 minutes
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
@@ -262,8 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--published-seeds", type=common.positive_int, default=1,
         help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)")
     add("--max-steps", type=common.positive_int, default=300, help="cap per run (default 300)")
-    add("--published-max-steps", type=common.positive_int, default=75,
-        help="cap of official_published (default 75, about what official_paired needs to reach the target)")
+    add("--published-max-steps", type=common.positive_int, default=50,
+        help="cap of official_published (default 50: official_paired reached the target in 56-75 steps)")
     add("--target", type=float, default=0.95, help="rolling even fraction to reach (default 0.95)")
     add("--sampler-steps", type=common.positive_int, default=100, help="the official rollout's Euler steps (100)")
     add("--eval-samples", type=common.positive_int, default=500)
