@@ -101,6 +101,7 @@ class ORWCFMTrainer:
             raise ValueError("give reward_fn (images -> [B] rewards) or config.text_prompts for a CLIP reward")
         self.reward_fn = as_reward_fn(reward_fn)
         self.flow = flow
+        torch.manual_seed(cfg.seed)  # a LoRA adapter's initial weights: the same for a seed, whatever ran before
         flow.prepare(self.device, ema=cfg.ema_decay > 0)
         if flow.prompts is not None:
             flow.prompts.sample(self.local_batch_size, torch.Generator())  # a batch it cannot split is an error now

@@ -162,6 +162,16 @@ def test_a_step_changes_only_the_lora_weights_and_the_reference_is_the_base(tmp_
     assert not torch.allclose(v_policy, v_ref, atol=1e-4)  # the adapter is back on after the reference
 
 
+def test_the_lora_adapter_starts_from_the_seed_whatever_ran_before(tmp_path, folders):
+    adapters = []
+    for seed, noise in ((3, 0), (3, 1), (4, 0)):
+        torch.manual_seed(noise)  # the global RNG's state before the trainer
+        trainer = ORWCFMTrainer(flow_of(folders, "sd3"), config(tmp_path, seed=seed), "cpu", reward_fn=brightness)
+        adapters.append([p.detach().clone() for p in trainer.weights.trainable_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(adapters[0], adapters[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(adapters[0], adapters[2]))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_saved_lora_reproduces_the_fine_tuned_model_in_a_fresh_pipeline(tmp_path, folders, kind):
     flow = flow_of(folders, kind)
