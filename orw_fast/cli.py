@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "text-conditioned SD3-architecture digits model (scikit-learn digits)")
     p.add_argument("--task", choices=("even", "text"), default="even",
                    help="even: even digits from a pixel flow model (~8 min on 2 cores); text: prompt alignment with "
-                        "LoRA on an SD3 transformer (~5 min, pre-training the model first: ~3 min)")
+                        "LoRA on an SD3-architecture digits model (~70 s; its first run pre-trains it: ~5.5 min)")
     p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder (default %(default)s)")
     p.add_argument("--alphas", type=_floats, default=demo.alphas, help="W2 coefficients, comma-separated")
     p.add_argument("--epochs", type=_POSITIVE_INT, default=None,
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=_number(), default=None,
                    help=f"reward temperature (default {demo.temperature} (even), {text.temperature} (text))")
     p.add_argument("--weighting", default=None, choices=("softmax", "exp", "none"),
-                   help=weighting_help + f" (default {demo.weighting})")
+                   help=weighting_help + f" (default {demo.weighting} (even), {text.weighting} (text))")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)

@@ -260,7 +260,7 @@ def test_the_published_baseline_leaves_the_weights_in_rollout_order(monkeypatch)
 def test_time_to_target_benchmark(tmp_path):
     code = bench_time_to_target.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--seeds", "1",
                                       "--variants", "official_paired,official_published,orw_fast,orw_fast_reuse2"])
-    rows = check_results(tmp_path, "time_to_target", plot=True, other_table_lines=4 + 2)  # the summary table
+    rows = check_results(tmp_path, "time_to_target", plot=True, other_table_lines=1 + 4 + 2)  # the summary table: base row, 4 variants
     assert code == 0 and [r["variant"] for r in rows] == ["official_paired", "official_published", "orw_fast",
                                                           "orw_fast_reuse2"]
     for r in rows:
