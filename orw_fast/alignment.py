@@ -23,6 +23,7 @@ from orw_fast.demo import DemoSettings, DigitsQuality, pretrained_digits
 from orw_fast.epochs import check_finite, fine_tune_by_epoch
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import mean_pairwise_distance, w2_distance
+from orw_fast.models.diffusers_flow import LORA_TARGETS
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.text_digits import (MAX_SEQUENCE_LENGTH, PromptedDigitReward, digit_of, pretrained_text_digits,
                                   prompts_for, to_grey)
@@ -50,7 +51,7 @@ class AlignmentSettings:
     temperature: float = 10.0
     learning_rate: float = 1e-2  # LoRA; 3e-2 diverged within 8 epochs
     lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     guidance_scale: float = 1.0  # no CFG: guidance 2 and 4 take the base model's alignment to 86 % and 99 %
     sampler_steps: int = 10  # Heun on the scheduler's sigmas: 20 transformer calls
     eval_per_prompt: int = 24
