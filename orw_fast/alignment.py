@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from orw_fast.demo import DemoSettings, DigitsQuality, pretrained_digits
-from orw_fast.epochs import check_finite, fine_tune_by_epoch
+from orw_fast.epochs import check_finite, sweep
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import mean_pairwise_distance, w2_distance
 from orw_fast.models.diffusers_flow import LORA_TARGETS
@@ -110,20 +110,17 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
                 "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
                 **quality(images)}
 
-    runs = {}
-    for alpha in s.alphas:
-        runs[f"{alpha:g}"] = {}
-        for seed in s.seeds:
-            config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
-                                   weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
-                                   grid_size=0, seed=seed)
-            trainer = ORWCFMTrainer(make_flow(), config, device, reward_fn=reward_fn)
-            if progress:
-                print(f"alpha={alpha:g} seed={seed}")
-            runs[f"{alpha:g}"][str(seed)] = fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate,
-                                                               progress)
-            if out_dir is not None and seed == s.seeds[0]:
-                _save_grid(evaluate.last, out_dir / f"samples_alpha_{alpha:g}.png", n)
+    def make_trainer(alpha: float, seed: int) -> ORWCFMTrainer:
+        config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
+                               weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
+                               grid_size=0, seed=seed)
+        return ORWCFMTrainer(make_flow(), config, device, reward_fn=reward_fn)
+
+    def save_samples(alpha: float) -> None:
+        if out_dir is not None:
+            _save_grid(evaluate.last, out_dir / f"samples_alpha_{alpha:g}.png", n)
+
+    runs = sweep(s.alphas, s.seeds, make_trainer, s.epochs, s.steps_per_epoch, evaluate, save_samples, progress)
     results = {"settings": dataclasses.asdict(s), "train_prompts": TRAIN_PROMPTS, "held_out_prompts": HELD_OUT_PROMPTS,
                "runs": runs, "seconds": time.perf_counter() - start}
     check_finite(results)

@@ -32,6 +32,25 @@ def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int
     return records
 
 
+def sweep(alphas, seeds, make_trainer: Callable[[float, int], ORWCFMTrainer], epochs: int, steps_per_epoch: int,
+          evaluate: Callable[[ORWCFMTrainer], dict], after_first_seed: Callable[[float], None] | None = None,
+          progress: bool = True) -> dict[str, dict[str, list[dict]]]:
+    """:func:`fine_tune_by_epoch` for every ``(alpha, seed)`` with a trainer from ``make_trainer(alpha, seed)``;
+    returns ``{f"{alpha:g}": {str(seed): records}}``. ``after_first_seed(alpha)`` runs after each alpha's
+    first seed (to save that run's samples, for example)."""
+    runs = {}
+    for alpha in alphas:
+        runs[f"{alpha:g}"] = {}
+        for i, seed in enumerate(seeds):
+            trainer = make_trainer(alpha, seed)
+            if progress:
+                print(f"alpha={alpha:g} seed={seed}")
+            runs[f"{alpha:g}"][str(seed)] = fine_tune_by_epoch(trainer, epochs, steps_per_epoch, evaluate, progress)
+            if i == 0 and after_first_seed is not None:
+                after_first_seed(alpha)
+    return runs
+
+
 def check_finite(results: dict) -> None:
     """Raises if any recorded metric is NaN (a diverged run must not end up in a table)."""
     for alpha, by_seed in results["runs"].items():
