@@ -4,6 +4,7 @@ parsers read real ptxas / SASS / PTX text; the official-code baseline computes w
 not checked."""
 import csv
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -267,6 +268,7 @@ def test_time_to_target_benchmark(tmp_path):
         assert r["status"] == "ok" and r["steps"] == 3 and r["seconds"] > 0 and not r["reached"]
         assert r["rollout_ms"] > 0 and r["reward_ms"] > 0 and r["optimizer_ms"] > 0 and r["loss_backward_ms"] > 0
         assert 0 <= r["class_entropy"] <= 2.31 and r["diversity"] > 0
+        assert math.isnan(r["even_entropy"]) or 0 <= r["even_entropy"] <= math.log(5) + 1e-9
     meta = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())["metadata"]
     assert [s["variant"] for s in meta["summary"]] == [r["variant"] for r in rows]
     assert all(s["speedup_vs_official_paired"] is None for s in meta["summary"])  # none reached the target
