@@ -79,7 +79,8 @@ def _classes(text: str) -> list[int]:
 
 def cmd_demo(args) -> None:
     given = {k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch),
-                               ("temperature", args.tau), ("weighting", args.weighting)) if v is not None}
+                               ("temperature", args.tau), ("weighting", args.weighting),
+                               ("learning_rate", args.lr)) if v is not None}
     if args.task == "text":
         from orw_fast.alignment import AlignmentSettings, run_text_demo
 
@@ -165,7 +166,8 @@ FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "tempera
                   "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay",
                   "sampler_method": "--sampler-method", "rollout_batches": "--rollout-batches",
                   "rollout_reuse": "--rollout-reuse"}
-DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed"}
+DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed",
+              "learning_rate": "--lr"}
 
 
 def _t2i_model(args):
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reward temperature (default {demo.temperature} (even), {text.temperature} (text))")
     p.add_argument("--weighting", default=None, choices=("softmax", "exp", "none"),
                    help=weighting_help + f" (default {demo.weighting} (even), {text.weighting} (text))")
+    p.add_argument("--lr", type=_number(float, 0, above=True), default=None,
+                   help=f"learning rate (default {demo.learning_rate:g} (even), {text.learning_rate:g} (text))")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
     common(p)

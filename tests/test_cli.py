@@ -151,6 +151,21 @@ def test_demo_runs_and_writes_its_report(tmp_path):
         assert 0 <= stats["even_fraction"] <= 1 and sum(stats["class_counts"]) == 16
 
 
+def test_demo_passes_its_method_flags_to_the_settings(tmp_path, monkeypatch, capsys):
+    import orw_fast.demo
+
+    seen = {}
+    monkeypatch.setattr(orw_fast.demo, "run_demo", lambda out, settings, **kw: seen.update(settings=settings))
+    main(["demo", "--alphas", "0.25", "--weighting", "softmax", "--tau", "10", "--lr", "3e-4", "--out",
+          str(tmp_path / "r")])
+    s = seen["settings"]
+    assert (s.alphas, s.weighting, s.temperature, s.learning_rate) == ((0.25,), "softmax", 10.0, 3e-4)
+    assert s.epochs == orw_fast.demo.DemoSettings.epochs  # unset flags keep the demo's defaults
+    with pytest.raises(SystemExit):
+        main(["demo", "--lr", "0"])
+    assert "argument --lr: must be > 0" in capsys.readouterr().err
+
+
 def test_bench_passes_its_options_to_the_benchmark_script(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--help"])
