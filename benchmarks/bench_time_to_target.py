@@ -25,7 +25,7 @@ The method settings are the demo's but tau 5 (not 2.5) and a refresh every 5 ste
 run fits in 15 minutes on 2 CPU cores: there a step of official_paired takes about 1.7-2.3 s, and with the demo's
 settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 2.5); with these, about 75.
 
-    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 14 minutes
+    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 12 minutes
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)

@@ -2,7 +2,7 @@
 failed stage is recorded and the next one runs; a summary (with the issue's targets on GPU) comes last.
 
 Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step, t2i; rollout_error and
-time_to_target take 25 and 20 minutes on a 2-core CPU, so they run on the CPU only when named):
+time_to_target take 25 and 12 minutes on a 2-core CPU, so they run on the CPU only when named):
   build       pip install --no-build-isolation --no-deps --no-index -e . for the GPU's architecture
               (TORCH_CUDA_ARCH_LIST, e.g. 9.0), `python setup.py build_ext --inplace` if pip fails; skipped
               when orw_fast._C already has a CUDA kernel newer than every source
