@@ -204,16 +204,25 @@ def pretrain_transformer(pipe, images: torch.Tensor, labels: torch.Tensor, strok
 def pretrain_text_digits(out_dir, *, steps: int = 3000, vae_steps: int = 1000, wrong_caption_share: float = 0.3,
                          seed: int = 0, progress: bool = True) -> dict:
     """Builds and pre-trains the pipeline on all 1797 digits and saves it (``save_pretrained``) into ``out_dir``,
-    written whole or not at all; returns what it measured (also in ``out_dir``/pretraining.json)."""
+    written whole or not at all; returns what it measured (also in ``out_dir``/pretraining.json).
+
+    Trains on one torch thread, whatever the process has, so that the model (and every number measured on it) is
+    the same whether the demo, a test or ``experiments.run_all`` builds it; a second thread saves < 10 % here."""
     from orw_fast.data.digits import load_digits_dataset
 
     if not 0 <= wrong_caption_share < 0.9:
         raise ValueError(f"wrong_caption_share must be in [0, 0.9), got {wrong_caption_share!r}")
     images, labels = load_digits_dataset()
     pipe = build_pipeline(seed)
-    info = {"vae_rmse": train_vae(pipe.vae, images, steps=vae_steps, seed=seed, progress=progress)}
-    info["flow_loss"] = pretrain_transformer(pipe, images, labels, stroke_words(images, labels), steps=steps,
-                                             wrong_caption_share=wrong_caption_share, seed=seed, progress=progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = {"vae_rmse": train_vae(pipe.vae, images, steps=vae_steps, seed=seed, progress=progress)}
+        info["flow_loss"] = pretrain_transformer(pipe, images, labels, stroke_words(images, labels), steps=steps,
+                                                 wrong_caption_share=wrong_caption_share, seed=seed,
+                                                 progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     info.update(steps=steps, vae_steps=vae_steps, wrong_caption_share=wrong_caption_share, seed=seed,
                 max_sequence_length=MAX_SEQUENCE_LENGTH)
     out_dir = Path(out_dir)
