@@ -20,12 +20,12 @@ import torch
 
 from experiments.common import pyplot, write_results
 from orw_fast.demo import DigitsQuality, evaluate_digits, pretrained_digits
-from orw_fast.epochs import check_finite, sweep
+from orw_fast.epochs import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.sampling import sample
-from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+from orw_fast.trainer import ORWCFMTrainer
 
 
 @dataclasses.dataclass
@@ -100,9 +100,7 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
         return {**record, **derive(record)} if derive is not None else record
 
     def make_trainer(alpha: float, seed: int) -> ORWCFMTrainer:
-        config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
-                               weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
-                               sampler_method=s.sampler_method, sampler_grid=s.sampler_grid, grid_size=0, seed=seed)
+        config = sweep_config(s, alpha, seed, sampler_method=s.sampler_method, sampler_grid=s.sampler_grid)
         return ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn)
 
     def save_samples(alpha: float) -> None:

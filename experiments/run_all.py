@@ -88,7 +88,8 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
     done: dict[str, dict] = {}
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(jobs, initializer=_set_threads, initargs=(threads,), maxtasksperchild=1) as pool, \
-            tqdm(total=len(stages), desc="experiments", unit="experiment", disable=not progress) as bar:
+            tqdm(total=len(stages), desc="experiments", disable=not progress,
+                 bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}] not done: {postfix}") as bar:
         pending = {name: pool.apply_async(run_in_job, (fn, logs / f"{name}.log")) for name, fn in stages.items()}
         while pending:
             for name, result in list(pending.items()):

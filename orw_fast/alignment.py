@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from orw_fast.demo import DemoSettings, DigitsQuality, pretrained_digits
-from orw_fast.epochs import check_finite, sweep
+from orw_fast.epochs import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import mean_pairwise_distance, w2_distance
 from orw_fast.models.diffusers_flow import LORA_TARGETS
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.text_digits import (MAX_SEQUENCE_LENGTH, PromptedDigitReward, digit_of, pretrained_text_digits,
                                   prompts_for, to_grey)
-from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+from orw_fast.trainer import ORWCFMTrainer
 
 TRAIN_PROMPTS = prompts_for(strokes=("", "thick "))
 HELD_OUT_PROMPTS = prompts_for(strokes=("thin ",))
@@ -111,10 +111,7 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
                 **quality(images)}
 
     def make_trainer(alpha: float, seed: int) -> ORWCFMTrainer:
-        config = TrainerConfig(learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature,
-                               weighting=s.weighting, batch_size=s.batch_size, sampler_steps=s.sampler_steps,
-                               grid_size=0, seed=seed)
-        return ORWCFMTrainer(make_flow(), config, device, reward_fn=reward_fn)
+        return ORWCFMTrainer(make_flow(), sweep_config(s, alpha, seed), device, reward_fn=reward_fn)
 
     def save_samples(alpha: float) -> None:
         if out_dir is not None:

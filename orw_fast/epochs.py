@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from orw_fast.trainer import ORWCFMTrainer
+from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 
 def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int,
@@ -49,6 +49,14 @@ def sweep(alphas, seeds, make_trainer: Callable[[float, int], ORWCFMTrainer], ep
             if i == 0 and after_first_seed is not None:
                 after_first_seed(alpha)
     return runs
+
+
+def sweep_config(settings, alpha: float, seed: int, **fields) -> TrainerConfig:
+    """The config of one sweep run: ``settings``' learning_rate, temperature, weighting, batch_size and
+    sampler_steps, W2 coefficient ``alpha``, ``seed``, no sample grids, and ``fields`` on top."""
+    return TrainerConfig(learning_rate=settings.learning_rate, w2_coefficient=alpha, temperature=settings.temperature,
+                         weighting=settings.weighting, batch_size=settings.batch_size,
+                         sampler_steps=settings.sampler_steps, grid_size=0, seed=seed, **fields)
 
 
 def check_finite(results: dict) -> None:

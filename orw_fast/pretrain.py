@@ -60,12 +60,14 @@ def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128
                      progress: bool = True) -> dict:
     """Pre-trains a flow model on ``dataset`` (a load_dataset spec) into ``out_dir``/flow.pt (torchcfm
     format + model_config) and, when the data has labels and ``classifier`` is set, a classifier into
-    ``out_dir``/classifier.pt. Returns the paths written and the classifier's accuracy."""
+    ``out_dir``/classifier.pt. Returns the paths written and the classifier's accuracy. The same ``seed`` and
+    torch thread count give the same models in any process."""
     from orw_fast.data import load_dataset
     from orw_fast.models import DigitClassifier, make_flow_model, save_classifier, train_classifier
 
     out_dir = Path(out_dir)
     images, labels = load_dataset(dataset)
+    torch.manual_seed(seed)  # the initial weights too: torch seeds each process at random
     model, config = make_flow_model(tuple(images.shape[1:]), preset=preset)
     _, state = pretrain_flow_matching(model.to(device), images, steps=steps, batch_size=batch_size, lr=lr,
                                       seed=seed, progress=progress)

@@ -99,3 +99,16 @@ def test_classifier_learns_digits():
     assert result["num_train"] + result["num_test"] == 1797 and result["num_test"] == 359
     assert result["test_accuracy"] >= 0.9 and result["train_accuracy"] >= 0.9
     assert not model.training
+
+
+def test_pretraining_gives_the_same_model_whatever_the_global_random_state(tmp_path):
+    from orw_fast.pretrain import pretrain_dataset
+
+    weights = []
+    for i, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)  # another process starts from another (random) global seed
+        pretrain_dataset("digits", tmp_path / str(i), steps=2, classifier=False, progress=False)
+        weights.append(torch.load(tmp_path / str(i) / "flow.pt", weights_only=False)["ema_model"])
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
