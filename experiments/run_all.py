@@ -3,7 +3,7 @@ long each took (``timing.json``).
 
 The digits model is pre-trained first (when not cached) in this process; the four experiments then run in
 ``--jobs`` processes of ``--threads`` torch threads each, longest first, each writing its progress into
-``--out``/logs/<experiment>.log. On 2 CPU cores, 2 jobs of 1 thread take about 23 minutes with nothing cached
+``--out``/logs/<experiment>.log. On 2 CPU cores, 2 jobs of 1 thread take about 22 minutes with nothing cached
 against 33 for one 2-thread process, since the small models gain little from a second thread. Results depend
 slightly on the thread count: the committed ones are from 2 jobs of 1 thread.
 
@@ -89,7 +89,7 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(jobs, initializer=_set_threads, initargs=(threads,), maxtasksperchild=1) as pool, \
             tqdm(total=len(stages), desc="experiments", disable=not progress,
-                 bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}] not done: {postfix}") as bar:
+                 bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}{postfix}]") as bar:
         pending = {name: pool.apply_async(run_in_job, (fn, logs / f"{name}.log")) for name, fn in stages.items()}
         while pending:
             for name, result in list(pending.items()):
@@ -104,7 +104,7 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
                                        f"{logs / f'{name}.log'}") from e
                 bar.write(f"{name}: {done[name]['seconds']:.0f} s")
                 bar.update()
-            bar.set_postfix_str(", ".join(pending))
+            bar.set_postfix_str(f"not done: {', '.join(pending)}" if pending else "")
             time.sleep(0.2)
     return done
 
