@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from experiments import even_digits, jpeg_digits, text_alignment, toy_theory
 from experiments.common import write_results
 from experiments.digits import SweepSettings
+from orw_fast.cli import _POSITIVE_INT
 from orw_fast.demo import pretrained_digits
 from orw_fast.pretrain import default_cache_dir
 
@@ -112,13 +113,11 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/results", help="output folder (%(default)s)")
-    parser.add_argument("--jobs", type=int, default=2, help="experiments run at once, one process each (%(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (%(default)s)")
+    parser.add_argument("--jobs", type=_POSITIVE_INT, default=2,
+                        help="experiments run at once, one process each (%(default)s)")
+    parser.add_argument("--threads", type=_POSITIVE_INT, default=1, help="torch threads per job (%(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for arg in ("jobs", "threads"):
-        if getattr(args, arg) < 1:
-            parser.error(f"--{arg} must be at least 1, got {getattr(args, arg)}")
     out, progress = Path(args.out), not args.quiet
     start = time.perf_counter()
     pretrained_digits(default_cache_dir(), steps=SweepSettings.pretrain_steps, device="cpu", progress=progress)
