@@ -301,10 +301,12 @@ def test_torchrun_finetune_end_to_end(tmp_path):
 
 
 _USER_SCRIPT = """
-import atexit, sys
+import atexit, os, sys
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-atexit.register(lambda: print("group destroyed before exit:", not dist.is_initialized(), flush=True))  # runs last
+# runs last; one os.write per rank, so the two ranks' lines cannot interleave on the shared pipe (print may write a
+# line in several pieces when stdout is unbuffered)
+atexit.register(lambda: os.write(1, f"group destroyed before exit: {not dist.is_initialized()}\\n".encode()))
 from test_trainer import ToyField, right_reward, toy_config
 from orw_fast.trainer import ORWCFMTrainer
 trainer = ORWCFMTrainer(ToyField(), toy_config(sys.argv[2], batch_size=4, sampler_steps=2), "cpu", reward_fn=right_reward)
