@@ -48,7 +48,7 @@ BASELINE = ("euler", "uniform", 100)  # the official rollout: 100 uniform Euler 
 def load_model(name: str, device: torch.device):
     """(model in eval mode, sample shape) of a MODELS name."""
     if name == "digits":
-        from orw_fast.demo import DemoSettings, pretrained_digits
+        from orw_fast.tasks.demo import DemoSettings, pretrained_digits
         from orw_fast.models.flow_model import infer_image_shape
         from orw_fast.pretrain import default_cache_dir
 

@@ -2,7 +2,7 @@
 steps and prompt handling, with random weights (speed and memory do not depend on their values; nothing is
 downloaded).
 
-Models: tiny-sd3, tiny-flux (orw_fast.models.tiny_pipelines, a few hundred thousand parameters: CPU runs in
+Models: tiny-sd3, tiny-flux (orw_fast.tasks.tiny_pipelines, a few hundred thousand parameters: CPU runs in
 seconds) and sd3.5-medium, flux-dev (the published transformer and VAE architectures, 2.2B and 12B parameters, in
 bf16: GPU only). Variants, each at every batch:
   rollout_eager    one rollout of the last policy (``sampler_steps`` steps, the pipeline's sigma schedule, CFG for
@@ -70,7 +70,7 @@ def _building(device: torch.device, dtype: torch.dtype):
 
 def make_flow(model: str, device: torch.device, *, lora_rank: int | None, keep_text_encoders: bool = False):
     from orw_fast.models.diffusers_flow import DiffusersFlowModel
-    from orw_fast.models.tiny_pipelines import tiny_pipeline
+    from orw_fast.tasks.tiny_pipelines import tiny_pipeline
 
     kind, published, resolution = MODELS[model]
     dtype = torch.bfloat16 if published else torch.float32

@@ -17,7 +17,7 @@ Reported per run and as the median over seeds: steps and wall-clock to the targe
 rollouts and rewards included, evaluation excluded), and at that point the class entropy, the even entropy (the
 class entropy of the samples called even, max ln 5: unlike the class entropy it does not grow with the odd digits
 left, so runs that stop at different even fractions compare), diversity (mean pairwise distance), digits FD and
-background level (orw_fast.demo.DigitsQuality) and even fraction of 500 samples from a fixed noise (midpoint, 50
+background level (orw_fast.tasks.demo.DigitsQuality) and even fraction of 500 samples from a fixed noise (midpoint, 50
 steps, the same for every variant; the base model's too), and the mean time split of a step: rollout / reward /
 loss + backward / optimizer. A run that reaches the reward with less diversity or worse quality is not faster:
 compare the columns.
@@ -132,7 +132,7 @@ def make_trainer(variant: str, model, shape, reward: EvenReward, device: torch.d
 @torch.no_grad()
 def evaluate(model, classifier, quality, shape, device: torch.device, n: int, steps: int = 50) -> dict:
     """Even fraction, class entropy, diversity, digits FD and background level (``quality``: a
-    orw_fast.demo.DigitsQuality) of n samples of ``model`` from a fixed noise (midpoint, ``steps`` steps)."""
+    orw_fast.tasks.demo.DigitsQuality) of n samples of ``model`` from a fixed noise (midpoint, ``steps`` steps)."""
     from orw_fast.metrics import class_entropy, mean_pairwise_distance
     from orw_fast.sampling import sample
 
@@ -231,7 +231,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "medians over seeds; class entropy (nats, max 2.30), even entropy (the class entropy of the samples called "
         "even: how evenly they spread over the five even digits, max 1.61; unlike the class entropy it does not grow "
         "with the share of odd digits left), diversity, digits FD (to the held-out real digits, "
-        "orw_fast.demo.DigitsQuality; lower is better), background (0-255) and even (eval): 500 samples at that "
+        "orw_fast.tasks.demo.DigitsQuality; lower is better), background (0-255) and even (eval): 500 samples at that "
         "point (midpoint, 50 steps, fixed noise)",
         "",
         common.markdown_table(header, lines),
@@ -279,12 +279,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_models(device: torch.device, quick: bool):
     """(flow model, classifier): the demo's cached digits models, or with ``quick`` untrained tiny ones."""
     if quick:
-        from orw_fast.models import DigitClassifier, make_flow_model
+        from orw_fast.models import make_flow_model
+        from orw_fast.rewards import DigitClassifier
 
         torch.manual_seed(0)
         model, _ = make_flow_model((1, 8, 8), "digits")
         return model.to(device), DigitClassifier(image_shape=(1, 8, 8), num_classes=10).to(device).eval()
-    from orw_fast.demo import DemoSettings, pretrained_digits
+    from orw_fast.tasks.demo import DemoSettings, pretrained_digits
     from orw_fast.pretrain import default_cache_dir
 
     return pretrained_digits(default_cache_dir(), steps=DemoSettings().pretrain_steps, device=device)
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     from orw_fast.config import TrainerConfig
-    from orw_fast.demo import DigitsQuality
+    from orw_fast.tasks.demo import DigitsQuality
     from orw_fast.models.flow_model import PixelFlowModel, infer_image_shape
 
     base, classifier = load_models(device, args.quick)

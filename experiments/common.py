@@ -1,4 +1,4 @@
-"""Shared pieces of the experiments: result files and plotting (the epoch loop is orw_fast.epochs)."""
+"""Shared pieces of the experiments: result files and plotting (the epoch loop is orw_fast.tasks.sweeps)."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,7 @@ For every (alpha, seed) a copy of the pre-trained digits flow model (the demo's,
 online toward a reward; after every epoch its samples (a fixed noise) are measured: fraction of even
 digits and class entropy (by the digit classifier), diversity (mean pairwise distance), mean reward,
 W2 to the reference model's samples (exact OT on the two sample sets, POT), and sample quality: the digits FD
-to the held-out real digits and the background level (orw_fast.demo.DigitsQuality). Epoch 0 is the reference
+to the held-out real digits and the background level (orw_fast.tasks.demo.DigitsQuality). Epoch 0 is the reference
 itself drawn from other noise: its W2 is the estimator's floor at this sample size.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from experiments.common import pyplot, write_results
-from orw_fast.demo import DigitsQuality, evaluate_digits, pretrained_digits
-from orw_fast.epochs import check_finite, sweep, sweep_config
+from orw_fast.tasks.demo import DigitsQuality, evaluate_digits, pretrained_digits
+from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir

@@ -11,7 +11,7 @@ Markdown table, the reward/diversity Pareto plot, per-epoch curves and sample gr
 from __future__ import annotations
 
 from experiments.digits import SweepSettings, run_sweep, sweep_cli
-from orw_fast.demo import EVEN_DIGITS
+from orw_fast.tasks.demo import EVEN_DIGITS
 from orw_fast.rewards import ClassifierReward
 
 COLUMNS = {"even_fraction": "even digits", "class_entropy": "class entropy (nats)", "diversity": "diversity",

@@ -30,7 +30,7 @@ from experiments import even_digits, jpeg_digits, text_alignment, toy_theory
 from experiments.common import write_results
 from experiments.digits import SweepSettings
 from orw_fast.cli import _POSITIVE_INT
-from orw_fast.demo import pretrained_digits
+from orw_fast.tasks.demo import pretrained_digits
 from orw_fast.pretrain import default_cache_dir
 
 

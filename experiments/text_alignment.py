@@ -1,8 +1,8 @@
 """Text-image alignment: the paper's third task at small scale, offline, on an SD3-architecture digits model.
 
-The text-conditioned digits pipeline of ``orw_fast.text_digits`` (pre-trained here and cached; a share of its
+The text-conditioned digits pipeline of ``orw_fast.tasks.text_digits`` (pre-trained here and cached; a share of its
 pre-training captions named a wrong digit, so it follows the prompt's digit only part of the time) is fine-tuned
-with LoRA by ORW-CFM-W2 toward prompt alignment for every alpha and seed (``orw_fast.alignment``: the reward, the
+with LoRA by ORW-CFM-W2 toward prompt alignment for every alpha and seed (``orw_fast.tasks.text_alignment``: the reward, the
 prompts and the per-epoch measurements on held-out prompts). Writes ``text_alignment.json``, a Markdown table, the
 alignment/diversity Pareto plot, per-epoch curves and sample grids (one held-out prompt a row) into ``--out``.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments.common import write_results
 from experiments.digits import sweep_cli, write_report
-from orw_fast.alignment import COLUMNS, AlignmentSettings, run_alignment
+from orw_fast.tasks.text_alignment import COLUMNS, AlignmentSettings, run_alignment
 
 PARETO = ("alignment", "prompt_diversity", "alignment (held-out prompts)", "diversity within a prompt")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from experiments.common import pyplot, write_results
-from orw_fast.epochs import fine_tune_by_epoch
+from orw_fast.tasks.sweeps import fine_tune_by_epoch
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 

@@ -82,13 +82,13 @@ def cmd_demo(args) -> None:
                                ("temperature", args.tau), ("weighting", args.weighting),
                                ("learning_rate", args.lr)) if v is not None}
     if args.task == "text":
-        from orw_fast.alignment import AlignmentSettings, run_text_demo
+        from orw_fast.tasks.text_alignment import AlignmentSettings, run_text_demo
 
         settings = AlignmentSettings(alphas=args.alphas, seeds=(args.seed,), **given)
         run_text_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
                       progress=not args.quiet)
     else:
-        from orw_fast.demo import DemoSettings, run_demo
+        from orw_fast.tasks.demo import DemoSettings, run_demo
 
         settings = DemoSettings(alphas=args.alphas, seed=args.seed, **given)
         run_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
@@ -139,7 +139,7 @@ def _reward_classifier(args, device):
     """The classifier of --classifier, or one trained on the labels of --dataset (by rank 0, whose
     weights every rank then scores with)."""
     from orw_fast.data import load_dataset
-    from orw_fast.models import DigitClassifier, load_classifier, train_classifier
+    from orw_fast.rewards import DigitClassifier, load_classifier, train_classifier
 
     if args.classifier is not None:
         return load_classifier(args.classifier).to(device)
@@ -299,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from orw_fast.config import TrainerConfig
-    from orw_fast.alignment import AlignmentSettings
-    from orw_fast.demo import DemoSettings
+    from orw_fast.tasks.text_alignment import AlignmentSettings
+    from orw_fast.tasks.demo import DemoSettings
 
     demo = DemoSettings()
     weighting_help = "reward weights: exp(tau r) (the paper's), B softmax(tau r) or none"

@@ -63,7 +63,8 @@ def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128
     ``out_dir``/classifier.pt. Returns the paths written and the classifier's accuracy. The same ``seed`` and
     torch thread count give the same models in any process."""
     from orw_fast.data import load_dataset
-    from orw_fast.models import DigitClassifier, make_flow_model, save_classifier, train_classifier
+    from orw_fast.models import make_flow_model
+    from orw_fast.rewards import DigitClassifier, save_classifier, train_classifier
 
     out_dir = Path(out_dir)
     images, labels = load_dataset(dataset)

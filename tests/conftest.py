@@ -63,7 +63,7 @@ def poison_empty():
 def digits_cache(tmp_path_factory):
     """A model cache (what ``$ORW_FAST_CACHE`` points to) holding the digits flow model and classifier, pre-trained
     briefly (1000 flow-matching steps): shared by the reduced experiments."""
-    from orw_fast.demo import pretrained_digits
+    from orw_fast.tasks.demo import pretrained_digits
 
     folder = tmp_path_factory.mktemp("cache")
     pretrained_digits(folder, steps=1000, device="cpu", progress=False)

@@ -89,7 +89,7 @@ def test_user_errors_name_the_flag(tmp_path, capsys):
 
 
 def test_demo_checks_its_cache_folder_before_pretraining(tmp_path, capsys, monkeypatch):
-    import orw_fast.demo as demo
+    import orw_fast.tasks.demo as demo
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -138,7 +138,7 @@ def test_pretrain_finetune_sample_end_to_end(tmp_path):
 
 def test_demo_runs_and_writes_its_report(tmp_path):
     """The demo end to end at toy size (a few pre-training steps), report files included."""
-    from orw_fast.demo import DemoSettings, run_demo
+    from orw_fast.tasks.demo import DemoSettings, run_demo
 
     settings = DemoSettings(epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=2, eval_samples=16,
                             pretrain_steps=2)
@@ -152,15 +152,15 @@ def test_demo_runs_and_writes_its_report(tmp_path):
 
 
 def test_demo_passes_its_method_flags_to_the_settings(tmp_path, monkeypatch, capsys):
-    import orw_fast.demo
+    import orw_fast.tasks.demo
 
     seen = {}
-    monkeypatch.setattr(orw_fast.demo, "run_demo", lambda out, settings, **kw: seen.update(settings=settings))
+    monkeypatch.setattr(orw_fast.tasks.demo, "run_demo", lambda out, settings, **kw: seen.update(settings=settings))
     main(["demo", "--alphas", "0.25", "--weighting", "softmax", "--tau", "10", "--lr", "3e-4", "--out",
           str(tmp_path / "r")])
     s = seen["settings"]
     assert (s.alphas, s.weighting, s.temperature, s.learning_rate) == ((0.25,), "softmax", 10.0, 3e-4)
-    assert s.epochs == orw_fast.demo.DemoSettings.epochs  # unset flags keep the demo's defaults
+    assert s.epochs == orw_fast.tasks.demo.DemoSettings.epochs  # unset flags keep the demo's defaults
     with pytest.raises(SystemExit):
         main(["demo", "--lr", "0"])
     assert "argument --lr: must be > 0" in capsys.readouterr().err

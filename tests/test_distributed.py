@@ -125,7 +125,7 @@ KINDS = ("toy", "sd3")
 
 @pytest.fixture(scope="module")
 def one_step_runs(tmp_path_factory):
-    from orw_fast.models.tiny_pipelines import save_tiny_pipeline
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("one_step")
     folder = save_tiny_pipeline("sd3", root / "sd3", sample_size=8)

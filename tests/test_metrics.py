@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 
 from orw_fast.metrics import background_level, frechet_distance
-from orw_fast.models import DigitClassifier
+from orw_fast.rewards import DigitClassifier
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,8 +74,8 @@ def test_classifier_penultimate_features_feed_its_last_layer():
 
 def test_digits_quality_ranks_real_digits_above_blurred_and_noisy_ones():
     from orw_fast.data.digits import load_digits_dataset
-    from orw_fast.demo import DigitsQuality, held_out_digits
-    from orw_fast.models import split_indices, train_classifier
+    from orw_fast.tasks.demo import DigitsQuality, held_out_digits
+    from orw_fast.rewards import split_indices, train_classifier
 
     images, labels = load_digits_dataset()
     classifier = DigitClassifier()

@@ -6,7 +6,8 @@ import torch
 from torchcfm.models.unet.unet import UNetModelWrapper
 
 from orw_fast.data import load_digits_dataset
-from orw_fast.models import PRESET_SHAPES, PRESETS, DigitClassifier, build_flow_model, make_flow_model, train_classifier
+from orw_fast.models import PRESET_SHAPES, PRESETS, build_flow_model, make_flow_model
+from orw_fast.rewards import DigitClassifier, train_classifier
 
 
 @pytest.mark.parametrize("preset", ["digits", "mnist"])

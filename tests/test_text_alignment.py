@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from orw_fast.text_digits import (DIGIT_WORDS, PromptedDigitReward, caption, digit_of, prompts_for, stroke_words,
+from orw_fast.tasks.text_digits import (DIGIT_WORDS, PromptedDigitReward, caption, digit_of, prompts_for, stroke_words,
                                   to_grey)
 
 
@@ -53,8 +53,8 @@ def test_prompted_digit_reward_is_the_probability_of_the_prompted_digit():
 def cache(digits_cache):
     """The shared digits cache with the text-digits pipeline added, pre-trained as the experiment's (3000 steps,
     about 5.5 min on 2 cores): the alignment claims are asserted on the model they are reported for."""
-    from orw_fast.alignment import AlignmentSettings
-    from orw_fast.text_digits import pretrained_text_digits
+    from orw_fast.tasks.text_alignment import AlignmentSettings
+    from orw_fast.tasks.text_digits import pretrained_text_digits
 
     pretrained_text_digits(digits_cache, steps=AlignmentSettings.pretrain_steps, progress=False)
     return digits_cache
@@ -97,7 +97,7 @@ def test_alignment_rises_and_alpha_0_drifts_furthest(cache):
     1.5 min): alignment rises for both; alpha = 0 gains the most and loses the most within-prompt diversity and
     background quality, and its samples sit further from the reference's (W2). Epoch-to-epoch alignment moves by
     about 0.02 here, so the gains are compared as means over the last three epochs."""
-    from orw_fast.alignment import AlignmentSettings, run_alignment
+    from orw_fast.tasks.text_alignment import AlignmentSettings, run_alignment
 
     runs = run_alignment(AlignmentSettings(alphas=(0.0, 1.0), seeds=(0,)), cache_dir=cache, progress=False)["runs"]
     r0, r1 = runs["0"]["0"], runs["1"]["0"]

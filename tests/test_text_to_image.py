@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orw_fast.models.diffusers_flow import DiffusersFlowModel, load_pipeline
-from orw_fast.models.tiny_pipelines import save_tiny_pipeline, tiny_pipeline
+from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline, tiny_pipeline
 from orw_fast.prompts import PromptSource
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig

@@ -19,7 +19,7 @@ import torch
 from orw_fast.checkpoint import prepare_output_dir, write_text_atomic
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import background_level, class_entropy, frechet_distance, mean_pairwise_distance
-from orw_fast.models import load_classifier, split_indices
+from orw_fast.rewards import load_classifier, split_indices
 from orw_fast.pretrain import default_cache_dir, load_flow_model, pretrain_dataset
 from orw_fast.rewards import ClassifierReward
 from orw_fast.sampling import sample, time_grid

@@ -1,4 +1,4 @@
-"""Text-image alignment on the text-conditioned digits model (orw_fast.text_digits): LoRA fine-tuning by ORW-CFM-W2
+"""Text-image alignment on the text-conditioned digits model (orw_fast.tasks.text_digits): LoRA fine-tuning by ORW-CFM-W2
 toward prompt alignment, measured after every epoch on held-out prompts. Used by ``orw-fast demo --task text`` and
 experiments/text_alignment.py.
 
@@ -9,7 +9,7 @@ only for evaluation: "a thin handwritten <digit>". After every epoch, on the hel
 reward, diversity within a prompt (mean pairwise distance among one prompt's images, averaged over prompts), W2 to
 the reference model's images of the same prompt (exact OT, averaged over prompts; epoch 0 draws the reference from
 other noise: the estimator's floor), and sample quality: the digits FD to the held-out real digits and the
-background level (``orw_fast.demo.DigitsQuality``).
+background level (``orw_fast.tasks.demo.DigitsQuality``).
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from orw_fast.demo import DemoSettings, DigitsQuality, pretrained_digits
-from orw_fast.epochs import check_finite, sweep, sweep_config
+from orw_fast.tasks.demo import DemoSettings, DigitsQuality, pretrained_digits
+from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import mean_pairwise_distance, w2_distance
 from orw_fast.models.diffusers_flow import LORA_TARGETS
 from orw_fast.pretrain import default_cache_dir
-from orw_fast.text_digits import (MAX_SEQUENCE_LENGTH, PromptedDigitReward, digit_of, pretrained_text_digits,
+from orw_fast.tasks.text_digits import (MAX_SEQUENCE_LENGTH, PromptedDigitReward, digit_of, pretrained_text_digits,
                                   prompts_for, to_grey)
 from orw_fast.trainer import ORWCFMTrainer
 

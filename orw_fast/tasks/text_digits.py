@@ -100,7 +100,7 @@ def build_pipeline(seed: int = 0):
     flow-matching Euler scheduler (shift 1)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from orw_fast.models.tiny_pipelines import clip_text_encoder, clip_tokenizer, tiny_vae
+    from orw_fast.tasks.tiny_pipelines import clip_text_encoder, clip_tokenizer, tiny_vae
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
