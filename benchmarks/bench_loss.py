@@ -276,6 +276,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (10 if args.quick else 50)
     warmup_s = 0.05 if args.quick else 0.2
     l2 = "n/a" if device.type != "cuda" else (args.l2 or "flush")
+    if args.dry_run:
+        return common.dry_run("loss", device, [(size_id(s), d, b) for s, d, b in
+                                               itertools.product(sizes, args.dtypes, args.backends)])
     skipped = {b: why for b in args.backends if (why := skip_reason(b, device))}
     backends = [b for b in args.backends if b not in skipped]
 

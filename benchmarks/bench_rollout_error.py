@@ -175,7 +175,7 @@ def plot(meta: dict, rows: list[dict]):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    common.add_common_args(parser, dry_run=False)
     add = parser.add_argument
     add("--models", type=common.parse_list(MODELS), help="comma-separated (default digits,cifar10; --quick: small)")
     add("--calls", type=common.parse_positive_ints, help=f"model-call budgets (default {','.join(map(str, CALLS))}; "

@@ -233,6 +233,9 @@ def main(argv=None) -> int:
     if BASELINE in variants:  # first, so that every other variant is compared with its samples
         variants.remove(BASELINE)
         variants.insert(0, BASELINE)
+    if args.dry_run:
+        return common.dry_run("sampler", device, [(model_name, f"batch {b}", v, f"{steps} steps")
+                                                  for b, v in itertools.product(batches, requested)])
 
     model, shape, _ = common.make_model(model_name, device)
     model.eval()

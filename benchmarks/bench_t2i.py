@@ -197,12 +197,15 @@ def main(argv=None) -> int:
     if kind == "cuda":
         torch.cuda.set_device(device)
     models = args.models or (("tiny-sd3",) if args.quick else DEFAULT_MODELS[kind])
-    if kind == "cpu" and any(MODELS[m][1] for m in models):
-        raise SystemExit("error: the published architectures need a GPU; use tiny-sd3 or tiny-flux on the CPU")
     batches = args.batches or ((2,) if args.quick else BATCHES[kind])
     steps = args.sampler_steps or (2 if args.quick else STEPS[kind])
     repeats = args.repeats or (2 if args.quick else REPEATS[kind])
     variants = args.variants or list(VARIANTS)
+    if args.dry_run:
+        return common.dry_run("t2i", device, [(m, f"B={b}", v, f"{steps} steps") for m, b, v in
+                                              itertools.product(models, batches, variants)])
+    if kind == "cpu" and any(MODELS[m][1] for m in models):
+        raise SystemExit("error: the published architectures need a GPU; use tiny-sd3 or tiny-flux on the CPU")
     hw = hardware.measure(device, args.quick)
     meta = common.run_metadata(device, "text-to-image fine-tuning", hardware=hw, models=list(models), sampler_steps=steps,
                                repeats=repeats, lora_rank=args.lora_rank, precision="bf16" if kind == "cuda" else "fp32")

@@ -261,7 +261,7 @@ def plot(meta: dict, rows: list[dict]):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    common.add_common_args(parser, dry_run=False)
     add = parser.add_argument
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     add("--seeds", type=common.positive_int, default=3, help="seeds per variant (default 3)")

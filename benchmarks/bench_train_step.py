@@ -187,6 +187,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else REPEATS[kind])
     precision = args.precision or PRECISION[kind]
     variants = args.variants or list(DEFAULT_VARIANTS[kind])
+    if args.dry_run:
+        return common.dry_run("train_step", device, [(model_name, f"batch {b}", v, f"{steps} steps", precision)
+                                                     for b, v in itertools.product(batches, variants)])
 
     from orw_fast.ops.orw_cfm_w2 import _resolve_backend
 

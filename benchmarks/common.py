@@ -282,6 +282,15 @@ def finish_metadata(meta: dict) -> None:
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
 
 
+def dry_run(name: str, device, cases: Iterable[Sequence]) -> int:
+    """What a benchmark's --dry-run prints instead of measuring: its name, device and one line per case; returns 0."""
+    cases = [" ".join(map(str, case)) for case in cases]
+    print(f"dry run of {name} on {device}: {len(cases)} case(s), nothing measured or written")
+    for case in cases:
+        print(f"  {case}")
+    return 0
+
+
 def finish_run(args, name: str, meta: dict, rows: list[dict], format_report: Callable, plot: Callable) -> int:
     """Ends a benchmark's run: prints its table, writes its results (and, with --plot, its figure) under
     args.out; returns the exit status, 0 when every row ran."""
@@ -353,13 +362,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, plot: bool = True) -> None:
+def add_common_args(parser: argparse.ArgumentParser, *, plot: bool = True, dry_run: bool = True) -> None:
+    """--device, --out, --quick, and --no-plot (with ``plot``) and --dry-run (with ``dry_run``: the script then
+    returns :func:`dry_run` once its cases are known)."""
     add = parser.add_argument
     add("--device", type=parse_device, default=default_device(),
         help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     add("--out", type=Path, default=RESULTS_DIR, help="results folder; files go to OUT/<device-slug>/ "
         "(default benchmarks/results)")
     add("--quick", action="store_true", help="smoke run at toy sizes; files get a _quick suffix")
+    if dry_run:
+        add("--dry-run", action="store_true", help="check the arguments, print the cases and exit: nothing is "
+            "measured or written (run_gpu.sh --dry-run runs every stage so on the CPU)")
     if plot:
         add("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
 

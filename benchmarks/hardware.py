@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser, plot=False)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        return common.dry_run("hardware", args.device, [("copy bandwidth",), ("matmul rate",)])
     hw = measure(args.device, args.quick)
     meta = common.run_metadata(args.device, "device ceilings", hardware=hw)
     common.finish_metadata(meta)

@@ -55,6 +55,23 @@ BENCH_SCRIPTS = {"hardware": "hardware.py", "loss": "bench_loss.py", "sampler": 
                  "time_to_target": "bench_time_to_target.py"}
 TIMEOUT_S = {"build": 900, "nvcc": 600, "tests": 1200, "hardware": 300, "loss": 1200, "sampler": 1500,
              "train_step": 1500, "t2i": 1500, "rollout_error": 1800, "time_to_target": 1800}
+# Named plans: stage -> (extra arguments, time limit in s), run in this order. "proof" (run_gpu.sh --quick) shows on
+# one GPU, in one 10-minute call (about 6-8 min on an H100/H200), that the CUDA and Triton paths work and how fast
+# they are: the build for the GPU's architecture, the GPU tests (fused ops against float64 in every dtype, graph
+# capture of loss + backward and of the sampler, graphed diffusers rollouts), the copy bandwidth, the loss at 16M and
+# 64M elements, the training step against the official one, and the SD3.5-medium-size LoRA step with its memory.
+PLANS = {
+    "proof": {
+        "build": ([], 240),
+        "tests": (["-m", "gpu"], 150),
+        "hardware": ([], 60),
+        "loss": (["--sizes", "256x4x128x128,256x4x256x256", "--dtypes", "fp32,bf16", "--backends",
+                  "eager,compile,native,triton", "--repeats", "20"], 150),
+        "train_step": (["--batches", "64", "--repeats", "4"], 120),
+        "t2i": (["--models", "sd3.5-medium", "--batches", "4", "--variants", "rollout_eager,rollout_graph,step_lora",
+                 "--repeats", "3"], 150),
+    },
+}
 
 
 @dataclass
@@ -75,19 +92,42 @@ class Run:
         self.args, self.device = args, device
         self.slug = common.device_slug(device)
         self.folder = Path(args.out) / self.slug
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not args.dry_run:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         self.commit = common.git_commit()
         self.suffix = "_quick" if args.quick else ""
+        self.plan = PLANS.get(args.plan, {})
         self.written: set[Path] = set()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.dry_run_output = ""  # what the last command printed in a dry run
 
     def log_path(self, stage: str) -> Path:
         return self.folder / "logs" / f"{stage}_{self.date}_{self.commit}{self.suffix}.log"
 
+    def stage_args(self, stage: str) -> list[str]:
+        """The plan's extra arguments of ``stage`` (none without a plan)."""
+        return list(self.plan.get(stage, ([], None))[0])
+
+    def timeout(self, stage: str) -> float:
+        """``stage``'s time limit: the plan's, else TIMEOUT_S's scaled by --timeout-scale (benchmark stages)."""
+        if stage in self.plan:
+            return self.plan[stage][1]
+        return TIMEOUT_S[stage] * (self.args.timeout_scale if stage in BENCH_SCRIPTS else 1)
+
     def command(self, result: StageResult, cmd: list[str], timeout: float, env: dict | None = None) -> int:
-        """Runs ``cmd`` in the repository root, appending its output to the stage's log; returns the exit
-        status (124 on timeout)."""
+        """Runs ``cmd`` in the repository root, appending its output to the stage's log (printing it in a dry run);
+        returns the exit status (124 on timeout)."""
+        if self.args.dry_run:
+            result.commands.append(" ".join(cmd))
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, env={**self.env, **(env or {})}, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            except subprocess.TimeoutExpired:
+                return 124
+            print(proc.stdout, end="", flush=True)
+            self.dry_run_output = proc.stdout
+            return proc.returncode
         log = self.log_path(result.stage)
         log.parent.mkdir(parents=True, exist_ok=True)
         result.log = str(log.relative_to(self.folder))
@@ -110,7 +150,7 @@ class Run:
 
     def archive(self) -> None:
         """Packs the files this run wrote into --archive (atomically)."""
-        if not self.args.archive:
+        if not self.args.archive or self.args.dry_run:
             return
         target = Path(self.args.archive)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -149,16 +189,20 @@ def _has_cuda_kernel() -> bool:
 
 
 def stage_build(run: Run, result: StageResult) -> None:
+    if run.device.type != "cuda":
+        result.status = "skipped"
+        result.detail = "no CUDA device: the build for the GPU runs there (the CPU kernels are built by pip install -e .)"
+        return
     if _built_kernel_is_current():
         result.status, result.detail = "ok", "up to date: orw_fast._C has a CUDA kernel newer than every source"
         return
     arch = _arch_list(run.device)
     env = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
     rc = run.command(result, [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-                              "-e", "."], TIMEOUT_S["build"], env)
+                              "-e", "."], run.timeout("build"), env)
     how = "pip install -e"
     if rc != 0 or not _has_cuda_kernel():  # e.g. pip refuses offline, or put the library elsewhere
-        rc = run.command(result, [sys.executable, "setup.py", "build_ext", "--inplace"], TIMEOUT_S["build"], env)
+        rc = run.command(result, [sys.executable, "setup.py", "build_ext", "--inplace"], run.timeout("build"), env)
         how = "setup.py build_ext --inplace (after pip install -e gave no CUDA kernel)"
     ok = rc == 0 and _has_cuda_kernel()
     result.status = "ok" if ok else "failed"
@@ -166,19 +210,31 @@ def stage_build(run: Run, result: StageResult) -> None:
 
 
 def stage_nvcc(run: Run, result: StageResult) -> None:
+    if run.args.dry_run:
+        result.status, result.detail = "skipped", "dry run: the nvcc report has no dry run"
+        return
     first = re.split(r"[;\s]", _arch_list(run.device).strip())[0].removesuffix("+PTX")
     arch = "sm_" + first.replace(".", "") if run.device.type == "cuda" else "sm_90"
     rc = run.command(result, [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out),
-                              "--folder", run.slug], TIMEOUT_S["nvcc"])
+                              "--folder", run.slug], run.timeout("nvcc"))
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     result.detail = headline("nvcc", run_results(run, "nvcc"))
 
 
 def stage_tests(run: Run, result: StageResult) -> None:
+    selection = run.stage_args("tests")
+    if run.args.dry_run:  # collect what the plan selects: the GPU tests exist here but skip
+        rc = run.command(result, [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                  "tests", *selection], run.timeout("tests"))
+        counts = re.search(r"(\d+(?:/\d+)? tests? collected)", run.dry_run_output)
+        result.status = "ok" if rc == 0 else "failed"
+        result.detail = (f"dry run: `pytest tests {' '.join(selection)}`: "
+                         f"{counts.group(1) if counts else 'no test collected'} (exit {rc}; they skip without CUDA)")
+        return
     xml = run.folder / f"tests_{run.date}_{run.commit}{run.suffix}.xml"
     env = {"ORW_FAST_REQUIRE_NVCC": "1"} if run.device.type == "cuda" else {}
     rc = run.command(result, [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests",
-                              f"--junitxml={xml}"], TIMEOUT_S["tests"], env)
+                              *selection, f"--junitxml={xml}"], run.timeout("tests"), env)
     run.written.add(xml)
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     tail = (run.folder / result.log).read_text().splitlines()
@@ -187,15 +243,20 @@ def stage_tests(run: Run, result: StageResult) -> None:
 
 
 def stage_bench(run: Run, result: StageResult) -> None:
+    if run.args.dry_run and result.stage in NO_DRY_RUN:
+        result.status, result.detail = "skipped", f"dry run: {BENCH_SCRIPTS[result.stage]} has no dry run"
+        return
     cmd = [sys.executable, f"benchmarks/{BENCH_SCRIPTS[result.stage]}", "--device", str(run.device),
-           "--out", str(run.args.out)] + (["--quick"] if run.args.quick else [])
-    if result.stage == "loss" and run.device.type == "cuda":
+           "--out", str(run.args.out)] + (["--quick"] if run.args.quick else []) + run.stage_args(result.stage)
+    if result.stage == "loss" and run.device.type == "cuda" and not run.plan:
         cmd.append("--triton-sweep")
-    rc = run.command(result, cmd, TIMEOUT_S[result.stage] * run.args.timeout_scale)
+    rc = run.command(result, cmd + (["--dry-run"] if run.args.dry_run else []), run.timeout(result.stage))
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
-    result.detail = headline(result.stage, run_results(run, result.stage))
+    result.detail = (f"dry run (exit {rc})" if run.args.dry_run else
+                     headline(result.stage, run_results(run, result.stage)))
 
 
+NO_DRY_RUN = ("rollout_error", "time_to_target")  # their scripts have no --dry-run
 STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
                    "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench, "t2i": stage_bench,
                    "rollout_error": stage_bench, "time_to_target": stage_bench}
@@ -470,11 +531,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--archive", type=Path, help="also pack this run's files into this .tar.gz, refreshed after every stage")
     add("--quick", action="store_true", help="benchmarks at toy sizes (smoke run)")
     add("--timeout-scale", type=float, default=1.0, help="multiplies every benchmark stage's time limit")
+    add("--plan", choices=tuple(PLANS), help="a named plan of stages, each with its own arguments and time limit "
+        "(proof: build, GPU tests, copy bandwidth, loss at 16M and 64M elements, training step, SD3.5-medium LoRA "
+        "step; what bash benchmarks/run_gpu.sh --quick runs)")
+    add("--dry-run", action="store_true", help="start every stage without measuring or writing anything: the "
+        "benchmarks check their arguments and list their cases, the tests are collected, the build and other CUDA "
+        "stages skip with a line saying why (checks a GPU plan on the CPU)")
     add("--report", type=Path, metavar="FOLDER", help="run nothing: sum up a results folder filled by several runs "
         "(e.g. benchmarks/results/<gpu>/ after a GPU run in parts) into summary_<date>_<commit>.md")
     args = parser.parse_args(argv)
     if args.report is not None and not args.report.is_dir():
         parser.error(f"--report {args.report}: no such folder")
+    if args.plan and args.stages:
+        parser.error("give --plan or --stages, not both")
     args.out = args.out.resolve()
     return args
 
@@ -485,12 +554,14 @@ def main(argv=None) -> int:
         write_report(args.report, args.quick)
         return 0
     device = args.device
-    stages = [s for s in (args.stages or DEFAULT_STAGES[device.type]) if s not in args.skip]
-    if device.type != "cuda" and "build" in stages:
+    stages = [s for s in (args.stages or list(PLANS.get(args.plan, ())) or DEFAULT_STAGES[device.type])
+              if s not in args.skip]
+    if device.type != "cuda" and "build" in stages and not args.dry_run:
         print("note: the build stage is for CUDA devices (the CPU extension is built by pip install -e .); skipped")
         stages.remove("build")
     needs_kernel = {"tests", "loss", "sampler", "train_step"} & set(stages)
-    if device.type == "cuda" and needs_kernel and "build" not in stages + args.skip and not _has_cuda_kernel():
+    if device.type == "cuda" and needs_kernel and "build" not in stages + args.skip and not args.dry_run \
+            and not _has_cuda_kernel():
         print("note: orw_fast._C has no CUDA kernel here yet: the build stage runs first")
         stages.insert(0, "build")
     run = Run(args, device)
@@ -514,6 +585,10 @@ def main(argv=None) -> int:
         results.append(result)
         print(f"{result.status} ({result.seconds:.0f} s) {result.detail}", flush=True)
         run.archive()
+    if args.dry_run:
+        rows = [[r.stage, r.status, r.detail, " && ".join(r.commands)] for r in results]
+        print("\n" + common.markdown_table(["stage", "status", "detail", "command"], rows))
+        return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
     write_summary(run, results, stages, started)
     run.archive()
     if args.archive:

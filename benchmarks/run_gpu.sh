@@ -5,6 +5,15 @@
 # Markdown, PNG, logs, run_<date>_<commit>.md with the issue's targets). A failing stage is recorded and the
 # run goes on.
 #
+#   bash benchmarks/run_gpu.sh --quick            # the GPU proof in one 10-minute call (about 6-8 min on an H200), in
+#                                                 # this order: build for sm_90 -> the GPU tests (pytest -m gpu) -> copy
+#                                                 # bandwidth -> loss at 16M and 64M elements (eager, compile, native,
+#                                                 # triton; fp32, bf16) -> training step against the official one ->
+#                                                 # SD3.5-medium-size LoRA step (random weights, bf16) with its memory;
+#                                                 # each stage's files are packed into $OUT as soon as it ends
+#   bash benchmarks/run_gpu.sh --quick --dry-run  # the same plan on the CPU: every stage starts, the benchmarks check
+#                                                 # their arguments and list their cases, the GPU tests are collected,
+#                                                 # the build skips with a line saying why; nothing is written
 #   bash benchmarks/run_gpu.sh                    # everything (estimated 15-25 min on an H100)
 # or in parts, e.g. to fit 10-minute calls (a part that finds no CUDA kernel built runs the build stage first):
 #   bash benchmarks/run_gpu.sh --stages build,nvcc,hardware,loss      # estimated 5-8 min
@@ -14,11 +23,15 @@
 #                                                                       the official algorithm (estimated 5-10 min)
 #   bash benchmarks/run_gpu.sh --stages t2i                           # text-to-image: SD3.5-medium and FLUX.1-dev
 #                                                                       sizes, random weights (estimated 5-10 min)
-#   bash benchmarks/run_gpu.sh --quick                                # smoke run: benchmarks at toy sizes
+#   bash benchmarks/run_gpu.sh --smoke                                # every stage, benchmarks at toy sizes
 # Each part writes run_<date>_<commit>_<stages>.md; `python benchmarks/run_all.py --report benchmarks/results/<gpu>`
 # (no GPU needed) sums the parts up into summary_<date>_<commit>.md with the issue's targets.
 # Other options: python benchmarks/run_all.py --help.
 #
+# On the project's device tool (a copy of the working tree, no internet): first `bash benchmarks/fetch_gpu_wheels.sh`
+# here, then one call `OUT=$OUT bash benchmarks/run_gpu.sh --quick` carrying only .whl (the build's ignored outputs,
+# build/ and orw_fast/_C*.so, are made there for sm_90 and are not sent), with a time limit that leaves room to rerun
+# one stage (e.g. --stages loss).
 # Offline GPU machines: torchcfm and POT (and expecttest for the opcheck tests; diffusers for the text-to-image
 # stage and tests) may be missing there. On a
 # machine with internet run `bash benchmarks/fetch_gpu_wheels.sh` (wheels for CPython 3.12 into .whl/) and
@@ -28,7 +41,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-case "${1:-}" in -h|--help) exec "$PY" benchmarks/run_all.py --help ;; esac
+args=() dry_run=0
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) exec "$PY" benchmarks/run_all.py --help ;;
+        --quick) args+=(--plan proof) ;;
+        --smoke) args+=(--quick) ;;
+        --dry-run) dry_run=1; args+=(--dry-run) ;;
+        *) args+=("$arg") ;;
+    esac
+done
+if [ "$dry_run" = 1 ]; then  # the plan on this machine's CPU: nothing measured or written, no CUDA needed
+    export PYTHONUNBUFFERED=1
+    exec "$PY" benchmarks/run_all.py --device cpu "${args[@]}"
+fi
 
 if ! "$PY" -c "import torchcfm, ot, diffusers, peft, transformers" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -51,4 +77,4 @@ if [ -z "${ORW_FAST_COMMIT:-}" ] && ! git rev-parse --short HEAD >/dev/null 2>&1
     echo "warning: no git checkout here and ORW_FAST_COMMIT is unset: the results will say commit 'unknown'"
 fi
 export PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/run_all.py --device cuda ${OUT:+--archive "$OUT/gpu_results.tar.gz"} "$@"
+exec "$PY" benchmarks/run_all.py --device cuda ${OUT:+--archive "$OUT/gpu_results.tar.gz"} "${args[@]}"

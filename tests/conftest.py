@@ -34,6 +34,29 @@ def _fail_skips_in_ci(report) -> None:
                                f"'{GPU_SKIP_REASON}' may skip: install what is missing (scripts/bootstrap.sh).")
 
 
+def _is_cuda(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    try:
+        return isinstance(value, str) and torch.device(value).type == "cuda"
+    except RuntimeError:  # a string that is not a device
+        return False
+
+
+def _needs_gpu(item) -> bool:
+    """A test marked requires_gpu, or one parametrized with a CUDA device."""
+    skips = [m for m in item.iter_markers("skipif") if GPU_SKIP_REASON in str(m.kwargs.get("reason", ""))]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(skips) or any(_is_cuda(v) for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the GPU tests ``gpu``: ``pytest -m gpu`` runs just them (benchmarks/run_gpu.sh --quick)."""
+    for item in items:
+        if _needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

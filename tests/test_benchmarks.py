@@ -5,6 +5,8 @@ not checked."""
 import csv
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -140,6 +142,33 @@ def test_run_all_runs_a_stage_packs_its_files_and_sums_up(tmp_path, capsys):
     assert run_all.main(["--report", str(folder), "--quick"]) == 0
     report = next(folder.glob("summary_*_quick.md")).read_text()
     assert "| hardware | ok" in report and "GB/s" in report and report == capsys.readouterr().out.split("\nwrote ")[0]
+
+
+def test_the_gpu_quick_run_starts_every_stage_in_a_dry_run_on_the_cpu(tmp_path):
+    """bash benchmarks/run_gpu.sh --quick --dry-run: the GPU proof's plan, in its order, on this CPU: the build skips
+    saying why, the GPU tests are collected (not none), every benchmark parses the plan's arguments and lists its
+    cases; nothing is written."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--quick", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    order = [proc.stdout.index(f"] {stage} ...") for stage in run_all.PLANS["proof"]]
+    assert order == sorted(order) and list(run_all.PLANS["proof"])[:3] == ["build", "tests", "hardware"]
+    assert "| build      | skipped | no CUDA device" in proc.stdout
+    collected = re.search(r"`pytest tests -m gpu`: (\d+)/\d+ tests collected", proc.stdout)
+    assert collected and int(collected.group(1)) > 0, proc.stdout
+    assert "256x4x256x256 bf16 triton" in proc.stdout and "sd3.5-medium B=4 step_lora" in proc.stdout
+    assert all(f"dry run of {name} on cpu" in proc.stdout for name in ("hardware", "loss", "train_step", "t2i"))
+    assert not out.exists()
+
+
+def test_a_dry_run_catches_a_bad_argument_in_a_plan(tmp_path, monkeypatch, capsys):
+    plan = dict(run_all.PLANS["proof"], loss=(["--dtypes", "fp33"], 60))
+    monkeypatch.setitem(run_all.PLANS, "proof", plan)
+    code = run_all.main(["--device", "cpu", "--plan", "proof", "--skip", "tests,hardware,train_step,t2i", "--dry-run",
+                         "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1 and "| loss  | failed  | dry run (exit 2)" in out and "| build | skipped |" in out
 
 
 def test_run_all_records_a_failing_stage_and_goes_on(tmp_path, monkeypatch, capsys):
