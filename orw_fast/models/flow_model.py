@@ -88,8 +88,8 @@ class FlowModel:
     @classmethod
     def from_checkpoint(cls, path, **overrides) -> FlowModel:
         """The model of a checkpoint that records its ``model_config`` (a training checkpoint, or a flow.pt of
-        `orw-fast pretrain`), prepared with the checkpoint's policy weights and ready to :meth:`generate` with
-        ``weights.module``. Its family is the one the config records; configs written before families were
+        `orw-fast pretrain`), prepared with the checkpoint's weights (the family's ``_from_checkpoint`` says which)
+        and ready to :meth:`generate` with ``weights.module``. Its family is the one the config records; configs written before families were
         recorded are pixel models, or a diffusers family picked from the pipeline when they say
         ``"kind": "diffusers"``. ``overrides`` are the family's options: ``device`` for every family; ``pipeline``,
         ``prompts`` and ``dtype`` for a diffusers one (``_from_checkpoint`` of each family says what they do).
@@ -222,8 +222,8 @@ class PixelFlowModel(FlowModel):
 
     @classmethod
     def _from_checkpoint(cls, path, ckpt, config, *, device="cpu", **unknown):
-        """The unconditional model of ``path`` (:func:`orw_fast.pretrain.load_flow_model`: the EMA weights of a
-        flow.pt, the policy of a training checkpoint) on ``device``, in eval mode. ``unknown`` options (a
+        """The unconditional model of ``path`` (:func:`orw_fast.pretrain.load_flow_model`: the EMA weights where
+        the checkpoint keeps them, else the policy) on ``device``, in eval mode. ``unknown`` options (a
         diffusers model's ``pipeline``, ``prompts``, ``dtype``) are refused with a ModelArgumentError naming one."""
         from orw_fast.pretrain import load_flow_model
 
