@@ -192,8 +192,9 @@ def test_a_diffusers_checkpoint_rebuilds_its_family_through_flow_model(tmp_path,
     other = FluxFlowModel if kind == "sd3" else SD3FlowModel
     with pytest.raises(ValueError, match=rf"is a checkpoint of a {FAMILY[kind].__name__}, not of a {other.__name__}"):
         other.from_checkpoint(path)
-    from orw_fast.pretrain import load_flow_model  # `orw-fast finetune --checkpoint` of a text-to-image run
+    from orw_fast.pretrain import load_flow_model
 
+    # `orw-fast finetune --checkpoint` of a text-to-image run
     with pytest.raises(ValueError, match=rf"is a checkpoint of a '{kind}' model, not of a pixel flow model"):
         load_flow_model(path)
 

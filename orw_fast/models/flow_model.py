@@ -89,11 +89,11 @@ class FlowModel:
     def from_checkpoint(cls, path, **overrides) -> FlowModel:
         """The model of a checkpoint that records its ``model_config`` (a training checkpoint, or a flow.pt of
         `orw-fast pretrain`), prepared with the checkpoint's weights (the family's ``_from_checkpoint`` says which)
-        and ready to :meth:`generate` with ``weights.module``. Its family is the one the config records; configs written before families were
-        recorded are pixel models, or a diffusers family picked from the pipeline when they say
-        ``"kind": "diffusers"``. ``overrides`` are the family's options: ``device`` for every family; ``pipeline``,
-        ``prompts`` and ``dtype`` for a diffusers one (``_from_checkpoint`` of each family says what they do).
-        Called on a family's class, the checkpoint must be of that family."""
+        and ready to :meth:`generate` with ``weights.module``. Its family is the one the config records; configs
+        written before families were recorded are pixel models, or a diffusers family picked from the pipeline when
+        they say ``"kind": "diffusers"``. ``overrides`` are the family's options: ``device`` for every family;
+        ``pipeline``, ``prompts`` and ``dtype`` for a diffusers one (``_from_checkpoint`` of each family says what
+        they do). Called on a family's class, the checkpoint must be of that family."""
         from orw_fast.checkpoint import load_file
         from orw_fast.models.families import family_class
 
