@@ -135,10 +135,7 @@ def run_case(model: str, variant: str, batch: int, steps: int, lora_rank: int, r
 def _encode(flow, prompts, device):
     """The conditioning of ``prompts`` through the text encoders (what the embedding cache replaces)."""
     with torch.no_grad():
-        if flow.kind == "sd3":
-            return flow.pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
-                                           max_sequence_length=flow.max_sequence_length)
-        return flow.pipe.encode_prompt(prompts, None, device=device, max_sequence_length=flow.max_sequence_length)
+        return flow.encode_prompts(prompts, device)
 
 
 def format_table(rows: list[dict]) -> str:

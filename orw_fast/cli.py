@@ -166,6 +166,8 @@ FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "tempera
                   "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay",
                   "sampler_method": "--sampler-method", "rollout_batches": "--rollout-batches",
                   "rollout_reuse": "--rollout-reuse"}
+MODEL_FLAGS = {"pipeline": "--pretrained", "prompts": "--prompts", "resolution": "--resolution",  # ModelArgumentError
+               "dtype": "--weights-dtype"}
 DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed",
               "learning_rate": "--lr"}
 
@@ -177,6 +179,7 @@ def _t2i_model(args):
 
     if args.prompts is None:
         raise SystemExit("error: --pretrained needs --prompts FILE (one prompt a line)")
+    DiffusersFlowModel.check_pipeline(args.pretrained, args.resolution)  # from config files, before any weight loads
     prompts = PromptSource(args.prompts, samples_per_prompt=args.samples_per_prompt)
     return DiffusersFlowModel(args.pretrained, prompts, lora_rank=None if args.full_finetune else args.lora_rank,
                               resolution=args.resolution, guidance_scale=args.guidance_scale,
@@ -234,22 +237,15 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from orw_fast.checkpoint import load_file
     from orw_fast.images import save_image_grid
-    from orw_fast.models.flow_model import PixelFlowModel
-    from orw_fast.pretrain import load_flow_model
+    from orw_fast.models.flow_model import FlowModel
 
     prepare_output_file(args.out, "--out")
-    described = (load_file(args.checkpoint).get("config") or {}).get("model_config") or {}
-    if described.get("kind") == "diffusers":
-        from orw_fast.models.diffusers_flow import DiffusersFlowModel
-
-        flow = DiffusersFlowModel.from_checkpoint(args.checkpoint, pipeline=args.pretrained, prompts=args.prompts,
-                                                  device=args.device, dtype=DTYPES[args.weights_dtype])
-        module, prompts = flow.weights.module, flow.prompts.first(args.n)
-    else:
-        model, _ = load_flow_model(args.checkpoint)
-        flow, module, prompts = PixelFlowModel(model.to(args.device).eval()), model, None
+    given = {"pipeline": args.pretrained, "prompts": args.prompts,
+             "dtype": None if args.weights_dtype == "fp32" else DTYPES[args.weights_dtype]}
+    flow = FlowModel.from_checkpoint(args.checkpoint, device=args.device,
+                                     **{key: value for key, value in given.items() if value is not None})
+    module, prompts = flow.weights.module, None if flow.prompts is None else flow.prompts.first(args.n)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x0 = torch.randn((args.n, *flow.sample_shape()), device=args.device, generator=gen)
     grid = None if args.grid == "uniform" and flow.rollout_grid is None else args.grid
@@ -399,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from orw_fast.config import ConfigError
+    from orw_fast.models.flow_model import ModelArgumentError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -415,6 +412,8 @@ def main(argv=None) -> None:
     except ConfigError as err:
         flag = getattr(args, "config_flags", {}).get(err.key)
         raise SystemExit(f"error: {flag} must be {err.expected}, got {err.value!r}" if flag else f"error: {err}") from err
+    except ModelArgumentError as err:
+        raise SystemExit(f"error: {MODEL_FLAGS.get(err.argument, err.argument)}: {err}") from err
     except (ValueError, FloatingPointError, OSError, dist_utils.PeerError) as err:
         raise SystemExit(f"error: {err}") from err
     finally:  # after a failure the other ranks may not reach a barrier: only a finished run synchronizes

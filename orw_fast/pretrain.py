@@ -80,13 +80,16 @@ def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128
     return result
 
 
-def load_flow_model(path) -> tuple[torch.nn.Module, dict]:
+def load_flow_model(path, *, checkpoint: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """(model, model_config) from a checkpoint that records its model config: flow.pt of pretrain_dataset (EMA
-    weights) or an ORWCFMTrainer checkpoint of an orw_fast model (policy weights). Raises ValueError saying how to
-    make a checkpoint sampleable when it records no config."""
+    weights) or an ORWCFMTrainer checkpoint of an orw_fast model (policy weights); ``checkpoint`` is the file's
+    contents when already loaded. The config's ``"family"`` (``"pixel"``, recorded by
+    :meth:`~orw_fast.models.flow_model.PixelFlowModel.describe`) is not passed to the UNet. Raises ValueError saying
+    how to make a checkpoint sampleable when it records no config. The low-level helper of
+    :meth:`PixelFlowModel.from_checkpoint <orw_fast.models.flow_model.FlowModel.from_checkpoint>`."""
     from orw_fast.models import build_flow_model
 
-    ckpt = load_file(path)
+    ckpt = load_file(path) if checkpoint is None else checkpoint
     config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
     if config is None:
         raise ValueError(f"{str(path)!r} records no model config, so orw_fast cannot rebuild its model. Checkpoints "
@@ -94,7 +97,9 @@ def load_flow_model(path) -> tuple[torch.nn.Module, dict]:
                          "another model pass TrainerConfig(model_config={'dim': [C, H, W], ...UNetModelWrapper "
                          "kwargs}) when training, or rebuild the model yourself and load the checkpoint's 'policy' "
                          "(ORWCFMTrainer.load_pretrained(path, weights='policy'))")
-    model = build_flow_model(config)
+    if config.get("family", "pixel") != "pixel":
+        raise ValueError(f"{str(path)!r} is a checkpoint of a {config['family']!r} model, not of a pixel flow model")
+    model = build_flow_model({k: v for k, v in config.items() if k != "family"})
     state, key = model_state_from(ckpt, path, "ema")
     check_state_matches(model, state, f"checkpoint {str(path)!r}, entry {key!r}")
     model.load_state_dict(state)

@@ -350,7 +350,7 @@ def test_bad_input_gets_clear_errors(tmp_path, folders):
     trainer = ORWCFMTrainer(flow_of(folders, "sd3"), config(tmp_path), "cpu", reward_fn=lambda im, p: im.mean((1, 2, 3))[:2])
     with pytest.raises(ValueError, match=r"the reward function returned rewards of shape \[2\] for 4 images"):
         trainer.train_step()
-    with pytest.raises(ValueError, match="sampler_grid must be None for a DiffusersFlowModel .*scheduler's sigma"):
+    with pytest.raises(ValueError, match="sampler_grid must be None for a SD3FlowModel .*scheduler's sigma"):
         ORWCFMTrainer(flow_of(folders, "sd3"), config(tmp_path, sampler_grid="uniform"), "cpu", reward_fn=brightness)
     with pytest.raises(ValueError, match=r"must be a multiple of samples_per_prompt \(3\)"):
         ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=3)), config(tmp_path),

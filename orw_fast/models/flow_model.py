@@ -1,7 +1,9 @@
-"""What differs between kinds of flow models, behind the one small interface the trainer, the sampler and the
-rewards use: :class:`FlowModel`. Its implementations are :class:`PixelFlowModel` (``model(t, x)``, torchcfm's
-UNets and orw_fast's own, unconditional or class-conditional) and
-:class:`orw_fast.models.diffusers_flow.DiffusersFlowModel` (SD3/SD3.5 and FLUX in a VAE's latent space).
+"""What differs between model families, behind the one small interface the trainer, the sampler and the
+rewards use: :class:`FlowModel`. One subclass per family, found by name in :mod:`orw_fast.models.families`:
+:class:`PixelFlowModel` ("pixel": ``model(t, x)``, torchcfm's UNets and orw_fast's own, unconditional or
+class-conditional) and the diffusers families of :class:`orw_fast.models.diffusers_flow.DiffusersFlowModel`
+("sd3": SD3/SD3.5, "flux": FLUX.1, in a VAE's latent space). :meth:`FlowModel.from_checkpoint` rebuilds any of
+them from a checkpoint by the family it records.
 
 Conventions (orw_fast's, torchcfm's): t=0 is noise, t=1 data; ``velocity(module, t, x, *cond)`` is dx/dt with t a
 [B] tensor; ``cond`` are the conditioning tensors of a batch ([B, ...] each, empty for an unconditional model), made
@@ -19,11 +21,22 @@ from orw_fast.config import ConfigError
 from orw_fast.models.policy_weights import FullCopies, PolicyWeights
 
 
-class FlowModel:
-    """The interface. ``weights`` holds the policy and its frozen companions (:mod:`orw_fast.models.policy_weights`);
-    ``prompts`` is the prompt source (None: the model takes no prompts); ``rollout_grid`` the grid the trainer's
-    rollouts use unless its config names one."""
+class ModelArgumentError(ValueError):
+    """A model argument that cannot be used. ``argument`` names it (the CLI reports the message under its flag); the
+    message says what was wrong and what was expected, in words that also fit a command line."""
 
+    def __init__(self, argument: str, message: str):
+        self.argument = argument
+        super().__init__(message)
+
+
+class FlowModel:
+    """The interface. ``family`` is the family's name in :data:`orw_fast.models.families.FAMILIES`; ``weights``
+    holds the policy and its frozen companions (:mod:`orw_fast.models.policy_weights`); ``prompts`` is the prompt
+    source (None: the model takes no prompts); ``rollout_grid`` the grid the trainer's rollouts use unless its
+    config names one."""
+
+    family: str
     weights: PolicyWeights
     prompts = None
     # With the trainer's default sampler (Heun, 20 steps = 40 model calls) as accurate as 100 uniform Euler steps on
@@ -68,8 +81,38 @@ class FlowModel:
         return x
 
     def describe(self) -> dict | None:
-        """How to rebuild this model (kept in checkpoints; None when orw_fast cannot)."""
+        """How to rebuild this model, with its ``"family"`` (kept in checkpoints as ``model_config``; None when
+        orw_fast cannot)."""
         return None
+
+    @classmethod
+    def from_checkpoint(cls, path, **overrides) -> FlowModel:
+        """The model of a checkpoint that records its ``model_config`` (a training checkpoint, or a flow.pt of
+        `orw-fast pretrain`), prepared with the checkpoint's weights (the family's ``_from_checkpoint`` says which)
+        and ready to :meth:`generate` with ``weights.module``. Its family is the one the config records; configs
+        written before families were recorded are pixel models, or a diffusers family picked from the pipeline when
+        they say ``"kind": "diffusers"``. ``overrides`` are the family's options: ``device`` for every family;
+        ``pipeline``, ``prompts`` and ``dtype`` for a diffusers one (``_from_checkpoint`` of each family says what
+        they do). Called on a family's class, the checkpoint must be of that family."""
+        from orw_fast.checkpoint import load_file
+        from orw_fast.models.families import family_class
+
+        ckpt = load_file(path)
+        config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config") or {}
+        if "family" in config:
+            family = family_class(config["family"])
+        elif config.get("kind") == "diffusers":  # before families were recorded
+            from orw_fast.models.diffusers_flow import DiffusersFlowModel as family
+        else:
+            family = PixelFlowModel
+        if not issubclass(family, cls) and not issubclass(cls, family):
+            raise ValueError(f"{str(path)!r} is a checkpoint of a {family.__name__}, not of a {cls.__name__}")
+        return (cls if issubclass(cls, family) else family)._from_checkpoint(path, ckpt, config, **overrides)
+
+    @classmethod
+    def _from_checkpoint(cls, path, ckpt: dict, config: dict, **overrides) -> FlowModel:
+        """:meth:`from_checkpoint` of this family, given the file's contents and its model config."""
+        raise NotImplementedError
 
     def export(self, checkpoint_path: Path, states: dict) -> None:
         """Writes, next to a checkpoint, what others load without orw_fast (rank 0; nothing by default)."""
@@ -113,6 +156,8 @@ class PixelFlowModel(FlowModel):
     """A flow field ``model(t, x)`` on samples of ``image_shape`` (inferred from torchcfm UNets), trained fully
     (four copies: policy, reference, last policy, EMA). With ``num_classes`` the model is class-conditional,
     ``model(t, x, y)``, and the batch's "prompts" are its class labels, drawn uniformly."""
+
+    family = "pixel"
 
     def __init__(self, model: torch.nn.Module, image_shape=None, *, channels_last: bool = False,
                  num_classes: int | None = None):
@@ -171,4 +216,23 @@ class PixelFlowModel(FlowModel):
         return module(t, x, *cond)
 
     def describe(self):
-        return getattr(self.model, "orw_fast_model_config", None)
+        """``{"family": "pixel", **the UNet's config}`` for a model of :mod:`orw_fast.models`, else None."""
+        config = getattr(self.model, "orw_fast_model_config", None)
+        return None if config is None else {"family": self.family, **config}
+
+    @classmethod
+    def _from_checkpoint(cls, path, ckpt, config, *, device="cpu", **unknown):
+        """The unconditional model of ``path`` (:func:`orw_fast.pretrain.load_flow_model`: the EMA weights where
+        the checkpoint keeps them, else the policy) on ``device``, in eval mode. ``unknown`` options (a
+        diffusers model's ``pipeline``, ``prompts``, ``dtype``) are refused with a ModelArgumentError naming one."""
+        from orw_fast.pretrain import load_flow_model
+
+        if unknown:
+            name = next(iter(unknown))
+            raise ModelArgumentError(name, f"{name} is not an option of a pixel model's checkpoint ({str(path)!r} "
+                                           "is not of a text-to-image model)")
+        model, _ = load_flow_model(path, checkpoint=ckpt)
+        flow = cls(model)
+        flow.prepare(torch.device(device), ema=False)
+        flow.model.eval()
+        return flow

@@ -104,6 +104,42 @@ def tiny_vae(latent_channels: int = 4, published: dict | None = None):
                          norm_num_groups=4, sample_size=8, scaling_factor=1.5, shift_factor=0.1)
 
 
+def _sd3(arch, text_encoder, tokenizer, vae, tmp: Path, *, sample_size: int, layers: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    config = arch["transformer"] if arch else dict(
+        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4, pos_embed_max_size=96)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**config),
+        scheduler=FlowMatchEulerDiscreteScheduler(**(arch["scheduler"] if arch else dict(shift=3.0))),
+        vae=vae, text_encoder=text_encoder(0, True), tokenizer=tokenizer,
+        text_encoder_2=text_encoder(1, True), tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
+def _flux(arch, text_encoder, tokenizer, vae, tmp: Path, *, sample_size: int, layers: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    t5_tokenizer, t5_vocab = _t5_tokenizer(tmp / "t5", 512 if arch else 16)
+    t5_config = (dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64) if arch else
+                 dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, decoder_start_token_id=0, **t5_config))
+    config = arch["transformer"] if arch else dict(
+        patch_size=1, in_channels=16, num_layers=max(1, layers - 1), num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True)
+    scheduler = arch["scheduler"] if arch else dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
+        vae=vae, text_encoder=text_encoder(0, False), tokenizer=tokenizer, text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer)
+
+
+_BUILDERS = {"sd3": _sd3, "flux": _flux}  # kind -> builder (a tiny pipeline of each diffusers family)
+
+
 def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int = 2, published: bool = False):
     """A tiny ``StableDiffusion3Pipeline`` ("sd3", no T5) or ``FluxPipeline`` ("flux") with random weights (seeded);
     the VAE keeps the resolution, and the SD3 transformer's default image side is ``sample_size`` pixels (a FLUX
@@ -113,10 +149,7 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
     FLUX.1-dev, 12B), with random weights and their VAE, the text encoders reduced to one layer of the published
     widths (no T5 for SD3): for speed and memory measurements, which do not depend on the weights' values. Build
     them under ``torch.device("cuda")`` and a bf16 default dtype (FLUX.1-dev is 24 GB in bf16)."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-
-    if kind not in ("sd3", "flux"):
+    if kind not in _BUILDERS:
         raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
     torch.manual_seed(seed)
     arch = PUBLISHED[kind] if published else None
@@ -125,34 +158,12 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
         vocab = len(tokenizer)
         widths, text_layers = (arch["clip_widths"], 1) if published else ((32, 32), 2)
         vae = tiny_vae(published=arch["vae"] if published else None)
-        if kind == "sd3":
-            config = arch["transformer"] if published else dict(
-                sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
-                num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
-                out_channels=4, pos_embed_max_size=96)
-            pipeline = StableDiffusion3Pipeline(
-                transformer=SD3Transformer2DModel(**config),
-                scheduler=FlowMatchEulerDiscreteScheduler(**(arch["scheduler"] if published else dict(shift=3.0))),
-                vae=vae, text_encoder=clip_text_encoder(vocab, True, widths[0], text_layers), tokenizer=tokenizer,
-                text_encoder_2=clip_text_encoder(vocab, True, widths[1], text_layers), tokenizer_2=tokenizer,
-                text_encoder_3=None, tokenizer_3=None)
-        else:
-            from transformers import T5Config, T5EncoderModel
 
-            t5_tokenizer, t5_vocab = _t5_tokenizer(Path(tmp) / "t5", 512 if published else 16)
-            t5_config = (dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64) if published else
-                         dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
-            t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, decoder_start_token_id=0, **t5_config))
-            config = arch["transformer"] if published else dict(
-                patch_size=1, in_channels=16, num_layers=max(1, layers - 1), num_single_layers=1, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-                guidance_embeds=True)
-            scheduler = arch["scheduler"] if published else dict(use_dynamic_shifting=True, base_shift=0.5,
-                                                                  max_shift=1.15)
-            pipeline = FluxPipeline(
-                transformer=FluxTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
-                vae=vae, text_encoder=clip_text_encoder(vocab, False, widths[0], text_layers),
-                tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+        def text_encoder(index: int, projection: bool):
+            return clip_text_encoder(vocab, projection, widths[index], text_layers)
+
+        pipeline = _BUILDERS[kind](arch, text_encoder, tokenizer, vae, Path(tmp), sample_size=sample_size,
+                                   layers=layers)
     if not published:
         pipeline.default_sample_size = sample_size // pipeline.vae_scale_factor
     return pipeline
