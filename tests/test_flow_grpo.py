@@ -250,7 +250,36 @@ def test_bad_arguments_are_value_errors():
         FlowGRPOConfig(batch_size=32, minibatches=3)
     with pytest.raises(ValueError, match="sde_window_range"):
         FlowGRPOConfig(steps=10, sde_window=2, sde_window_range=(4, 5))
+    with pytest.raises(ValueError, match="sde_window"):
+        FlowGRPOConfig(sde_window=-1)
+    with pytest.raises(ValueError, match="train_timesteps"):
+        FlowGRPOConfig(steps=10, train_timesteps=11)
     trainer = FlowGRPOTrainer(MixtureFlow(), lambda x: mode_reward(x)[:-1], sample_shape=(2,),
                               config=FlowGRPOConfig(batch_size=8))
     with pytest.raises(ValueError, match="reward_fn"):
         trainer.train_step()
+
+
+class TinyConvFlow(torch.nn.Module):
+    """An image-shaped flow field model(t, x) for x [B, 1, 4, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, t, x):
+        return self.conv(torch.cat([x, t[:, None, None, None].expand_as(x)], dim=1))
+
+
+def test_image_shaped_model_trains_every_step_but_the_last():
+    """On [B, C, H, W] samples the rollout records [T, B, C, H, W] transitions and [T, B] log-probabilities, the
+    default trains the first T − 1 transitions, and a step's metrics are finite."""
+    config = FlowGRPOConfig(batch_size=8, steps=4, lr=1e-3)
+    trainer = FlowGRPOTrainer(TinyConvFlow(), lambda x: -x.flatten(1).abs().mean(1), sample_shape=(1, 4, 4),
+                              config=config)
+    ro, cond = trainer.rollout()
+    assert cond is None and ro.xs.shape == (4, 8, 1, 4, 4) and ro.log_probs.shape == (4, 8)
+    metrics = trainer.train_step()
+    assert metrics["trained_steps"] == [0, 1, 2] and metrics["first_ratio_max_dev"] == 0.0
+    keys = ("reward_mean", "reward_std", "loss", "kl", "clip_fraction", "seconds")
+    assert all(math.isfinite(metrics[k]) for k in keys)

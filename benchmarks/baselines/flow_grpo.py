@@ -171,7 +171,7 @@ class FlowGRPOConfig:
     - group_size None = the whole batch (paper G = 24 images per prompt): an unconditional model has one group; for
       conditional tasks use e.g. 8 (4 conditions per batch of 32), a divisor of batch_size.
     - steps T = 10 (paper: 10 for rollouts, 40 for evaluation) and ``grid`` None = uniform (SD3 uses its shifted grid;
-      pass it here converted to t = 1 − σ).
+      pass it here converted to t = 1 − σ; a given grid sets steps).
     - noise_level a = 0.7 (paper), clip_range 1e-4 (code's ``clip_range``), adv_clip 5 (code's ``adv_clip_max``),
       adv_eps 1e-4 (code), beta β = 0.04 (paper, GenEval/OCR; 0.01 for PickScore), but see the module docstring for
       the KL's normalisation.
@@ -207,10 +207,12 @@ class FlowGRPOConfig:
 
     def __post_init__(self):
         self.grid = check_grid(self.grid) if self.grid is not None else uniform_grid(self.steps)
-        self.steps = len(self.grid) - 1
+        self.steps = len(self.grid) - 1  # a given grid decides T
         sde_sigmas(self.grid, self.noise_level)  # validates the noise level
-        group = self.group_size or self.batch_size
-        if self.batch_size < 1 or group < 1 or self.batch_size % group:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        group = self.batch_size if self.group_size is None else self.group_size
+        if group < 1 or self.batch_size % group:
             raise ValueError(f"group_size: expected a divisor of batch_size {self.batch_size}, got {self.group_size}")
         if self.minibatches < 1 or self.batch_size % self.minibatches:
             raise ValueError(f"minibatches: expected a divisor of batch_size {self.batch_size}, got {self.minibatches}")
@@ -220,6 +222,8 @@ class FlowGRPOConfig:
             raise ValueError(f"clip_range: expected > 0, got {self.clip_range}")
         if self.beta < 0:
             raise ValueError(f"beta: expected >= 0, got {self.beta}")
+        if self.sde_window < 0:
+            raise ValueError(f"sde_window: expected 0 (Flow-GRPO) or >= 1 SDE steps (Fast), got {self.sde_window}")
         if self.sde_window:
             if self.train_timesteps is not None:
                 raise ValueError("train_timesteps: Flow-GRPO-Fast (sde_window > 0) trains its window; leave it None")
@@ -228,11 +232,11 @@ class FlowGRPOConfig:
                 raise ValueError(f"sde_window_range: expected 0 <= lo, lo + sde_window <= hi <= steps {self.steps}, "
                                  f"got {(lo, hi)} with sde_window {self.sde_window}")
             self.sde_window_range = (lo, hi)
-        elif self.train_timesteps is None:
-            self.train_timesteps = self.steps - 1
-        if self.sde_window < 0 or not 1 <= (self.train_timesteps or 1) <= self.steps:
-            raise ValueError(f"sde_window / train_timesteps: expected sde_window >= 0 and 1 <= train_timesteps <= "
-                             f"steps {self.steps}, got {self.sde_window} / {self.train_timesteps}")
+        else:
+            if self.train_timesteps is None:
+                self.train_timesteps = self.steps - 1
+            if not 1 <= self.train_timesteps <= self.steps:
+                raise ValueError(f"train_timesteps: expected 1 to steps {self.steps}, got {self.train_timesteps}")
 
 
 class FlowGRPOTrainer:
@@ -252,7 +256,7 @@ class FlowGRPOTrainer:
                  config: FlowGRPOConfig | None = None, condition_fn: Callable | None = None, device=None,
                  seed: int = 0):
         self.config = config = config or FlowGRPOConfig()
-        self.group_size = config.group_size or config.batch_size
+        self.group_size = config.batch_size if config.group_size is None else config.group_size
         if condition_fn is None and self.group_size != config.batch_size:
             raise ValueError(f"group_size: an unconditional model has one group, the whole batch; expected None or "
                              f"batch_size {config.batch_size}, got {config.group_size}")
