@@ -24,8 +24,8 @@ Objective per trained transition j of sample i (PPO with GRPO's group-relative a
     KL_ij = mean_d (μ_θ − μ_ref)² / (2 (σ_j √h_j)²)   (exact KL of two Gaussians with the same std, per dimension)
 
 π_old is the policy that sampled the batch (this step's policy before its first update), so the first update's ratio
-is exactly 1 wherever the model's forward on a minibatch reproduces its rows of the full batch bitwise (so on CPU; a
-GPU may pick other kernels for another batch size, and ``first_ratio_max_dev`` in the metrics reports it). The batch
+is exactly 1 wherever the model's forward on a minibatch reproduces its rows of the full batch bitwise (as in the CPU
+tests; a GPU may pick other kernels for another batch size: ``first_ratio_max_dev`` in the metrics says). The batch
 is shuffled and split into ``minibatches``, one optimizer step each (the reference code takes two per sampling epoch),
 repeated for ``inner_epochs``. The gradient of a minibatch is accumulated over its trained transitions, each
 contributing 1/(number trained), as the reference code's gradient accumulation does.
