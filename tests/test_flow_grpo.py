@@ -9,6 +9,8 @@ import torch
 from benchmarks.baselines.flow_grpo import (
     FlowGRPOConfig,
     FlowGRPOTrainer,
+    clipped_policy_loss,
+    gaussian_kl,
     gaussian_log_prob,
     group_advantages,
     sde_rollout,
@@ -119,6 +121,23 @@ def test_group_advantages():
     torch.testing.assert_close(group_advantages(r, 2), deviations / (group_std + 1e-4))
     torch.testing.assert_close(group_advantages(r, 8), (r - r.mean()) / (r.std(correction=0) + 1e-4))
     torch.testing.assert_close(group_advantages(r, 2, global_std=True), deviations / (r.std(correction=0) + 1e-4))
+
+
+def test_kl_is_the_closed_form_and_the_clip_stops_gradients_outside_the_trust_region():
+    """gaussian_kl against torch.distributions.kl_divergence (averaged over dimensions); PPO's clip: a positive
+    advantage gets no gradient once ρ > 1 + ε, a negative one once ρ < 1 − ε, and full gradient inside."""
+    mean, mean_ref, std = torch.randn(5, 3), torch.randn(5, 3), 0.3
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                                 torch.distributions.Normal(mean_ref, std)).mean(-1)
+    torch.testing.assert_close(gaussian_kl(mean, mean_ref, std), expected)
+    eps = 0.1
+    log_prob = torch.log(torch.tensor([1.2, 0.8, 1.05, 1.2, 0.8])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
+    loss, ratio = clipped_policy_loss(log_prob, torch.zeros(5), adv, eps)
+    loss.backward()
+    torch.testing.assert_close(ratio.detach(), torch.tensor([1.2, 0.8, 1.05, 1.2, 0.8]))
+    # d loss / d log_prob = −A ρ / n where the unclipped term is the max, 0 where the clipped constant is
+    torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, 0.0, -1.05, 1.2, -0.8]) / 5)
 
 
 def mode_reward(x):
