@@ -4,7 +4,7 @@
 are made from :class:`~orw_fast.config.TrainerConfig` (one flag per field, help and default from the field), and a
 run can be given as a YAML/JSON file (``--config``); every run writes the options it ran with to ``OUT/config.yaml``.
 Other packages add commands through the entry point group ``orw_fast.commands`` (``orw-fast demo`` comes so from
-orw_fast.tasks).
+the tasks package, which the core never imports).
 Every user error is one line naming the flag it came from: argparse checks each value's type and range, output
 locations and input files are checked before any weight is loaded, and a value the trainer refuses is reported
 under its flag."""
@@ -406,8 +406,8 @@ def common_options(p, *, seed: bool = True) -> None:
 
 
 def _add_plugin_commands(sub) -> None:
-    """The commands other packages register in the entry point group ``orw_fast.commands`` (orw_fast.tasks: demo);
-    one that cannot be loaded is reported and left out."""
+    """The commands other packages register in the entry point group ``orw_fast.commands`` (the tasks' demo); one
+    that cannot be loaded is reported and left out."""
     for entry in importlib.metadata.entry_points(group=COMMAND_GROUP):
         if entry.name in sub.choices:
             continue
