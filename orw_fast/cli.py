@@ -340,7 +340,8 @@ def cmd_finetune(args) -> None:
             _write_run_file(args, prepare_output_dir(args.savedir, "--out") / "config.yaml")
     trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
     if dist_utils.is_main():
-        print(f"checkpoints, metrics.jsonl, sample grids and config.yaml in {args.savedir}")
+        print(f"checkpoints, metrics.jsonl and sample grids in {args.savedir}; the run's options in "
+              f"{Path(args.savedir) / 'config.yaml'} (--config repeats it)")
 
 
 def cmd_sample(args) -> None:
