@@ -210,7 +210,8 @@ def _write_run_file(args, path: Path) -> None:
         return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
     values = {key: plain(getattr(args, key)) for key in _file_options(args.parser)}
-    write_text_atomic(path, yaml.safe_dump(values, sort_keys=False))
+    write_text_atomic(path, f"# orw-fast finetune --config {path} repeats this run\n"
+                      + yaml.safe_dump(values, sort_keys=False))
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -445,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "options by key: the option's name with _ for - (learning_rate, w2_coefficient, temperature "
                        "and savedir for --lr, --alpha, --tau and --out); OUT/config.yaml is this run's.")
     p.add_argument("--config", type=_existing_file, help="run file (YAML or JSON) of options, such as a run's "
-                   "OUT/config.yaml; flags given on the command line override it")
+                   "OUT/config.yaml (which holds every option but --device and --quiet); flags given on the command "
+                   "line override it")
     p.add_argument("--checkpoint", type=_existing_file, help="flow.pt from `orw-fast pretrain` (or give --pretrained)")
     p.add_argument("--reward", default="classifier", choices=("classifier", "clip_score", *REWARDS),
                    help="a digit classifier's probability of --target-classes, CLIP text-image alignment "

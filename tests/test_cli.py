@@ -343,11 +343,13 @@ def test_a_refused_finetune_leaves_no_out_folder(flow_checkpoint, pipeline_folde
 def test_a_bad_resolution_leaves_no_out_folder(tmp_path):
     from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
 
-    pipeline = save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)
+    pipeline = save_tiny_pipeline("flux", tmp_path / "flux", sample_size=8)  # FLUX packs 2x2: an even side
     (tmp_path / "prompts.txt").write_text("a red cat\n")
-    with pytest.raises(SystemExit, match="resolution must be a multiple of"):
+    with pytest.raises(SystemExit, match="resolution must be a multiple of 2"):  # a short run if it were accepted
         main(["finetune", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
-              "jpeg_compressibility", "--resolution", "7", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
+              "jpeg_compressibility", "--resolution", "7", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
+              "1", "--sampler-steps", "1", "--grid-size", "0", "--device", "cpu", "--quiet", "--out",
+              str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
