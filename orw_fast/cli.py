@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import importlib.metadata
+import importlib.util
 import math
 import re
 import runpy
@@ -109,14 +111,13 @@ def _check_prompts(args) -> None:
 
 
 def _quiet_hf_libraries() -> None:
-    """--quiet for diffusers and transformers: no loading bars, no warnings (such as the image processors' "requires
-    torchvision" fallback) on any load."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
+    """--quiet for diffusers and transformers (where installed): no loading bars, no warnings (such as the image
+    processors' "requires torchvision" fallback) on any load."""
+    for library in ("diffusers", "transformers"):
+        if importlib.util.find_spec(library) is not None:
+            logging = importlib.import_module(f"{library}.utils.logging")
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()
 
 
 # -- the trainer's flags, made from TrainerConfig ---------------------------------------------------------------
