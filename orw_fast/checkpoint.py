@@ -1,6 +1,5 @@
 """Checkpoint files: atomic writes, integrity-checked reads of torchcfm's and orw_fast's formats, and the checks
-that make every load all-or-nothing (validate everything against the live objects, then apply); output folders
-checked before long work."""
+that make every load all-or-nothing (validate everything against the live objects, then apply)."""
 from __future__ import annotations
 
 import errno
@@ -275,30 +274,3 @@ def check_rng_state(state, device: torch.device, where: str) -> None:
         except Exception as err:  # noqa: BLE001 - each kind raises its own error types
             raise ValueError(f"{where}: the {name!r} random state cannot be restored ({type(err).__name__}: {err}); "
                              "nothing was loaded") from None
-
-
-# -- output locations -------------------------------------------------------------------------------------
-
-
-def prepare_output_dir(path, name: str) -> Path:
-    """Creates the folder ``path`` (with its parents) if needed and checks that files can be written in it, so
-    that a bad location fails before long work starts; raises ValueError naming ``name`` (e.g. "--out")."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is an existing file, not a folder; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{name} {str(path)!r}: the folder cannot be created ({err.strerror or err})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {str(path)!r}: the folder is not writable")
-    return path
-
-
-def prepare_output_file(path, name: str) -> Path:
-    """Checks that the file ``path`` can be written (its folder is created if needed); ValueError naming ``name``."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a folder; give a file name such as {str(path / 'samples.png')!r}")
-    prepare_output_dir(path.parent, f"the folder of {name}")
-    return path

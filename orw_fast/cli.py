@@ -1,21 +1,41 @@
 """Command line: ``orw-fast demo | pretrain | finetune | sample | bench`` (also ``python -m orw_fast``).
 
-``finetune`` also runs multi-process: ``torchrun --nproc_per_node=N -m orw_fast finetune ...``.
+``finetune`` also runs multi-process: ``torchrun --nproc_per_node=N -m orw_fast finetune ...``. Its trainer flags
+are made from :class:`~orw_fast.config.TrainerConfig` (one flag per field, help and default from the field), and a
+run can be given as a YAML/JSON file (``--config``); every run writes the options it ran with to ``OUT/config.yaml``.
+Other packages add commands through the entry point group ``orw_fast.commands`` (``orw-fast demo`` comes so from
+the tasks package, which the core never imports).
 Every user error is one line naming the flag it came from: argparse checks each value's type and range, output
-locations are checked before long work starts, and a value the trainer refuses is reported under its flag."""
+locations and input files are checked before any weight is loaded, and a value the trainer refuses is reported
+under its flag."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
 import math
+import re
 import runpy
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
 from orw_fast import distributed as dist_utils
-from orw_fast.checkpoint import prepare_output_dir, prepare_output_file
-from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS
+from orw_fast.cli_paths import check_output_dir, prepare_output_dir, prepare_output_file
+from orw_fast.sampling import GRIDS
+
+COMMAND_GROUP = "orw_fast.commands"  # entry points: name -> add(subparsers), which adds the command's parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes print a one-line usage pointer and the error, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]; see {self.prog} --help\n{self.prog}: error: {message}\n")
 
 
 # -- argument types: a bad value is an argparse error naming the flag -----------------------------------------
@@ -35,8 +55,8 @@ def _existing_file(text: str) -> Path:
     return path
 
 
-def _number(kind=float, minimum=None, *, above=False):
-    """An argparse type: a finite int/float, >= ``minimum`` (> with ``above``)."""
+def _number(kind=float, minimum=None, *, above=False, below=None, maximum=None):
+    """An argparse type: a finite int/float, >= ``minimum`` (> with ``above``), < ``below``, <= ``maximum``."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -47,21 +67,14 @@ def _number(kind=float, minimum=None, *, above=False):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if minimum is not None and (value <= minimum if above else value < minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, got {text!r}")
+        if (below is not None and value >= below) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {f'< {below:g}' if below is not None else f'<= {maximum}'}, "
+                                             f"got {text!r}")
         return value
     return parse
 
 
 _POSITIVE_INT = _number(int, 1)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"must be finite numbers >= 0, got {text!r}")
-    return values
 
 
 def _classes(text: str) -> list[int]:
@@ -74,26 +87,135 @@ def _classes(text: str) -> list[int]:
     return classes
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _pipeline(text: str) -> str:
+    """A diffusers pipeline: a local folder holding model_index.json, or a hub id (ORG/NAME)."""
+    path = Path(text)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a diffusers pipeline folder (it has no model_index.json)")
+    if not path.exists() and not _HUB_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"folder {text!r} does not exist (nor is it a hub id such as ORG/NAME)")
+    return text
+
+
+def _check_prompts(args) -> None:
+    """--prompts, read before any weight is loaded: a missing, unreadable or empty file is one line."""
+    from orw_fast.prompts import PromptSource
+
+    try:
+        PromptSource(args.prompts)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --prompts: {err}") from None
+
+
+def _quiet_hf_libraries() -> None:
+    """--quiet for diffusers and transformers (where installed): no loading bars, no warnings (such as the image
+    processors' "requires torchvision" fallback) on any load."""
+    for library in ("diffusers", "transformers"):
+        if importlib.util.find_spec(library) is not None:
+            logging = importlib.import_module(f"{library}.utils.logging")
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()
+
+
+# -- the trainer's flags, made from TrainerConfig ---------------------------------------------------------------
+
+# Fields whose flag is not --field-name (the names users know); every other field with cli=True is --field-name.
+TRAINER_FLAG_ALIASES = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
+                        "savedir": "--out"}
+
+
+def _choice_type(choices):
+    by_text = {str(c).lower(): c for c in choices}
+    return lambda text: by_text.get(text.lower(), text)
+
+
+def add_config_options(parser, config_cls, aliases=None) -> dict[str, str]:
+    """Adds a flag for each field of the dataclass ``config_cls`` declared with cli=True (orw_fast.config.option):
+    its dest is the field name, its help and default the field's, its type and range those of the field's checker.
+    Returns {field: flag}, under which a ConfigError on that field is reported."""
+    hints = typing.get_type_hints(config_cls)
+    flags = {}
+    for field in dataclasses.fields(config_cls):
+        if not field.metadata.get("cli", True):
+            continue
+        flag = (aliases or {}).get(field.name, "--" + field.name.replace("_", "-"))
+        check, hint = field.metadata.get("check"), hints[field.name]
+        kind = next((t for t in (hint, *typing.get_args(hint)) if t in (bool, int, float, str)), str)
+        choices = getattr(check, "choices", None)
+        if hint is bool:
+            options = {"action": argparse.BooleanOptionalAction}
+        elif choices is not None:
+            options = {"type": _choice_type(choices), "choices": choices}
+        elif kind in (int, float):
+            options = {"type": _number(kind, **getattr(check, "limits", {}))}
+        else:
+            options = {"type": kind}
+        action = parser.add_argument(flag, dest=field.name, default=field.default,
+                                     help=field.metadata.get("help", ""), **options)
+        if "default" not in action.help:
+            action.help += " (default: %(default)s)"
+        flags[field.name] = flag
+    return flags
+
+
+# -- run files: --config in, OUT/config.yaml out ----------------------------------------------------------------
+
+_NOT_IN_RUN_FILES = {"help", "config", "device", "quiet"}  # where and how verbosely a run goes, not what it does
+
+
+def _file_options(parser) -> dict[str, argparse.Action]:
+    """The options of ``parser`` a run file may set, by key (the option's dest)."""
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_IN_RUN_FILES}
+
+
+def _config_argv(parser, path: Path) -> list[str]:
+    """The flags the run file ``path`` (YAML or JSON, a mapping of option keys) stands for; the command line's own
+    flags come after them, so they win."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        parser.error(f"argument --config: {str(path)!r} cannot be read as YAML or JSON ({err})".replace("\n", " "))
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        parser.error(f"argument --config: {str(path)!r} must hold a mapping of option keys, got "
+                     f"{type(values).__name__}")
+    options = _file_options(parser)
+    argv = []
+    for key, value in values.items():
+        action = options.get(key)
+        if action is None:
+            parser.error(f"argument --config: unknown key {key!r} in {str(path)!r}; valid keys: {', '.join(options)}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                parser.error(f"argument --config: {key} must be true or false, got {value!r}")
+            argv.append(action.option_strings[0 if value else 1])
+        elif value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            argv += [action.option_strings[0], text]
+    return argv
+
+
+def _write_run_file(args, path: Path) -> None:
+    """The options of this run as a run file: ``orw-fast finetune --config PATH`` repeats it."""
+    import yaml
+
+    from orw_fast.checkpoint import write_text_atomic
+
+    def plain(value):
+        return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+    values = {key: plain(getattr(args, key)) for key in _file_options(args.parser)}
+    write_text_atomic(path, f"# orw-fast finetune --config {path} repeats this run\n"
+                      + yaml.safe_dump(values, sort_keys=False))
+
+
 # -- commands -------------------------------------------------------------------------------------------------
-
-
-def cmd_demo(args) -> None:
-    given = {k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch),
-                               ("temperature", args.tau), ("weighting", args.weighting),
-                               ("learning_rate", args.lr)) if v is not None}
-    if args.task == "text":
-        from orw_fast.tasks.text_alignment import AlignmentSettings, run_text_demo
-
-        settings = AlignmentSettings(alphas=args.alphas, seeds=(args.seed,), **given)
-        run_text_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
-                      progress=not args.quiet)
-    else:
-        from orw_fast.tasks.demo import DemoSettings, run_demo
-
-        settings = DemoSettings(alphas=args.alphas, seed=args.seed, **given)
-        run_demo(prepare_output_dir(args.out, "--out"), settings, cache_dir=args.cache_dir, device=args.device,
-                 progress=not args.quiet)
-    print(f"report written to {args.out}")
 
 
 def cmd_pretrain(args) -> None:
@@ -114,7 +236,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _t2i_options(p, *, sampling: bool) -> None:
     """The text-to-image flags (diffusers SD3/SD3.5 or FLUX)."""
-    p.add_argument("--pretrained", help="a diffusers SD3/SD3.5 or FLUX pipeline: a local folder or a hub id"
+    p.add_argument("--pretrained", type=_pipeline,
+                   help="a diffusers SD3/SD3.5 or FLUX pipeline: a local folder or a hub id"
                    + (" (default: the one the run loaded)" if sampling else ""))
     p.add_argument("--prompts", help="text file, one prompt a line" + (" (default: the run's)" if sampling else ""))
     p.add_argument("--weights-dtype", default="fp32", choices=tuple(DTYPES), help="dtype of the pipeline's weights")
@@ -123,16 +246,18 @@ def _t2i_options(p, *, sampling: bool) -> None:
     p.add_argument("--samples-per-prompt", type=_POSITIVE_INT, default=1, help="samples of each prompt in a batch")
     p.add_argument("--clip-model", help="local CLIP folder (transformers format) for --reward clip_score")
     p.add_argument("--lora-rank", type=_POSITIVE_INT, default=16, help="rank of the LoRA adapter (default 16)")
-    p.add_argument("--full-finetune", action="store_true", help="train the whole transformer instead of LoRA")
+    p.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the whole transformer instead of LoRA")
     p.add_argument("--guidance-scale", type=_number(float, 0), default=None,
                    help="rollout guidance: SD3's CFG scale, FLUX's guidance embedding (default: the pipeline's)")
     p.add_argument("--negative-prompt", default="", help="SD3's unconditional prompt for guidance")
     p.add_argument("--resolution", type=_POSITIVE_INT, default=None, help="image side in pixels (default: the "
                    "pipeline's)")
     p.add_argument("--max-sequence-length", type=_POSITIVE_INT, default=None, help="T5 tokens per prompt")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--keep-text-encoders", action="store_true", help="keep the text encoders after caching the "
-                   "prompts' embeddings")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in backward")
+    p.add_argument("--keep-text-encoders", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the text encoders after caching the prompts' embeddings")
 
 
 def _reward_classifier(args, device):
@@ -159,17 +284,8 @@ def _reward_classifier(args, device):
     return classifier
 
 
-# The TrainerConfig key each finetune flag sets: a value the trainer refuses is reported under its flag.
-FINETUNE_FLAGS = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
-                  "batch_size": "--batch-size", "savedir": "--out", "weighting": "--weighting",
-                  "coupling": "--coupling", "sampler_steps": "--sampler-steps", "precision": "--precision",
-                  "compile": "--compile", "seed": "--seed", "fsdp": "--fsdp", "ema_decay": "--ema-decay",
-                  "sampler_method": "--sampler-method", "rollout_batches": "--rollout-batches",
-                  "rollout_reuse": "--rollout-reuse"}
 MODEL_FLAGS = {"pipeline": "--pretrained", "prompts": "--prompts", "resolution": "--resolution",  # ModelArgumentError
                "dtype": "--weights-dtype"}
-DEMO_FLAGS = {"w2_coefficient": "--alphas", "temperature": "--tau", "weighting": "--weighting", "seed": "--seed",
-              "learning_rate": "--lr"}
 
 
 def _t2i_model(args):
@@ -215,15 +331,10 @@ def cmd_finetune(args) -> None:
                          "diffusers SD3/FLUX folder or hub id)")
     device = args.device
     dist_utils.init_from_env(device)
-    config = TrainerConfig(learning_rate=args.lr, w2_coefficient=args.alpha, temperature=args.tau,
-                           batch_size=args.batch_size, savedir=str(args.out), weighting=args.weighting,
-                           coupling=args.coupling, sampler_steps=args.sampler_steps,
-                           sampler_method=args.sampler_method, rollout_batches=args.rollout_batches,
-                           rollout_reuse=args.rollout_reuse, precision=args.precision, compile=args.compile,
-                           seed=args.seed, fsdp=args.fsdp, ema_decay=args.ema_decay)
+    config = TrainerConfig(**{key: getattr(args, key) for key in args.config_flags})
     with dist_utils.on_all_ranks("checking --out"):
         if dist_utils.is_main():
-            prepare_output_dir(args.out, "--out")
+            check_output_dir(args.savedir, "--out")
     if args.pretrained is not None:
         model = _t2i_model(args)
     else:
@@ -231,9 +342,13 @@ def cmd_finetune(args) -> None:
     trainer = ORWCFMTrainer(model, config, device, reward_fn=_reward(args, device))
     if args.resume:
         trainer.resume(args.resume)
+    with dist_utils.on_all_ranks("writing --out"):  # every check has passed: the run folder is made only now
+        if dist_utils.is_main():
+            _write_run_file(args, prepare_output_dir(args.savedir, "--out") / "config.yaml")
     trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
     if dist_utils.is_main():
-        print(f"checkpoints, metrics.jsonl and sample grids in {args.out}")
+        print(f"checkpoints, metrics.jsonl and sample grids in {args.savedir}; the run's options in "
+              f"{Path(args.savedir) / 'config.yaml'} (--config repeats it)")
 
 
 def cmd_sample(args) -> None:
@@ -283,45 +398,33 @@ def cmd_bench(args) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+def common_options(p, *, seed: bool = True) -> None:
+    """--device, --seed (unless the command has its own) and --quiet: the options every command has."""
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    if seed:
+        p.add_argument("--seed", type=_number(int, 0), default=0, help="random seed (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no library warnings on loads")
+
+
+def _add_plugin_commands(sub) -> None:
+    """The commands other packages register in the entry point group ``orw_fast.commands`` (the tasks' demo); one
+    that cannot be loaded is reported and left out."""
+    for entry in importlib.metadata.entry_points(group=COMMAND_GROUP):
+        if entry.name in sub.choices:
+            continue
+        try:
+            entry.load()(sub)
+        except Exception as err:  # a broken plugin must not take the other commands down
+            print(f"orw-fast: command {entry.name!r} ({entry.value}) cannot be loaded: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from orw_fast.config import TrainerConfig
     from orw_fast.rewards import REWARDS
 
-    parser = argparse.ArgumentParser(prog="orw-fast", description="ORW-CFM-W2 fine-tuning of flow-matching models.")
+    parser = _Parser(prog="orw-fast", description="ORW-CFM-W2 fine-tuning of flow-matching models.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p):
-        p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-        p.add_argument("--seed", type=_number(int, 0), default=0)
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    from orw_fast.config import TrainerConfig
-    from orw_fast.tasks.text_alignment import AlignmentSettings
-    from orw_fast.tasks.demo import DemoSettings
-
-    demo = DemoSettings()
-    weighting_help = "reward weights: exp(tau r) (the paper's), B softmax(tau r) or none"
-    text = AlignmentSettings()
-    p = sub.add_parser("demo", help="offline demo: fine-tune toward even digits, or toward prompt alignment of a "
-                                    "text-conditioned SD3-architecture digits model (scikit-learn digits)")
-    p.add_argument("--task", choices=("even", "text"), default="even",
-                   help="even: even digits from a pixel flow model (~8 min on 2 cores); text: prompt alignment with "
-                        "LoRA on an SD3-architecture digits model (~70 s; its first run pre-trains it: ~5.5 min)")
-    p.add_argument("--out", type=Path, default=Path("reports/demo"), help="report folder (default %(default)s)")
-    p.add_argument("--alphas", type=_floats, default=demo.alphas, help="W2 coefficients, comma-separated")
-    p.add_argument("--epochs", type=_POSITIVE_INT, default=None,
-                   help=f"default {demo.epochs} (even), {text.epochs} (text)")
-    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=None,
-                   help=f"default {demo.steps_per_epoch} (even), {text.steps_per_epoch} (text)")
-    p.add_argument("--tau", type=_number(), default=None,
-                   help=f"reward temperature (default {demo.temperature} (even), {text.temperature} (text))")
-    p.add_argument("--weighting", default=None, choices=("softmax", "exp", "none"),
-                   help=weighting_help + f" (default {demo.weighting} (even), {text.weighting} (text))")
-    p.add_argument("--lr", type=_number(float, 0, above=True), default=None,
-                   help=f"learning rate (default {demo.learning_rate:g} (even), {text.learning_rate:g} (text))")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="pre-trained models (default $ORW_FAST_CACHE or ~/.cache/orw_fast)")
-    common(p)
-    p.set_defaults(run=cmd_demo, config_flags=DEMO_FLAGS)
 
     p = sub.add_parser("pretrain", help="train a flow-matching model (and a classifier when labels exist)")
     p.add_argument("--dataset", default="digits", help="digits | idx:PATH | folder:PATH")
@@ -329,14 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: the demo's cache ~/.cache/orw_fast/digits for digits, else "
                    "runs/pretrain)")
     p.add_argument("--preset", default=None, help="model preset (digits, mnist, cifar10; default from the image shape)")
-    p.add_argument("--steps", type=_POSITIVE_INT, default=demo.pretrain_steps)
+    p.add_argument("--steps", type=_POSITIVE_INT, default=3000)
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
     p.add_argument("--lr", type=_number(float, 0, above=True), default=2e-3)
     p.add_argument("--no-classifier", dest="classifier", action="store_false", help="skip the classifier")
-    common(p)
+    common_options(p)
     p.set_defaults(run=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model (pixel or text-to-image)")
+    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model (pixel or text-to-image)",
+                       description="ORW-CFM-W2 fine-tuning. The trainer options are TrainerConfig's fields, with its "
+                       "defaults (a Python run with the same values is the same run). A run file (--config) holds "
+                       "options by key: the option's name with _ for - (learning_rate, w2_coefficient, temperature "
+                       "and savedir for --lr, --alpha, --tau and --out); OUT/config.yaml is this run's.")
+    p.add_argument("--config", type=_existing_file, help="run file (YAML or JSON) of options, such as a run's "
+                   "OUT/config.yaml (which holds every option but --device and --quiet); flags given on the command "
+                   "line override it")
     p.add_argument("--checkpoint", type=_existing_file, help="flow.pt from `orw-fast pretrain` (or give --pretrained)")
     p.add_argument("--reward", default="classifier", choices=("classifier", "clip_score", *REWARDS),
                    help="a digit classifier's probability of --target-classes, CLIP text-image alignment "
@@ -346,33 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "classifier on when --classifier is not given")
     p.add_argument("--target-classes", type=_classes, default=[0, 2, 4, 6, 8],
                    help="classes the classifier reward counts (default: the even digits)")
-    p.add_argument("--out", type=Path, default=Path("runs/finetune"))
     p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")
-    p.add_argument("--alpha", type=_number(float, 0), default=1.0, help="W2 coefficient")
-    p.add_argument("--tau", type=_number(), default=demo.temperature, help="reward temperature")
-    p.add_argument("--weighting", default=demo.weighting, choices=("softmax", "exp", "none"), help=weighting_help)
-    p.add_argument("--coupling", default="independent", choices=("independent", "ot", "rollout"))
-    p.add_argument("--epochs", type=_POSITIVE_INT, default=demo.epochs)
-    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=demo.steps_per_epoch)
-    p.add_argument("--batch-size", type=_POSITIVE_INT, default=demo.batch_size,
-                   help="the whole batch; under torchrun split evenly over the processes")
-    p.add_argument("--lr", type=_number(float, 0, above=True), default=demo.learning_rate)
-    p.add_argument("--sampler-steps", type=_POSITIVE_INT, default=demo.sampler_steps, help="rollout steps (default "
-                   f"{demo.sampler_steps}; with the default method and grid as accurate as 100 Euler steps)")
-    p.add_argument("--sampler-method", default=TrainerConfig.sampler_method, choices=FIXED_STEP_METHODS,
-                   help=f"rollout solver (default {TrainerConfig.sampler_method}: 2 model calls a step)")
-    p.add_argument("--rollout-batches", type=_POSITIVE_INT, default=1,
-                   help="make the rollouts of this many steps in one sampler call (default 1)")
-    p.add_argument("--rollout-reuse", type=_POSITIVE_INT, default=1,
-                   help="use each rollout in this many updates (default 1: a fresh rollout per sample and step)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas")
-    p.add_argument("--ema-decay", type=_number(float, 0), default=0.0, help="EMA of the policy (0: none)")
-    _t2i_options(p, sampling=False)
-    common(p)
-    p.set_defaults(run=cmd_finetune, config_flags=FINETUNE_FLAGS)
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=16, help="default %(default)s")
+    p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=15, help="default %(default)s")
+    trainer_flags = add_config_options(p.add_argument_group("trainer (TrainerConfig)"), TrainerConfig,
+                                       TRAINER_FLAG_ALIASES)
+    _t2i_options(p.add_argument_group("text-to-image"), sampling=False)
+    common_options(p, seed=False)
+    p.set_defaults(run=cmd_finetune, config_flags=trainer_flags)
 
     p = sub.add_parser("sample", help="a grid of samples from a checkpoint")
     p.add_argument("--checkpoint", type=_existing_file, required=True, help="flow.pt or a training checkpoint")
@@ -384,27 +475,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time grid of a pixel model's rollout (a diffusers model follows its scheduler)")
     p.add_argument("--scale", type=_POSITIVE_INT, default=4, help="enlarge the PNG this many times")
     _t2i_options(p, sampling=True)
-    common(p)
+    common_options(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks: loss | sampler | train-step | t2i | hardware | nvcc | all (see `orw-fast bench --help`)")
     p.set_defaults(run=cmd_bench)
+    _add_plugin_commands(sub)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
     return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line ``argv`` (default sys.argv[1:]) parsed, a --config run file's options under the given flags,
+    and the input files a run needs checked before anything is loaded."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "config", None) is not None:
+        args, rest = parser.parse_known_args(argv[:1] + _config_argv(args.parser, args.config) + argv[1:])
+    if args.command == "bench":
+        args.bench_args = rest  # every option belongs to the benchmark script
+    elif rest:
+        args.parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if dist_utils.env_world_size() > 1 and args.command != "finetune":
+        args.parser.error(f"only finetune runs multi-process; run {args.command} as one process, without torchrun")
+    if getattr(args, "prompts", None) is not None:
+        _check_prompts(args)
+    return args
 
 
 def main(argv=None) -> None:
     from orw_fast.config import ConfigError
     from orw_fast.models.flow_model import ModelArgumentError
 
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = rest  # every option belongs to the benchmark script
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if dist_utils.env_world_size() > 1 and args.command != "finetune":
-        parser.error(f"only finetune runs multi-process; run {args.command} as one process, without torchrun")
+    args = parse_args(argv)
+    if getattr(args, "quiet", False) and (args.command == "sample" or getattr(args, "pretrained", None)):
+        _quiet_hf_libraries()  # the commands that may load a diffusers pipeline
     finished = False
     try:
         args.run(args)

@@ -42,6 +42,7 @@ def _real(minimum=None, *, above=False, below=None):
                 (below is not None and number >= below):
             raise ConfigError(key, f"a finite number{bounds}", value)
         return number
+    check.limits = {"minimum": minimum, "above": above, "below": below}
     return check
 
 
@@ -51,6 +52,7 @@ def _integer(minimum, maximum=None):
                 (maximum is not None and value > maximum):
             raise ConfigError(key, f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"), value)
         return int(value)
+    check.limits = {"minimum": minimum, "maximum": maximum}
     return check
 
 
@@ -65,6 +67,7 @@ def _choice(options):
         if not isinstance(value, (str, bool)) or value not in options:
             raise ConfigError(key, f"one of {tuple(options)}", value)
         return value
+    check.choices = tuple(options)
     return check
 
 
@@ -73,6 +76,7 @@ def _optional_choice(options):
         if value is not None and (not isinstance(value, str) or value not in options):
             raise ConfigError(key, f"None or one of {tuple(options)}", value)
         return value
+    check.choices = tuple(options)
     return check
 
 
@@ -118,50 +122,68 @@ def _sampler_method(key, value):
     return value
 
 
+def option(default, check, help: str = "", *, cli: bool = True):
+    """A TrainerConfig field: its default, its checker (run on every value) and its help; ``cli=False`` keeps it off
+    the command line (``orw-fast finetune`` makes a flag of every other field)."""
+    return dataclasses.field(default=default, metadata={"check": check, "help": help, "cli": cli})
+
+
 @dataclasses.dataclass
 class TrainerConfig:
     """Settings of :class:`ORWCFMTrainer`. The first block has the official code's keys and meaning. Every value
     is checked (type included: ``True`` is not a batch size, ``"no"`` is not False); a bad one raises
-    :class:`ConfigError` naming its key."""
+    :class:`ConfigError` naming its key. Each field is declared once, with :func:`option`."""
 
-    learning_rate: float = 2e-4
-    warmup_steps: int = 0  # linear LR warm-up over this many steps
-    w2_coefficient: float = 1.0  # alpha
-    temperature: float = 1.0  # tau
-    grad_clip: float = 1.0  # max grad norm; 0 disables
-    batch_size: int = 64  # the whole batch, split evenly over the processes
-    use_wandb: bool = False
-    wandb_project: str = "orw_fast"
-    run_name: str | None = None
-    savedir: str = "runs/orw"
-    ref_path: str | None = None  # reference weights (default: the loaded pre-trained model)
-    text_prompts: list[str] | None = None  # CLIP reward prompts (needs clip_model_path)
-    parallel: bool = False  # the official code's DataParallel switch; orw_fast runs one process per GPU (torchrun)
+    learning_rate: float = option(2e-4, _real(0, above=True), "learning rate (after the warm-up)")
+    warmup_steps: int = option(0, _integer(0), "linear learning-rate warm-up over this many steps")
+    w2_coefficient: float = option(1.0, _real(0), "alpha, the W2 coefficient (pull toward the reference)")
+    temperature: float = option(1.0, _real(), "tau, the reward temperature of the weights")
+    grad_clip: float = option(1.0, _real(0), "max gradient norm (0: no clipping)")
+    batch_size: int = option(64, _integer(1), "the whole batch; under torchrun split evenly over the processes")
+    use_wandb: bool = option(False, _boolean, "log to Weights & Biases")
+    wandb_project: str = option("orw_fast", _text(False), "wandb project")
+    run_name: str | None = option(None, _text(True), "wandb run name")
+    savedir: str = option("runs/orw", _text(False, path=True), "output folder: checkpoints, metrics.jsonl, sample "
+                          "grids, config.yaml")
+    ref_path: str | None = option(None, _text(True, path=True), "reference weights (default: the pre-trained model)")
+    text_prompts: list[str] | None = option(None, _strings, "CLIP reward prompts (needs clip_model_path)", cli=False)
+    parallel: bool = option(False, _boolean, "the official code's DataParallel switch; orw_fast runs one process "
+                            "per GPU (torchrun)", cli=False)
     # orw_fast options
-    image_shape: tuple[int, ...] | None = None  # [C, H, W]; inferred from torchcfm UNets
-    weighting: str = "softmax"  # "softmax" | "exp" (official) | "none"
-    coupling: str = "independent"  # "independent" | "ot" | "rollout"
-    sigma: float = 0.0  # path noise
+    image_shape: tuple[int, ...] | None = option(None, _image_shape, "[C, H, W]; inferred from torchcfm UNets",
+                                                 cli=False)
+    weighting: str = option("softmax", _choice(WEIGHTINGS), "reward weights: B softmax(tau r) (mean 1), exp(tau r) "
+                            "(the paper's) or none")
+    coupling: str = option("independent", _choice(COUPLINGS), "noise paired with each rollout: fresh, "
+                           "OT-permuted, or the rollout's own")
+    sigma: float = option(0.0, _real(0), "path noise")
     # Heun, 20 steps on the model's rollout grid: 40 model calls, as accurate as the official 100 uniform Euler steps
     # (median RMS error and W2 to a tight dopri5 solution, benchmarks/bench_rollout_error.py)
-    sampler_steps: int = 20
-    sampler_method: str = "heun"
-    sampler_grid: str | None = None  # rollout time grid (orw_fast.sampling.GRIDS); None: the model's rollout_grid
-    cuda_graph: str | bool = "auto"
-    refresh_interval: int = 1  # epochs between last-policy refreshes
-    rollout_batches: int = 1  # rollouts for this many steps are made (and scored) in one sampler call
-    rollout_reuse: int = 1  # each rollout serves this many updates (1: a fresh rollout per sample and step)
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; GradScaler for fp16)
-    compile: bool = False  # torch.compile the policy's forward
-    channels_last: bool = False
-    ema_decay: float = 0.0  # 0 disables the EMA copy
-    seed: int = 0  # rank r draws from seed + r
-    fsdp: bool = False  # multi-process: shard the policy and its copies with FSDP2 (fully_shard)
-    clip_model_path: str | None = None
-    grid_size: int = 64  # samples in the per-epoch grid (0: no grids)
-    diversity_every: int = 10  # steps between batch-diversity metrics (O(B^2), all-gathered); the first step has one
-    checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
-    model_config: dict | None = None  # how to rebuild the model (orw_fast.models), kept in checkpoints
+    sampler_steps: int = option(20, _integer(1), "rollout steps (with the default method and grid as accurate as "
+                                "100 Euler steps)")
+    sampler_method: str = option("heun", _sampler_method, f"rollout solver: one of {', '.join(FIXED_STEP_METHODS)} "
+                                 "or a torchdiffeq method")
+    sampler_grid: str | None = option(None, _optional_choice(GRIDS), "rollout time grid (default: the model's)")
+    cuda_graph: str | bool = option("auto", _choice(("auto", True, False)), "capture the rollouts in CUDA graphs")
+    refresh_interval: int = option(1, _integer(1), "epochs between last-policy refreshes")
+    rollout_batches: int = option(1, _integer(1), "make the rollouts of this many steps in one sampler call")
+    rollout_reuse: int = option(1, _integer(1), "use each rollout in this many updates (1: a fresh rollout per "
+                                "sample and step)")
+    precision: str = option("fp32", _choice(tuple(PRECISIONS)), "autocast dtype (fp16 with a GradScaler)")
+    compile: bool = option(False, _boolean, "torch.compile the policy's forward")
+    channels_last: bool = option(False, _boolean, "channels-last memory format for the policy")
+    ema_decay: float = option(0.0, _real(0, below=1), "decay of an EMA of the policy (0: none)")
+    seed: int = option(0, _integer(0, 2**63 - 2**16), "random seed (rank r draws from seed + r)")
+    fsdp: bool = option(False, _boolean, "under torchrun: shard the policy and its frozen copies with FSDP2 "
+                        "instead of DDP replicas")
+    clip_model_path: str | None = option(None, _text(True, path=True), "CLIP model of the text_prompts reward",
+                                         cli=False)
+    grid_size: int = option(64, _integer(0), "samples in the per-epoch grid (0: no grids)")
+    diversity_every: int = option(10, _integer(1), "steps between batch-diversity metrics (O(B^2), all-gathered; "
+                                  "the first step has one)")
+    checkpoint_every: int = option(1, _integer(0), "epochs between checkpoints (0: only at the end)")
+    model_config: dict | None = option(None, _mapping, "how to rebuild the model (orw_fast.models), kept in "
+                                       "checkpoints", cli=False)
 
     @classmethod
     def coerce(cls, config) -> "TrainerConfig":
@@ -179,8 +201,8 @@ class TrainerConfig:
         return cls(**config)
 
     def __post_init__(self):
-        for name, check in _CONFIG_CHECKS.items():
-            setattr(self, name, check(name, getattr(self, name)))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
         if self.fsdp:  # every rank must make the same number of (collective) model calls
             if self.sampler_method not in FIXED_STEP_METHODS:
                 raise ConfigError("sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True",
@@ -191,18 +213,3 @@ class TrainerConfig:
             if self.precision == "fp16":
                 raise ConfigError("precision", "'fp32' or 'bf16' with fsdp=True (no sharded GradScaler)", self.precision)
 
-
-_CONFIG_CHECKS = {
-    "learning_rate": _real(0, above=True), "warmup_steps": _integer(0), "w2_coefficient": _real(0),
-    "temperature": _real(), "grad_clip": _real(0), "batch_size": _integer(1), "use_wandb": _boolean,
-    "wandb_project": _text(False), "run_name": _text(True), "savedir": _text(False, path=True),
-    "ref_path": _text(True, path=True), "text_prompts": _strings, "parallel": _boolean, "image_shape": _image_shape,
-    "weighting": _choice(WEIGHTINGS), "coupling": _choice(COUPLINGS), "sigma": _real(0), "sampler_steps": _integer(1),
-    "sampler_method": _sampler_method, "sampler_grid": _optional_choice(GRIDS), "cuda_graph": _choice(("auto", True, False)), "refresh_interval": _integer(1),
-    "rollout_batches": _integer(1), "rollout_reuse": _integer(1), "diversity_every": _integer(1),
-    "precision": _choice(tuple(PRECISIONS)), "compile": _boolean, "channels_last": _boolean,
-    "ema_decay": _real(0, below=1), "seed": _integer(0, 2**63 - 2**16), "fsdp": _boolean,
-    "clip_model_path": _text(True, path=True), "grid_size": _integer(0), "checkpoint_every": _integer(0),
-    "model_config": _mapping,
-}
-assert set(_CONFIG_CHECKS) == {f.name for f in dataclasses.fields(TrainerConfig)}

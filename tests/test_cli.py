@@ -1,4 +1,5 @@
 """The orw-fast command line: help, errors for bad paths/options, and a tiny end-to-end run."""
+import json
 import re
 import struct
 import subprocess
@@ -177,3 +178,239 @@ def test_bench_passes_its_options_to_the_benchmark_script(capsys):
     assert proc.returncode == 0 and "--dtypes" in proc.stdout and "--backends" in proc.stdout
     proc = run_cli("demo", "--bogus")
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+# -- finetune: flags from TrainerConfig, run files, defaults shared with Python ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_checkpoint(tmp_path_factory):
+    """A flow.pt pre-trained for one step on a tiny IDX dataset (8x8 images)."""
+    from orw_fast.pretrain import pretrain_dataset
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    rng = np.random.default_rng(0)
+    write_idx(folder, (rng.random((16, 8, 8)) * 255).astype(np.uint8), rng.integers(0, 10, 16).astype(np.uint8))
+    return pretrain_dataset(f"idx:{folder}", folder, steps=1, batch_size=8, classifier=False, progress=False)["flow"]
+
+
+def test_finetune_has_a_flag_for_each_trainer_config_field_with_its_default(capsys):
+    import dataclasses
+
+    from orw_fast.cli import TRAINER_FLAG_ALIASES, parse_args
+    from orw_fast.config import TrainerConfig
+
+    args = parse_args(["finetune"])
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    off = {"model_config", "text_prompts", "parallel", "image_shape", "clip_model_path"}
+    assert set(args.config_flags) == set(fields) - off
+    assert all(getattr(args, name) == fields[name].default for name in args.config_flags)
+    assert all(args.config_flags[name] == flag for name, flag in TRAINER_FLAG_ALIASES.items())
+    assert args.config_flags["ema_decay"] == "--ema-decay" and args.config_flags["batch_size"] == "--batch-size"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lr LEARNING_RATE learning rate (after the warm-up) (default: 0.0002)" in out
+    assert "--weighting {softmax,exp,none}" in out and "(default: softmax)" in out
+    assert "--compile, --no-compile" in out and "--model-config" not in out and "--image-shape" not in out
+
+
+def test_a_new_config_field_becomes_a_flag_with_its_check():
+    """What the trainer's next option gets without touching the CLI: a flag with its help, default and range."""
+    import argparse
+    import dataclasses
+
+    from orw_fast.cli import add_config_options
+    from orw_fast.config import _choice, _real, option
+
+    @dataclasses.dataclass
+    class Config:
+        weight_decay: float = option(0.01, _real(0, below=1), "decoupled weight decay")
+        optimizer: str = option("adam", _choice(("adam", "adamw")), "the optimizer")
+        internal: dict | None = option(None, None, cli=False)
+
+    parser = argparse.ArgumentParser()
+    assert add_config_options(parser, Config, {"optimizer": "--opt"}) == {"weight_decay": "--weight-decay",
+                                                                           "optimizer": "--opt"}
+    assert vars(parser.parse_args([])) == {"weight_decay": 0.01, "optimizer": "adam"}
+    assert vars(parser.parse_args(["--weight-decay", "0.5", "--opt", "adamw"])) == {"weight_decay": 0.5,
+                                                                                    "optimizer": "adamw"}
+    assert "decoupled weight decay (default: 0.01)" in " ".join(parser.format_help().split())
+    for bad in (["--weight-decay", "1"], ["--opt", "sgd"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+DETERMINISTIC = {"step", "loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max", "ess",
+                 "diversity", "lr", "epoch"}
+
+
+def _metrics(folder):
+    """The metrics.jsonl of a run without its timings and memory (which differ between any two runs)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row.keys() - DETERMINISTIC == {"samples_per_s", "peak_memory_mb"} for row in rows), rows
+    return [{k: v for k, v in row.items() if k in DETERMINISTIC} for row in rows]
+
+
+def test_python_and_cli_runs_are_the_same_run_and_a_run_file_repeats_it(flow_checkpoint, tmp_path):
+    """ORWCFMTrainer(TrainerConfig(...)) from Python and `orw-fast finetune` with the same values (every other
+    setting at its default on both sides) write the same metrics; so does `--config OUT/config.yaml`."""
+    import yaml
+
+    from orw_fast.pretrain import load_flow_model
+    from orw_fast.rewards import get_reward
+    from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
+    model, model_config = load_flow_model(flow_checkpoint)
+    config = TrainerConfig(batch_size=4, sampler_steps=2, grid_size=4, diversity_every=1, savedir=str(tmp_path / "py"),
+                           model_config=model_config)
+    ORWCFMTrainer(model, config, "cpu", reward_fn=get_reward("jpeg_compressibility")).train(1, 3, progress=False)
+    common = ["--checkpoint", str(flow_checkpoint), "--reward", "jpeg_compressibility", "--epochs", "1",
+              "--steps-per-epoch", "3", "--quiet", "--device", "cpu"]
+    main(["finetune", *common, "--batch-size", "4", "--sampler-steps", "2", "--grid-size", "4", "--diversity-every",
+          "1", "--out", str(tmp_path / "cli")])
+    python_run = _metrics(tmp_path / "py")
+    assert _metrics(tmp_path / "cli") == python_run
+    written = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert written["learning_rate"] == TrainerConfig.learning_rate and written["batch_size"] == 4
+    assert written["checkpoint"] == str(flow_checkpoint) and "device" not in written and "config" not in written
+    main(["finetune", "--config", str(tmp_path / "cli" / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"])
+    assert _metrics(tmp_path / "again") == python_run
+
+
+def test_a_run_file_sets_options_and_flags_override_it(flow_checkpoint, tmp_path, capsys):
+    from orw_fast.cli import parse_args
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"checkpoint": str(flow_checkpoint), "temperature": 3, "compile": True,
+                               "target_classes": [1, 3], "weighting": "exp"}))
+    args = parse_args(["finetune", "--config", str(run), "--tau", "0.5", "--no-compile"])
+    assert (args.temperature, args.compile, args.target_classes, args.weighting) == (0.5, False, [1, 3], "exp")
+    assert args.checkpoint == flow_checkpoint
+    run.write_text("learning_rate: 1e-4\nlr_warmup: 10\n")
+    _fails_with(["finetune", "--config", str(run)], r"argument --config: unknown key 'lr_warmup' in '.*run.json'; "
+                r"valid keys: .*learning_rate", capsys)
+    run.write_text("batch_size: 0\n")
+    _fails_with(["finetune", "--config", str(run)], r"argument --batch-size: must be >= 1, got '0'", capsys)
+    run.write_text("- a list\n")
+    _fails_with(["finetune", "--config", str(run)], r"must hold a mapping of option keys, got list", capsys)
+
+
+# -- the command line as a user meets it ------------------------------------------------------------------------
+
+
+def test_an_argparse_mistake_is_a_short_usage_line_and_the_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--lr", "fast"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: orw-fast finetune [options]; see orw-fast finetune --help",
+        "orw-fast finetune: error: argument --lr: expected a number, got 'fast'"]
+
+
+@pytest.fixture
+def pipeline_folder(tmp_path):
+    """A folder that passes --pretrained's cheap check (it has a model_index.json) but holds no pipeline."""
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    return folder
+
+
+def test_a_refused_finetune_leaves_no_out_folder(flow_checkpoint, pipeline_folder, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    (tmp_path / "not_a_pipeline").mkdir()
+    out = tmp_path / "out" / "run"
+    t2i = ["--pretrained", str(pipeline_folder), "--reward", "jpeg_compressibility"]
+    cases = [
+        ([*t2i, "--prompts", str(tmp_path / "missing.txt")], r"--prompts: prompt file '.*missing.txt' does not exist"),
+        ([*t2i, "--prompts", str(tmp_path / "empty.txt")], r"--prompts: prompt file '.*empty.txt' holds no prompt"),
+        (["--pretrained", str(tmp_path / "not_a_pipeline"), "--prompts", str(tmp_path / "prompts.txt")],
+         r"argument --pretrained: '.*not_a_pipeline' is not a diffusers pipeline folder \(it has no model_index"),
+        (["--pretrained", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "prompts.txt")],
+         r"argument --pretrained: folder '.*nowhere' does not exist"),
+        ([*t2i, "--prompts", str(tmp_path / "prompts.txt")], r"cannot load a diffusers pipeline from '.*pipeline'"),
+        (["--checkpoint", str(flow_checkpoint), "--tau", "1e39"], r"--tau must be a finite number in float32's range"),
+        (["--checkpoint", str(flow_checkpoint), "--reward", "classifier"], r"--reward classifier needs --classifier PATH"),
+        (["--checkpoint", str(tmp_path / "prompts.txt")], r"cannot be read"),
+    ]
+    for argv, match in cases:
+        _fails_with(["finetune", *argv, "--device", "cpu", "--out", str(out)], match, capsys)
+        assert not (tmp_path / "out").exists(), argv
+
+
+def test_a_bad_resolution_leaves_no_out_folder(tmp_path):
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline("flux", tmp_path / "flux", sample_size=8)  # FLUX packs 2x2: an even side
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    with pytest.raises(SystemExit, match="resolution must be a multiple of 2"):  # a short run if it were accepted
+        main(["finetune", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
+              "jpeg_compressibility", "--resolution", "7", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
+              "1", "--sampler-steps", "1", "--grid-size", "0", "--device", "cpu", "--quiet", "--out",
+              str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_quiet_silences_the_loading_bars_and_warnings_of_diffusers_and_transformers(tmp_path):
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
+
+    pipeline = save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    run = ["finetune", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
+           "jpeg_compressibility", "--lora-rank", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
+           "--sampler-steps", "1", "--grid-size", "0", "--device", "cpu"]
+    noise = ("Loading pipeline components", "Loading weights", "requires torchvision")
+    loud = run_cli(*run, "--out", str(tmp_path / "loud"))
+    assert loud.returncode == 0 and all(line in loud.stderr for line in noise), loud.stderr  # what --quiet hides
+    quiet = run_cli(*run, "--quiet", "--out", str(tmp_path / "quiet"))
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+# -- commands from other packages -------------------------------------------------------------------------------
+
+
+def test_the_tasks_register_demo_through_the_entry_point_group():
+    """Holds once the package is installed (pip install -e .): its metadata names the demo command."""
+    from importlib.metadata import entry_points
+
+    (demo,) = [e for e in entry_points(group="orw_fast.commands") if e.name == "demo"]
+    assert demo.value == "orw_fast.tasks.commands:add_demo_command"
+
+
+def _add_hello(subparsers):
+    subparsers.add_parser("hello").set_defaults(run=lambda args: print("hello from a plugin"))
+
+
+def test_commands_come_from_entry_points_and_a_broken_one_is_left_out(monkeypatch, capsys):
+    import importlib.metadata
+
+    from orw_fast.cli import COMMAND_GROUP
+
+    plugins = [importlib.metadata.EntryPoint("hello", f"{__name__}:_add_hello", COMMAND_GROUP),
+               importlib.metadata.EntryPoint("broken", "no_such_module:add", COMMAND_GROUP)]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins if group == COMMAND_GROUP else [])
+    main(["hello"])
+    captured = capsys.readouterr()
+    assert captured.out == "hello from a plugin\n"
+    assert "command 'broken' (no_such_module:add) cannot be loaded: ModuleNotFoundError" in captured.err
+    _fails_with(["demo"], r"invalid choice: 'demo'", capsys)  # no entry point: no demo, and the rest works
+
+
+def test_the_core_imports_nothing_from_the_tasks():
+    code = ("import importlib.metadata, sys\n"
+            "importlib.metadata.entry_points = lambda group: []\n"
+            "from orw_fast.cli import parse_args\n"
+            "import orw_fast.trainer, orw_fast.models, orw_fast.sampling, orw_fast.rewards, orw_fast.pretrain\n"
+            "parse_args(['finetune'])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('orw_fast.tasks')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
+
+
+def test_demo_help_says_the_demo_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "even: 16 epochs x 15 steps, batch 64, exp weights, tau 2.5, lr 0.001" in out

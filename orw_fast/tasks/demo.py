@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from orw_fast.checkpoint import prepare_output_dir, write_text_atomic
+from orw_fast.checkpoint import write_text_atomic
+from orw_fast.cli_paths import prepare_output_dir
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import background_level, class_entropy, frechet_distance, mean_pairwise_distance
 from orw_fast.rewards import load_classifier, split_indices

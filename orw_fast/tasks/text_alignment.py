@@ -156,7 +156,8 @@ def run_text_demo(out_dir, settings: AlignmentSettings | None = None, *, cache_d
 
     import matplotlib
 
-    from orw_fast.checkpoint import prepare_output_dir, write_text_atomic
+    from orw_fast.checkpoint import write_text_atomic
+    from orw_fast.cli_paths import prepare_output_dir
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
