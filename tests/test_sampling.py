@@ -13,6 +13,8 @@ from orw_fast.sampling import FIXED_STEP_METHODS, clear_graph_cache, sample
 
 from conftest import requires_gpu
 
+ONE_STEP_METHODS = ("euler", "midpoint", "heun")  # the multistep ones have their own oracles below
+
 
 class MLPField(torch.nn.Module):
     """A small nonlinear velocity field v(t, x) for x [B, dim]; records the dtype of its last output."""
@@ -219,7 +221,7 @@ class CondField(MLPField):
         return super().forward(t, x) + c
 
 
-@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+@pytest.mark.parametrize("method", ONE_STEP_METHODS)
 def test_an_explicit_time_grid_is_followed(method):
     """A non-uniform grid (SD3's shifted sigmas as t = 1 - sigma): each step uses its own dt and times; the
     trajectory is reported at the grid's times."""
