@@ -501,7 +501,8 @@ def test_adams_weights_are_the_closed_form_ones():
 def plain_multistep(field, x0, times, method, cond=()):
     """The multistep methods written out from their textbook formulas, one model call per step (ab3: Heun's first
     step). AB weights: exact integrals of the Lagrange interpolant by numpy's polynomial algebra; dpmpp2m: the
-    DPM-Solver++(2M) update with alpha = t, sigma = 1 - t, first order where lambda is infinite and on the first step."""
+    DPM-Solver++(2M) update with alpha = t, sigma = 1 - t, first order where lambda is infinite and on the first
+    step."""
     import numpy as np
 
     x, vs, preds = x0, [], []
@@ -646,7 +647,8 @@ def test_multistep_graph_matches_eager(method, trajectory):
     for seed in (0, 1):
         g = torch.Generator(device="cuda").manual_seed(seed)
         x0, c = torch.randn(64, 32, device="cuda", generator=g), torch.randn(64, 32, device="cuda", generator=g)
-        eager = sample(model, x0, times=times, cond=(c,), method=method, cuda_graph=False, return_trajectory=trajectory)
-        graphed = sample(model, x0, times=times, cond=(c,), method=method, cuda_graph=True, return_trajectory=trajectory)
+        kwargs = dict(times=times, cond=(c,), method=method, return_trajectory=trajectory)
+        eager = sample(model, x0, cuda_graph=False, **kwargs)
+        graphed = sample(model, x0, cuda_graph=True, **kwargs)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
     assert len(cached(model)) == 1
