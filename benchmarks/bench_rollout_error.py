@@ -4,13 +4,17 @@ For each model, the same noise x0 is integrated by every (method, time grid, num
 tight torchdiffeq ``dopri5`` solution (rtol = atol = --ref-tol) of the same ODE:
   rms_error   per-sample RMS of x1 - x1_ref (over the sample's elements), the median over the batch
   w2          W2 distance between the sample sets {x1} and {x1_ref} (exact OT, squared Euclidean cost, POT)
-Methods: euler (1 call a step), midpoint and heun (2 calls a step). Grids on t in [0, 1] (t=0 noise,
-orw_fast.sampling.time_grid):
+  rms_error_max  the largest per-sample RMS error over the batch
+Methods (orw_fast.sampling.FIXED_STEP_METHODS): euler (1 call a step), midpoint and heun (2 calls a step), ab2,
+dpmpp2m (1 call a step) and ab3 (1 call a step + 1 for its Heun starter); sampling.calls counts them. Grids on t in
+[0, 1] (t=0 noise, orw_fast.sampling.time_grid):
   uniform      k / N
   noise_dense  SD3's shift 3: t = 1 - 3 s / (1 + 2 s), s = 1 - k / N (steps shorter near the noise)
   data_dense   its mirror, t = 3 u / (1 + 2 u), u = k / N (steps shorter near the data)
-The chosen default is the cheapest (fewest model calls) configuration whose rms_error and w2 are both no larger than
-100-step uniform Euler's (the official rollout) on every model measured.
+  both_dense   t = (1 - cos(pi u)) / 2 (steps shorter at both ends)
+The chosen default is the cheapest (fewest model calls) configuration whose rms_error, rms_error_max and w2 are all
+no larger than 100-step uniform Euler's (the official rollout) on every model measured; the report also names the
+configuration closest to it (smallest worst ratio to the baseline) at each budget of 10 to 16 calls.
 
 Models: "digits" (the demo's pre-trained digits flow model, cached in $ORW_FAST_CACHE/digits; pre-trained first if
 missing) and "cifar10" (the paper's CIFAR-10 UNet, 35.7M parameters, random weights with the zero-initialized
@@ -35,14 +39,15 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import common, hardware
-from orw_fast.sampling import GRIDS, time_grid
+from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, calls as model_calls, min_steps, time_grid
 
-METHODS = {"euler": 1, "midpoint": 2, "heun": 2}  # name -> model calls per step
 MODELS = ("digits", "cifar10", "small")
 CALLS = (4, 8, 10, 16, 20, 24, 28, 32, 40, 48, 64, 100)
 CIFAR_CALLS = (16, 24, 32, 40, 64)  # the CIFAR UNet takes about 0.5 s a call at batch 4 on 2 CPU cores
 BATCH = {"digits": 64, "cifar10": 4, "small": 16}
 BASELINE = ("euler", "uniform", 100)  # the official rollout: 100 uniform Euler steps
+ERRORS = ("rms_error", "rms_error_max", "w2")  # what must be no worse than the baseline's
+NEAR_CALLS = range(10, 17)  # the budgets whose best configuration the report names
 
 
 def load_model(name: str, device: torch.device):
@@ -64,15 +69,15 @@ def measure(model, x0: torch.Tensor, ref: torch.Tensor, method: str, grid: str, 
 
     x1 = sample(model, x0, times=time_grid(grid, steps), method=method, cuda_graph=False)
     rms = (x1 - ref).flatten(1).square().mean(dim=1).sqrt()
-    return {"method": method, "grid": grid, "steps": steps, "model_calls": steps * METHODS[method],
+    return {"method": method, "grid": grid, "steps": steps, "model_calls": model_calls(method, steps),
             "rms_error": float(rms.median()), "rms_error_max": float(rms.max()), "w2": w2_distance(x1, ref),
             "status": "ok"}
 
 
 def cases(calls) -> list[tuple[str, str, int]]:
     """(method, grid, steps) for every budget of model calls a method can spend exactly, and the baseline."""
-    return sorted({(m, g, c // METHODS[m]) for m, g, c in itertools.product(METHODS, GRIDS, calls)
-                   if c % METHODS[m] == 0} | {BASELINE})
+    return sorted({(m, g, s) for m, g, c in itertools.product(FIXED_STEP_METHODS, GRIDS, calls)
+                   for s in range(min_steps(m), c + 1) if model_calls(m, s) == c} | {BASELINE})
 
 
 def run_model(name: str, device: torch.device, calls: list[int], batch: int, ref_tol: float, seed: int,
@@ -97,33 +102,45 @@ def run_model(name: str, device: torch.device, calls: list[int], batch: int, ref
             rows.append({"model": name, **measure(model, x0, ref, method, grid, steps)})
         except Exception as err:  # reported in the table
             rows.append({"model": name, "method": method, "grid": grid, "steps": steps,
-                         "model_calls": steps * METHODS[method], "status": common.error_status(err)})
+                         "model_calls": model_calls(method, steps), "status": common.error_status(err)})
         bar.update(1)
     return rows, info
 
 
-def choose_default(rows: list[dict]) -> dict | None:
-    """The configuration with the fewest model calls whose rms_error and w2 are at most the baseline's on every
-    model (ties: the smaller worst ratio to the baseline); None when none qualifies."""
+def _worst_ratios(rows: list[dict]) -> list[tuple[int, float, dict]]:
+    """(model calls, worst ratio of rms_error, rms_error_max and w2 to the baseline's over every model, config) for
+    each configuration measured on every model; [] without a baseline on every model."""
     ok = [r for r in rows if r["status"] == "ok"]
     models = sorted({r["model"] for r in ok})
     base = {r["model"]: r for r in ok if (r["method"], r["grid"], r["steps"]) == BASELINE}
     if set(base) != set(models):
-        return None
+        return []
     by_config: dict = {}
     for r in ok:
         by_config.setdefault((r["method"], r["grid"], r["steps"]), {})[r["model"]] = r
-    best = None
+    out = []
     for (method, grid, steps), per_model in by_config.items():
-        if set(per_model) != set(models):
-            continue
-        ratio = max(per_model[m][key] / base[m][key] for m in models for key in ("rms_error", "w2"))
-        if ratio <= 1.0:
-            key = (steps * METHODS[method], ratio)
-            if best is None or key < best[0]:
-                best = (key, {"method": method, "grid": grid, "steps": steps, "model_calls": key[0],
-                              "worst_error_vs_baseline": ratio})
-    return None if best is None else best[1]
+        if set(per_model) == set(models):
+            ratio = max(per_model[m][key] / base[m][key] for m in models for key in ERRORS)
+            out.append((model_calls(method, steps), ratio, {"method": method, "grid": grid, "steps": steps,
+                                                            "model_calls": model_calls(method, steps),
+                                                            "worst_error_vs_baseline": ratio}))
+    return sorted(out, key=lambda entry: entry[:2])
+
+
+def choose_default(rows: list[dict]) -> dict | None:
+    """The configuration with the fewest model calls whose rms_error, rms_error_max and w2 are at most the baseline's
+    on every model (ties: the smaller worst ratio to the baseline); None when none qualifies."""
+    return next((config for _, ratio, config in _worst_ratios(rows) if ratio <= 1.0), None)
+
+
+def nearest(rows: list[dict]) -> list[dict]:
+    """For each budget in NEAR_CALLS that was measured, the configuration with the smallest worst ratio."""
+    best: dict = {}
+    for n, ratio, config in _worst_ratios(rows):
+        if n in NEAR_CALLS and (n not in best or ratio < best[n]["worst_error_vs_baseline"]):
+            best[n] = config
+    return [best[n] for n in sorted(best)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -159,12 +176,12 @@ def plot(meta: dict, rows: list[dict]):
     models = [m["model"] for m in meta["models"]]
     fig, axes = common.new_figure(max(len(models), 1), f"rollout error against model calls, {meta['device_name']}")
     for ax, model in zip(axes, models):
-        for method, grid in itertools.product(METHODS, GRIDS):
+        for method, grid in itertools.product(FIXED_STEP_METHODS, GRIDS):
             pts = sorted((r["model_calls"], r["rms_error"]) for r in ok
                          if r["model"] == model and r["method"] == method and r["grid"] == grid)
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=f"{method}, {grid}",
-                        linestyle={"uniform": "-", "noise_dense": "--", "data_dense": ":"}[grid])
+                        linestyle={"uniform": "-", "noise_dense": "--", "data_dense": ":", "both_dense": "-."}[grid])
         base = [r["rms_error"] for r in ok if r["model"] == model and (r["method"], r["grid"], r["steps"]) == BASELINE]
         if base:
             ax.axhline(base[0], color="grey", lw=0.8)
@@ -209,6 +226,7 @@ def main(argv=None) -> int:
             common.free_memory(device)
     meta["models"] = infos
     meta["chosen"] = choose_default(rows)
+    meta["nearest"] = nearest(rows)
     return common.finish_run(args, "rollout_error", meta, rows, format_report, plot)
 
 

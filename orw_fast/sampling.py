@@ -139,6 +139,14 @@ _MULTISTEP = {
 }
 
 
+def min_steps(method: str) -> int:
+    """The fewest steps ``sample`` takes with the fixed-step ``method`` (a multistep method needs one step of its own
+    order between its lower-order first and last steps)."""
+    if method not in FIXED_STEP_METHODS:
+        raise ValueError(f"min_steps: method must be a fixed-step method {FIXED_STEP_METHODS}, got {method!r}")
+    return _MULTISTEP[method][1] if method in _MULTISTEP else 1
+
+
 def calls(method: str, steps: int) -> int:
     """Model calls of one rollout of ``steps`` steps with the fixed-step ``method``: "ab3" spends one more than its
     steps on its Heun starter (an Euler start would cap it at order 2)."""
@@ -468,8 +476,8 @@ def sample(
     """
     _check_args(model, x0, method, cuda_graph, autocast, rtol, atol, cond)
     grid_times = _check_times(times, 100 if steps is None and times is None else steps)
-    if method in _MULTISTEP and grid_times.numel() - 1 < _MULTISTEP[method][1]:
-        raise ValueError(f"method {method!r} needs at least {_MULTISTEP[method][1]} steps (fewer never reach its "
+    if method in _MULTISTEP and grid_times.numel() - 1 < min_steps(method):
+        raise ValueError(f"method {method!r} needs at least {min_steps(method)} steps (fewer never reach its "
                          f"order), got {grid_times.numel() - 1}")
     if method not in FIXED_STEP_METHODS:
         velocity = _velocity(model, cond, autocast, x0.device.type)
