@@ -3,7 +3,8 @@
 Fixed-step methods on a uniform grid of ``steps`` steps, or on an explicit grid ``times`` (e.g. the shifted
 sigma schedule of SD3/FLUX, t = 1 - sigma): "euler" (1st order, 1 model call per step), "midpoint" and "heun"
 (explicit trapezoid), 2nd order, 2 calls per step; the multistep methods "ab2", "ab3" (Adams-Bashforth on the
-velocity) and "dpmpp2m" (DPM-Solver++(2M) in data-prediction form), about 1 call per step (:func:`calls`). Every
+velocity), "dpmpp2m" (DPM-Solver++(2M) in data-prediction form) and "unipc" (UniPC-bh2, its predictor-corrector),
+about 1 call per step (:func:`calls`). Every
 other method name ("dopri5", "rk4", "bosh3", ...) goes to ``torchdiffeq.odeint``, the accuracy reference. ``cond``
 is a tuple of conditioning tensors (text embeddings, class labels) passed to every call, the same for all steps.
 
@@ -25,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-FIXED_STEP_METHODS = ("euler", "midpoint", "heun", "ab2", "ab3", "dpmpp2m")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun", "ab2", "ab3", "dpmpp2m", "unipc")
 GRIDS = ("uniform", "noise_dense", "data_dense", "both_dense")
 GRID_SHIFT = 3.0
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -41,12 +42,15 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class _Step(NamedTuple):
     """One multistep step: x_{i+1} = decay * x_i + sum_j weights[j] * d_{i-j} (d newest first), where d_i = v_i, or
     x̂1_i = x_i + sigma * v_i (sigma = 1 - t_i) in data-prediction form; a ``heun`` step (a starter) is the
-    trapezoid x_i + h/2 (v_i + v(t_{i+1}, x_i + h v_i)) with h = weights[0], and records d_i = v_i."""
+    trapezoid x_i + h/2 (v_i + v(t_{i+1}, x_i + h v_i)) with h = weights[0], and records d_i = v_i. A ``corrector``
+    (decay', weights') first replaces x_i by decay' * x'_{i-1} + sum_j weights'[j] * d_{i-j}, x'_{i-1} the previous
+    step's corrected x (d_i is still the value at the uncorrected x_i)."""
 
     decay: float
     weights: tuple[float, ...]
     sigma: float | None = None
     heun: bool = False
+    corrector: tuple[float, tuple[float, ...]] | None = None
 
 
 class _Grid(NamedTuple):
@@ -113,13 +117,18 @@ def _adams_plan(times: list[float], order: int, heun_start: bool) -> tuple[_Step
     return tuple(plan)
 
 
+def _lambdas(times: list[float]) -> list[float]:
+    """lambda = log(t / (1 - t)), -inf at t = 0 and inf at t = 1."""
+    return [math.log(t) - math.log1p(-t) if 0 < t < 1 else math.copysign(math.inf, t - 0.5) for t in times]
+
+
 def _dpmpp2m_plan(times: list[float]) -> tuple[_Step, ...]:
     """DPM-Solver++(2M) on the rectified-flow path x_t = t x1 + (1 - t) x0 (alpha = t, sigma = 1 - t, lambda =
     log(t / (1 - t))): x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) D with D = (1 + 1/(2r)) x̂1_i
     - x̂1_{i-1} / (2r), h = lambda_{i+1} - lambda_i, r = h_{i-1} / h; alpha_{i+1} (1 - e^{-h}) = (t_{i+1} - t_i) /
     (1 - t_i). First order (D = x̂1_i, which is Euler's step) where lambda is infinite: the first step, the step
     after t = 0 and the step to t = 1."""
-    lam = [math.log(t) - math.log1p(-t) if 0 < t < 1 else math.copysign(math.inf, t - 0.5) for t in times]
+    lam = _lambdas(times)
     plan = []
     for i, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
         decay, gain = (1 - t1) / (1 - t0), (t1 - t0) / (1 - t0)
@@ -131,11 +140,39 @@ def _dpmpp2m_plan(times: list[float]) -> tuple[_Step, ...]:
     return tuple(plan)
 
 
+def _unipc_plan(times: list[float]) -> tuple[_Step, ...]:
+    """UniPC-bh2 of order 2 in data-prediction form (Zhao et al. 2023, as diffusers' UniPCMultistepScheduler with
+    predict_x0): its UniP-2 predictor is DPM-Solver++(2M); from step 1 on, UniC corrects x_i with the x̂1_i of the
+    call just made at the predicted x_i (no extra call): with h = lambda_i - lambda_{i-1}, g = (t_i - t_{i-1}) /
+    (1 - t_{i-1}), UniC-1 (after a first-order predictor step) x'_i = decay x'_{i-1} + g (x̂1_{i-1} + x̂1_i) / 2,
+    UniC-2 solves [[1, 1], [r, 1]] rho = (b1, b2), r = (lambda_{i-2} - lambda_{i-1}) / h, b_k the bh2 phi-ratios, and
+    puts weights g rho_1, g (1 - rho_1 - rho_0 / r), g rho_0 / r on x̂1_i, x̂1_{i-1}, x̂1_{i-2}. The corrector's
+    order is the predictor's nominal one (1 after the first step, else 2: r = -inf after t = 0 gives its limit)."""
+    lam, predictor = _lambdas(times), _dpmpp2m_plan(times)
+    plan = [predictor[0]]
+    for i in range(1, len(predictor)):
+        decay, gain = (1 - times[i]) / (1 - times[i - 1]), (times[i] - times[i - 1]) / (1 - times[i - 1])
+        if i == 1:  # after the first-order first step
+            weights = (gain / 2, gain / 2)
+        else:
+            hh = lam[i - 1] - lam[i]  # -h, finite: 0 < t_{i-1} < t_i < 1
+            phi = math.expm1(hh) / hh - 1
+            b1 = phi / math.expm1(hh)
+            b2 = 2 * (phi / hh - 0.5) / math.expm1(hh)
+            r = (lam[i - 2] - lam[i - 1]) / -hh
+            rho0 = (b2 - b1) / (r - 1)
+            rho1 = b1 - rho0
+            weights = (gain * rho1, gain * (1 - rho1 - rho0 / r), gain * rho0 / r)
+        plan.append(predictor[i]._replace(corrector=(decay, weights)))
+    return tuple(plan)
+
+
 # multistep method -> (plan of a float64 grid given as a list, fewest steps that include one step of its order)
 _MULTISTEP = {
     "ab2": (lambda times: _adams_plan(times, 2, heun_start=False), 2),
     "ab3": (lambda times: _adams_plan(times, 3, heun_start=True), 4),
     "dpmpp2m": (_dpmpp2m_plan, 4),
+    "unipc": (_unipc_plan, 4),
 }
 
 
@@ -186,18 +223,32 @@ def _heun_step(velocity: Velocity, x, t0, t_half, t1, dt: float):
 _STEPS = {"euler": _euler_step, "midpoint": _midpoint_step, "heun": _heun_step}
 
 
-def _multistep_step(velocity: Velocity, x, t0, t1, step: _Step, history: list) -> torch.Tensor:
-    """One step of a multistep plan; pushes d_i onto ``history`` (newest first, trimmed to 3)."""
+class _History:
+    """A multistep method's memory within one rollout: d_i, d_{i-1}, ... (newest first) and the last corrected x."""
+
+    def __init__(self):
+        self.d: list[torch.Tensor] = []
+        self.x: torch.Tensor | None = None
+
+
+def _combine(x: torch.Tensor, decay: float, weights: tuple[float, ...], history: list) -> torch.Tensor:
+    out = x if decay == 1 else x.mul(decay)
+    for w, d in zip(weights, history):
+        out = out.add(d, alpha=w)
+    return out
+
+
+def _multistep_step(velocity: Velocity, x, t0, t1, step: _Step, history: _History) -> torch.Tensor:
+    """One step of a multistep plan (a fixed chain of ops with constant coefficients); updates ``history``."""
     v = velocity(t0, x)
-    history.insert(0, v if step.sigma is None else x.add(v, alpha=step.sigma))
-    del history[3:]
+    history.d = [v if step.sigma is None else x.add(v, alpha=step.sigma), *history.d[:2]]
+    if step.corrector is not None:
+        x = _combine(history.x, *step.corrector, history.d)
+    history.x = x
     if step.heun:
         h = step.weights[0]
         return x.add(v + velocity(t1, x.add(v, alpha=h)), alpha=h / 2)
-    out = x if step.decay == 1 else x.mul(step.decay)
-    for w, d in zip(step.weights, history):
-        out = out.add(d, alpha=w)
-    return out
+    return _combine(x, step.decay, step.weights, history.d)
 
 
 def _integrate(velocity: Velocity, x: torch.Tensor, grid: _Grid, method: str, return_trajectory: bool,
@@ -205,7 +256,7 @@ def _integrate(velocity: Velocity, x: torch.Tensor, grid: _Grid, method: str, re
     """The fixed-step loop over ``grid`` (from :func:`_time_grid`), its first ``stop`` steps when given; never writes
     ``x``. Returns (x1, trajectory [steps+1, *x.shape] or None)."""
     steps, t = len(grid.dt) if stop is None else stop, grid.t
-    history: list = []
+    history = _History()
     trajectory = None
     if return_trajectory:
         trajectory = x.new_empty((steps + 1, *x.shape))
@@ -456,8 +507,9 @@ def sample(
             scheduler's shifted schedule of a diffusers flow model as t = 1 - sigma).
         cond: conditioning tensors passed to every call of ``model`` after x (unchanged over the steps).
         method: "euler" (1 model call per step), "midpoint", "heun" (explicit trapezoid; 2 calls per
-            step), "ab2" (>= 2 steps), "ab3" (>= 4 steps), "dpmpp2m" (>= 4 steps; 1 call per step, ab3 one more:
-            :func:`calls`), or any ``torchdiffeq.odeint`` method ("dopri5", "rk4", "bosh3", ...), using rtol/atol.
+            step), "ab2" (>= 2 steps), "ab3" (>= 4 steps), "dpmpp2m", "unipc" (>= 4 steps; 1 call per step, ab3 one
+            more: :func:`calls`; unipc's trajectory holds its predicted, uncorrected states, as diffusers'), or any
+            ``torchdiffeq.odeint`` method ("dopri5", "rk4", "bosh3", ...), using rtol/atol.
         cuda_graph: "auto" (CUDA graph when x0 is on CUDA and the method is fixed-step; a model whose capture
             fails is sampled eagerly from then on, with one warning), True (required; an error otherwise) or
             False (eager). The graph is captured on the first call for a

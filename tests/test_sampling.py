@@ -426,7 +426,7 @@ def test_named_time_grids():
 # ---------------------------------------------------------------------------------------------
 # Multistep solvers (ab2, ab3, dpmpp2m) against independent oracles
 
-MULTISTEP = ("ab2", "ab3", "dpmpp2m")
+MULTISTEP = ("ab2", "ab3", "dpmpp2m", "unipc")
 
 
 class GaussianMixtureFlow(torch.nn.Module):
@@ -461,16 +461,21 @@ def mixture_and_reference():
     return field, x0, ref
 
 
-@pytest.mark.parametrize("grid", ["uniform", "both_dense"])
-@pytest.mark.parametrize("method, order", [("ab2", 2), ("ab3", 3), ("dpmpp2m", 2)])
-def test_multistep_convergence_order(mixture_and_reference, method, order, grid):
+@pytest.mark.parametrize("method, grid, order", [
+    *[(method, grid, order) for method, order in (("ab2", 2), ("ab3", 3), ("dpmpp2m", 2))
+      for grid in ("uniform", "both_dense")],
+    ("unipc", "uniform", 2), ("unipc", "both_dense", 3),
+])
+def test_multistep_convergence_order(mixture_and_reference, method, grid, order):
     """The least-squares slope of log(max error) against log(step) over N = 32..256 is the order within 10 % (the
     pre-asymptotic terms move the slope by O(1/N); heun and ab2 measure within 0.01 of 2 here, ab3 within 0.07 of
     3; ab3 with an Euler starter measures 2.0 on the uniform grid, so the Heun starter is what this checks).
     dpmpp2m on the uniform grid: the lambda = log(t / (1 - t)) steps next to t = 0 and t = 1 do not shrink with N
     (about 1/i at the i-th step from an end), and the local error there is ~ t h_lambda^3 (d/dlambda)^2 x̂1 ~
     1 / (N^2 i); summed over i the global error is ~ log(N) / N^2, so the slope is fitted to error / log N there
-    (measured plain slope 1.70; both_dense's steps shrink like (i/N)^2 at the ends and need no correction)."""
+    (measured plain slope 1.70; both_dense's steps shrink like (i/N)^2 at the ends and need no correction).
+    unipc (UniC lifts the 2M predictor to order 3) ends with an uncorrected first-order step to t = 1, x1 = x̂1 at
+    t_{N-1}, whose error is ~ (1 - t_{N-1})^2: order 2 on the uniform grid, 3 on both_dense (last step ~ 1/N^2)."""
     from orw_fast.sampling import time_grid
 
     field, x0, ref = mixture_and_reference
@@ -502,10 +507,10 @@ def plain_multistep(field, x0, times, method, cond=()):
     """The multistep methods written out from their textbook formulas, one model call per step (ab3: Heun's first
     step). AB weights: exact integrals of the Lagrange interpolant by numpy's polynomial algebra; dpmpp2m: the
     DPM-Solver++(2M) update with alpha = t, sigma = 1 - t, first order where lambda is infinite and on the first
-    step."""
+    step; unipc: that predictor from the corrected state, after :func:`unic`."""
     import numpy as np
 
-    x, vs, preds = x0, [], []
+    x, vs, preds, corrected = x0, [], [], x0
     lam = [math.log(t / (1 - t)) if 0 < t < 1 else (-math.inf if t == 0 else math.inf) for t in times]
     for i in range(len(times) - 1):
         t0, t1 = times[i], times[i + 1]
@@ -523,12 +528,33 @@ def plain_multistep(field, x0, times, method, cond=()):
                 x = x + float(basis(t1) - basis(t0)) * vs[i - k + 1 + j]
         else:
             preds.append(x + (1 - t0) * v)
+            if method == "unipc" and i > 0:  # UniC, its order that of the previous predictor step (nominal)
+                x = unic(corrected, preds, times, lam, i, order=1 if i == 1 else 2)
+            corrected = x
             d = preds[-1]
             if i > 0 and math.isfinite(lam[i - 1]) and math.isfinite(lam[i + 1]):
                 r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
                 d = (1 + 1 / (2 * r)) * preds[-1] - preds[-2] / (2 * r)
             x = (1 - t1) / (1 - t0) * x + (t1 - t0) / (1 - t0) * d
     return x
+
+
+def unic(x_prev, preds, times, lam, i, order):
+    """UniC-bh2 (Zhao et al. 2023, data-prediction form, B(h) = e^{-h} - 1) corrects x_i from the corrected x_{i-1}
+    with the model's x̂1 at t_{i-2}, t_{i-1} and at the predicted x_i."""
+    h = lam[i] - lam[i - 1]
+    alpha, sigma_ratio, hh = times[i], (1 - times[i]) / (1 - times[i - 1]), -h
+    m0, mt = preds[i - 1], preds[i]
+    base = sigma_ratio * x_prev - alpha * math.expm1(hh) * m0
+    if order == 1:
+        return base - alpha * math.expm1(hh) * 0.5 * (mt - m0)
+    r = (lam[i - 2] - lam[i - 1]) / h
+    phi2 = math.expm1(hh) / hh - 1
+    b = torch.tensor([phi2 / math.expm1(hh), 2 * (phi2 / hh - 0.5) / math.expm1(hh)], dtype=torch.float64)
+    rho = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b) if math.isfinite(r) \
+        else torch.stack([torch.zeros((), dtype=torch.float64), b[0]])  # the limit r -> -inf
+    d1 = (preds[i - 2] - m0) / r
+    return base - alpha * math.expm1(hh) * (float(rho[0]) * d1 + float(rho[1]) * (mt - m0))
 
 
 class GuidedField(CondField):
@@ -560,7 +586,7 @@ def test_multistep_with_conditioning_and_guidance_equals_the_plain_solver(method
 def test_calls():
     from orw_fast.sampling import calls
 
-    assert [calls(m, 10) for m in FIXED_STEP_METHODS] == [10, 20, 20, 10, 11, 10]
+    assert [calls(m, 10) for m in FIXED_STEP_METHODS] == [10, 20, 20, 10, 11, 10, 10]
     with pytest.raises(ValueError, match="calls: method must be a fixed-step method"):
         calls("dopri5", 10)
 
@@ -584,21 +610,25 @@ def test_calls_counts_the_model_calls(method):
     assert model.calls == calls(method, 6)
 
 
-def test_dpmpp2m_equals_diffusers_dpm_solver_on_its_shifted_flow_grid(mixture_and_reference):
-    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, use_flow_sigmas, flow_shift 3 as SD3,
-    flow_prediction: x̂1 = x - sigma * output, output = -v) on its own grid, t = 1 - sigma: the same x̂1, lambda and
-    update, first order on its first and last steps as ours. Defined the same way only with these choices:
-    (1) the model here reads the scheduler's exact sigma; diffusers' pipelines pass timesteps floored to integers of
-    1000 sigma, a model-input difference, not the solver's; (2) diffusers' grid starts at sigma = 3 * 0.999 /
-    (1 + 2 * 0.999), t = 3.3e-4, where lambda is finite, so its second step is second order; on orw_fast's grids
-    from t = 0 (lambda = -inf) our second step falls to first order (r = inf); (3) diffusers computes its coefficients
-    in float32 from float32 sigmas: a relative 1e-7 per coefficient, so 1e-5 on states of size ~2 over 10 steps is
-    ample, while an order slip on any step moves the result by > 1e-3 (checked below)."""
-    from diffusers import DPMSolverMultistepScheduler
+@pytest.mark.parametrize("method", ["dpmpp2m", "unipc"])
+def test_equals_diffusers_multistep_scheduler_on_its_shifted_flow_grid(mixture_and_reference, method):
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint) / UniPCMultistepScheduler (bh2, order
+    2, predict_x0), both with use_flow_sigmas, flow_shift 3 as SD3 and flow_prediction (x̂1 = x - sigma * output,
+    output = -v), on their own grid t = 1 - sigma: the same x̂1, lambda and updates, first order on the first and
+    last steps as ours, the whole trajectory (unipc's: the predicted states, which is what step() returns). Defined
+    the same way only with these choices: (1) the model here reads the scheduler's exact sigma; diffusers' pipelines
+    pass timesteps floored to integers of 1000 sigma, a model-input difference, not the solver's; (2) diffusers'
+    grid starts at sigma = 3 * 0.999 / (1 + 2 * 0.999), t = 3.3e-4, where lambda is finite, so its second step is
+    second order; on orw_fast's grids from t = 0 (lambda = -inf) our second step falls to first order (r = inf);
+    (3) diffusers computes its coefficients in float32 from float32 sigmas: a relative 1e-7 per coefficient, so 1e-5
+    on states of size ~2 over 10 steps is ample, while another solver's result differs by > 1e-3 (checked)."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     field, x0, _ = mixture_and_reference
-    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction",
-                                            algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    flow = dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", solver_order=2,
+                final_sigmas_type="zero")
+    scheduler = (DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **flow) if method == "dpmpp2m" else
+                 UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", **flow))
     scheduler.set_timesteps(10)
     scheduler.set_begin_index(0)
     sigmas = scheduler.sigmas.double()
@@ -607,10 +637,10 @@ def test_dpmpp2m_equals_diffusers_dpm_solver_on_its_shifted_flow_grid(mixture_an
         output = -field(torch.full((x.shape[0],), 1 - sigmas[i].item(), dtype=torch.float64), x)
         x = scheduler.step(output, timestep, x).prev_sample
         theirs.append(x)
-    ours = sample(field, x0, times=1 - sigmas, method="dpmpp2m", return_trajectory=True)[1]
+    ours = sample(field, x0, times=1 - sigmas, method=method, return_trajectory=True)[1]
     torch.testing.assert_close(ours, torch.stack(theirs), rtol=0, atol=1e-5)
-    ab2 = sample(field, x0, times=1 - sigmas, method="ab2")
-    assert (ab2 - theirs[-1]).abs().max() > 1e-3
+    other = sample(field, x0, times=1 - sigmas, method="unipc" if method == "dpmpp2m" else "dpmpp2m")
+    assert (other - theirs[-1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kwargs, match", [
