@@ -104,7 +104,14 @@ _AB_STABILITY = {1: 2.0, 2: 1.0, 3: 6 / 11}
 def _adams_plan(times: list[float], order: int, heun_start: bool) -> tuple[_Step, ...]:
     """Variable-step Adams-Bashforth of ``order`` on v: step i integrates the Lagrange interpolant of
     v_i, ..., v_{i-k+1} over [t_i, t_{i+1}], k = min(order, i + 1), lowered while h_i / (1 - t_i) exceeds AB_k's
-    stability bound; the first step is Heun's when ``heun_start``, else Euler's."""
+    stability bound; the first step is Heun's when ``heun_start``, else Euler's.
+
+    Measured on the digits model (64 samples, error against dopri5 at 1e-6, median / max per-sample RMS): AB3's
+    Heun start costs one call and keeps order 3 (an Euler start measures order 2 on the Gaussian-mixture test) and on
+    the data_dense grid, whose first step is the longest, it gives 1.3e-2 / 0.16 at 10 steps where an Euler start
+    gives 2.2e-2 / 0.41; lowering the last step (uniform grid: only it) to AB2 cuts the max error from 0.15 to 0.10
+    at 10 steps and from 0.057 to 0.027 at 24 (the median rises by 10-25 %). AB2's own interval reaches h/(1 - t) = 1:
+    it keeps its Euler start (order 2 either way) and is never lowered."""
     plan = []
     for i, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
         if i == 0 and heun_start:
