@@ -4,15 +4,14 @@ Fixed-step methods on a uniform grid of ``steps`` steps, or on an explicit grid 
 sigma schedule of SD3/FLUX, t = 1 - sigma): "euler" (1st order, 1 model call per step), "midpoint" and "heun"
 (explicit trapezoid), 2nd order, 2 calls per step; the multistep methods "ab2", "ab3" (Adams-Bashforth on the
 velocity), "dpmpp2m" (DPM-Solver++(2M) in data-prediction form) and "unipc" (UniPC-bh2, its predictor-corrector),
-about 1 call per step (:func:`calls`). Every
-other method name ("dopri5", "rk4", "bosh3", ...) goes to ``torchdiffeq.odeint``, the accuracy reference. ``cond``
-is a tuple of conditioning tensors (text embeddings, class labels) passed to every call, the same for all steps.
+1 call per step (ab3: one more, :func:`calls`), coefficients computed once per grid in float64. Every other method
+name ("dopri5", "rk4", "bosh3", ...) goes to ``torchdiffeq.odeint``, the accuracy reference. ``cond`` is a tuple of
+conditioning tensors (text embeddings, class labels) passed to every call, the same for all steps.
 
 On CUDA the fixed-step loop is captured once into one CUDA graph and replayed per call (``cond`` is copied into
-the graph's static inputs; a multistep method's history lives inside the captured loop); the graph is cached per
-model (weakly: it dies with the model) and per (device,
-shape, dtype, time grid, method, autocast, trajectory, cond shapes) and is keyed by the data_ptr()s of the
-model's parameters and buffers: refreshing
+the graph's static inputs; a multistep method's history lives inside the captured loop, in the graph's memory);
+the graph is cached per model (weakly: it dies with the model) and per (device, shape, dtype, time grid, method,
+autocast, trajectory, cond shapes) and is keyed by the data_ptr()s of the model's parameters and buffers: refreshing
 the weights in place (``model.load_state_dict(other.state_dict())``, ``p.copy_(...)``) keeps the graph
 and the replay reads the new values; replacing parameter or buffer tensors makes a new capture.
 """
