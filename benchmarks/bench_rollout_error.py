@@ -6,7 +6,7 @@ tight torchdiffeq ``dopri5`` solution (rtol = atol = --ref-tol) of the same ODE:
   w2          W2 distance between the sample sets {x1} and {x1_ref} (exact OT, squared Euclidean cost, POT)
   rms_error_max  the largest per-sample RMS error over the batch
 Methods (orw_fast.sampling.FIXED_STEP_METHODS): euler (1 call a step), midpoint and heun (2 calls a step), ab2,
-dpmpp2m (1 call a step) and ab3 (1 call a step + 1 for its Heun starter); sampling.calls counts them. Grids on t in
+unipc (1 call a step) and ab3 (1 call a step + 1 for its Heun starter); sampling.calls counts them. Grids on t in
 [0, 1] (t=0 noise, orw_fast.sampling.time_grid):
   uniform      k / N
   noise_dense  SD3's shift 3: t = 1 - 3 s / (1 + 2 s), s = 1 - k / N (steps shorter near the noise)
