@@ -217,7 +217,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "- baseline: 100 Euler steps (the official rollout; uniform grid, text_digits its scheduler's), "
         + "; ".join(f"{r['model']} {r['rms_error']:.2e} / {r['rms_error_max']:.2e} / {r['w2']:.2e}" for r in rows
                     if r["status"] == "ok" and (r["method"], r["grid"], r["steps"]) == baseline_of(r["model"])),
-        *_choice_lines(" (every model on the named grids)", meta["chosen"], meta["nearest"]),
+        *_choice_lines(f" ({', '.join(meta['chosen_over'])})", meta["chosen"], meta["nearest"]),
     ]
     for model, choice in meta.get("per_model", {}).items():
         lines += _choice_lines(f" ({model})", choice["chosen"], choice["nearest"])
@@ -280,7 +280,8 @@ def main(argv=None) -> int:
             infos.append(info)
             common.free_memory(device)
     meta["models"] = infos
-    named = [r for r in rows if r["model"] != "text_digits"]
+    named = [r for r in rows if r["model"] != "text_digits"] or rows  # the models that share grids (or the one)
+    meta["chosen_over"] = sorted({r["model"] for r in named})
     meta["chosen"], meta["nearest"] = choose_default(named), nearest(named)
     meta["per_model"] = {}
     if len(infos) > 1:  # each model alone too
