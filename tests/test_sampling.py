@@ -13,6 +13,8 @@ from orw_fast.sampling import FIXED_STEP_METHODS, clear_graph_cache, sample
 
 from conftest import requires_gpu
 
+ONE_STEP_METHODS = ("euler", "midpoint", "heun")  # the multistep ones have their own oracles below
+
 
 class MLPField(torch.nn.Module):
     """A small nonlinear velocity field v(t, x) for x [B, dim]; records the dtype of its last output."""
@@ -219,7 +221,7 @@ class CondField(MLPField):
         return super().forward(t, x) + c
 
 
-@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+@pytest.mark.parametrize("method", ONE_STEP_METHODS)
 def test_an_explicit_time_grid_is_followed(method):
     """A non-uniform grid (SD3's shifted sigmas as t = 1 - sigma): each step uses its own dt and times; the
     trajectory is reported at the grid's times."""
@@ -419,3 +421,284 @@ def test_named_time_grids():
         time_grid("cosine", 4)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         time_grid("uniform", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multistep solvers (ab2, ab3, unipc) against independent oracles
+
+MULTISTEP = ("ab2", "ab3", "unipc")
+
+
+class GaussianMixtureFlow(torch.nn.Module):
+    """The exact marginal velocity of the rectified-flow path x_t = t x1 + (1 - t) x0, x0 ~ N(0, I), x1 ~ sum_k pi_k
+    N(mu_k, s_k^2 I): given component k, x_t ~ N(t mu_k, var_k I), var_k = t^2 s_k^2 + (1 - t)^2, and
+    E[x1 - x0 | x_t, k] = mu_k + (t s_k^2 - (1 - t)) / var_k (x_t - t mu_k); v is their average under the posterior
+    p(k | x_t). Broad components (s >= 0.5) keep the field smooth enough for the asymptotic regime at 32 steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor([[1.5, 0.0], [-1.0, 1.0], [-0.5, -1.5]], dtype=torch.float64))
+        self.register_buffer("s", torch.tensor([0.6, 0.5, 0.7], dtype=torch.float64))
+        self.register_buffer("log_pi", torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).log())
+
+    def forward(self, t, x):
+        t = t[:, None, None]
+        var = (t * self.s[:, None]) ** 2 + (1 - t) ** 2  # [B, K, 1]
+        diff = x[:, None, :] - t * self.mu  # [B, K, D]
+        log_w = self.log_pi[:, None] - (diff.square().sum(-1, keepdim=True) / var + x.shape[1] * var.log()) / 2
+        v = self.mu + (t * self.s[:, None] ** 2 - (1 - t)) / var * diff
+        return (torch.softmax(log_w, dim=1) * v).sum(dim=1)
+
+
+@pytest.fixture(scope="module")
+def mixture_and_reference():
+    """The mixture flow, 64 noise samples and their x1 by torchdiffeq's dopri5 at rtol = atol = 1e-12 (float64)."""
+    field = GaussianMixtureFlow()
+    x0 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(torchdiffeq_field(field, 64), x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                                 method="dopri5", rtol=1e-12, atol=1e-12)[-1]
+    return field, x0, ref
+
+
+@pytest.mark.parametrize("method, grid, order", [
+    *[(method, grid, order) for method, order in (("ab2", 2), ("ab3", 3)) for grid in ("uniform", "both_dense")],
+    ("unipc", "uniform", 2), ("unipc", "both_dense", 3),
+])
+def test_multistep_convergence_order(mixture_and_reference, method, grid, order):
+    """The least-squares slope of log(max error) against log(step) over N = 32..256 is the order within 10 % (the
+    pre-asymptotic terms move the slope by O(1/N); heun and ab2 measure within 0.01 of 2 here, ab3 within 0.07 of
+    3; ab3 with an Euler starter measures 2.0 on the uniform grid, so the Heun starter is what this checks).
+    unipc (UniC lifts the 2M predictor to order 3) ends with an uncorrected first-order step to t = 1, x1 = x̂1 at
+    t_{N-1}, whose error is ~ (1 - t_{N-1})^2: order 2 on the uniform grid, 3 on both_dense (last step ~ 1/N^2)."""
+    from orw_fast.sampling import time_grid
+
+    field, x0, ref = mixture_and_reference
+    ns = torch.tensor([32, 64, 128, 256], dtype=torch.float64)
+    errors = torch.tensor([(sample(field, x0, times=time_grid(grid, int(n)), method=method) - ref).abs().max().item()
+                           for n in ns], dtype=torch.float64)
+    log_err = errors.log()
+    log_h = -ns.log()
+    slope = float(((log_err - log_err.mean()) * (log_h - log_h.mean())).sum() / (log_h - log_h.mean()).square().sum())
+    assert abs(slope - order) < 0.1 * order, f"{method} on {grid}: slope {slope:.3f}, errors {errors.tolist()}"
+
+
+def test_adams_weights_are_the_closed_form_ones():
+    """Variable-step AB2 (DESIGN: x += h[(1 + rho/2) v_i - (rho/2) v_{i-1}], rho = h_i / h_{i-1}) and constant-step
+    AB3 (h (23, -16, 5) / 12) against the plan's Gauss-Legendre integrals of the Lagrange basis."""
+    times = [0.0, 0.1, 0.25, 0.3, 0.6, 1.0]
+    for i, step in enumerate(sampling._adams_plan(times, 2, heun_start=False)[1:], start=1):
+        h, rho = times[i + 1] - times[i], (times[i + 1] - times[i]) / (times[i] - times[i - 1])
+        assert step.weights == pytest.approx((h * (1 + rho / 2), -h * rho / 2), rel=1e-13, abs=1e-15)
+    uniform = [k / 10 for k in range(11)]
+    plan = sampling._adams_plan(uniform, 3, heun_start=True)
+    assert plan[0].heun and plan[1].weights == pytest.approx((0.1 * 1.5, -0.1 * 0.5), rel=1e-13)
+    for step in plan[2:-1]:
+        assert step.weights == pytest.approx((0.1 * 23 / 12, -0.1 * 16 / 12, 0.1 * 5 / 12), rel=1e-12)
+    assert len(plan[-1].weights) == 2, "the last step (h / (1 - t) = 1 > 6/11) falls to AB2"
+
+
+def plain_multistep(field, x0, times, method, cond=()):
+    """The multistep methods written out from their textbook formulas, one model call per step (ab3: Heun's first
+    step). AB weights: exact integrals of the Lagrange interpolant by numpy's polynomial algebra; unipc's predictor:
+    the DPM-Solver++(2M) update with alpha = t, sigma = 1 - t, first order where lambda is infinite and on the first
+    step; unipc: that predictor from the corrected state, after :func:`unic`."""
+    import numpy as np
+
+    x, vs, preds, corrected = x0, [], [], x0
+    lam = [math.log(t / (1 - t)) if 0 < t < 1 else (-math.inf if t == 0 else math.inf) for t in times]
+    for i in range(len(times) - 1):
+        t0, t1 = times[i], times[i + 1]
+        v = field(torch.full((x.shape[0],), t0, dtype=x.dtype), x, *cond)
+        vs.append(v)
+        if method == "ab3" and i == 0:
+            x = x + (t1 - t0) / 2 * (v + field(torch.full((x.shape[0],), t1, dtype=x.dtype), x + (t1 - t0) * v, *cond))
+        elif method in ("ab2", "ab3"):
+            k = min(2 if method == "ab2" else (2 if (t1 - t0) / (1 - t0) > 6 / 11 else 3), i + 1)
+            nodes = times[i - k + 1:i + 1]
+            for j, node in enumerate(nodes):
+                roots = [m for m in nodes if m != node]
+                basis = np.polynomial.Polynomial.fromroots(roots) if roots else np.polynomial.Polynomial([1.0])
+                basis = (basis / basis(node)).integ()
+                x = x + float(basis(t1) - basis(t0)) * vs[i - k + 1 + j]
+        else:
+            preds.append(x + (1 - t0) * v)
+            if method == "unipc" and i > 0:  # UniC, its order that of the previous predictor step (nominal)
+                x = unic(corrected, preds, times, lam, i, order=1 if i == 1 else 2)
+            corrected = x
+            d = preds[-1]
+            if i > 0 and math.isfinite(lam[i - 1]) and math.isfinite(lam[i + 1]):
+                r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+                d = (1 + 1 / (2 * r)) * preds[-1] - preds[-2] / (2 * r)
+            x = (1 - t1) / (1 - t0) * x + (t1 - t0) / (1 - t0) * d
+    return x
+
+
+def unic(x_prev, preds, times, lam, i, order):
+    """UniC-bh2 (Zhao et al. 2023, data-prediction form, B(h) = e^{-h} - 1) corrects x_i from the corrected x_{i-1}
+    with the model's x̂1 at t_{i-2}, t_{i-1} and at the predicted x_i."""
+    h = lam[i] - lam[i - 1]
+    alpha, sigma_ratio, hh = times[i], (1 - times[i]) / (1 - times[i - 1]), -h
+    m0, mt = preds[i - 1], preds[i]
+    base = sigma_ratio * x_prev - alpha * math.expm1(hh) * m0
+    if order == 1:
+        return base - alpha * math.expm1(hh) * 0.5 * (mt - m0)
+    r = (lam[i - 2] - lam[i - 1]) / h
+    phi2 = math.expm1(hh) / hh - 1
+    b = torch.tensor([phi2 / math.expm1(hh), 2 * (phi2 / hh - 0.5) / math.expm1(hh)], dtype=torch.float64)
+    rho = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b) if math.isfinite(r) \
+        else torch.stack([torch.zeros((), dtype=torch.float64), b[0]])  # the limit r -> -inf
+    d1 = (preds[i - 2] - m0) / r
+    return base - alpha * math.expm1(hh) * (float(rho[0]) * d1 + float(rho[1]) * (mt - m0))
+
+
+class GuidedField(CondField):
+    """Classifier-free guidance in the field, as FlowModel.rollout_field does it: v = v(∅) + w (v(c) - v(∅))."""
+
+    def forward(self, t, x, c, scale):
+        uncond = super().forward(t, x, torch.zeros_like(c))
+        return uncond + scale[:, None] * (super().forward(t, x, c) - uncond)
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+@pytest.mark.parametrize("grid", ["uniform", "both_dense", "noise_dense"])
+def test_multistep_with_conditioning_and_guidance_equals_the_plain_solver(method, grid):
+    from orw_fast.sampling import time_grid
+
+    model = GuidedField(dim=3, hidden=16).double()
+    g = torch.Generator().manual_seed(8)
+    x0, c = torch.randn(4, 3, dtype=torch.float64, generator=g), torch.randn(4, 3, dtype=torch.float64, generator=g)
+    cond, times = (c, torch.full((4,), 3.0, dtype=torch.float64)), time_grid(grid, 7)
+    x1, traj = sample(model, x0, times=times, cond=cond, method=method, return_trajectory=True)
+    with torch.no_grad():
+        expected = plain_multistep(model, x0, times.tolist(), method, cond)
+    torch.testing.assert_close(x1, expected, rtol=1e-12, atol=1e-12)
+    assert traj.shape == (8, 4, 3) and torch.equal(traj[-1], x1)
+    unguided = sample(model, x0, times=times, cond=(c, torch.ones(4, dtype=torch.float64)), method=method)
+    assert not torch.allclose(unguided, x1, atol=1e-3)
+
+
+def test_calls():
+    from orw_fast.sampling import calls
+
+    assert [calls(m, 10) for m in FIXED_STEP_METHODS] == [10, 20, 20, 10, 11, 10]
+    with pytest.raises(ValueError, match="calls: method must be a fixed-step method"):
+        calls("dopri5", 10)
+
+
+class CountingField(MLPField):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t, x):
+        self.calls += 1
+        return super().forward(t, x)
+
+
+@pytest.mark.parametrize("method", FIXED_STEP_METHODS)
+def test_calls_counts_the_model_calls(method):
+    from orw_fast.sampling import calls
+
+    model = CountingField()
+    sample(model, torch.randn(2, 3), steps=6, method=method)
+    assert model.calls == calls(method, 6)
+
+
+def test_unipc_equals_diffusers_unipc_on_its_shifted_flow_grid(mixture_and_reference):
+    """diffusers' UniPCMultistepScheduler (bh2, order 2, predict_x0, use_flow_sigmas, flow_shift 3 as SD3,
+    flow_prediction: x̂1 = x - sigma * output, output = -v) on its own grid t = 1 - sigma: the same x̂1, lambda,
+    predictor and corrector, first order on the first and last steps as ours; the whole trajectory (the predicted
+    states, which is what step() returns). Defined the same way only with these choices: (1) the model here reads the
+    scheduler's exact sigma; diffusers' pipelines pass timesteps floored to integers of 1000 sigma, a model-input
+    difference, not the solver's; (2) diffusers' grid starts at sigma = 3 * 0.999 / (1 + 2 * 0.999), t = 3.3e-4,
+    where lambda is finite, so its second predictor step is second order; on orw_fast's grids from t = 0 (lambda =
+    -inf) ours falls to first order there (r = inf, the same formula's limit); (3) diffusers computes its
+    coefficients in float32 from float32 sigmas: a relative 1e-7 per coefficient, so 1e-5 on states of size ~2 over
+    10 steps is ample, while another solver (ab2) on the same grid differs by > 1e-3 (checked)."""
+    from diffusers import UniPCMultistepScheduler
+
+    field, x0, _ = mixture_and_reference
+    scheduler = UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", use_flow_sigmas=True, flow_shift=3.0,
+                                        prediction_type="flow_prediction", solver_order=2, final_sigmas_type="zero")
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(0)
+    sigmas = scheduler.sigmas.double()
+    x, theirs = x0, [x0]
+    for i, timestep in enumerate(scheduler.timesteps):
+        output = -field(torch.full((x.shape[0],), 1 - sigmas[i].item(), dtype=torch.float64), x)
+        x = scheduler.step(output, timestep, x).prev_sample
+        theirs.append(x)
+    ours = sample(field, x0, times=1 - sigmas, method="unipc", return_trajectory=True)[1]
+    torch.testing.assert_close(ours, torch.stack(theirs), rtol=0, atol=1e-5)
+    assert (sample(field, x0, times=1 - sigmas, method="ab2") - theirs[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="ab4", steps=8), "unknown method 'ab4'"),
+    (dict(method="ab2", steps=1), "method 'ab2' needs at least 2 steps"),
+    (dict(method="ab3", steps=3), "method 'ab3' needs at least 4 steps"),
+    (dict(method="unipc", times=[0.0, 0.5, 1.0]), "method 'unipc' needs at least 4 steps"),
+    (dict(method="ab3", times=[0.0, 0.2, 0.2, 0.6, 1.0]), "times must be >= 2 increasing values in"),
+    (dict(method="unipc", times=[0.0, 0.3, 0.6, 0.9, 1.2]), r"in \[0, 1\]"),
+    (dict(method="ab2", times=[1.0, 0.7, 0.3, 0.0]), "times must be >= 2 increasing values in"),
+])
+def test_multistep_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(MLPField(), torch.zeros(2, 3), **kwargs)
+
+
+def test_both_dense_grid():
+    from orw_fast.sampling import time_grid
+
+    grid = time_grid("both_dense", 4)
+    torch.testing.assert_close(grid, torch.tensor([0, (2 - 2 ** 0.5) / 4, 0.5, (2 + 2 ** 0.5) / 4, 1],
+                                                  dtype=torch.float64), rtol=0, atol=1e-15)
+    steps = time_grid("both_dense", 10).diff()
+    assert steps[0] < steps[4] and steps[-1] < steps[5] and torch.allclose(steps, steps.flip(0))
+
+
+@requires_gpu
+@pytest.mark.parametrize("method", MULTISTEP)
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_multistep_graph_matches_eager(method, trajectory):
+    """The captured loop (history inside the graph) replays new noise and conditioning like the eager loop."""
+    model = CondField(dim=32, hidden=128).cuda()
+    times = [0.0, 0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0]
+    for seed in (0, 1):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x0, c = torch.randn(64, 32, device="cuda", generator=g), torch.randn(64, 32, device="cuda", generator=g)
+        kwargs = dict(times=times, cond=(c,), method=method, return_trajectory=trajectory)
+        eager = sample(model, x0, cuda_graph=False, **kwargs)
+        graphed = sample(model, x0, cuda_graph=True, **kwargs)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert len(cached(model)) == 1
+
+
+class ClassField(torch.nn.Module):
+    """A class-conditional field on [B, 1, 2, 2] samples: model(t, x, y) with y [B] class labels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.embed = MLPField(dim=4, hidden=16), torch.nn.Embedding(3, 4)
+
+    def forward(self, t, x, y):
+        return (self.net(t, x.flatten(1)) + self.embed(y)).view_as(x)
+
+
+@pytest.mark.parametrize("method", MULTISTEP)
+def test_flow_model_generate_with_a_multistep_method(method):
+    """FlowModel.generate passes the named grid and the batch's conditions to the multistep solver: equal to the
+    textbook loop on the same grid and labels."""
+    from orw_fast.models.flow_model import PixelFlowModel
+    from orw_fast.sampling import time_grid
+
+    model = ClassField().double()
+    flow = PixelFlowModel(model, (1, 2, 2), num_classes=3)
+    x0 = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    labels = [0, 2, 1]
+    x1 = flow.generate(model, x0, labels, steps=6, method=method, grid="both_dense", cuda_graph=False)
+    with torch.no_grad():
+        expected = plain_multistep(model, x0, time_grid("both_dense", 6).tolist(), method, (torch.tensor(labels),))
+    torch.testing.assert_close(x1, expected, rtol=1e-12, atol=1e-12)
