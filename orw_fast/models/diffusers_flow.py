@@ -46,7 +46,7 @@ class PipelineConfigs:
     transformer's class (and base classes, for an object), the transformer's and the VAE's configs."""
 
     pipeline_class: str
-    transformer_classes: tuple[str, ...]
+    transformer_classes: tuple[str, ...]  # empty: the pipeline has no transformer
     transformer: dict
     vae: dict
 
@@ -59,13 +59,14 @@ class PipelineConfigs:
 
         if isinstance(source, DiffusionPipeline):
             transformer, vae = getattr(source, "transformer", None), getattr(source, "vae", None)
-            return cls(type(source).__name__, tuple(c.__name__ for c in type(transformer).__mro__),
+            classes = () if transformer is None else tuple(c.__name__ for c in type(transformer).__mro__)
+            return cls(type(source).__name__, classes,
                        dict(getattr(transformer, "config", {})), dict(getattr(vae, "config", {})))
         if not isinstance(source, (str, Path)):
             raise TypeError(f"pipeline must be a diffusers pipeline, a folder or a hub id, got {type(source).__name__}")
         index = _read_config(source, None, "model_index.json")
         transformer = index.get("transformer") or [None, None]
-        return cls(index.get("_class_name", "?"), (str(transformer[1]),),
+        return cls(index.get("_class_name", "?"), (str(transformer[1]),) if transformer[1] else (),
                    _read_config(source, "transformer", "config.json") if transformer[1] else {},
                    _read_config(source, "vae", "config.json") if index.get("vae") else {})
 
@@ -109,9 +110,10 @@ def _family(configs: PipelineConfigs, source) -> type[DiffusersFlowModel]:
         if family.transformer_class in configs.transformer_classes:
             return family
     subject = repr(str(source)) if isinstance(source, (str, Path)) else "the pipeline object"
-    raise ModelArgumentError("pipeline", f"{subject} ({configs.pipeline_class}, transformer "
-                             f"{configs.transformer_classes[0]}) is not a supported pipeline: orw_fast fine-tunes "
-                             f"{' and '.join(f.title for f in families)}")
+    classes = configs.transformer_classes
+    has = f"transformer {classes[0]}" if classes else "no transformer"
+    raise ModelArgumentError("pipeline", f"{subject} ({configs.pipeline_class}, {has}) is not a supported pipeline: "
+                             f"orw_fast fine-tunes {' and '.join(f.title for f in families)}")
 
 
 def load_pipeline(source, *, dtype: torch.dtype = torch.float32):
