@@ -9,11 +9,13 @@ import os
 import torch
 
 from orw_fast.couplings import COUPLINGS
+from orw_fast.objectives import OBJECTIVES
 from orw_fast.ops import WEIGHTINGS
 from orw_fast.ops.reward_weights import check_real
 from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, check_method
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adam", "adamw")
 
 
 class ConfigError(ValueError):
@@ -162,6 +164,9 @@ class TrainerConfig:
     diversity_every: int = 10  # steps between batch-diversity metrics (O(B^2), all-gathered); the first step has one
     checkpoint_every: int = 1  # epochs between checkpoints (0: only at the end)
     model_config: dict | None = None  # how to rebuild the model (orw_fast.models), kept in checkpoints
+    objective: str = "orw_cfm_w2"  # the loss of a step (orw_fast.objectives.OBJECTIVES)
+    optimizer: str = "adam"  # "adam" (weight_decay: an L2 term in the gradient) | "adamw" (decoupled weight decay)
+    weight_decay: float = 0.0
 
     @classmethod
     def coerce(cls, config) -> "TrainerConfig":
@@ -203,6 +208,7 @@ _CONFIG_CHECKS = {
     "precision": _choice(tuple(PRECISIONS)), "compile": _boolean, "channels_last": _boolean,
     "ema_decay": _real(0, below=1), "seed": _integer(0, 2**63 - 2**16), "fsdp": _boolean,
     "clip_model_path": _text(True, path=True), "grid_size": _integer(0), "checkpoint_every": _integer(0),
-    "model_config": _mapping,
+    "model_config": _mapping, "objective": _choice(OBJECTIVES), "optimizer": _choice(OPTIMIZERS),
+    "weight_decay": _real(0),
 }
 assert set(_CONFIG_CHECKS) == {f.name for f in dataclasses.fields(TrainerConfig)}
