@@ -1,4 +1,4 @@
-"""Shared pieces of the experiments: result files and plotting (the epoch loop is orw_fast.tasks.sweeps)."""
+"""Shared pieces of the experiments: result files and plotting (the runs and sweeps are orw_fast.tasks.sweeps)."""
 from __future__ import annotations
 
 import json

@@ -99,9 +99,9 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
         record = {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
         return {**record, **derive(record)} if derive is not None else record
 
-    def make_trainer(alpha: float, seed: int) -> ORWCFMTrainer:
+    def make_trainer(alpha: float, seed: int, callbacks: list) -> ORWCFMTrainer:
         config = sweep_config(s, alpha, seed, sampler_method=s.sampler_method, sampler_grid=s.sampler_grid)
-        return ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn)
+        return ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn, callbacks=callbacks)
 
     def save_samples(alpha: float) -> None:
         if out_dir is not None:

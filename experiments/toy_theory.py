@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from experiments.common import pyplot, write_results
-from orw_fast.tasks.sweeps import fine_tune_by_epoch
+from orw_fast.tasks.sweeps import evaluated_run
 from orw_fast.sampling import sample
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
@@ -144,8 +144,9 @@ def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
                                sampler_steps=s.sampler_steps, sampler_method="euler", sampler_grid="uniform",
                                grid_size=0, seed=s.seed,
                                rollout_reuse=reuse)
-        trainer = ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s))
-        return fine_tune_by_epoch(trainer, s.epochs, s.steps_per_epoch, evaluate, progress)
+        return evaluated_run(lambda callbacks: ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s),
+                                                             callbacks=callbacks),
+                             s.epochs, s.steps_per_epoch, evaluate, progress)
 
     runs = {f"{alpha:g}": fine_tune(alpha) for alpha in s.alphas}
     reuse_runs = {str(r): fine_tune(0.0, r) for r in s.reuse_factors}

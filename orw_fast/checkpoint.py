@@ -1,7 +1,9 @@
-"""Checkpoint files: atomic writes, integrity-checked reads of torchcfm's and orw_fast's formats, and the checks
-that make every load all-or-nothing (validate everything against the live objects, then apply)."""
+"""Checkpoint files: atomic writes, integrity-checked reads of torchcfm's and orw_fast's formats, and the schema of
+a training checkpoint (what it holds, and the checks that make every load all-or-nothing: validate everything against
+the live objects, then apply)."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orw_fast import distributed as dist_utils
+from orw_fast.rollouts import RolloutPool
 
 ORW_FORMAT = "orw_fast.checkpoint"
 ORW_VERSION = 2  # 2: "rng" holds one entry per rank (1: one process's dict)
@@ -274,3 +278,74 @@ def check_rng_state(state, device: torch.device, where: str) -> None:
         except Exception as err:  # noqa: BLE001 - each kind raises its own error types
             raise ValueError(f"{where}: the {name!r} random state cannot be restored ({type(err).__name__}: {err}); "
                              "nothing was loaded") from None
+
+
+# -- the training checkpoint ------------------------------------------------------------------------------
+
+
+def training_state(trainer) -> dict:
+    """A training checkpoint of ``trainer`` (an ORWCFMTrainer): everything needed to continue exactly. "format",
+    "version", the weights' states ("policy", "last_policy", "reference", "ema": full, unwrapped state dicts),
+    "optimizer", "scheduler", "scaler", "step", "config" (a dict), "rng" (one entry per rank: the device and host
+    generators', torch's, CUDA's, numpy's and Python's states) and "rollout_pools" (one per rank, or None).
+    Collective: every rank calls it; every rank gets the whole state."""
+    return {
+        "format": ORW_FORMAT,
+        "version": ORW_VERSION,
+        **trainer.weights.states(),
+        "optimizer": dist_utils.optimizer_state_dict(trainer.model, trainer.optimizer),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "step": trainer.step,
+        "config": dataclasses.asdict(trainer.config),
+        "rng": dist_utils.all_gather_object({
+            "generator": trainer.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "host": trainer.host_generator.get_state(),
+        }),
+        "rollout_pools": dist_utils.all_gather_object(None if trainer._pool is None else trainer._pool.state()),
+    }
+
+
+def check_training_checkpoint(trainer, ckpt: dict, where: str) -> list:
+    """Raises ValueError naming ``where`` and the entry unless every entry of the training checkpoint ``ckpt`` fits
+    ``trainer`` (its weights, optimizer, scheduler, scaler, fsdp and optimizer settings, and, when as many processes
+    wrote it, this rank's random state and rollout pool); returns the per-rank random states."""
+    if ckpt.get("format") != ORW_FORMAT:
+        raise ValueError(f"{where} is not an orw_fast training checkpoint (use load_pretrained for weights)")
+
+    def entry(key):
+        if key not in ckpt:
+            raise ValueError(f"{where} has no entry {key!r}; nothing was loaded")
+        return ckpt[key]
+
+    config = entry("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}, entry 'config' is a {type(config).__name__}, not a dict; nothing was loaded")
+    if config.get("fsdp", False) != trainer.config.fsdp:
+        raise ValueError(f"{where} was written with fsdp={not trainer.config.fsdp}; resume it with the same setting "
+                         "(load_pretrained reads its weights either way)")
+    if config.get("optimizer", "adam") != trainer.config.optimizer:  # (earlier checkpoints: Adam)
+        raise ValueError(f"{where} was written with optimizer={config.get('optimizer', 'adam')!r}; resume it with the "
+                         "same setting; nothing was loaded")
+    trainer.weights.check_states(ckpt, where)
+    check_optimizer_state(trainer.model, trainer.optimizer, entry("optimizer"), f"{where}, entry 'optimizer'")
+    check_scheduler_state(trainer.optimizer, entry("scheduler"), f"{where}, entry 'scheduler'")
+    check_scaler_state(trainer.scaler, entry("scaler"), f"{where}, entry 'scaler'")
+    step = entry("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{where}, entry 'step' must be an integer >= 0, got {step!r}; nothing was loaded")
+    ranks = entry("rng") if isinstance(entry("rng"), list) else [ckpt["rng"]]  # version 1: one process
+    if len(ranks) == trainer.world_size:
+        check_rng_state(ranks[trainer.rank], trainer.device, f"{where}, entry 'rng' of rank {trainer.rank}")
+        pools = ckpt.get("rollout_pools")
+        if pools is not None:
+            if not isinstance(pools, list) or len(pools) != trainer.world_size:
+                raise ValueError(f"{where}, entry 'rollout_pools' must hold one pool (or None) per rank; nothing "
+                                 "was loaded")
+            RolloutPool.check_state(pools[trainer.rank], trainer.image_shape,
+                                    f"{where}, entry 'rollout_pools' of rank {trainer.rank}")
+    return ranks

@@ -9,11 +9,13 @@ import os
 import torch
 
 from orw_fast.couplings import COUPLINGS
+from orw_fast.objectives import OBJECTIVES
 from orw_fast.ops import WEIGHTINGS
 from orw_fast.ops.reward_weights import check_real
 from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, check_method
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adam", "adamw")
 
 
 class ConfigError(ValueError):
@@ -184,6 +186,10 @@ class TrainerConfig:
     checkpoint_every: int = option(1, _integer(0), "epochs between checkpoints (0: only at the end)")
     model_config: dict | None = option(None, _mapping, "how to rebuild the model (orw_fast.models), kept in "
                                        "checkpoints", cli=False)
+    objective: str = option("orw_cfm_w2", _choice(OBJECTIVES), "the loss of a step (orw_fast.objectives.OBJECTIVES)")
+    optimizer: str = option("adam", _choice(OPTIMIZERS), "adam (weight_decay: an L2 term in the gradient) or adamw "
+                            "(decoupled weight decay)")
+    weight_decay: float = option(0.0, _real(0), "weight decay of the optimizer")
 
     @classmethod
     def coerce(cls, config) -> "TrainerConfig":

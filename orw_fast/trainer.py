@@ -1,12 +1,15 @@
 """ORWCFMTrainer: online reward-weighted flow-matching fine-tuning with W2 regularization.
 
-One step (see the design notes): take B rollouts of the *last policy* (no grad, the sampler of orw_fast.sampling)
-with their rewards from the rollout pool (orw_fast.rollouts: made ``rollout_batches`` steps at a time, each
-sample used ``rollout_reuse`` times; by default one fresh rollout per sample and step), turn rewards into weights, pair every x1 with noise (coupling; the
-weight moves with its x1), draw t and x_t, predict with the policy (grad) and the frozen reference
-(no grad), fused loss, backward, grad clip, Adam with LR warm-up, optional EMA. Every
-``refresh_interval`` epochs the last policy becomes a copy of the policy (copied in place, so the
-sampler's CUDA graph stays valid).
+One step (see the design notes), the same for every model and objective: take B rollouts of the *last policy* (no
+grad, the sampler of orw_fast.sampling) with their rewards from the rollout pool (orw_fast.rollouts: made
+``rollout_batches`` steps at a time, each sample used ``rollout_reuse`` times; by default one fresh rollout per sample
+and step); the objective (orw_fast.objectives, ``config.objective``; ORW-CFM-W2 by default) turns the whole batch's
+rewards into per-sample inputs (weights); pair every x1 with noise (coupling; the input moves with its x1), draw t and
+x_t, predict with the policy (grad) and the frozen models the objective names (no grad), its fused loss, backward,
+grad clip, Adam or AdamW (``config.optimizer``) with LR warm-up, optional EMA. Every ``refresh_interval`` epochs the
+last policy becomes a copy of the policy (copied in place, so the sampler's CUDA graph stays valid). Logs, sample
+grids, checkpoints and evaluations are callbacks (orw_fast.callbacks); the checkpoint's schema is in
+orw_fast.checkpoint.
 
 The constructor follows the official ORW-CFM-W2 code: ``ORWCFMTrainer(model, config, device,
 reward_fn=None)`` with a dict of its keys; :class:`TrainerConfig` holds them plus orw_fast's options. ``model`` is
@@ -26,14 +29,11 @@ normalised over all ``batch_size`` samples); DistributedDataParallel averages th
 local mean losses. With the same x0, x1 and t this is the update of one process on the concatenated
 batch, for the "independent" and "rollout" couplings; "ot" solves OT within each rank's share, not over
 the whole batch. Logged metrics are those of the whole batch. Rank 0 alone writes files and wandb;
-save_checkpoint, save_samples and resume are collective (every rank calls them). ``config.fsdp`` shards
+train, save_checkpoint and resume are collective (every rank calls them). ``config.fsdp`` shards
 the policy and its frozen copies with FSDP2 instead of replicating them.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import math
 import random
 import time
@@ -43,38 +43,39 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from orw_fast import distributed as dist_utils
+from orw_fast.callbacks import Callback, ProgressBar, default_callbacks
 from orw_fast.checkpoint import (
-    ORW_FORMAT,
-    ORW_VERSION,
-    check_optimizer_state,
-    check_rng_state,
-    check_scaler_state,
-    check_scheduler_state,
+    check_training_checkpoint,
     load_file,
     read_model_weights,
     save_atomic,
+    training_state,
 )
 from orw_fast.config import PRECISIONS, ConfigError, TrainerConfig
 from orw_fast.couplings import couple, sample_path
-from orw_fast.images import save_image_grid
-from orw_fast.metrics import effective_sample_size, mean_pairwise_distance
+from orw_fast.metrics import mean_pairwise_distance
 from orw_fast.models.flow_model import FlowModel, PixelFlowModel
 from orw_fast.models.policy_weights import FullCopies
-from orw_fast.ops import orw_cfm_w2_loss, reward_weights
+from orw_fast.objectives import group_ids, make_objective
 from orw_fast.rewards import as_reward_fn, check_rewards
 from orw_fast.rollouts import RolloutPool
+
+_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}  # config.optimizer
+
 
 class ORWCFMTrainer:
     """Online ORW-CFM-W2 fine-tuning of ``model`` (a flow field ``model(t, x)``, t: [B], or a
     :class:`~orw_fast.models.flow_model.FlowModel`) toward ``reward_fn`` (images [B, C, H, W] in [-1, 1], and the
     batch's prompts when it takes two arguments -> rewards [B]; defaults to a CLIP reward when ``config.text_prompts``
     is set). Under torchrun it joins the process group (NCCL for CUDA, gloo otherwise) and an index-less "cuda"
-    device becomes cuda:LOCAL_RANK."""
+    device becomes cuda:LOCAL_RANK. ``callbacks``: what :meth:`train` runs around the steps; None: the run's files in
+    ``config.savedir`` (:func:`~orw_fast.callbacks.default_callbacks`); a list replaces them (``[]``: a run that
+    writes nothing; ``[*default_callbacks(config), mine]`` adds one)."""
 
-    def __init__(self, model, config=None, device=None, reward_fn: Callable | None = None):
+    def __init__(self, model, config=None, device=None, reward_fn: Callable | None = None, *,
+                 callbacks: list[Callback] | None = None):
         self.config = cfg = TrainerConfig.coerce(config)
         flow = model if isinstance(model, FlowModel) else PixelFlowModel(model, cfg.image_shape,
                                                                           channels_last=cfg.channels_last)
@@ -111,7 +112,9 @@ class ORWCFMTrainer:
         self.weights = flow.weights
         self.weights.distribute(self.world_size, cfg.fsdp, self.device)
         self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
-        self.optimizer = torch.optim.Adam(self.weights.trainable_parameters(), lr=cfg.learning_rate)
+        self.objective = make_objective(cfg.objective, cfg)
+        self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](self.weights.trainable_parameters(), lr=cfg.learning_rate,
+                                                           weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -124,8 +127,10 @@ class ORWCFMTrainer:
         self._pool: RolloutPool | None = None
         torch.manual_seed(cfg.seed + self.rank)  # dropout and anything else drawing from the global RNG
         self.step = 0
-        self.savedir = Path(cfg.savedir)
-        self._wandb = None
+        if callbacks is not None and not (isinstance(callbacks, (list, tuple))
+                                          and all(isinstance(c, Callback) for c in callbacks)):
+            raise TypeError(f"callbacks must be None or a list of orw_fast.callbacks.Callback, got {callbacks!r}")
+        self.callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
 
     # The modules of a fully trained model (FullCopies): the policy, and its frozen reference, last policy and EMA.
     model = property(lambda self: self.weights.module)
@@ -173,7 +178,9 @@ class ORWCFMTrainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def _generate(self, module, x0, prompts):
+    def generate(self, module, x0, prompts):
+        """Samples of ``module`` from noise x0 [N, *sample_shape] (and N prompts, or None) with the trainer's rollout
+        solver (no grad)."""
         cfg = self.config
         return self.flow.generate(module, x0, prompts, steps=cfg.sampler_steps, method=cfg.sampler_method,
                                   grid=cfg.sampler_grid or self.flow.rollout_grid,
@@ -185,7 +192,7 @@ class ORWCFMTrainer:
         prompts = None if self.flow.prompts is None else self.flow.prompts.sample(batch_size, self.host_generator)
         x0 = torch.randn((batch_size, *self.image_shape), device=self.device, generator=self.generator)
         with self.weights.last_policy() as module:
-            x1 = self._generate(module, x0, prompts)
+            x1 = self.generate(module, x0, prompts)
         return x0, x1, prompts
 
     def _next_rollouts(self):
@@ -202,27 +209,36 @@ class ORWCFMTrainer:
                                           generator=self.host_generator)
         return self._pool.take(batch)
 
+    def _prompt_groups(self, prompts):
+        """The whole batch's prompt-group ids [batch_size] on the device when the objective asks for them, else
+        None (collective then: every rank's prompts are gathered)."""
+        if not self.objective.grouped:
+            return None
+        everyone = dist_utils.all_gather_object(prompts)
+        return group_ids(None if prompts is None else [p for part in everyone for p in part],
+                         self.config.batch_size).to(self.device)
+
     def train_step(self) -> dict:
-        """One ORW-CFM-W2 update of the whole batch; returns its metrics (the same on every rank)."""
+        """One update of the whole batch by the objective; returns its metrics (the same on every rank)."""
         cfg, start = self.config, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         x0, x1, prompts, rewards = self._next_rollouts()
         cond = self.flow.conditions(prompts)
         all_rewards = dist_utils.all_gather_cat(rewards)
-        all_weights = reward_weights(all_rewards, cfg.temperature, cfg.weighting, validate=False)
+        all_inputs = self.objective.sample_inputs(all_rewards, self._prompt_groups(prompts))
         share = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
-        weights = all_weights[share]  # normalised over the whole batch
         rollout_x0 = x0 if cfg.coupling == "rollout" else None
-        x0, x1c, weights = couple(x1, weights, coupling=cfg.coupling, x0=rollout_x0, generator=self.generator)
+        x0, x1c, inputs = couple(x1, all_inputs[share], coupling=cfg.coupling, x0=rollout_x0, generator=self.generator)
         t, xt, ut = sample_path(x0, x1c, sigma=cfg.sigma, generator=self.generator)
         self.model.train()
+        frozen = {}
         with self._autocast():
             v = self.flow.velocity(self.forward, t, xt, *cond)
-            with torch.no_grad(), self.weights.reference() as reference:
-                v_ref = self.flow.velocity(reference, t, xt, *cond)
-        loss, parts = orw_cfm_w2_loss(v, ut, v_ref, weights=weights, alpha=cfg.w2_coefficient,
-                                      return_components=True, validate=False)
+            for name in self.objective.frozen:
+                with torch.no_grad(), getattr(self.weights, name)() as module:
+                    frozen[name] = self.flow.velocity(module, t, xt, *cond)
+        loss, parts = self.objective.loss(v, ut, frozen, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP / FSDP average the ranks' gradients: the whole batch's mean
         self.scaler.unscale_(self.optimizer)
@@ -231,11 +247,12 @@ class ORWCFMTrainer:
             grad_norm = grad_norm.full_tensor()
         # Every metric in one tensor and one host transfer, before the update: the whole batch's values, the
         # same on every rank, so every rank takes the same decision below.
-        means = dist_utils.all_mean(torch.stack([x.detach().double() for x in (loss, parts.fm.mean(), parts.w2.mean())]))
-        names = ["loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max", "ess"]
-        values = [*means, grad_norm.detach().double(), all_rewards.mean().double(),
-                  all_rewards.std().double() if all_rewards.numel() > 1 else all_rewards.new_zeros((), dtype=torch.float64),
-                  all_rewards.max().double(), effective_sample_size(all_weights).to(self.device)]
+        means = dist_utils.all_mean(torch.stack([x.detach().double() for x in (loss, *parts.values())]))
+        input_metrics = self.objective.input_metrics(all_inputs)
+        names = ["loss", *parts, "grad_norm", "reward_mean", "reward_std", "reward_max", *input_metrics]
+        spread = all_rewards.std() if all_rewards.numel() > 1 else all_rewards.new_zeros(())
+        values = [*means, grad_norm.detach().double(), all_rewards.mean().double(), spread.double(),
+                  all_rewards.max().double(), *(m.to(self.device) for m in input_metrics.values())]
         if self.step % cfg.diversity_every == 0:
             names.append("diversity")
             values.append(mean_pairwise_distance(dist_utils.all_gather_cat(x1)).to(self.device))
@@ -243,14 +260,15 @@ class ORWCFMTrainer:
         if not math.isfinite(metrics["loss"]) or not (math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()):
             # (fp16: a non-finite gradient is the GradScaler's business, it skips the step and lowers the scale)
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(self._non_finite_report(metrics, all_rewards, all_weights, v, v_ref))
+            raise FloatingPointError(self._non_finite_report(metrics, all_rewards, all_inputs, v, frozen))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.weights.update_ema(cfg.ema_decay)
         self.step += 1
+        seconds = time.perf_counter() - start
         return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
-                "samples_per_s": cfg.batch_size / (time.perf_counter() - start), "peak_memory_mb": self._peak_memory_mb()}
+                "samples_per_s": cfg.batch_size / seconds, "peak_memory_mb": self._peak_memory_mb()}
 
     def _peak_memory_mb(self) -> float:
         """This rank's peak memory: on CUDA the most allocated during this step, on the CPU the process's peak
@@ -261,7 +279,7 @@ class ORWCFMTrainer:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
 
-    def _non_finite_report(self, metrics, rewards, weights, v, v_ref) -> str:
+    def _non_finite_report(self, metrics, rewards, inputs, v, frozen) -> str:
         """Why a step's loss or gradient norm is not finite, for the error that stops training (slow path; this
         rank's tensors only, no collectives)."""
         cfg = self.config
@@ -269,18 +287,13 @@ class ORWCFMTrainer:
         def finite(tensors) -> bool:
             return all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
 
-        causes = []
-        if not finite([weights]):
-            causes.append(f"the {cfg.weighting} weights overflow: rewards span [{rewards.min().item():.4g}, "
-                          f"{rewards.max().item():.4g}] with temperature {cfg.temperature:g}, and exp(temperature * "
-                          "reward) is inf above 88.7; use weighting='softmax' (finite for any rewards), a smaller "
-                          "temperature, or rescale the reward")
+        causes = self.objective.non_finite_causes(rewards, inputs)
         if not finite(self.weights.trainable_parameters()):
             causes.append("the policy's weights were non-finite before this step (were they loaded that way?)")
         elif not finite([v]):
             causes.append(f"the policy's prediction overflowed (precision='{cfg.precision}')")
-        if not finite([v_ref]):
-            causes.append("the reference's prediction is non-finite (check its weights and the precision)")
+        causes += [f"the {name.replace('_', ' ')}'s prediction is non-finite (check its weights and the precision)"
+                   for name, velocity in frozen.items() if not finite([velocity])]
         causes.append(f"a learning rate too high for this model (now {self.scheduler.get_last_lr()[0]:.3g}; lower "
                       "learning_rate or raise warmup_steps)")
         if cfg.precision != "fp32":
@@ -292,105 +305,41 @@ class ORWCFMTrainer:
     # -- loop ----------------------------------------------------------------------------------
 
     def train(self, num_epochs: int, steps_per_epoch: int, *, progress: bool = True) -> list[dict]:
-        """Trains until ``num_epochs * steps_per_epoch`` steps in total (a resumed trainer continues
-        where it stopped). Logs each step to ``savedir/metrics.jsonl`` (and wandb), writes a sample grid
-        and a checkpoint per epoch (``config.checkpoint_every``) and ``savedir/last.pt`` at the end.
-        Multi-process: every rank calls it and gets the same history; rank 0 alone logs, shows the
-        progress bar and writes."""
+        """Trains until ``num_epochs * steps_per_epoch`` steps in total (a resumed trainer continues where it
+        stopped), refreshing the last policy after every ``config.refresh_interval``-th epoch; returns the steps'
+        metrics (each with its "epoch", counted from 0). Around the steps the trainer's callbacks run (by default
+        the run's files, see :func:`orw_fast.callbacks.default_callbacks`), after a progress bar when ``progress``.
+        Multi-process: every rank calls it and gets the same history; rank 0 alone shows the bar and writes."""
         for name, value in (("num_epochs", num_epochs), ("steps_per_epoch", steps_per_epoch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         total = num_epochs * steps_per_epoch
-        main = self.rank == 0
-        log = None
-        with dist_utils.on_all_ranks("opening the run's folder and log"):
-            if main:
-                self.savedir.mkdir(parents=True, exist_ok=True)
-                self._start_wandb()
-                log = open(self.savedir / "metrics.jsonl", "a")
+        callbacks = [ProgressBar()] * progress + self.callbacks
+        for callback in callbacks:
+            callback.on_train_start(self, total, steps_per_epoch)
         history = []
-        bar = tqdm(total=total, initial=min(self.step, total), disable=not (progress and main), unit="step",
-                   desc="ORW-CFM-W2")
-        with log or contextlib.nullcontext():
-            while self.step < total:
-                metrics = self.train_step()
-                metrics["epoch"] = (self.step - 1) // steps_per_epoch
-                history.append(metrics)
-                if log is not None:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                if self._wandb is not None:
-                    self._wandb.log(metrics, step=self.step)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3g}", loss=f"{metrics['loss']:.3g}",
-                                ess=f"{metrics['ess']:.1f}")
-                if self.step % steps_per_epoch == 0:
-                    self._end_of_epoch(self.step // steps_per_epoch, total)
-        bar.close()
-        self.save_checkpoint(self.savedir / "last.pt")
+        while self.step < total:
+            metrics = self.train_step()
+            metrics["epoch"] = (self.step - 1) // steps_per_epoch
+            history.append(metrics)
+            for callback in callbacks:
+                callback.on_step_end(self, metrics)
+            if self.step % steps_per_epoch == 0:
+                epoch = self.step // steps_per_epoch
+                if epoch % self.config.refresh_interval == 0:
+                    self.refresh_last_policy()
+                for callback in callbacks:
+                    callback.on_epoch_end(self, epoch)
+        for callback in callbacks:
+            callback.on_train_end(self)
         return history
-
-    def _end_of_epoch(self, epoch: int, total: int) -> None:
-        cfg = self.config
-        if epoch % cfg.refresh_interval == 0:
-            self.refresh_last_policy()
-        if cfg.grid_size:
-            self.save_samples(self.savedir / f"samples_epoch{epoch:03d}.png")
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and self.step < total:
-            self.save_checkpoint(self.savedir / f"checkpoint_epoch{epoch:03d}.pt")
-
-    def save_samples(self, path) -> Path:
-        """A grid of ``config.grid_size`` policy samples from a fixed noise and fixed prompts (the same every epoch),
-        each prompt under its image. Collective: every rank samples (sharded models need all of them), rank 0
-        writes."""
-        n = self.config.grid_size
-        x0 = torch.randn((n, *self.image_shape), device=self.device,
-                         generator=torch.Generator(device=self.device).manual_seed(12345))
-        prompts = None if self.flow.prompts is None else self.flow.prompts.first(n)
-        training = self.model.training
-        self.model.eval()
-        images = self.flow.to_images(self._generate(self.model, x0, prompts))
-        self.model.train(training)
-        with dist_utils.on_all_ranks("writing a sample grid"):
-            if self.rank == 0:
-                save_image_grid(images, path, captions=None if prompts is None else [str(p) for p in prompts])
-        return Path(path)
-
-    def _start_wandb(self) -> None:
-        if not self.config.use_wandb or self._wandb is not None:
-            return
-        try:
-            import wandb
-        except ImportError as err:
-            raise ValueError("config.use_wandb=True needs the wandb package (pip install wandb)") from err
-        self._wandb = wandb.init(project=self.config.wandb_project, name=self.config.run_name,
-                                 config=dataclasses.asdict(self.config))
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, path) -> Path:
-        """Everything needed to continue exactly: models (full, unwrapped state dicts, loadable with or
-        without torch.distributed), optimizer, scheduler, scaler, step, every rank's RNGs, config; written
-        atomically. Collective: every rank calls it, rank 0 writes."""
-        state = {
-            "format": ORW_FORMAT,
-            "version": ORW_VERSION,
-            **self.weights.states(),
-            "optimizer": dist_utils.optimizer_state_dict(self.model, self.optimizer),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "config": dataclasses.asdict(self.config),
-            "rng": dist_utils.all_gather_object({  # one entry per rank
-                "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "host": self.host_generator.get_state(),
-            }),
-            "rollout_pools": dist_utils.all_gather_object(None if self._pool is None else self._pool.state()),
-        }
+        """Writes :func:`orw_fast.checkpoint.training_state` to ``path`` atomically (and the model's export beside
+        it). Collective: every rank calls it, rank 0 writes."""
+        state = training_state(self)
         with dist_utils.on_all_ranks("writing a checkpoint"):
             if self.rank == 0:
                 save_atomic(state, path)
@@ -404,7 +353,7 @@ class ORWCFMTrainer:
         starts from its policy. Collective: every rank calls it and reads ``path``."""
         with dist_utils.on_all_ranks("reading a checkpoint"):
             ckpt = load_file(path)
-            ranks = self._check_training_checkpoint(ckpt, f"checkpoint {str(path)!r}")
+            ranks = check_training_checkpoint(self, ckpt, f"checkpoint {str(path)!r}")
         self.weights.load_states(ckpt)
         dist_utils.load_optimizer_state_dict(self.model, self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -428,39 +377,3 @@ class ORWCFMTrainer:
         pools = ckpt.get("rollout_pools")
         self._pool = None if pools is None or pools[self.rank] is None else \
             RolloutPool.from_state(pools[self.rank], self.device)
-
-    def _check_training_checkpoint(self, ckpt: dict, where: str) -> list:
-        """Raises ValueError naming ``where`` and the entry unless every entry of ``ckpt`` fits this trainer;
-        returns the per-rank random states."""
-        if ckpt.get("format") != ORW_FORMAT:
-            raise ValueError(f"{where} is not an orw_fast training checkpoint (use load_pretrained for weights)")
-
-        def entry(key):
-            if key not in ckpt:
-                raise ValueError(f"{where} has no entry {key!r}; nothing was loaded")
-            return ckpt[key]
-
-        config = entry("config")
-        if not isinstance(config, dict):
-            raise ValueError(f"{where}, entry 'config' is a {type(config).__name__}, not a dict; nothing was loaded")
-        if config.get("fsdp", False) != self.config.fsdp:
-            raise ValueError(f"{where} was written with fsdp={not self.config.fsdp}; resume it with the same setting "
-                             "(load_pretrained reads its weights either way)")
-        self.weights.check_states(ckpt, where)
-        check_optimizer_state(self.model, self.optimizer, entry("optimizer"), f"{where}, entry 'optimizer'")
-        check_scheduler_state(self.optimizer, entry("scheduler"), f"{where}, entry 'scheduler'")
-        check_scaler_state(self.scaler, entry("scaler"), f"{where}, entry 'scaler'")
-        step = entry("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{where}, entry 'step' must be an integer >= 0, got {step!r}; nothing was loaded")
-        ranks = entry("rng") if isinstance(entry("rng"), list) else [ckpt["rng"]]  # version 1: one process
-        if len(ranks) == self.world_size:
-            check_rng_state(ranks[self.rank], self.device, f"{where}, entry 'rng' of rank {self.rank}")
-            pools = ckpt.get("rollout_pools")
-            if pools is not None:
-                if not isinstance(pools, list) or len(pools) != self.world_size:
-                    raise ValueError(f"{where}, entry 'rollout_pools' must hold one pool (or None) per rank; nothing "
-                                     "was loaded")
-                RolloutPool.check_state(pools[self.rank], self.image_shape,
-                                        f"{where}, entry 'rollout_pools' of rank {self.rank}")
-        return ranks

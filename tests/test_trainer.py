@@ -347,3 +347,37 @@ def test_rollouts_follow_the_default_sampler_and_a_named_grid(tmp_path, base_mod
         x0, x1, _ = trainer.rollout(8)
         want = sample(trainer.last_policy, x0, times=time_grid(expected, 5), method="midpoint", cuda_graph=False)
         torch.testing.assert_close(x1, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,weight_decay,kind", [("adam", 0.0, torch.optim.Adam),
+                                                    ("adamw", 0.01, torch.optim.AdamW)])
+def test_the_optimizer_is_the_configured_one(tmp_path, base_model, name, weight_decay, kind):
+    config = toy_config(tmp_path, optimizer=name, weight_decay=weight_decay, learning_rate=1e-3)
+    trainer = ORWCFMTrainer(fresh(base_model), config, "cpu", reward_fn=right_reward)
+    assert type(trainer.optimizer) is kind
+    group = trainer.optimizer.param_groups[0]
+    assert (group["weight_decay"], group["lr"]) == (weight_decay, 1e-3)
+    assert group["decoupled_weight_decay"] == (name == "adamw")
+    assert TrainerConfig().optimizer == "adam" and TrainerConfig().weight_decay == 0.0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optimizer", "sgd", "config.optimizer must be one of ('adam', 'adamw'), got 'sgd'"),
+    ("weight_decay", -0.1, "config.weight_decay must be a finite number >= 0, got -0.1"),
+    ("weight_decay", "0.1", "config.weight_decay must be a finite number >= 0, got '0.1'"),
+])
+def test_bad_optimizer_settings_are_refused(key, value, match):
+    with pytest.raises(ConfigError, match=re.escape(match)) as err:
+        TrainerConfig(**{key: value})
+    assert err.value.key == key
+
+
+def test_a_checkpoint_of_another_optimizer_is_not_resumed(tmp_path, base_model):
+    adam = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8), "cpu", reward_fn=right_reward)
+    adam.train_step()
+    path = adam.save_checkpoint(tmp_path / "adam.pt")
+    adamw = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8, optimizer="adamw"), "cpu",
+                          reward_fn=right_reward)
+    with pytest.raises(ValueError, match="was written with optimizer='adam'; resume it with the same setting"):
+        adamw.resume(path)
+    assert adamw.step == 0

@@ -1,51 +1,43 @@
-"""The epoch loop of the experiments and demos: ORW-CFM-W2 epochs with an evaluation before training and after
-every epoch, and the check that no recorded metric is NaN."""
+"""The experiments' and demos' runs: ORW-CFM-W2 training with an evaluation before training and after every epoch
+(orw_fast.callbacks.Evaluation) and no files written, alpha x seed sweeps of them, and the check that no recorded
+metric is NaN."""
 from __future__ import annotations
 
 import math
-import time
-from typing import Callable
+from collections.abc import Callable
 
-import numpy as np
-
+from orw_fast.callbacks import Callback, Evaluation, ProgressBar
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 
-def fine_tune_by_epoch(trainer: ORWCFMTrainer, epochs: int, steps_per_epoch: int,
-                       evaluate: Callable[[ORWCFMTrainer], dict], progress: bool = True) -> list[dict]:
-    """Runs ``epochs`` ORW-CFM-W2 epochs of ``steps_per_epoch`` steps (the last policy is refreshed after
-    each) and returns ``[evaluate(trainer)]`` for the model before training and after every epoch, each
-    with "epoch", the epoch's mean training reward ("train_reward") and its wall time."""
-    from tqdm.auto import tqdm
-
-    records = [{"epoch": 0, **evaluate(trainer)}]
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", leave=False)
-    for epoch in range(1, epochs + 1):
-        start, rewards = time.perf_counter(), []
-        for _ in range(steps_per_epoch):
-            rewards.append(trainer.train_step()["reward_mean"])
-            bar.update(1)
-        trainer.refresh_last_policy()
-        records.append({"epoch": epoch, "train_reward": float(np.mean(rewards)),
-                        "seconds": time.perf_counter() - start, **evaluate(trainer)})
-    bar.close()
-    return records
+def evaluated_run(make_trainer: Callable[[list[Callback]], ORWCFMTrainer], epochs: int, steps_per_epoch: int,
+                  evaluate: Callable[[ORWCFMTrainer], dict], progress: bool = True) -> list[dict]:
+    """Trains ``make_trainer(callbacks)`` (a new trainer with these callbacks: the evaluation and, with ``progress``,
+    a progress bar; it writes no files) for ``epochs`` epochs of ``steps_per_epoch`` steps and returns the records of
+    :class:`~orw_fast.callbacks.Evaluation`: ``evaluate(trainer)`` before training and after every epoch, with
+    "epoch", the epoch's mean training reward ("train_reward") and its wall time ("seconds")."""
+    evaluation = Evaluation(evaluate)
+    trainer = make_trainer([ProgressBar(leave=False)] * progress + [evaluation])
+    trainer.train(epochs, steps_per_epoch, progress=False)
+    return evaluation.records
 
 
-def sweep(alphas, seeds, make_trainer: Callable[[float, int], ORWCFMTrainer], epochs: int, steps_per_epoch: int,
-          evaluate: Callable[[ORWCFMTrainer], dict], after_first_seed: Callable[[float], None] | None = None,
+def sweep(alphas, seeds, make_trainer: Callable[[float, int, list[Callback]], ORWCFMTrainer], epochs: int,
+          steps_per_epoch: int, evaluate: Callable[[ORWCFMTrainer], dict],
+          after_first_seed: Callable[[float], None] | None = None,
           progress: bool = True) -> dict[str, dict[str, list[dict]]]:
-    """:func:`fine_tune_by_epoch` for every ``(alpha, seed)`` with a trainer from ``make_trainer(alpha, seed)``;
-    returns ``{f"{alpha:g}": {str(seed): records}}``. ``after_first_seed(alpha)`` runs after each alpha's
-    first seed (to save that run's samples, for example)."""
+    """:func:`evaluated_run` for every ``(alpha, seed)`` with a trainer from ``make_trainer(alpha, seed, callbacks)``;
+    returns ``{f"{alpha:g}": {str(seed): records}}``. ``after_first_seed(alpha)`` runs after each alpha's first seed
+    (to save that run's samples, for example)."""
     runs = {}
     for alpha in alphas:
         runs[f"{alpha:g}"] = {}
         for i, seed in enumerate(seeds):
-            trainer = make_trainer(alpha, seed)
             if progress:
                 print(f"alpha={alpha:g} seed={seed}")
-            runs[f"{alpha:g}"][str(seed)] = fine_tune_by_epoch(trainer, epochs, steps_per_epoch, evaluate, progress)
+            runs[f"{alpha:g}"][str(seed)] = evaluated_run(
+                lambda callbacks, alpha=alpha, seed=seed: make_trainer(alpha, seed, callbacks), epochs, steps_per_epoch,
+                evaluate, progress)
             if i == 0 and after_first_seed is not None:
                 after_first_seed(alpha)
     return runs

@@ -110,8 +110,9 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
                 "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
                 **quality(images)}
 
-    def make_trainer(alpha: float, seed: int) -> ORWCFMTrainer:
-        return ORWCFMTrainer(make_flow(), sweep_config(s, alpha, seed), device, reward_fn=reward_fn)
+    def make_trainer(alpha: float, seed: int, callbacks: list) -> ORWCFMTrainer:
+        return ORWCFMTrainer(make_flow(), sweep_config(s, alpha, seed), device, reward_fn=reward_fn,
+                             callbacks=callbacks)
 
     def save_samples(alpha: float) -> None:
         if out_dir is not None:

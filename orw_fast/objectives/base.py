@@ -1,0 +1,85 @@
+"""The Objective seam: the loss of one training step, and the registry of objectives by name.
+
+The trainer's step is the same for every objective: rollouts and rewards, ``sample_inputs`` on the whole batch, the
+coupling and the path, the policy's velocity (with grad) and the frozen velocities the objective names (without),
+then ``loss``. A new objective is one new module that defines an :class:`Objective` subclass decorated with
+:func:`register` (and is imported by ``orw_fast.objectives``); it picks its settings from the TrainerConfig.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+FROZEN_VELOCITIES = ("reference", "last_policy")  # the PolicyWeights context managers that give frozen modules
+
+
+class Objective:
+    """The loss of a step. ``frozen``: the velocities it needs besides the policy's, computed without grad at the
+    same (t, x_t): "reference" (the pre-trained model, the W2 anchor) and/or "last_policy" (the policy that made the
+    rollouts). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages per prompt)."""
+
+    name: ClassVar[str]
+    frozen: ClassVar[tuple[str, ...]] = ()
+    grouped: ClassVar[bool] = False
+
+    def __init__(self, config):
+        """``config``: the trainer's TrainerConfig (already checked)."""
+        self.config = config
+
+    def sample_inputs(self, rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample inputs [N] (weights, advantages...) of the whole batch from its rewards [N] (every rank's,
+        all-gathered, in rank order) and, when ``grouped``, its prompt-group ids [N] (int64 on the rewards' device,
+        equal ids for equal prompts; else None). The same on every rank; each rank then takes its share, which moves
+        with its samples under the coupling."""
+        raise NotImplementedError
+
+    def input_metrics(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics of the whole batch's inputs [N]: name -> 0-dim tensor on their device (no host sync)."""
+        return {}
+
+    def loss(self, v: torch.Tensor, u: torch.Tensor, frozen: dict[str, torch.Tensor],
+             inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, parts) of this rank's samples: v = v_theta(t, x_t) [B, ...] with grad, u the target [B, ...],
+        ``frozen`` name -> velocity [B, ...] (no grad), ``inputs`` this rank's share [B]. The loss is a 0-dim mean
+        over the rank's samples (the ranks' gradients are averaged); parts are 0-dim tensors logged as metrics
+        (averaged over the ranks)."""
+        raise NotImplementedError
+
+    def non_finite_causes(self, rewards: torch.Tensor, inputs: torch.Tensor) -> list[str]:
+        """Likely causes, due to the objective's inputs, of a non-finite loss (slow path, for the error message)."""
+        return []
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: makes ``cls`` available as ``config.objective = cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective)) or not isinstance(getattr(cls, "name", None), str):
+        raise TypeError(f"register takes an Objective subclass with a string name, got {cls!r}")
+    unknown = sorted(set(cls.frozen) - set(FROZEN_VELOCITIES))
+    if unknown:
+        raise ValueError(f"{cls.__name__}.frozen must name velocities among {FROZEN_VELOCITIES}, got {unknown}")
+    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
+        raise ValueError(f"an objective named {cls.name!r} is already registered ({OBJECTIVES[cls.name].__name__})")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def make_objective(name: str, config) -> Objective:
+    """The registered objective ``name`` built from ``config``; ValueError naming the choices for another name."""
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name](config)
+
+
+def group_ids(prompts: list | None, size: int) -> torch.Tensor:
+    """Prompt-group ids [size] (int64, CPU) numbered by first appearance: equal prompts share an id; without
+    prompts (an unconditional model) the whole batch is one group."""
+    if prompts is None:
+        return torch.zeros(size, dtype=torch.int64)
+    if len(prompts) != size:
+        raise ValueError(f"prompts must hold {size} prompts, got {len(prompts)}")
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(str(p), len(ids)) for p in prompts], dtype=torch.int64)
