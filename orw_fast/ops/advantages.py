@@ -12,9 +12,8 @@ A group whose rewards are all equal has advantage exactly 0 (not rounding noise 
 
 The function is pure in the full reward vector: under torchrun all-gather the rewards first
 (``orw_fast.distributed.all_gather_cat``), normalise the gathered vector on every rank and keep the rank's
-share; this equals normalising the whole batch in one process. Groups must not straddle ranks' shares in the
-sense of the sampler: the gathered vector is in rank order, so a prompt's group is whatever consecutive
-``group_size`` entries of that vector hold it.
+share; this equals normalising the whole batch in one process. The gathered vector is in rank order, so each
+group must be ``group_size`` consecutive entries of it (e.g. every rank holds whole groups).
 """
 from __future__ import annotations
 
