@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent
 
 
 def build_extension():
-    sources = ["csrc/orw_cfm_w2.cpp", "csrc/orw_cfm_w2_cpu.cpp"]
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     # at::parallel_for is header code around `#pragma omp parallel`: without -fopenmp it runs on one
     # thread. The library then uses the libgomp.so.1 that torch has already loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []

@@ -1,10 +1,13 @@
-"""Benchmark of the ORW-CFM-W2 loss, forward + backward, across backends.
+"""Benchmark of the fused losses, forward + backward, across backends.
 
-One timed step is ``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax",
-validate=False, backend=...)``, ``loss.backward()``, ``v.grad = None`` (v requires grad, u and
-v_ref do not). Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA
-kernels) and triton (CUDA only). GB/s counts the bytes the fused pass must move (read v, u, v_ref,
-write grad_v) and is compared with the copy bandwidth measured in the same run (benchmarks/hardware.py).
+Ops (--ops): orw_cfm_w2 (default), nft, awm. One timed step is the op's loss with validate=False and
+backend=..., ``loss.backward()``, ``v.grad = None`` (v requires grad, the other inputs do not):
+``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax")``,
+``nft_loss(v, u, v_old, v_ref, r, beta=1, alpha=1)`` and
+``awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1, alpha_old=1)`` (the published configs' EMA penalty).
+Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA kernels) and triton (CUDA
+only). GB/s counts the bytes the fused pass must move (read each input once, write grad_v) and is compared
+with the copy bandwidth measured in the same run (benchmarks/hardware.py).
 On CUDA every timed call starts with a cold L2 (--l2 flush, the default there).
 
 As a script: prints a table and writes benchmarks/results/<device>/loss_<date>_<commit>.{json,csv,md,png}
@@ -12,6 +15,7 @@ As a script: prints a table and writes benchmarks/results/<device>/loss_<date>_<
     python benchmarks/bench_loss.py                  # cuda if available, else cpu; fp32 and bf16
     python benchmarks/bench_loss.py --device cpu --dtypes fp32 --sizes 64x3x32x32 --repeats 100
     python benchmarks/bench_loss.py --quick          # smoke run: two small sizes, 10 repeats
+    python benchmarks/bench_loss.py --ops orw_cfm_w2,nft,awm --sizes 256x3x32x32 --dtypes fp32
 
 With pytest-benchmark (the plain ``pytest`` run only collects tests/):
 
@@ -36,9 +40,11 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import common, hardware
-from orw_fast import _native, orw_cfm_w2_loss
+from orw_fast import _native, awm_loss, nft_loss, orw_cfm_w2_loss
 
 BACKENDS = ("eager", "compile", "native", "triton")
+# op -> (native kernel it runs on, predictions it reads; grad_v is the one write)
+OPS = {"orw_cfm_w2": ("orw_cfm_w2", 3), "nft": ("quadratic_fm", 4), "awm": ("quadratic_fm", 4)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
     "cpu": ((64, 3, 32, 32), (8, 4, 64, 64), (256, 3, 32, 32)),
@@ -48,8 +54,10 @@ SIZES = {
 QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 # --triton-sweep: Triton launch configurations (elements per tile, tiles per program, warps) at the largest size
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
-BYTES_MODEL = "4 x numel x itemsize (reads of v, u, v_ref + write of grad_v)"
-SETTINGS = "v requires grad (u, v_ref do not), alpha=1, weighting='softmax', validate=False for every backend"
+BYTES_MODEL = ("(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
+               "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref)")
+SETTINGS = ("v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
+            "[0, 1]; awm signed advantages, alpha_old=1 with v_old; validate=False for every backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,10 +68,11 @@ def size_id(size) -> str:
     return "x".join(map(str, size))
 
 
-def skip_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None when it can)."""
-    if backend == "native" and not _native.has_kernel("orw_cfm_w2", device.type):
-        return f"no native orw_cfm_w2 kernel for {device.type}"
+def skip_reason(backend: str, device: torch.device, op: str = "orw_cfm_w2") -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` (None when it can)."""
+    kernel = OPS[op][0]
+    if backend == "native" and not _native.has_kernel(kernel, device.type):
+        return f"no native {kernel} kernel for {device.type}"
     if backend == "triton" and device.type != "cuda":
         return "triton needs a CUDA device"
     if backend == "triton" and importlib.util.find_spec("triton") is None:
@@ -71,28 +80,42 @@ def skip_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def make_inputs(size, dtype: torch.dtype, device: torch.device):
-    """v (requires grad), u, v_ref of ``size`` and float32 rewards [B]."""
+def make_inputs(size, dtype: torch.dtype, device: torch.device, op: str = "orw_cfm_w2"):
+    """The op's inputs: v (requires grad), u, [v_old,] v_ref of ``size`` and a float32 [B] vector (rewards; r in
+    [0, 1] for nft)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    v, u, v_ref = (torch.randn(size, dtype=dtype, device=device, generator=gen) for _ in range(3))
-    rewards = torch.randn(size[0], device=device, generator=gen)
-    return v.requires_grad_(), u, v_ref, rewards
+    tensors = [torch.randn(size, dtype=dtype, device=device, generator=gen) for _ in range(OPS[op][1])]
+    per_sample = torch.rand(size[0], device=device, generator=gen) if op == "nft" else \
+        torch.randn(size[0], device=device, generator=gen)
+    return tensors[0].requires_grad_(), *tensors[1:], per_sample
 
 
-def _loss(v, u, v_ref, rewards, backend: str = "eager"):
+def _orw_cfm_w2(v, u, v_ref, rewards, backend: str = "eager"):
     return orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1.0, weighting="softmax", backend=backend, validate=False)
 
 
-def make_step(backend: str, v, u, v_ref, rewards):
+def _nft(v, u, v_old, v_ref, r, backend: str = "eager"):
+    return nft_loss(v, u, v_old, v_ref, r, beta=1.0, alpha=1.0, backend=backend, validate=False)
+
+
+def _awm(v, u, v_old, v_ref, advantages, backend: str = "eager"):
+    return awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1.0, alpha_old=1.0, backend=backend, validate=False)
+
+
+LOSSES = {"orw_cfm_w2": _orw_cfm_w2, "nft": _nft, "awm": _awm}
+
+
+def make_step(backend: str, *inputs, op: str = "orw_cfm_w2"):
     """One forward + backward; "compile" compiles (afresh, for these shapes) at its first call."""
     if backend == "compile":
         torch.compiler.reset()
-        loss_fn = torch.compile(_loss, dynamic=False)
+        loss_fn = torch.compile(LOSSES[op], dynamic=False)
     else:
-        loss_fn = functools.partial(_loss, backend=backend)
+        loss_fn = functools.partial(LOSSES[op], backend=backend)
+    v = inputs[0]
 
     def step():
-        loss_fn(v, u, v_ref, rewards).backward()
+        loss_fn(*inputs).backward()
         v.grad = None
 
     return step
@@ -103,13 +126,13 @@ def make_step(backend: str, v, u, v_ref, rewards):
 
 
 def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int, warmup_s: float,
-             flush_l2: bool) -> dict:
+             flush_l2: bool, op: str = "orw_cfm_w2") -> dict:
     """One row of the table. A backend that fails (torch.compile, out of memory...) gets a
     "failed: ..." status instead of stopping the sweep."""
     numel, itemsize = math.prod(size), DTYPES[dtype].itemsize
-    row = {"size": list(size), "numel": numel, "dtype": dtype, "backend": backend}
+    row = {"op": op, "size": list(size), "numel": numel, "dtype": dtype, "backend": backend}
     try:
-        step = make_step(backend, *make_inputs(size, DTYPES[dtype], device))
+        step = make_step(backend, *make_inputs(size, DTYPES[dtype], device, op), op=op)
         start = time.perf_counter()
         step()  # compiles for "compile"
         common.synchronize(device)
@@ -119,7 +142,7 @@ def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int,
         peak = common.peak_extra_bytes(step, device)
     except Exception as err:  # reported in the table
         return {**row, "status": common.error_status(err)}
-    bytes_moved = 4 * numel * itemsize
+    bytes_moved = (OPS[op][1] + 1) * numel * itemsize
     return {
         **row,
         "status": "ok",
@@ -151,13 +174,13 @@ def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s:
 
 def add_ratios(rows: list[dict], copy_gbs: float) -> None:
     """Speedups over eager and torch.compile of the same size and dtype, and % of the copy bandwidth."""
-    base = {(tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows
+    base = {(r["op"], tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows
             if r["status"] == "ok" and "triton_config" not in r}
     for r in rows:
         if r["status"] != "ok":
             continue
         for ref in ("eager", "compile"):
-            ref_ms = base.get((tuple(r["size"]), r["dtype"], ref))
+            ref_ms = base.get((r["op"], tuple(r["size"]), r["dtype"], ref))
             r[f"speedup_vs_{ref}"] = None if ref_ms is None else ref_ms / r["median_ms"]
         r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbs
 
@@ -167,9 +190,10 @@ def add_ratios(rows: list[dict], copy_gbs: float) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s", "% copy BW", "peak extra MB",
+    header = ["op", "size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s", "% copy BW", "peak extra MB",
               "peak / grad buf", "vs eager", "vs compile"]
-    return common.results_table(header, rows, lambda r: [size_id(r["size"]), r["dtype"], r["backend"]], lambda r: [
+    keys = lambda r: [r["op"], size_id(r["size"]), r["dtype"], r["backend"]]  # noqa: E731
+    return common.results_table(header, rows, keys, lambda r: [
         f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
         f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x", common.fmt("{:.2f}x", r["speedup_vs_eager"]),
         common.fmt("{:.2f}x", r["speedup_vs_compile"])])
@@ -215,13 +239,14 @@ def format_report(meta: dict, rows: list[dict]) -> str:
 def plot(meta: dict, rows: list[dict]):
     """GB/s against size, one panel per dtype, with the measured copy bandwidth as a line."""
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = common.new_figure(len(dtypes), f"ORW-CFM-W2 loss fwd+bwd, {meta['device_name']}")
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = common.new_figure(len(dtypes), f"{', '.join(ops)} loss fwd+bwd, {meta['device_name']}")
     for ax, dtype in zip(axes, dtypes):
-        for backend in BACKENDS:
+        for op, backend in itertools.product(ops, BACKENDS):
             pts = [(r["numel"], r["gbps"]) for r in rows if r["dtype"] == dtype and r["backend"] == backend
-                   and r["status"] == "ok" and "triton_config" not in r]
+                   and r["op"] == op and r["status"] == "ok" and "triton_config" not in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=backend)
+                ax.plot(*zip(*pts), marker="o", label=backend if len(ops) == 1 else f"{op} {backend}")
         ax.axhline(meta["hardware"]["copy_gbs"], color="gray", linestyle="--", label="copy bandwidth")
         ax.set(xscale="log", xlabel="elements per tensor", ylabel="GB/s (fused-pass bytes)", title=dtype)
         ax.legend()
@@ -258,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated, default fp32,bf16")
     add("--sizes", type=parse_sizes, help="comma-separated, e.g. 64x3x32x32,8x4x64x64")
     add("--backends", type=common.parse_list(BACKENDS), default=list(BACKENDS), help="comma-separated subset, default all")
+    add("--ops", type=common.parse_list(tuple(OPS)), default=["orw_cfm_w2"],
+        help=f"comma-separated subset of {','.join(OPS)}, default orw_cfm_w2")
     add("--repeats", type=int, help="timed samples per case (default 50, 10 with --quick)")
     add("--triton-sweep", action="store_true", help="also time the triton backend under each of "
         f"{len(TRITON_SWEEP)} launch configurations (block, tiles, warps) at the largest size")
@@ -277,21 +304,25 @@ def main(argv=None) -> int:
     warmup_s = 0.05 if args.quick else 0.2
     l2 = "n/a" if device.type != "cuda" else (args.l2 or "flush")
     if args.dry_run:
-        return common.dry_run("loss", device, [(size_id(s), d, b) for s, d, b in
-                                               itertools.product(sizes, args.dtypes, args.backends)])
-    skipped = {b: why for b in args.backends if (why := skip_reason(b, device))}
-    backends = [b for b in args.backends if b not in skipped]
+        return common.dry_run("loss", device, [(op, size_id(s), d, b) for op, s, d, b in
+                                               itertools.product(args.ops, sizes, args.dtypes, args.backends)])
+    name = (lambda op, b: b) if len(args.ops) == 1 else (lambda op, b: f"{op}/{b}")  # noqa: E731
+    skipped = {name(op, b): why for op, b in itertools.product(args.ops, args.backends)
+               if (why := skip_reason(b, device, op))}
+    cases = [(op, s, d, b) for op, s, d, b in itertools.product(args.ops, sizes, args.dtypes, args.backends)
+             if name(op, b) not in skipped]
 
     hw = hardware.measure(device, args.quick)
-    meta = common.run_metadata(device, "orw_cfm_w2_loss forward + backward", hardware=hw, settings=SETTINGS,
-                               repeats=repeats, l2=l2, bytes_model=BYTES_MODEL, skipped_backends=skipped)
+    meta = common.run_metadata(device, f"{', '.join(args.ops)} loss forward + backward", hardware=hw,
+                               settings=SETTINGS, repeats=repeats, l2=l2, bytes_model=BYTES_MODEL,
+                               skipped_backends=skipped)
     common.warn_if_loaded(meta)
     rows = []
-    with tqdm(list(itertools.product(sizes, args.dtypes, backends)), unit="case") as bar:
-        for size, dtype, backend in bar:
-            bar.set_postfix_str(f"{size_id(size)} {dtype} {backend}")
-            rows.append(run_case(backend, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush"))
-    if args.triton_sweep and "triton" in backends:
+    with tqdm(cases, unit="case") as bar:
+        for op, size, dtype, backend in bar:
+            bar.set_postfix_str(f"{op} {size_id(size)} {dtype} {backend}")
+            rows.append(run_case(backend, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush", op=op))
+    if args.triton_sweep and any(b == "triton" for *_, b in cases):
         largest = max(sizes, key=math.prod)
         for dtype in tqdm(args.dtypes, desc="triton sweep", unit="dtype"):
             rows += triton_sweep(largest, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush")

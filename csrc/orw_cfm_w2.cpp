@@ -18,17 +18,6 @@ PyObject* PyInit__C(void) {
 
 namespace orw_fast {
 
-namespace {
-// Same memory layout: equal strides in every dimension of size > 1 (a size-1 dimension's stride
-// is arbitrary, e.g. the channel stride of a [B, 1, H, W] channels-last tensor).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-}  // namespace
-
 int64_t check_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_ref,
                      const at::Tensor& scores, double alpha, double tau, int64_t weighting) {
   TORCH_CHECK(v.dim() >= 1 && v.numel() > 0, "orw_cfm_w2: v must be a non-empty [B, ...] tensor");

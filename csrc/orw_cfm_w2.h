@@ -14,7 +14,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
-#include <type_traits>
+
+#include "fused_common.h"
 
 namespace orw_fast {
 
@@ -30,16 +31,5 @@ int64_t check_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor&
 // Allocates the seven outputs (uninitialised) on v's device.
 LossOutputs allocate_outputs(const at::Tensor& v, const at::Tensor& scores, bool grad_v,
                              bool grad_u, bool grad_v_ref);
-
-// Calls f(GV, GU, GR) with std::true_type / std::false_type for the three gradient flags, so a
-// kernel can take them as template parameters and drop the stores it does not need.
-template <typename F>
-void dispatch_grad_flags(bool grad_v, bool grad_u, bool grad_v_ref, F&& f) {
-  auto last = [&](auto gv, auto gu) {
-    grad_v_ref ? f(gv, gu, std::true_type{}) : f(gv, gu, std::false_type{});
-  };
-  auto middle = [&](auto gv) { grad_u ? last(gv, std::true_type{}) : last(gv, std::false_type{}); };
-  grad_v ? middle(std::true_type{}) : middle(std::false_type{});
-}
 
 }  // namespace orw_fast

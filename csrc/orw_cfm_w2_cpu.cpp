@@ -49,13 +49,6 @@ void compute_weights(const acc_t* scores, int64_t B, acc_t tau, int64_t weightin
   }
 }
 
-// x86-64 builds carry AVX-512 and AVX2+FMA copies of the hot loop, picked when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ORW_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ORW_FAST_CPU_CLONES
-#endif
-
 // Sums of (v-u)^2 and (v-v_ref)^2 over the flat range [begin, end) inside one sample, writing
 // the gradients gv = cw*d1 + ca*d2, gu = -cw*d1, gr = -ca*d2 (d1 = v-u, d2 = v-v_ref) where
 // requested. kLanes independent accumulators let the compiler vectorize without reassociating.
@@ -123,12 +116,12 @@ LossOutputs orw_cfm_w2_cpu(const at::Tensor& v, const at::Tensor& u, const at::T
     compute_weights<acc_t>(scores.data_ptr<acc_t>(), B, acc_t(tau), weighting, w);
     std::vector<acc_t> part(2 * B * nchunks);
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
-    dispatch_grad_flags(grad_v, grad_u, grad_v_ref, [&](auto gv_t, auto gu_t, auto gr_t) {
+    dispatch_grad_flags([&](auto gv_t, auto gu_t, auto gr_t) {
       run_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(gr_t)::value>(
           v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
           v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr), B, D, w, acc_t(alpha),
           part.data(), part.data() + B * nchunks, nchunks);
-    });
+    }, grad_v, grad_u, grad_v_ref);
     acc_t* fm_p = fm.data_ptr<acc_t>();
     acc_t* w2_p = w2.data_ptr<acc_t>();
     acc_t total = 0;

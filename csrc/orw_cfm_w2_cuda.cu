@@ -18,61 +18,13 @@
 
 #include <cuda_runtime.h>
 
+#include "fused_common.cuh"
 #include "orw_cfm_w2.h"
 
 namespace orw_fast {
 namespace {
 
-constexpr int kThreads = 256;  // both kernels; the softmax statistics depend on it bit for bit
-constexpr int kIters = 4;      // vector loads per thread and tensor per task
-constexpr int kWarps = kThreads / 32;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T val[N];
-};
-
-// Writes a pack as one 16-byte store (plain assignment lets nvcc split half/bf16 packs).
-template <typename P>
-__device__ __forceinline__ void store_pack(void* dst, const P& p) {
-  if constexpr (sizeof(P) == 16) {
-    uint4 bits;
-    memcpy(&bits, &p, 16);
-    __stwb(reinterpret_cast<uint4*>(dst), bits);
-  } else {
-    *reinterpret_cast<P*>(dst) = p;
-  }
-}
-
-template <typename acc_t>
-struct MaxOp {
-  __device__ acc_t operator()(acc_t a, acc_t b) const { return a > b ? a : b; }
-};
-template <typename acc_t>
-struct SumOp {
-  __device__ acc_t operator()(acc_t a, acc_t b) const { return a + b; }
-};
-
-template <typename acc_t, typename Op>
-__device__ acc_t warp_reduce(acc_t x, Op op) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) x = op(x, __shfl_down_sync(0xffffffffu, x, off));
-  return x;
-}
-
-// Reduces one value per thread over the block; every thread gets the result.
-template <typename acc_t, typename Op>
-__device__ acc_t block_reduce(acc_t x, Op op, acc_t* smem) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_reduce(x, op);
-  __syncthreads();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  x = smem[0];
-#pragma unroll
-  for (int k = 1; k < kWarps; ++k) x = op(x, smem[k]);
-  return x;
-}
+constexpr int kIters = 4;  // vector loads per thread and tensor per task
 
 // Softmax over the B scores, range-safe for any finite scores and tau (the expression of
 // orw_fast/ops/reward_weights.py softmax_logits): logit_i = 2 * (|tau| * (q_i/2 - q*/2)) with
@@ -201,25 +153,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *loss = total / acc_t(B);
 }
 
-// Blocks of `kernel` resident at once on `device` (SMs x occupancy of its register/shared-memory use):
-// the grid of the grid-stride pass kernels, one full wave. The register count differs per instantiation
-// (35-46 on sm_90), so a fixed 2048 / kThreads per SM would launch a partial second wave.
-template <auto kernel>
-int resident_blocks(int device) {
-  static int cache[64] = {};
-  if (device < 64 && cache[device]) return cache[device];
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int blocks = sms * std::max(per_sm, 1);
-  if (device < 64) cache[device] = blocks;
-  return blocks;
-}
-
-bool aligned16(const at::Tensor& t) {
-  return t.numel() == 0 || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
 template <typename scalar_t, int VEC>
 void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_ref,
                  const at::Tensor& scores, at::Tensor& gv, at::Tensor& gu, at::Tensor& gr,
@@ -228,7 +161,7 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_r
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = v.size(0), D = v.numel() / B;
   auto ptr = [](at::Tensor& g) { return g.numel() ? g.mutable_data_ptr<scalar_t>() : nullptr; };
-  dispatch_grad_flags(gv.numel() > 0, gu.numel() > 0, gr.numel() > 0, [&](auto gv_t, auto gu_t, auto gr_t) {
+  dispatch_grad_flags([&](auto gv_t, auto gu_t, auto gr_t) {
     constexpr auto kernel = &pass_kernel<scalar_t, VEC, decltype(gv_t)::value, decltype(gu_t)::value,
                                          decltype(gr_t)::value>;
     const int64_t grid = std::min<int64_t>(B * nchunks, resident_blocks<kernel>(v.get_device()));
@@ -237,7 +170,7 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_r
         v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr),
         scores.const_data_ptr<acc_t>(), B, D, nchunks, acc_t(tau), weighting, acc_t(alpha),
         part.mutable_data_ptr<acc_t>());
-  });
+  }, gv.numel() > 0, gu.numel() > 0, gr.numel() > 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,7 +1,19 @@
 """orw_fast: fused kernels and a fast engine for ORW-CFM-W2 (Fan et al., ICLR 2025)."""
 import importlib
 
-from orw_fast.ops import BACKENDS, WEIGHTINGS, LossComponents, ORWCFMW2Loss, orw_cfm_w2_loss, reward_weights
+from orw_fast.ops import (
+    BACKENDS,
+    WEIGHTINGS,
+    LossComponents,
+    ORWCFMW2Loss,
+    PolicyComponents,
+    awm_loss,
+    group_advantages,
+    nft_loss,
+    nft_optimality,
+    orw_cfm_w2_loss,
+    reward_weights,
+)
 
 __version__ = "0.1.0"
 
@@ -13,7 +25,10 @@ _LAZY = {
     "ConfigError": "orw_fast.config",
 }
 
-__all__ = ["BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "orw_cfm_w2_loss", "reward_weights", *_LAZY]
+__all__ = [
+    "BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "PolicyComponents", "awm_loss", "group_advantages",
+    "nft_loss", "nft_optimality", "orw_cfm_w2_loss", "reward_weights", *_LAZY,
+]
 
 
 def __getattr__(name):

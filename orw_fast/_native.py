@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-_OPS = ("orw_cfm_w2",)
+_OPS = ("orw_cfm_w2", "quadratic_fm")
 
 try:
     from orw_fast import _C  # noqa: F401  (loading it registers the torch.ops.orw_fast ops)
@@ -15,6 +15,7 @@ except ImportError as err:  # not built: the eager backend still works
 # Looked up once at import: torch.compile traces a dict lookup, not a dispatcher query.
 _KERNELS = {
     (op, device): IMPORT_ERROR is None
+    and hasattr(torch.ops.orw_fast, op)  # False for an op that a stale build lacks
     and torch._C._dispatch_has_kernel_for_dispatch_key(f"orw_fast::{op}", device.upper())
     for op in _OPS
     for device in ("cpu", "cuda")

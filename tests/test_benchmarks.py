@@ -58,6 +58,20 @@ def test_loss_benchmark(tmp_path):
         assert r["bytes_per_step"] == 4 * r["numel"] * bench_loss.DTYPES[r["dtype"]].itemsize
 
 
+def test_loss_benchmark_nft_awm(tmp_path):
+    """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element, ratios within each op."""
+    code = bench_loss.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--sizes", "2x3x8x8", "--ops",
+                            "nft,awm", "--dtypes", "fp32", "--backends", "eager,native", "--repeats", "2"])
+    rows = check_results(tmp_path, "loss", plot=True)
+    native = bench_loss.skip_reason("native", torch.device("cpu"), "nft") is None
+    assert code == 0 and [(r["op"], r["backend"]) for r in rows] == [
+        (op, b) for op in ("nft", "awm") for b in ("eager", "native")[:1 + native]]
+    for r in rows:
+        assert r["status"] == "ok" and r["speedup_vs_eager"] > 0
+        assert r["bytes_per_step"] == 5 * r["numel"] * 4
+    assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["backend"] == "eager")
+
+
 def test_sampler_benchmark(tmp_path):
     variants = "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_channels_last_fp32,ours_graph_bf16"
     code = bench_sampler.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",

@@ -1,7 +1,9 @@
-"""What the native and triton fused-loss ops share: their fake (meta) kernel and their autograd.
+"""What the native and triton fused-loss ops share: their fake (meta) kernels and their autograd.
 
-Both return (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref) with the gradients already
-computed in the forward pass, so backward only scales them by grad_output."""
+Each op takes its n differentiable tensors first and returns (loss, diagnostics..., one gradient per
+differentiable tensor) with the gradients already computed in the forward pass, so backward only scales
+them by grad_output: orw_cfm_w2 -> (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref),
+quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref)."""
 from __future__ import annotations
 
 import torch
@@ -15,15 +17,23 @@ def allocate_outputs(v, u, v_ref, scores, alpha, tau, weighting, grad_v, grad_u,
     return (scores.new_empty(()), scores.new_empty(batch), scores.new_empty(batch), scores.new_empty(batch), *grads)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[4:])
+def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref):
+    """The outputs of the quadratic_fm contract (csrc/quadratic_fm.h), allocated, not computed."""
+    batch = v.shape[0]
+    wanted = (grad_v, grad_u, grad_v_old, grad_v_ref)
+    grads = (torch.empty_like(v) if w else v.new_empty(0) for w in wanted)
+    return (coef.new_empty(()), coef.new_empty(batch), coef.new_empty(batch), *grads)
+
+
+def _setup_context(ctx, inputs, output, num_grads):
+    ctx.save_for_backward(*output[len(output) - num_grads:])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for the unused outputs
 
 
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * len(ctx.needs_input_grad)
     tracing = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
     if tracing or torch._C._autograd._get_current_graph_task_keep_graph():
         # The graph (and the saved gradients) may be used again: a new tensor. Under a tracer
@@ -32,14 +42,16 @@ def _backward(ctx, grad_loss, *_unused):
     elif grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
         scale = lambda g: g  # noqa: E731  (reading a CPU scalar costs no device sync)
     else:
-        # The graph is freed after this backward: the saved gradient becomes the returned one.
+        # The graph is freed after this backward: the saved gradient becomes the returned one (so the op's raw
+        # gradient outputs, which the public functions never hand out, are scaled in place).
         scale = lambda g: g.mul_(grad_loss)  # noqa: E731
-    grads = tuple(
-        scale(g) if needed and g.numel() else None for g, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3])
-    )
-    return grads + (None,) * 7
+    saved = ctx.saved_tensors
+    grads = tuple(scale(g) if needed and g.numel() else None for g, needed in zip(saved, ctx.needs_input_grad))
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(saved))
 
 
-def register_fused_autograd(op) -> None:
-    """Registers the backward above for ``op`` (a name or a custom-op object) with the fused-loss schema."""
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+def register_fused_autograd(op, num_grads: int = 3) -> None:
+    """Registers the backward above for ``op`` (a name or a custom-op object): its first ``num_grads``
+    arguments are the differentiable tensors, its last ``num_grads`` outputs their gradients."""
+    setup = lambda ctx, inputs, output: _setup_context(ctx, inputs, output, num_grads)  # noqa: E731
+    torch.library.register_autograd(op, _backward, setup_context=setup)

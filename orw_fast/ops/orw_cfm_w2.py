@@ -9,6 +9,7 @@ one write per gradient); their backward only scales the saved gradients by grad_
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -45,15 +46,17 @@ class LossComponents(NamedTuple):
 # Input checks (metadata only, no device sync)
 
 
-def _check_predictions(v, u, v_ref) -> None:
-    for name, t in (("v", v), ("u", u), ("v_ref", v_ref)):
+def _check_predictions(v, u, v_ref, **others) -> None:
+    """Tensors, floating, one shape and one device as v; ``others`` are further named predictions."""
+    named = {"u": u, "v_ref": v_ref, **others}
+    for name, t in (("v", v), *named.items()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if v.dim() == 0 or v.numel() == 0:
         raise ValueError(f"v must be a non-empty [B, ...] tensor, got shape {list(v.shape)}")
-    for name, t in (("u", u), ("v_ref", v_ref)):
+    for name, t in named.items():
         if t.shape != v.shape:
             raise ValueError(f"{name} must have the shape of v {list(v.shape)}, got {list(t.shape)}")
         if t.device != v.device:
@@ -92,11 +95,13 @@ def _triton_available(device: torch.device) -> bool:
 _warned_eager_fallback = False
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, op: str = "orw_cfm_w2") -> str:
+    """The backend that runs ``op`` for ``backend`` on ``device``: "auto" picks native, else triton (CUDA),
+    else eager with a warning; an explicit backend that cannot run is a ValueError."""
     global _warned_eager_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "native" and not _native.has_kernel("orw_cfm_w2", device.type):
+    if backend == "native" and not _native.has_kernel(op, device.type):
         reason = (
             f"the extension failed to load ({_native.IMPORT_ERROR})"
             if _native.IMPORT_ERROR is not None
@@ -113,7 +118,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         )
     if backend != "auto":
         return backend
-    if _native.has_kernel("orw_cfm_w2", device.type):
+    if _native.has_kernel(op, device.type):
         return "native"
     if device.type == "cuda" and _triton_available(device):
         return "triton"
@@ -127,16 +132,16 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return "eager"
 
 
-def _kernel_layout(v, u, v_ref):
+def _kernel_layout(v, *others):
     """One floating dtype and one dense, batch-outermost layout (v's own when possible, e.g.
-    channels_last) for the three inputs; copies only what does not match already."""
-    dtype = torch.promote_types(torch.promote_types(v.dtype, u.dtype), v_ref.dtype)
+    channels_last) for v and the others; copies only what does not match already."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in others), v.dtype)
     fmt = torch.contiguous_format
     if v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last):
         fmt = torch.channels_last
     elif v.dim() == 5 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last_3d):
         fmt = torch.channels_last_3d
-    return tuple(t.to(dtype).contiguous(memory_format=fmt) for t in (v, u, v_ref))
+    return tuple(t.to(dtype).contiguous(memory_format=fmt) for t in (v, *others))
 
 
 if _native.IMPORT_ERROR is None:

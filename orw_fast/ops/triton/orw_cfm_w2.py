@@ -128,10 +128,12 @@ def _pass_kernel(
 @triton.jit
 def _finalize_kernel(
     part_ptr, weights_ptr, fm_ptr, w2_ptr, loss_ptr, B, D, nchunks, alpha: tl.float64,
-    ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, WEIGHTED: tl.constexpr = True,
 ):
-    """One program: fm, w2 from the partial sums [2, B, nchunks] in a fixed order, and the loss."""
-    ACC: tl.constexpr = weights_ptr.dtype.element_ty
+    """One program: fm, w2 from the partial sums [2, B, nchunks] in a fixed order, and the loss
+    mean_i(w_i fm_i + alpha w2_i) (w_i = 1 when not WEIGHTED: the quadratic_fm op, whose fm is its policy term).
+    Shared by the Triton ops of orw_cfm_w2 and quadratic_fm."""
+    ACC: tl.constexpr = fm_ptr.dtype.element_ty
     d = tl.full([], D, ACC)
     a = tl.full([], alpha, ACC)
     total = tl.zeros([ROWS], ACC)
@@ -150,8 +152,9 @@ def _finalize_kernel(
         w2 = tl.sum(s2, 1) / d
         tl.store(fm_ptr + rows, fm, mask=row_ok)
         tl.store(w2_ptr + rows, w2, mask=row_ok)
-        w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
-        total += tl.where(row_ok, w * fm + a * w2, 0.0)
+        if WEIGHTED:
+            fm = fm * tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
+        total += tl.where(row_ok, fm + a * w2, 0.0)
     tl.store(loss_ptr, tl.sum(total, 0) / tl.full([], B, ACC))
 
 

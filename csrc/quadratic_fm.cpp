@@ -1,0 +1,55 @@
+// Schema of the fused quadratic_fm loss op and the checks shared by its CPU and CUDA kernels.
+#include "quadratic_fm.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace orw_fast {
+
+int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
+                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha) {
+  TORCH_CHECK(v.dim() >= 1 && v.numel() > 0, "quadratic_fm: v must be a non-empty [B, ...] tensor");
+  for (const at::Tensor* t : {&u, &v_old, &v_ref}) {
+    TORCH_CHECK(t->sizes() == v.sizes(), "quadratic_fm: v, u, v_old, v_ref must have one shape, got ",
+                v.sizes(), " and ", t->sizes());
+    TORCH_CHECK(same_layout(*t, v), "quadratic_fm: v, u, v_old, v_ref must have identical strides");
+    TORCH_CHECK(t->scalar_type() == v.scalar_type() && at::isFloatingType(v.scalar_type()),
+                "quadratic_fm: v, u, v_old, v_ref must share one floating dtype");
+    TORCH_CHECK(t->device() == v.device(), "quadratic_fm: all tensors must be on one device");
+  }
+  TORCH_CHECK(coef.device() == v.device(), "quadratic_fm: all tensors must be on one device");
+  const int64_t B = v.size(0);
+  const int64_t D = v.numel() / B;
+  TORCH_CHECK(v.is_non_overlapping_and_dense() && (B == 1 || v.stride(0) == D),
+              "quadratic_fm: v must be dense with the batch dimension outermost");
+  const auto acc = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 5 && coef.size(1) == B &&
+                  coef.scalar_type() == acc && coef.is_contiguous(),
+              "quadratic_fm: coef must be a contiguous [5, B] tensor of dtype ", acc);
+  const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
+                                          : double(std::numeric_limits<float>::max());
+  TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && alpha <= limit,
+              "quadratic_fm: alpha must be >= 0 and finite in ", acc, ", got ", alpha);
+  return D;
+}
+
+QuadraticOutputs allocate_quadratic_outputs(const at::Tensor& v, const at::Tensor& coef, bool grad_v,
+                                            bool grad_u, bool grad_v_old, bool grad_v_ref) {
+  const auto opts = coef.options();
+  const int64_t B = v.size(0);
+  auto grad = [&](bool wanted) { return wanted ? at::empty_like(v) : v.new_empty({0}); };
+  return {at::empty({}, opts), at::empty({B}, opts), at::empty({B}, opts), grad(grad_v),
+          grad(grad_u),        grad(grad_v_old),     grad(grad_v_ref)};
+}
+
+TORCH_LIBRARY_FRAGMENT(orw_fast, m) {
+  m.def(
+      "quadratic_fm(Tensor v, Tensor u, Tensor v_old, Tensor v_ref, Tensor coef, float alpha, "
+      "bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
+}
+
+}  // namespace orw_fast

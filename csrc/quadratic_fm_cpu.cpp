@@ -1,0 +1,114 @@
+// CPU kernel of orw_fast::quadratic_fm (contract in quadratic_fm.h): one pass over v, u, v_old, v_ref
+// that produces the per-sample sums and the gradients. As in orw_cfm_w2_cpu.cpp, work is split into
+// fixed chunks of a sample, each writing its own partial sums, added afterwards in chunk order: the
+// result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "quadratic_fm.h"
+
+namespace orw_fast {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements of one sample per task
+constexpr int64_t kLanes = 16;     // independent accumulators; the k-loop below vectorizes
+
+template <typename acc_t>
+struct Coef {
+  acc_t w1, m1, w2, m2, w3, c, ca;  // the sample's quadratic form; c = 2 / (B D), ca = c alpha
+};
+
+// Sums of the quadratic form and of (v - v_ref)^2 over the flat range [begin, end) inside one sample,
+// writing the requested gradients.
+template <typename scalar_t, bool GV, bool GU, bool GO, bool GR>
+ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
+                                    const scalar_t* __restrict__ o, const scalar_t* __restrict__ r,
+                                    scalar_t* __restrict__ gv, scalar_t* __restrict__ gu,
+                                    scalar_t* __restrict__ go, scalar_t* __restrict__ gr, int64_t begin,
+                                    int64_t end, Coef<at::opmath_type<scalar_t>> k,
+                                    at::opmath_type<scalar_t>* out_policy, at::opmath_type<scalar_t>* out_kl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s1[kLanes] = {}, s2[kLanes] = {};
+  auto body = [&](int64_t j, int64_t lane) __attribute__((always_inline)) {
+    const acc_t vj = v[j], oj = o[j], a = oj - acc_t(u[j]), e = vj - oj, kl = vj - acc_t(r[j]);
+    const acc_t x1 = a + k.m1 * e, x2 = a + k.m2 * e;
+    const acc_t y1 = k.w1 * x1, y2 = k.w2 * x2, y3 = k.w3 * e;
+    s1[lane] += x1 * y1 + x2 * y2 + e * y3;
+    s2[lane] += kl * kl;
+    if (GV) gv[j] = scalar_t(k.c * (k.m1 * y1 + k.m2 * y2 + y3) + k.ca * kl);
+    if (GU) gu[j] = scalar_t(-k.c * (y1 + y2));
+    if (GO) go[j] = scalar_t(k.c * ((1 - k.m1) * y1 + (1 - k.m2) * y2 - y3));
+    if (GR) gr[j] = scalar_t(-k.ca * kl);
+  };
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+#pragma omp simd
+    for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
+  }
+  for (int64_t lane = 0; j < end; ++j, ++lane) body(j, lane);
+  acc_t t1 = 0, t2 = 0;
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    t1 += s1[lane];
+    t2 += s2[lane];
+  }
+  *out_policy = t1;
+  *out_kl = t2;
+}
+
+QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
+                                  const at::Tensor& v_ref, const at::Tensor& coef, double alpha, bool grad_v,
+                                  bool grad_u, bool grad_v_old, bool grad_v_ref) {
+  const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha);
+  const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
+  auto outs = allocate_quadratic_outputs(v, coef, grad_v, grad_u, grad_v_old, grad_v_ref);
+  at::Tensor &loss = std::get<0>(outs), &policy = std::get<1>(outs), &kl = std::get<2>(outs);
+  at::Tensor &gv = std::get<3>(outs), &gu = std::get<4>(outs), &go = std::get<5>(outs), &gr = std::get<6>(outs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* cf = coef.const_data_ptr<acc_t>();
+    const acc_t c = acc_t(2) / (acc_t(B) * acc_t(D));
+    std::vector<acc_t> part(2 * B * nchunks);
+    auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
+    dispatch_grad_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
+      at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
+          const int64_t end = std::min((i + 1) * D, begin + kChunk);
+          const Coef<acc_t> k{cf[i], cf[B + i], cf[2 * B + i], cf[3 * B + i], cf[4 * B + i], c, c * acc_t(alpha)};
+          chunk_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(go_t)::value,
+                     decltype(gr_t)::value>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                            v_old.const_data_ptr<scalar_t>(), v_ref.const_data_ptr<scalar_t>(),
+                                            ptr(gv), ptr(gu), ptr(go), ptr(gr), begin, end, k, &part[t],
+                                            &part[B * nchunks + t]);
+        }
+      });
+    }, grad_v, grad_u, grad_v_old, grad_v_ref);
+    acc_t* policy_p = policy.data_ptr<acc_t>();
+    acc_t* kl_p = kl.data_ptr<acc_t>();
+    acc_t total = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        s1 += part[i * nchunks + ch];
+        s2 += part[B * nchunks + i * nchunks + ch];
+      }
+      policy_p[i] = s1 / acc_t(D);
+      kl_p[i] = s2 / acc_t(D);
+      total += policy_p[i] + acc_t(alpha) * kl_p[i];
+    }
+    loss.fill_(total / acc_t(B));
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(orw_fast, CPU, m) { m.impl("quadratic_fm", &quadratic_fm_cpu); }
+
+}  // namespace orw_fast

@@ -1,0 +1,106 @@
+"""Advantage Weighted Matching (Xue et al., arXiv 2509.25050) in orw_fast's convention, fused.
+
+Convention: t = 0 noise, t = 1 data, u = x1 - x0; the reference code (scxue/advantage_weighted_matching,
+scripts/train_sd3_awm.py) uses σ = 1 - t and predicts ε - x_data = -v, so its |pred - (ε - x_data)|^2 is our
+|v - u|^2.
+
+What the reference code computes, per sample i and trained time:
+- advantages A_i: (R_i - mean_g R) / (std_g R + 1e-4) per prompt group (population std; ``global_std`` uses the
+  batch's std), clipped to [-adv_clip_max, adv_clip_max] (5) and rescaled by advantage_max / adv_clip_max;
+- ℓ_i = -mean_d (v - u)^2 (weighting "Uniform"; "t", "t**2" multiply by σ or σ^2, "huber"/"ghuber" transform the
+  mean), its "log-probability";
+- ratio ρ_i = exp(ℓ_i - ℓ_old_i) with ℓ_old = ℓ detached (on-policy, the published configs) or from the EMA
+  adapter (off_policy), and the PPO objective mean_i max(-A_i ρ_i, -A_i clip(ρ_i, 1 - ε, 1 + ε));
+- + β mean_i mean_d (v - v_ref)^2 (kl_weight "Uniform"; "ELBO" divides by 2 σ_t^2)
+  + ema_beta mean_i mean_d (v - v_ema)^2 (an EMA of the policy; ema_beta = 1 in the published configs).
+
+On-policy ρ = 1 in value, strictly inside the clip range, so the PPO term's gradient is -A_i ∇ρ_i = -A_i ∇ℓ_i:
+the gradient of A_i mean_d (v - u)^2 — flow matching weighted by signed advantages. orw_fast's AWM loss is that,
+with the two penalties (α = β, α_old = ema_beta, v_old = v_ema):
+
+    loss = mean_i [ A_i mean_d (v - u)^2 + α_old mean_d (v - v_old)^2 ] + α mean_i mean_d (v - v_ref)^2
+
+Its gradients equal the reference's on-policy "Uniform" loss; its value differs by a constant (the reference's
+policy term is -mean A there). Without v_old it is ORW-CFM-W2 with the signed advantages as given weights (the
+3-input orw_cfm_w2 op); with v_old it is ops/quadratic_fm.py with w1 = A, m1 = 1, w2 = m2 = 0, w3 = α_old.
+Not covered: the off-policy ratio and the "huber"/"ghuber" weightings make the per-sample factor a function of
+mean_d (v - u)^2, a reduction over the sample (a second read of v, u would be needed); the "t"/"t**2" weightings
+are per-sample constants — multiply them into A.
+See docs/objectives.md.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from orw_fast.ops.orw_cfm_w2 import _check_predictions, orw_cfm_w2_loss
+from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
+from orw_fast.ops.reward_weights import accumulation_dtype, check_real, check_scores
+
+
+def _eager(v, u, v_ref, adv, alpha, v_old, alpha_old):
+    """The formula as written, accumulating in float32 (float64 for float64 inputs)."""
+    acc = adv.dtype
+    batch = v.shape[0]
+    v = v.to(acc)
+    policy = adv * (v - u.to(acc)).reshape(batch, -1).pow(2).mean(1)
+    if v_old is not None:
+        policy = policy + alpha_old * (v - v_old.to(acc)).reshape(batch, -1).pow(2).mean(1)
+    kl = (v - v_ref.to(acc)).reshape(batch, -1).pow(2).mean(1)
+    return (policy + alpha * kl).mean(), PolicyComponents(policy.detach(), kl.detach())
+
+
+def awm_loss(
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_ref: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    alpha: float = 0.0,
+    v_old: torch.Tensor | None = None,
+    alpha_old: float = 0.0,
+    backend: str = "auto",
+    return_components: bool = False,
+    validate: bool = True,
+):
+    """AWM loss ``mean_i [A_i |v - u|^2 + α_old |v - v_old|^2] + α mean_i |v - v_ref|^2`` (per-dimension means).
+
+    Args:
+        v: policy prediction v_θ(t, x_t), [B, ...], floating (fp16/bf16/fp32/fp64).
+        u: target u = x1 - x0; v_ref: reference prediction; v_old (optional): EMA-policy prediction — of v's
+            shape, on v's device (pass v_ref, v_old detached; any that requires grad gets one).
+        advantages: [B] signed advantages (:func:`orw_fast.ops.advantages.group_advantages`), finite; never
+            differentiated.
+        alpha: α >= 0, the KL coefficient to v_ref.  alpha_old: α_old >= 0, the coefficient to v_old (needs v_old).
+        backend: "auto" | "eager" | "native" | "triton".
+        return_components: also return :class:`PolicyComponents` (policy_i, kl_i) from the same pass.
+        validate: check that the advantages are finite (one device sync on CUDA; skipped while torch.compile
+            traces or a CUDA graph is captured).
+
+    Returns:
+        the loss, 0-dim, in float32 (float64 for float64 inputs); with ``return_components`` a tuple
+        ``(loss, PolicyComponents)``. Gradients reach the inputs that require grad, in their own dtype.
+    """
+    others = {} if v_old is None else {"v_old": v_old}
+    _check_predictions(v, u, v_ref, **others)
+    acc = accumulation_dtype(functools.reduce(torch.promote_types, (t.dtype for t in (u, v_ref, *others.values())),
+                                              v.dtype))
+    alpha = check_real(alpha, "alpha", acc, minimum=0)
+    alpha_old = check_real(alpha_old, "alpha_old", acc, minimum=0)
+    if v_old is None and alpha_old:
+        raise ValueError("alpha_old > 0 needs v_old (the EMA policy's prediction)")
+    check_scores(advantages, "advantages", v.shape[0], v.device, validate)
+    adv = advantages.detach().to(acc)
+    backend = resolve_backend(backend, v.device)
+    if backend == "eager":
+        loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old)
+    elif v_old is None:
+        loss, comp = orw_cfm_w2_loss(v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True,
+                                     validate=False)
+        parts = PolicyComponents(comp.weights * comp.fm, comp.w2)
+    else:
+        zeros = torch.zeros_like(adv)
+        coef = torch.stack([adv, torch.ones_like(adv), zeros, zeros, torch.full_like(adv, alpha_old)])
+        loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
+    return (loss, parts) if return_components else loss

@@ -1,0 +1,75 @@
+"""The fused two-policy flow-matching loss behind DiffusionNFT and AWM: ``torch.ops.orw_fast.quadratic_fm``.
+
+With a = v_old - u and e = v - v_old (per element), k = v - v_ref, and per-sample coefficients
+(w1, m1, w2, m2, w3), x1 = a + m1 e, x2 = a + m2 e:
+
+    policy_i = mean_d (w1 x1^2 + w2 x2^2 + w3 e^2),    kl_i = mean_d k^2,
+    loss = mean_i (policy_i + alpha kl_i).
+
+Every loss of the reward-weighted family that mixes the policy v with a frozen old policy v_old is a per-sample
+quadratic form in (a, e), here written as two weighted squares and an e^2 term, so one kernel serves them all;
+each objective only computes its coefficients [5, B]:
+
+    DiffusionNFT  (1/beta) [r |v+ - u|^2 + (1 - r) |v- - u|^2]   w1 = r/beta, m1 = beta, w2 = (1-r)/beta,
+                  (v+ - u = a + beta e, v- - u = a - beta e)       m2 = -beta, w3 = 0
+    AWM + EMA KL  A |v - u|^2 + alpha_old |v - v_old|^2          w1 = A, m1 = 1, w2 = 0, m2 = 0, w3 = alpha_old
+                  (v - u = a + e)
+
+(As a general form p a^2 + q e^2 + 2 s a e — NFT: p = 1/beta, q = beta, s = 2r - 1, i.e. |a|^2 + |d|^2 +
+2(2r - 1)<a, d> over beta with d = beta e — the AWM gradient of v_old would be a difference of two terms of size
+|A| that cancel to -alpha_old e: lost in float32 for large advantages. The squares keep each term exact.)
+
+The kernels (C++ CPU and CUDA in csrc/quadratic_fm*, Triton in ops/triton/quadratic_fm.py) read v, u, v_old,
+v_ref once, write the requested gradients in the same pass (y1 = w1 x1, y2 = w2 x2, y3 = w3 e, c = 2/(B D):
+dv = c (m1 y1 + m2 y2 + y3 + alpha k), du = -c (y1 + y2), dv_old = c ((1 - m1) y1 + (1 - m2) y2 - y3),
+dv_ref = -c alpha k) and accumulate in float32 for fp16/bf16 (float64 for float64); backward only scales the
+saved gradients (ops/fused_op_support.py).
+The per-sample factors are known before the pass (they depend on rewards, not on the velocities), so nothing
+needs a second read. ORW-CFM-W2 itself is this form with v_old = v (e = 0, p = w); it keeps its own 3-input op
+(orw_cfm_w2) because a fourth read would cost it a quarter more traffic.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from orw_fast import _native
+from orw_fast.ops.fused_op_support import allocate_quadratic_outputs, register_fused_autograd
+from orw_fast.ops.orw_cfm_w2 import _kernel_layout, _resolve_backend
+
+OP = "quadratic_fm"
+
+
+class PolicyComponents(NamedTuple):
+    """Per-sample diagnostics from the same pass as the loss (no gradient), each [B] in the accumulation
+    dtype: ``policy`` the objective's policy term, ``kl`` = mean_d (v - v_ref)^2."""
+
+    policy: torch.Tensor
+    kl: torch.Tensor
+
+
+def _triton_op():
+    from orw_fast.ops.triton.quadratic_fm import quadratic_fm_triton
+
+    return quadratic_fm_triton
+
+
+if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, OP):  # absent from a stale build
+    torch.library.register_fake(f"orw_fast::{OP}", allocate_quadratic_outputs)
+    register_fused_autograd(f"orw_fast::{OP}", num_grads=4)
+
+
+def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, backend: str):
+    """(loss, PolicyComponents) from the native or triton op. ``coef``: [5, B] rows w1, m1, w2, m2, w3 in the
+    accumulation dtype; inputs already checked by the caller; ``backend`` already resolved (not "eager" or "auto")."""
+    op = getattr(torch.ops.orw_fast, OP) if backend == "native" else _triton_op()
+    tensors = _kernel_layout(v, u, v_old, v_ref)
+    grad_on = torch.is_grad_enabled()
+    loss, policy, kl, *_ = op(*tensors, coef.contiguous(), alpha, *(grad_on and t.requires_grad for t in tensors))
+    return loss, PolicyComponents(policy, kl)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend)."""
+    return _resolve_backend(backend, device, OP)
