@@ -433,12 +433,12 @@ def headline_rows(results: dict[str, dict | None]) -> list[list[str]]:
         if ok:
             batch = max(r["batch"] for r in ok)
             rows += _versus_baseline("rollout sampler", ok, batch, "eager_fp32_loop", "eager fp32 loop",
-                                     lambda best: f"batch {batch}, {best['steps']} Euler steps")
+                                     lambda best, batch=batch: f"batch {batch}, {best['steps']} Euler steps")
     if train := results.get("train_step"):
         ok = _ok(train["results"])
         for batch in sorted({r["batch"] for r in ok}):
             rows += _versus_baseline("training step", ok, batch, "official_eager", "official eager",
-                                     lambda best: f"batch {batch}, {best['sampler_steps']}-step rollout")
+                                     lambda best, batch=batch: f"batch {batch}, {best['sampler_steps']}-step rollout")
     return rows
 
 

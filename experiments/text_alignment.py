@@ -19,8 +19,9 @@ from orw_fast.tasks.text_alignment import COLUMNS, AlignmentSettings, run_alignm
 PARETO = ("alignment", "prompt_diversity", "alignment (held-out prompts)", "diversity within a prompt")
 
 
-def run(s: AlignmentSettings = AlignmentSettings(), out_dir=None, *, cache_dir=None, progress: bool = True) -> dict:
-    """The sweep; writes its report into ``out_dir`` when given."""
+def run(s: AlignmentSettings | None = None, out_dir=None, *, cache_dir=None, progress: bool = True) -> dict:
+    """The sweep (``s``: default AlignmentSettings()); writes its report into ``out_dir`` when given."""
+    s = s if s is not None else AlignmentSettings()
     out_dir = Path(out_dir) if out_dir is not None else None
     results = run_alignment(s, out_dir, cache_dir=cache_dir, progress=progress)
     if out_dir is not None:

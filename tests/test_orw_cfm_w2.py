@@ -232,7 +232,9 @@ def test_gradcheck_float64(backend):
     skip_unless(backend, "cpu")
     v, u, v_ref, rewards = make_inputs((3, 4), torch.float64, "cpu", seed=5)
     for weighting in ("softmax", "exp"):
-        fn = lambda a, b, c: orw_fast.orw_cfm_w2_loss(a, b, c, rewards, alpha=0.3, weighting=weighting, backend=backend)
+        def fn(a, b, c, weighting=weighting):
+            return orw_fast.orw_cfm_w2_loss(a, b, c, rewards, alpha=0.3, weighting=weighting, backend=backend)
+
         assert torch.autograd.gradcheck(fn, (v, u, v_ref))
 
 
