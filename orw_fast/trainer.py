@@ -102,8 +102,9 @@ class ORWCFMTrainer:
             raise ValueError("give reward_fn (images -> [B] rewards) or config.text_prompts for a CLIP reward")
         self.reward_fn = as_reward_fn(reward_fn)
         self.flow = flow
+        self.objective = make_objective(cfg.objective, cfg)
         torch.manual_seed(cfg.seed)  # a LoRA adapter's initial weights: the same for a seed, whatever ran before
-        flow.prepare(self.device, ema=cfg.ema_decay > 0)
+        flow.prepare(self.device, ema=cfg.ema_decay > 0 or "ema" in self.objective.frozen)
         if flow.prompts is not None:
             flow.prompts.sample(self.local_batch_size, torch.Generator())  # a batch it cannot split is an error now
         self.image_shape = flow.sample_shape()
@@ -112,7 +113,6 @@ class ORWCFMTrainer:
         self.weights = flow.weights
         self.weights.distribute(self.world_size, cfg.fsdp, self.device)
         self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
-        self.objective = make_objective(cfg.objective, cfg)
         self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](self.weights.trainable_parameters(), lr=cfg.learning_rate,
                                                            weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
@@ -264,7 +264,7 @@ class ORWCFMTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.weights.update_ema(cfg.ema_decay)
+        self.weights.update_ema(self.objective.ema_decay(self.step))
         self.step += 1
         seconds = time.perf_counter() - start
         return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],

@@ -11,21 +11,33 @@ from typing import ClassVar
 
 import torch
 
-FROZEN_VELOCITIES = ("reference", "last_policy")  # the PolicyWeights context managers that give frozen modules
+FROZEN_VELOCITIES = ("reference", "last_policy", "ema")  # the PolicyWeights context managers giving frozen modules
 
 
 class Objective:
     """The loss of a step. ``frozen``: the velocities it needs besides the policy's, computed without grad at the
-    same (t, x_t): "reference" (the pre-trained model, the W2 anchor) and/or "last_policy" (the policy that made the
-    rollouts). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages per prompt)."""
+    same (t, x_t): "reference" (the pre-trained model, the W2 anchor), "last_policy" (the policy that made the
+    rollouts) and/or "ema" (the policy's EMA, kept by the trainer whenever an objective names it, updated after every
+    step with :meth:`ema_decay`). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages
+    per prompt). An instance may name fewer frozen velocities than its class (those its settings need)."""
 
     name: ClassVar[str]
     frozen: ClassVar[tuple[str, ...]] = ()
     grouped: ClassVar[bool] = False
 
     def __init__(self, config):
-        """``config``: the trainer's TrainerConfig (already checked)."""
+        """``config``: the trainer's TrainerConfig (already checked, :meth:`check_config` included)."""
         self.config = config
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raises ConfigError naming the key when ``config``'s settings do not fit this objective (called by
+        TrainerConfig once every field is checked)."""
+
+    def ema_decay(self, step: int) -> float:
+        """The decay of the EMA update after step ``step`` (0 for the first): ``config.ema_decay`` unless the
+        objective schedules its own (its EMA is then its old policy)."""
+        return self.config.ema_decay
 
     def sample_inputs(self, rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """Per-sample inputs [N] (weights, advantages...) of the whole batch from its rewards [N] (every rank's,
@@ -72,6 +84,24 @@ def make_objective(name: str, config) -> Objective:
     if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
     return OBJECTIVES[name](config)
+
+
+def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float, eps: float = 1e-4) -> torch.Tensor:
+    """:func:`orw_fast.ops.group_advantages` (A = (r - mean_g r) / (std_g r + eps), population std, 0 in a group of
+    equal rewards, clamped to [-clip, clip]) over groups given by ids [N] (int64, each < N, e.g. :func:`group_ids`)
+    instead of consecutive blocks: the groups of a batch of randomly drawn prompts need be neither consecutive nor
+    of one size. Float64 inside, float32 out (float64 for float64 rewards); no host sync."""
+    r, size = rewards.detach().double(), rewards.shape[0]
+
+    def per_group(values, reduce="sum"):
+        return r.new_zeros(size).scatter_reduce_(0, groups, values, reduce, include_self=False)
+
+    count = per_group(torch.ones_like(r))
+    centred = r - (per_group(r) / count.clamp(min=1))[groups]
+    spread = (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups]
+    constant = per_group(r, "amax")[groups] == per_group(r, "amin")[groups]
+    adv = torch.where(constant, torch.zeros_like(r), centred / (spread + eps)).clamp(-clip, clip)
+    return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
 
 
 def group_ids(prompts: list | None, size: int) -> torch.Tensor:
