@@ -234,10 +234,12 @@ class ORWCFMTrainer:
         self.model.train()
         frozen = {}
         with self._autocast():
-            v = self.flow.velocity(self.forward, t, xt, *cond)
+            # the frozen ones first: a LoRA policy's last policy and EMA are swapped into its tensors in place, which
+            # must not happen between the policy's forward and its backward
             for name in self.objective.frozen:
                 with torch.no_grad(), getattr(self.weights, name)() as module:
                     frozen[name] = self.flow.velocity(module, t, xt, *cond)
+            v = self.flow.velocity(self.forward, t, xt, *cond)
         loss, parts = self.objective.loss(v, ut, frozen, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP / FSDP average the ranks' gradients: the whole batch's mean
