@@ -278,10 +278,11 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
 def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffusers(tmp_path, objective):
+    from test_text_to_image import PROMPTS, brightness, config, flow_of
+
     from orw_fast.models.diffusers_flow import load_pipeline
     from orw_fast.prompts import PromptSource
     from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
-    from test_text_to_image import PROMPTS, brightness, config, flow_of
 
     folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
     flow = flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2))
@@ -301,3 +302,27 @@ def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffuser
     with torch.no_grad():
         torch.testing.assert_close(flow.velocity(pipe.transformer, t, x, *cond),
                                    flow.velocity(flow.transformer, t, x, *cond), rtol=0, atol=1e-5)
+
+
+def test_an_nft_lora_run_resumes_exactly(tmp_path):
+    """The old policy of a LoRA policy (its EMA tensors) is in the checkpoint: 2 + resume + 2 steps = 4 steps."""
+    from test_text_to_image import PROMPTS, brightness, config, flow_of
+
+    from orw_fast.prompts import PromptSource
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
+
+    folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
+
+    def run(folder, epochs, resume=None):
+        trainer = ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
+                                config(folder, objective="nft", nft_decay_rate=0.3), "cpu", reward_fn=brightness)
+        if resume:
+            trainer.resume(resume)
+        return [m["loss"] for m in trainer.train(epochs, 2, progress=False)], trainer
+
+    full, whole = run(tmp_path / "full", 2)
+    part1, _ = run(tmp_path / "part", 1)
+    torch.manual_seed(999)
+    part2, resumed = run(tmp_path / "resumed", 2, resume=tmp_path / "part" / "last.pt")
+    assert part1 + part2 == full
+    assert all(torch.equal(a, b) for a, b in zip(resumed.weights._ema, whole.weights._ema))
