@@ -193,6 +193,9 @@ class TrainerConfig:
     # nft and awm (orw_fast.objectives.nft, .awm; the papers' values as defaults)
     advantage_clip: float = option(5.0, _real(0, above=True), "nft/awm: clip of the group-normalised advantages "
                                    "(the papers' adv_clip_max)")
+    advantage_std: str | None = option(None, _optional_choice(("group", "batch")), "nft/awm: divide the centred "
+                                       "rewards by the std of their group or of the batch (None: the paper's, nft "
+                                       "group, awm batch)")
     nft_beta: float = option(1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the "
                              "old policy")
     nft_decay_rate: float = option(0.001, _real(0), "nft: the old policy (an EMA) decays by min(rate * step, "

@@ -133,6 +133,8 @@ def test_grouped_advantages_are_the_ops_advantages_for_groups_in_any_order_and_o
     rewards = torch.randn(12, generator=g)
     blocks = torch.arange(12) // 4
     torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5), group_advantages(rewards, 4, clip=1.5))
+    torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5, "batch"),
+                               group_advantages(rewards, 4, clip=1.5, std="batch"))
     order = torch.randperm(12, generator=g)  # the same groups, shuffled: each sample keeps its advantage
     torch.testing.assert_close(grouped_advantages(rewards[order], blocks[order], 1.5),
                                group_advantages(rewards, 4, clip=1.5)[order])
@@ -209,8 +211,11 @@ def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema
     assert objective.frozen == ("reference", "ema") and objective.grouped
     g = torch.Generator().manual_seed(0)
     rewards, groups = torch.randn(8, generator=g), torch.tensor([0, 1] * 4)
-    adv = objective.sample_inputs(rewards, groups)
-    torch.testing.assert_close(adv, grouped_advantages(rewards, groups, 5.0))
+    adv = objective.sample_inputs(rewards, groups)  # the published configs' global_std: the batch's std
+    torch.testing.assert_close(adv, grouped_advantages(rewards, groups, 5.0, "batch"))
+    per_group = TrainerConfig(objective="awm", ema_decay=0.9, advantage_std="group")
+    torch.testing.assert_close(make_objective("awm", per_group).sample_inputs(rewards, groups),
+                               grouped_advantages(rewards, groups, 5.0, "group"))
     v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
     loss, _ = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, adv)
     torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7,
@@ -260,6 +265,7 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
         (dict(objective="nft", nft_beta=0.0), "nft_beta", r"config.nft_beta must be a finite number > 0, got 0.0"),
         (dict(objective="nft", nft_beta=-1.0), "nft_beta", "a finite number > 0"),
         (dict(objective="nft", advantage_clip=0.0), "advantage_clip", "a finite number > 0"),
+        (dict(objective="awm", advantage_std="prompt"), "advantage_std", r"None or one of \('group', 'batch'\)"),
         (dict(objective="nft", nft_decay_max=1.0), "nft_decay_max", "a finite number >= 0 and < 1"),
         (dict(objective="nft", ema_decay=0.9), "ema_decay", r"must be 0 with objective='nft' \(its old policy is the "
                                                             "EMA"),

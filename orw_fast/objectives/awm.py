@@ -1,6 +1,7 @@
 """Advantage Weighted Matching (Xue et al., arXiv 2509.25050) as an objective: the fused
-:func:`orw_fast.ops.awm_loss`, flow matching weighted by the signed advantages, normalised per prompt group (an
-unconditional model's batch is one group) and clipped to ±``advantage_clip`` (adv_clip_max, 5);
+:func:`orw_fast.ops.awm_loss`, flow matching weighted by the signed advantages, centred per prompt group (an
+unconditional model's batch is one group), divided by the whole batch's std (``advantage_std`` None or "batch": the
+published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max, 5);
 
 - the penalty to the reference with α = ``w2_coefficient`` (the same term as ORW-CFM-W2's W2 penalty; the paper's
   train.beta, kl_weight "Uniform");
@@ -12,7 +13,7 @@ what is trained; its off-policy ratio and the "huber" weightings are not covered
 """
 from __future__ import annotations
 
-from orw_fast.objectives.base import Objective, grouped_advantages, register
+from orw_fast.objectives.base import Objective, register
 from orw_fast.ops import awm_loss
 
 
@@ -24,6 +25,7 @@ class AWM(Objective):
     name = "awm"
     frozen = ("reference", "ema")
     grouped = True
+    advantage_std = "batch"
 
     def __init__(self, config):
         super().__init__(config)
@@ -39,7 +41,7 @@ class AWM(Objective):
                               "awm_old_coefficient=0)", config.ema_decay)
 
     def sample_inputs(self, rewards, groups):
-        return grouped_advantages(rewards, groups, self.config.advantage_clip)
+        return self.advantages(rewards, groups)
 
     def input_metrics(self, inputs):
         return {"positive_fraction": (inputs > 0).float().mean()}

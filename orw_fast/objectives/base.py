@@ -24,6 +24,7 @@ class Objective:
     name: ClassVar[str]
     frozen: ClassVar[tuple[str, ...]] = ()
     grouped: ClassVar[bool] = False
+    advantage_std: ClassVar[str] = "group"  # the normaliser of :meth:`advantages` when config.advantage_std is None
 
     def __init__(self, config):
         """``config``: the trainer's TrainerConfig (already checked, :meth:`check_config` included)."""
@@ -45,6 +46,12 @@ class Objective:
         equal ids for equal prompts; else None). The same on every rank; each rank then takes its share, which moves
         with its samples under the coupling."""
         raise NotImplementedError
+
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """:func:`grouped_advantages` of the rewards with ``config.advantage_clip`` and ``config.advantage_std`` (or,
+        when that is None, this objective's ``advantage_std``)."""
+        cfg = self.config
+        return grouped_advantages(rewards, groups, cfg.advantage_clip, cfg.advantage_std or self.advantage_std)
 
     def input_metrics(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics of the whole batch's inputs [N]: name -> 0-dim tensor on their device (no host sync)."""
@@ -86,11 +93,13 @@ def make_objective(name: str, config) -> Objective:
     return OBJECTIVES[name](config)
 
 
-def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float, eps: float = 1e-4) -> torch.Tensor:
-    """:func:`orw_fast.ops.group_advantages` (A = (r - mean_g r) / (std_g r + eps), population std, 0 in a group of
-    equal rewards, clamped to [-clip, clip]) over groups given by ids [N] (int64, each < N, e.g. :func:`group_ids`)
-    instead of consecutive blocks: the groups of a batch of randomly drawn prompts need be neither consecutive nor
-    of one size. Float64 inside, float32 out (float64 for float64 rewards); no host sync."""
+def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float, std: str = "group",
+                       eps: float = 1e-4) -> torch.Tensor:
+    """:func:`orw_fast.ops.group_advantages` (A = (r - mean_g r) / (std + eps), population std of the group (``std=
+    "group"``) or of the whole batch ("batch"), 0 in a group of equal rewards, clamped to [-clip, clip]) over groups
+    given by ids [N] (int64, each < N, e.g. :func:`group_ids`) instead of consecutive blocks: the groups of a batch
+    of randomly drawn prompts need be neither consecutive nor of one size. Float64 inside, float32 out (float64 for
+    float64 rewards); no host sync."""
     r, size = rewards.detach().double(), rewards.shape[0]
 
     def per_group(values, reduce="sum"):
@@ -98,7 +107,8 @@ def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float,
 
     count = per_group(torch.ones_like(r))
     centred = r - (per_group(r) / count.clamp(min=1))[groups]
-    spread = (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups]
+    spread = (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups] if std == "group" else \
+        r.std(correction=0)
     constant = per_group(r, "amax")[groups] == per_group(r, "amin")[groups]
     adv = torch.where(constant, torch.zeros_like(r), centred / (spread + eps)).clamp(-clip, clip)
     return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)

@@ -1,7 +1,8 @@
 """DiffusionNFT (Zheng et al., arXiv 2509.16117) as an objective: the fused :func:`orw_fast.ops.nft_loss` with
 
 - r = :func:`~orw_fast.ops.nft_optimality` of the advantages, normalised per prompt group (an unconditional model's
-  batch is one group) and clipped to ±``advantage_clip`` (the paper's adv_clip_max, 5);
+  batch is one group; ``advantage_std`` None or "group": each group's std) and clipped to ±``advantage_clip`` (the
+  paper's adv_clip_max, 5);
 - v_old the old policy: the policy's EMA, which this objective owns and schedules as the reference code does
   (decay_type 1): after step s (0 for the first) EMA <- d EMA + (1 - d) policy with
   d = min(``nft_decay_rate`` * s, ``nft_decay_max``) (0.001, 0.5), so it follows the policy closely at first and lags
@@ -16,7 +17,7 @@ see docs/objectives.md.
 """
 from __future__ import annotations
 
-from orw_fast.objectives.base import Objective, grouped_advantages, register
+from orw_fast.objectives.base import Objective, register
 from orw_fast.ops import nft_loss, nft_optimality
 
 
@@ -41,8 +42,7 @@ class NFT(Objective):
         return min(self.config.nft_decay_rate * step, self.config.nft_decay_max)
 
     def sample_inputs(self, rewards, groups):
-        clip = self.config.advantage_clip
-        return nft_optimality(grouped_advantages(rewards, groups, clip), clip)
+        return nft_optimality(self.advantages(rewards, groups), self.config.advantage_clip)
 
     def input_metrics(self, inputs):
         return {"optimality_mean": inputs.mean()}
