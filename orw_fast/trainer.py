@@ -169,7 +169,10 @@ class ORWCFMTrainer:
 
     def refresh_last_policy(self) -> None:
         """last policy <- policy, copied in place (the sampler's captured graph stays valid); the rollouts of the
-        previous last policy that are left in the pool are dropped."""
+        previous last policy that are left in the pool are dropped. An objective whose EMA is updated at refreshes
+        (``ema_updates = "refresh"``) gets its update here."""
+        if self.objective.ema_updates == "refresh":
+            self.weights.update_ema(self.objective.ema_decay(self.step))
         self.weights.refresh_last_policy()
         self._pool = None
 
@@ -266,8 +269,9 @@ class ORWCFMTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.weights.update_ema(self.objective.ema_decay(self.step))
         self.step += 1
+        if self.objective.ema_updates == "step":
+            self.weights.update_ema(self.objective.ema_decay(self.step))
         seconds = time.perf_counter() - start
         return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
                 "samples_per_s": cfg.batch_size / seconds, "peak_memory_mb": self._peak_memory_mb()}

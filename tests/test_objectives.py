@@ -150,7 +150,8 @@ def test_grouped_advantages_are_the_ops_advantages_for_groups_in_any_order_and_o
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
 def test_the_reward_rises_on_the_toy(tmp_path, base_model, objective):
-    history = paper_trainer(tmp_path, base_model, objective).train(num_epochs=4, steps_per_epoch=10, progress=False)
+    # 5 steps per sampling epoch: nft's old policy moves once per epoch, and the policy at most a bounded way from it
+    history = paper_trainer(tmp_path, base_model, objective).train(num_epochs=8, steps_per_epoch=5, progress=False)
     first = sum(m["reward_mean"] for m in history[:5]) / 5
     last = sum(m["reward_mean"] for m in history[-5:]) / 5
     assert abs(first) < 1.0 and last > first + 1.0, (first, last)
@@ -227,14 +228,15 @@ def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema
     torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, backend="eager"))
 
 
-def test_the_nft_old_policy_is_the_ema_on_its_schedule(tmp_path, base_model):
-    trainer = paper_trainer(tmp_path, base_model, "nft", nft_decay_rate=0.25, nft_decay_max=0.4)
+def test_the_nft_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(tmp_path, base_model):
+    trainer = paper_trainer(tmp_path, base_model, "nft", nft_decay_rate=0.25, nft_decay_max=0.6)
     assert trainer.ema is not None  # made for the objective although ema_decay = 0
-    trainer.train_step()  # decay 0 after the first step: the EMA is the policy
-    assert all(torch.equal(e, p) for e, p in zip(trainer.ema.parameters(), trainer.model.parameters()))
-    for decay in (0.25, 0.4, 0.4):
+    for decay in (0.5, 0.6):  # min(0.25 * steps, 0.6) after 2 and 4 steps
         ema = [e.detach().double().clone() for e in trainer.ema.parameters()]
         trainer.train_step()
+        trainer.train_step()
+        assert all(torch.equal(a, b.float()) for a, b in zip(trainer.ema.parameters(), ema))  # steps leave it
+        trainer.refresh_last_policy()  # the end of a sampling epoch
         for got, e, p in zip(trainer.ema.parameters(), ema, trainer.model.parameters()):
             torch.testing.assert_close(got.double(), decay * e + (1 - decay) * p.detach().double(),
                                        rtol=1e-6, atol=1e-7)

@@ -17,13 +17,14 @@ FROZEN_VELOCITIES = ("reference", "last_policy", "ema")  # the PolicyWeights con
 class Objective:
     """The loss of a step. ``frozen``: the velocities it needs besides the policy's, computed without grad at the
     same (t, x_t): "reference" (the pre-trained model, the W2 anchor), "last_policy" (the policy that made the
-    rollouts) and/or "ema" (the policy's EMA, kept by the trainer whenever an objective names it, updated after every
-    step with :meth:`ema_decay`). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages
+    rollouts) and/or "ema" (the policy's EMA, kept by the trainer whenever an objective names it, updated with
+    :meth:`ema_decay` after every step, or, with ``ema_updates = "refresh"``, whenever the last policy is refreshed). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages
     per prompt). An instance may name fewer frozen velocities than its class (those its settings need)."""
 
     name: ClassVar[str]
     frozen: ClassVar[tuple[str, ...]] = ()
     grouped: ClassVar[bool] = False
+    ema_updates: ClassVar[str] = "step"  # when the EMA is updated: after every "step", or at every "refresh"
     advantage_std: ClassVar[str] = "group"  # the normaliser of :meth:`advantages` when config.advantage_std is None
 
     def __init__(self, config):
@@ -36,8 +37,8 @@ class Objective:
         TrainerConfig once every field is checked)."""
 
     def ema_decay(self, step: int) -> float:
-        """The decay of the EMA update after step ``step`` (0 for the first): ``config.ema_decay`` unless the
-        objective schedules its own (its EMA is then its old policy)."""
+        """The decay of an EMA update made after ``step`` updates of the policy (1 after the first):
+        ``config.ema_decay`` unless the objective schedules its own (its EMA is then its old policy)."""
         return self.config.ema_decay
 
     def sample_inputs(self, rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:

@@ -3,9 +3,10 @@
 - r = :func:`~orw_fast.ops.nft_optimality` of the advantages, normalised per prompt group (an unconditional model's
   batch is one group; ``advantage_std`` None or "group": each group's std) and clipped to ±``advantage_clip`` (the
   paper's adv_clip_max, 5);
-- v_old the old policy: the policy's EMA, which this objective owns and schedules as the reference code does
-  (decay_type 1): after step s (0 for the first) EMA <- d EMA + (1 - d) policy with
-  d = min(``nft_decay_rate`` * s, ``nft_decay_max``) (0.001, 0.5), so it follows the policy closely at first and lags
+- v_old the old policy: the policy's EMA, which this objective owns and updates as the reference code updates its
+  old adapter (``return_decay``, decay_type 1): once per sampling epoch, i.e. whenever the trainer refreshes the last
+  policy (every ``refresh_interval`` epochs), EMA <- d EMA + (1 - d) policy with d = min(``nft_decay_rate`` * s,
+  ``nft_decay_max``) (0.001, 0.5) after s updates of the policy, so it follows the policy closely at first and lags
   more as training goes on;
 - β = ``nft_beta`` (the paper's config.beta, 1 for SD3.5; > 0);
 - α = ``w2_coefficient``: the velocity penalty to the reference is the same term as ORW-CFM-W2's W2 penalty, so it
@@ -23,12 +24,13 @@ from orw_fast.ops import nft_loss, nft_optimality
 
 @register
 class NFT(Objective):
-    """Inputs: r [N] in [0, 1]; metrics: "optimality_mean"; parts: "policy_loss" and "w2_loss" (batch means). The
+    """Inputs: r [N] in [0, 1]; metrics: "positive_fraction" (of r > 1/2); parts: "policy_loss" and "w2_loss" (batch means). The
     trainer's EMA is the old policy: ``ema_decay`` must be 0 (the objective schedules the EMA itself)."""
 
     name = "nft"
     frozen = ("reference", "ema")
     grouped = True
+    ema_updates = "refresh"
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -45,7 +47,7 @@ class NFT(Objective):
         return nft_optimality(self.advantages(rewards, groups), self.config.advantage_clip)
 
     def input_metrics(self, inputs):
-        return {"optimality_mean": inputs.mean()}
+        return {"positive_fraction": (inputs > 0.5).float().mean()}
 
     def loss(self, v, u, frozen, inputs):
         cfg = self.config
