@@ -198,8 +198,8 @@ class TrainerConfig:
                                        "group, awm batch)")
     nft_beta: float = option(1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the "
                              "old policy")
-    nft_decay_rate: float = option(0.001, _real(0), "nft: the old policy (an EMA) decays by min(rate * step, "
-                                   "nft_decay_max)")
+    nft_decay_rate: float = option(0.001, _real(0), "nft: at each last-policy refresh the old policy (an EMA) "
+                                   "decays by min(rate * steps, nft_decay_max)")
     nft_decay_max: float = option(0.5, _real(0, below=1), "nft: the largest decay of the old policy's EMA")
     awm_old_coefficient: float = option(1.0, _real(0), "awm: pull toward the policy's EMA (needs "
                                         "ema_decay > 0; 0: none)")

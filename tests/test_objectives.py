@@ -41,12 +41,19 @@ def test_register_checks_what_it_is_given():
     with pytest.raises(ValueError, match=r"Bad.frozen must name .* among \('reference', 'last_policy', 'ema'\)"):
         register(Bad)
 
+    class Sometimes(Objective):
+        name = "sometimes"
+        ema_updates = "epoch"
+
+    with pytest.raises(ValueError, match=r"Sometimes.ema_updates must be one of \('step', 'refresh'\), got 'epoch'"):
+        register(Sometimes)
+
     class Twin(ORWCFMW2):
         pass
 
     with pytest.raises(ValueError, match="an objective named 'orw_cfm_w2' is already registered"):
         register(Twin)
-    assert "bad" not in OBJECTIVES and OBJECTIVES["orw_cfm_w2"] is ORWCFMW2
+    assert "bad" not in OBJECTIVES and "sometimes" not in OBJECTIVES and OBJECTIVES["orw_cfm_w2"] is ORWCFMW2
 
 
 def test_orw_cfm_w2_is_the_default_and_calls_the_fused_op():

@@ -12,14 +12,16 @@ from typing import ClassVar
 import torch
 
 FROZEN_VELOCITIES = ("reference", "last_policy", "ema")  # the PolicyWeights context managers giving frozen modules
+EMA_UPDATES = ("step", "refresh")  # when the trainer updates the EMA: after every step, or at last-policy refreshes
 
 
 class Objective:
     """The loss of a step. ``frozen``: the velocities it needs besides the policy's, computed without grad at the
     same (t, x_t): "reference" (the pre-trained model, the W2 anchor), "last_policy" (the policy that made the
     rollouts) and/or "ema" (the policy's EMA, kept by the trainer whenever an objective names it, updated with
-    :meth:`ema_decay` after every step, or, with ``ema_updates = "refresh"``, whenever the last policy is refreshed). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages
-    per prompt). An instance may name fewer frozen velocities than its class (those its settings need)."""
+    :meth:`ema_decay` after every step, or, with ``ema_updates = "refresh"``, whenever the last policy is
+    refreshed). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages per prompt). An
+    instance may name fewer frozen velocities than its class (those its settings need)."""
 
     name: ClassVar[str]
     frozen: ClassVar[tuple[str, ...]] = ()
@@ -81,6 +83,8 @@ def register(cls: type[Objective]) -> type[Objective]:
     unknown = sorted(set(cls.frozen) - set(FROZEN_VELOCITIES))
     if unknown:
         raise ValueError(f"{cls.__name__}.frozen must name velocities among {FROZEN_VELOCITIES}, got {unknown}")
+    if cls.ema_updates not in EMA_UPDATES:
+        raise ValueError(f"{cls.__name__}.ema_updates must be one of {EMA_UPDATES}, got {cls.ema_updates!r}")
     if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
         raise ValueError(f"an objective named {cls.name!r} is already registered ({OBJECTIVES[cls.name].__name__})")
     OBJECTIVES[cls.name] = cls

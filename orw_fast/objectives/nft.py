@@ -24,8 +24,8 @@ from orw_fast.ops import nft_loss, nft_optimality
 
 @register
 class NFT(Objective):
-    """Inputs: r [N] in [0, 1]; metrics: "positive_fraction" (of r > 1/2); parts: "policy_loss" and "w2_loss" (batch means). The
-    trainer's EMA is the old policy: ``ema_decay`` must be 0 (the objective schedules the EMA itself)."""
+    """Inputs: r [N] in [0, 1]; metrics: "positive_fraction" (of r > 1/2); parts: "policy_loss" and "w2_loss"
+    (batch means). The trainer's EMA is the old policy: ``ema_decay`` must be 0 (the objective schedules the EMA)."""
 
     name = "nft"
     frozen = ("reference", "ema")
