@@ -190,6 +190,19 @@ class TrainerConfig:
     optimizer: str = option("adam", _choice(OPTIMIZERS), "adam (weight_decay: an L2 term in the gradient) or adamw "
                             "(decoupled weight decay)")
     weight_decay: float = option(0.0, _real(0), "weight decay of the optimizer")
+    # nft and awm (orw_fast.objectives.nft, .awm; the papers' values as defaults)
+    advantage_clip: float = option(5.0, _real(0, above=True), "nft/awm: clip of the group-normalised advantages "
+                                   "(the papers' adv_clip_max)")
+    advantage_std: str | None = option(None, _optional_choice(("group", "batch")), "nft/awm: divide the centred "
+                                       "rewards by the std of their group or of the batch (None: the paper's, nft "
+                                       "group, awm batch)")
+    nft_beta: float = option(1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the "
+                             "old policy")
+    nft_decay_rate: float = option(0.001, _real(0), "nft: at each last-policy refresh the old policy (an EMA) "
+                                   "decays by min(rate * steps, nft_decay_max)")
+    nft_decay_max: float = option(0.5, _real(0, below=1), "nft: the largest decay of the old policy's EMA")
+    awm_old_coefficient: float = option(1.0, _real(0), "awm: pull toward the policy's EMA (needs "
+                                        "ema_decay > 0; 0: none)")
 
     @classmethod
     def coerce(cls, config) -> "TrainerConfig":
@@ -209,6 +222,7 @@ class TrainerConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             setattr(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+        OBJECTIVES[self.objective].check_config(self)
         if self.fsdp:  # every rank must make the same number of (collective) model calls
             if self.sampler_method not in FIXED_STEP_METHODS:
                 raise ConfigError("sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True",

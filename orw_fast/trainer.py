@@ -102,8 +102,9 @@ class ORWCFMTrainer:
             raise ValueError("give reward_fn (images -> [B] rewards) or config.text_prompts for a CLIP reward")
         self.reward_fn = as_reward_fn(reward_fn)
         self.flow = flow
+        self.objective = make_objective(cfg.objective, cfg)
         torch.manual_seed(cfg.seed)  # a LoRA adapter's initial weights: the same for a seed, whatever ran before
-        flow.prepare(self.device, ema=cfg.ema_decay > 0)
+        flow.prepare(self.device, ema=cfg.ema_decay > 0 or "ema" in self.objective.frozen)
         if flow.prompts is not None:
             flow.prompts.sample(self.local_batch_size, torch.Generator())  # a batch it cannot split is an error now
         self.image_shape = flow.sample_shape()
@@ -112,7 +113,6 @@ class ORWCFMTrainer:
         self.weights = flow.weights
         self.weights.distribute(self.world_size, cfg.fsdp, self.device)
         self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
-        self.objective = make_objective(cfg.objective, cfg)
         self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](self.weights.trainable_parameters(), lr=cfg.learning_rate,
                                                            weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
@@ -169,7 +169,10 @@ class ORWCFMTrainer:
 
     def refresh_last_policy(self) -> None:
         """last policy <- policy, copied in place (the sampler's captured graph stays valid); the rollouts of the
-        previous last policy that are left in the pool are dropped."""
+        previous last policy that are left in the pool are dropped. An objective whose EMA is updated at refreshes
+        (``ema_updates = "refresh"``) gets its update here."""
+        if self.objective.ema_updates == "refresh":
+            self.weights.update_ema(self.objective.ema_decay(self.step))
         self.weights.refresh_last_policy()
         self._pool = None
 
@@ -234,10 +237,12 @@ class ORWCFMTrainer:
         self.model.train()
         frozen = {}
         with self._autocast():
-            v = self.flow.velocity(self.forward, t, xt, *cond)
+            # the frozen ones first: a LoRA policy's last policy and EMA are swapped into its tensors in place, which
+            # must not happen between the policy's forward and its backward
             for name in self.objective.frozen:
                 with torch.no_grad(), getattr(self.weights, name)() as module:
                     frozen[name] = self.flow.velocity(module, t, xt, *cond)
+            v = self.flow.velocity(self.forward, t, xt, *cond)
         loss, parts = self.objective.loss(v, ut, frozen, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP / FSDP average the ranks' gradients: the whole batch's mean
@@ -264,8 +269,9 @@ class ORWCFMTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.weights.update_ema(cfg.ema_decay)
         self.step += 1
+        if self.objective.ema_updates == "step":
+            self.weights.update_ema(self.objective.ema_decay(self.step))
         seconds = time.perf_counter() - start
         return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
                 "samples_per_s": cfg.batch_size / seconds, "peak_memory_mb": self._peak_memory_mb()}

@@ -1,5 +1,6 @@
 """The orw-fast command line: help, errors for bad paths/options, and a tiny end-to-end run."""
 import json
+import math
 import re
 import struct
 import subprocess
@@ -415,3 +416,20 @@ def test_demo_help_says_the_demo_settings(capsys):
         main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "even: 16 epochs x 15 steps, batch 64, exp weights, tau 2.5, lr 0.001" in out
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_finetune_trains_with_another_objective(flow_checkpoint, tmp_path, objective):
+    """`--objective nft|awm` runs through the same command; awm's old policy needs --ema-decay, and without it the
+    command names the flag."""
+    common = ["--checkpoint", str(flow_checkpoint), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
+              "--sampler-steps", "2", "--reward", "jpeg_compressibility", "--quiet", "--device", "cpu",
+              "--objective", objective, "--out", str(tmp_path / "ft")]
+    if objective == "awm":
+        proc = run_cli("finetune", *common)
+        assert proc.returncode == 1 and "--ema-decay must be > 0 with objective='awm'" in proc.stderr, proc.stderr
+        common += ["--ema-decay", "0.9"]
+    proc = run_cli("finetune", *common, "--nft-beta", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 1 and math.isfinite(row["loss"]) and "policy_loss" in row and "ess" not in row

@@ -6,18 +6,27 @@ import pytest
 import torch
 
 from orw_fast.config import ConfigError, TrainerConfig
-from orw_fast.objectives import OBJECTIVES, ORWCFMW2, Objective, group_ids, make_objective, register
-from orw_fast.ops import orw_cfm_w2_loss
+from orw_fast.objectives import (
+    OBJECTIVES,
+    ORWCFMW2,
+    Objective,
+    group_ids,
+    grouped_advantages,
+    make_objective,
+    register,
+)
+from orw_fast.ops import awm_loss, group_advantages, nft_loss, nft_optimality, orw_cfm_w2_loss
 from orw_fast.trainer import ORWCFMTrainer
 
 from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 
 def test_unknown_objectives_are_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"objective must be one of \('orw_cfm_w2',\), got 'nft'"):
-        make_objective("nft", TrainerConfig())
-    with pytest.raises(ConfigError, match=r"config.objective must be one of \('orw_cfm_w2',\), got 'nft'") as err:
-        TrainerConfig(objective="nft")
+    choices = r"\('awm', 'nft', 'orw_cfm_w2'\)"
+    with pytest.raises(ValueError, match=rf"objective must be one of {choices}, got 'ppo'"):
+        make_objective("ppo", TrainerConfig())
+    with pytest.raises(ConfigError, match=rf"config.objective must be one of {choices}, got 'ppo'") as err:
+        TrainerConfig(objective="ppo")
     assert err.value.key == "objective"
 
 
@@ -29,15 +38,22 @@ def test_register_checks_what_it_is_given():
         name = "bad"
         frozen = ("ema_teacher",)
 
-    with pytest.raises(ValueError, match=r"Bad.frozen must name velocities among \('reference', 'last_policy'\)"):
+    with pytest.raises(ValueError, match=r"Bad.frozen must name .* among \('reference', 'last_policy', 'ema'\)"):
         register(Bad)
+
+    class Sometimes(Objective):
+        name = "sometimes"
+        ema_updates = "epoch"
+
+    with pytest.raises(ValueError, match=r"Sometimes.ema_updates must be one of \('step', 'refresh'\), got 'epoch'"):
+        register(Sometimes)
 
     class Twin(ORWCFMW2):
         pass
 
     with pytest.raises(ValueError, match="an objective named 'orw_cfm_w2' is already registered"):
         register(Twin)
-    assert "bad" not in OBJECTIVES and OBJECTIVES["orw_cfm_w2"] is ORWCFMW2
+    assert "bad" not in OBJECTIVES and "sometimes" not in OBJECTIVES and OBJECTIVES["orw_cfm_w2"] is ORWCFMW2
 
 
 def test_orw_cfm_w2_is_the_default_and_calls_the_fused_op():
@@ -107,3 +123,221 @@ def test_a_new_objective_trains_through_the_same_step(tmp_path, base_model, grou
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     # a conditional model's batch: the groups are its prompts (gathered from every rank)
     assert trainer._prompt_groups(list("abcabcab")).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+# -- DiffusionNFT and AWM ------------------------------------------------------------------------------------------
+
+PAPER_OBJECTIVES = {"nft": {}, "awm": {"ema_decay": 0.9}}  # awm's old policy is the EMA of ema_decay
+
+
+def paper_trainer(tmp_path, base_model, objective, reward_fn=right_reward, **overrides):
+    config = toy_config(tmp_path, objective=objective, **{**PAPER_OBJECTIVES[objective], **overrides})
+    return ORWCFMTrainer(fresh(base_model), config, "cpu", reward_fn=reward_fn, callbacks=[])
+
+
+def test_grouped_advantages_are_the_ops_advantages_for_groups_in_any_order_and_of_any_size():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(12, generator=g)
+    blocks = torch.arange(12) // 4
+    torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5), group_advantages(rewards, 4, clip=1.5))
+    torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5, "batch"),
+                               group_advantages(rewards, 4, clip=1.5, std="batch"))
+    order = torch.randperm(12, generator=g)  # the same groups, shuffled: each sample keeps its advantage
+    torch.testing.assert_close(grouped_advantages(rewards[order], blocks[order], 1.5),
+                               group_advantages(rewards, 4, clip=1.5)[order])
+    ids = torch.tensor([0, 1, 0, 0, 2, 1, 0])  # sizes 4, 2, 1; a group of one has advantage 0
+    rewards = torch.tensor([1.0, 5.0, 2.0, 3.0, 7.0, 6.0, 4.0], dtype=torch.float64)
+    got = grouped_advantages(rewards, ids, 5.0)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got[[0, 2, 3, 6]], group_advantages(rewards[[0, 2, 3, 6]]))
+    torch.testing.assert_close(got[[1, 5]], group_advantages(rewards[[1, 5]]))
+    assert got[4] == 0
+    assert grouped_advantages(torch.full((5,), 0.1), torch.zeros(5, dtype=torch.int64), 5.0).tolist() == [0.0] * 5
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_the_reward_rises_on_the_toy(tmp_path, base_model, objective):
+    # 5 steps per sampling epoch: nft's old policy moves once per epoch, and the policy at most a bounded way from it
+    history = paper_trainer(tmp_path, base_model, objective).train(num_epochs=8, steps_per_epoch=5, progress=False)
+    first = sum(m["reward_mean"] for m in history[:5]) / 5
+    last = sum(m["reward_mean"] for m in history[-5:]) / 5
+    assert abs(first) < 1.0 and last > first + 1.0, (first, last)
+    assert list(history[0])[1:4] == ["loss", "policy_loss", "w2_loss"]
+
+
+@torch.no_grad()
+def mean_velocity_gap(trainer):
+    """mean (v_policy - v_ref)^2 on fixed points (t, x)."""
+    g = torch.Generator().manual_seed(1)
+    t, x = torch.rand(512, generator=g), torch.randn(512, 2, generator=g) * 2
+    return (trainer.model(t, x) - trainer.reference(t, x)).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_the_velocity_penalty_holds_the_policy_near_the_reference(tmp_path, base_model, objective):
+    gaps = {}
+    for alpha in (0.0, 30.0):
+        trainer = paper_trainer(tmp_path / str(alpha), base_model, objective, w2_coefficient=alpha)
+        trainer.train(num_epochs=2, steps_per_epoch=10, progress=False)
+        gaps[alpha] = mean_velocity_gap(trainer)
+    assert gaps[30.0] < 0.3 * gaps[0.0], gaps
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_a_constant_reward_gives_zero_advantage_and_a_finite_step(tmp_path, base_model, objective):
+    trainer = paper_trainer(tmp_path, base_model, objective, reward_fn=lambda x: torch.full((x.shape[0],), 0.3))
+    inputs = trainer.objective.sample_inputs(torch.full((8,), 0.3), torch.zeros(8, dtype=torch.int64))
+    assert inputs.tolist() == ([0.5] * 8 if objective == "nft" else [0.0] * 8)  # r = 1/2: as likely good as bad
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert trainer.step == 1 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if objective == "awm":  # A = 0 and the EMA is the policy: only the (zero) pull to the reference is left
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nft_turns_advantages_into_optimality_and_calls_the_fused_op():
+    config = TrainerConfig(objective="nft", nft_beta=0.3, w2_coefficient=0.2, advantage_clip=2.0)
+    objective = make_objective("nft", config)
+    assert objective.frozen == ("reference", "ema") and objective.grouped
+    g = torch.Generator().manual_seed(0)
+    rewards, groups = torch.randn(8, generator=g), torch.tensor([0, 1] * 4)
+    r = objective.sample_inputs(rewards, groups)
+    torch.testing.assert_close(r, nft_optimality(grouped_advantages(rewards, groups, 2.0), 2.0))
+    assert 0 <= r.min() < 0.5 < r.max() <= 1
+    v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
+    loss, parts = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, r)
+    torch.testing.assert_close(loss, nft_loss(v, u, v_old, v_ref, r, beta=0.3, alpha=0.2, backend="eager"))
+    assert list(parts) == ["policy_loss", "w2_loss"]
+    # the old policy's EMA decay: the reference code's schedule min(rate * step, max)
+    assert [objective.ema_decay(s) for s in (0, 100, 499, 500, 10**6)] == pytest.approx([0, 0.1, 0.499, 0.5, 0.5])
+
+
+def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema():
+    config = TrainerConfig(objective="awm", ema_decay=0.9, w2_coefficient=0.2, awm_old_coefficient=0.7)
+    objective = make_objective("awm", config)
+    assert objective.frozen == ("reference", "ema") and objective.grouped
+    g = torch.Generator().manual_seed(0)
+    rewards, groups = torch.randn(8, generator=g), torch.tensor([0, 1] * 4)
+    adv = objective.sample_inputs(rewards, groups)  # the published configs' global_std: the batch's std
+    torch.testing.assert_close(adv, grouped_advantages(rewards, groups, 5.0, "batch"))
+    per_group = TrainerConfig(objective="awm", ema_decay=0.9, advantage_std="group")
+    torch.testing.assert_close(make_objective("awm", per_group).sample_inputs(rewards, groups),
+                               grouped_advantages(rewards, groups, 5.0, "group"))
+    v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
+    loss, _ = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, adv)
+    torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7,
+                                              backend="eager"))
+    assert objective.ema_decay(7) == 0.9
+    without = make_objective("awm", TrainerConfig(objective="awm", awm_old_coefficient=0.0, w2_coefficient=0.2))
+    assert without.frozen == ("reference",)  # no old policy: no EMA needed
+    loss, _ = without.loss(v, u, {"reference": v_ref}, adv)
+    torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, backend="eager"))
+
+
+def test_the_nft_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(tmp_path, base_model):
+    trainer = paper_trainer(tmp_path, base_model, "nft", nft_decay_rate=0.25, nft_decay_max=0.6)
+    assert trainer.ema is not None  # made for the objective although ema_decay = 0
+    for decay in (0.5, 0.6):  # min(0.25 * steps, 0.6) after 2 and 4 steps
+        ema = [e.detach().double().clone() for e in trainer.ema.parameters()]
+        trainer.train_step()
+        trainer.train_step()
+        assert all(torch.equal(a, b.float()) for a, b in zip(trainer.ema.parameters(), ema))  # steps leave it
+        trainer.refresh_last_policy()  # the end of a sampling epoch
+        for got, e, p in zip(trainer.ema.parameters(), ema, trainer.model.parameters()):
+            torch.testing.assert_close(got.double(), decay * e + (1 - decay) * p.detach().double(),
+                                       rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_resume_continues_exactly(tmp_path, base_model, objective):
+    def losses(trainer, epochs):
+        return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=3, progress=False)]
+
+    settings = dict(batch_size=16, nft_decay_rate=0.2)
+    full_run = paper_trainer(tmp_path / "a", base_model, objective, **settings)
+    full = losses(full_run, 4)
+    first = paper_trainer(tmp_path / "b", base_model, objective, **settings)
+    part1 = losses(first, 2)
+    first.save_checkpoint(tmp_path / "b" / "interrupted.pt")
+    torch.manual_seed(999)
+    second = paper_trainer(tmp_path / "c", base_model, objective, **settings)
+    second.resume(tmp_path / "b" / "interrupted.pt")
+    assert part1 + losses(second, 4) == full
+    for module in ("model", "ema", "last_policy"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(second, module).parameters(),
+                                                     getattr(full_run, module).parameters())), module
+
+
+def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
+    cases = [
+        (dict(objective="nft", nft_beta=0.0), "nft_beta", r"config.nft_beta must be a finite number > 0, got 0.0"),
+        (dict(objective="nft", nft_beta=-1.0), "nft_beta", "a finite number > 0"),
+        (dict(objective="nft", advantage_clip=0.0), "advantage_clip", "a finite number > 0"),
+        (dict(objective="awm", advantage_std="prompt"), "advantage_std", r"None or one of \('group', 'batch'\)"),
+        (dict(objective="nft", nft_decay_max=1.0), "nft_decay_max", "a finite number >= 0 and < 1"),
+        (dict(objective="nft", ema_decay=0.9), "ema_decay", r"must be 0 with objective='nft' \(its old policy is the "
+                                                            "EMA"),
+        (dict(objective="awm"), "ema_decay", r"config.ema_decay must be > 0 with objective='awm' and "
+                                             r"awm_old_coefficient=1 \(the old policy is the policy's EMA; or set "
+                                             r"awm_old_coefficient=0\), got 0.0"),
+        (dict(objective="awm", ema_decay=0.9, awm_old_coefficient=-1.0), "awm_old_coefficient", ">= 0"),
+    ]
+    for settings, key, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            TrainerConfig(**settings)
+        assert err.value.key == key
+    TrainerConfig(objective="awm", awm_old_coefficient=0.0)  # no old policy, no EMA needed
+    TrainerConfig(nft_beta=0.0 + 1e-3, ema_decay=0.9)  # nft's settings do not concern the other objectives
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffusers(tmp_path, objective):
+    from test_text_to_image import PROMPTS, brightness, config, flow_of
+
+    from orw_fast.models.diffusers_flow import load_pipeline
+    from orw_fast.prompts import PromptSource
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
+
+    folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
+    flow = flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2))
+    trainer = ORWCFMTrainer(flow, config(tmp_path / "run", objective=objective, **PAPER_OBJECTIVES[objective]),
+                            "cpu", reward_fn=brightness, callbacks=[])
+    base = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if "lora" not in n}
+    lora = [p.detach().clone() for p in trainer.weights.trainable_parameters()]
+    history = [trainer.train_step() for _ in range(2)]
+    assert all(math.isfinite(m["loss"]) and m["w2_loss"] >= 0 for m in history), history
+    assert all(torch.equal(p, base[n]) for n, p in flow.transformer.named_parameters() if "lora" not in n)
+    assert any(not torch.equal(a, b) for a, b in zip(lora, trainer.weights.trainable_parameters()))
+    trainer.save_checkpoint(tmp_path / "run" / "last.pt")
+    pipe = load_pipeline(folders["sd3"])
+    pipe.load_lora_weights(tmp_path / "run" / "last_lora")
+    x = torch.randn(2, *flow.sample_shape(), generator=torch.Generator().manual_seed(6))
+    t, cond = torch.tensor([0.3, 0.7]), flow.conditions(PROMPTS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(flow.velocity(pipe.transformer, t, x, *cond),
+                                   flow.velocity(flow.transformer, t, x, *cond), rtol=0, atol=1e-5)
+
+
+def test_an_nft_lora_run_resumes_exactly(tmp_path):
+    """The old policy of a LoRA policy (its EMA tensors) is in the checkpoint: 2 + resume + 2 steps = 4 steps."""
+    from test_text_to_image import PROMPTS, brightness, config, flow_of
+
+    from orw_fast.prompts import PromptSource
+    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
+
+    folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
+
+    def run(folder, epochs, resume=None):
+        trainer = ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
+                                config(folder, objective="nft", nft_decay_rate=0.3), "cpu", reward_fn=brightness)
+        if resume:
+            trainer.resume(resume)
+        return [m["loss"] for m in trainer.train(epochs, 2, progress=False)], trainer
+
+    full, whole = run(tmp_path / "full", 2)
+    part1, _ = run(tmp_path / "part", 1)
+    torch.manual_seed(999)
+    part2, resumed = run(tmp_path / "resumed", 2, resume=tmp_path / "part" / "last.pt")
+    assert part1 + part2 == full
+    assert all(torch.equal(a, b) for a, b in zip(resumed.weights._ema, whole.weights._ema))

@@ -176,3 +176,21 @@ def test_lora_adapter_refuses_other_adapters_and_a_model_without_one():
         weights.check_states({k: v for k, v in states.items() if k != "ema"}, "ckpt")
     with pytest.raises(ValueError, match="no trainable"):
         LoraAdapter(Net().requires_grad_(False), ema=False)
+
+
+def test_the_ema_context_gives_the_ema_and_refuses_weights_without_one():
+    full = FullCopies(Net(), ema=True)
+    with full.ema() as module:
+        assert module is full.ema_module
+    weights = LoraAdapter(lora_net(), ema=True)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        before = weights.module(x)
+    nudge(weights.params)
+    policy = clones(weights.params)
+    with torch.no_grad(), weights.ema() as module:
+        torch.testing.assert_close(module(x), before, rtol=0, atol=0)  # the EMA: still the adapter at the start
+    assert_equal(weights.params, policy)
+    for without in (FullCopies(Net(), ema=False), LoraAdapter(lora_net(), ema=False)):
+        with pytest.raises(RuntimeError, match="these policy weights keep no EMA"), without.ema():
+            pass

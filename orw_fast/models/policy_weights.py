@@ -19,6 +19,8 @@ import torch
 
 from orw_fast import distributed as dist_utils
 
+_NO_EMA = "these policy weights keep no EMA (made with ema=False)"
+
 
 def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
@@ -50,6 +52,11 @@ class PolicyWeights:
 
     def last_policy(self):
         """Context manager yielding the module that computes the last policy's prediction (no grad)."""
+        raise NotImplementedError
+
+    def ema(self):
+        """Context manager yielding the module that computes the EMA's prediction (no grad); RuntimeError when the
+        weights keep no EMA."""
         raise NotImplementedError
 
     def refresh_last_policy(self) -> None:
@@ -97,6 +104,12 @@ class FullCopies(PolicyWeights):
     @contextlib.contextmanager
     def last_policy(self):
         yield self.last_policy_module
+
+    @contextlib.contextmanager
+    def ema(self):
+        if self.ema_module is None:
+            raise RuntimeError(_NO_EMA)
+        yield self.ema_module
 
     def refresh_last_policy(self) -> None:
         self.last_policy_module.load_state_dict(self.module.state_dict())
@@ -189,6 +202,11 @@ class LoraAdapter(PolicyWeights):
 
     def last_policy(self):
         return self._swapped(self._last)
+
+    def ema(self):
+        if self._ema is None:
+            raise RuntimeError(_NO_EMA)
+        return self._swapped(self._ema)
 
     def refresh_last_policy(self) -> None:
         _copy_all(self._last, self.params)

@@ -11,21 +11,37 @@ from typing import ClassVar
 
 import torch
 
-FROZEN_VELOCITIES = ("reference", "last_policy")  # the PolicyWeights context managers that give frozen modules
+FROZEN_VELOCITIES = ("reference", "last_policy", "ema")  # the PolicyWeights context managers giving frozen modules
+EMA_UPDATES = ("step", "refresh")  # when the trainer updates the EMA: after every step, or at last-policy refreshes
 
 
 class Objective:
     """The loss of a step. ``frozen``: the velocities it needs besides the policy's, computed without grad at the
-    same (t, x_t): "reference" (the pre-trained model, the W2 anchor) and/or "last_policy" (the policy that made the
-    rollouts). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages per prompt)."""
+    same (t, x_t): "reference" (the pre-trained model, the W2 anchor), "last_policy" (the policy that made the
+    rollouts) and/or "ema" (the policy's EMA, kept by the trainer whenever an objective names it, updated with
+    :meth:`ema_decay` after every step, or, with ``ema_updates = "refresh"``, whenever the last policy is
+    refreshed). ``grouped``: ``sample_inputs`` gets the prompt group of every sample (for advantages per prompt). An
+    instance may name fewer frozen velocities than its class (those its settings need)."""
 
     name: ClassVar[str]
     frozen: ClassVar[tuple[str, ...]] = ()
     grouped: ClassVar[bool] = False
+    ema_updates: ClassVar[str] = "step"  # when the EMA is updated: after every "step", or at every "refresh"
+    advantage_std: ClassVar[str] = "group"  # the normaliser of :meth:`advantages` when config.advantage_std is None
 
     def __init__(self, config):
-        """``config``: the trainer's TrainerConfig (already checked)."""
+        """``config``: the trainer's TrainerConfig (already checked, :meth:`check_config` included)."""
         self.config = config
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raises ConfigError naming the key when ``config``'s settings do not fit this objective (called by
+        TrainerConfig once every field is checked)."""
+
+    def ema_decay(self, step: int) -> float:
+        """The decay of an EMA update made after ``step`` updates of the policy (1 after the first):
+        ``config.ema_decay`` unless the objective schedules its own (its EMA is then its old policy)."""
+        return self.config.ema_decay
 
     def sample_inputs(self, rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """Per-sample inputs [N] (weights, advantages...) of the whole batch from its rewards [N] (every rank's,
@@ -33,6 +49,12 @@ class Objective:
         equal ids for equal prompts; else None). The same on every rank; each rank then takes its share, which moves
         with its samples under the coupling."""
         raise NotImplementedError
+
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """:func:`grouped_advantages` of the rewards with ``config.advantage_clip`` and ``config.advantage_std`` (or,
+        when that is None, this objective's ``advantage_std``)."""
+        cfg = self.config
+        return grouped_advantages(rewards, groups, cfg.advantage_clip, cfg.advantage_std or self.advantage_std)
 
     def input_metrics(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics of the whole batch's inputs [N]: name -> 0-dim tensor on their device (no host sync)."""
@@ -61,6 +83,8 @@ def register(cls: type[Objective]) -> type[Objective]:
     unknown = sorted(set(cls.frozen) - set(FROZEN_VELOCITIES))
     if unknown:
         raise ValueError(f"{cls.__name__}.frozen must name velocities among {FROZEN_VELOCITIES}, got {unknown}")
+    if cls.ema_updates not in EMA_UPDATES:
+        raise ValueError(f"{cls.__name__}.ema_updates must be one of {EMA_UPDATES}, got {cls.ema_updates!r}")
     if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
         raise ValueError(f"an objective named {cls.name!r} is already registered ({OBJECTIVES[cls.name].__name__})")
     OBJECTIVES[cls.name] = cls
@@ -72,6 +96,27 @@ def make_objective(name: str, config) -> Objective:
     if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
     return OBJECTIVES[name](config)
+
+
+def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float, std: str = "group",
+                       eps: float = 1e-4) -> torch.Tensor:
+    """:func:`orw_fast.ops.group_advantages` (A = (r - mean_g r) / (std + eps), population std of the group (``std=
+    "group"``) or of the whole batch ("batch"), 0 in a group of equal rewards, clamped to [-clip, clip]) over groups
+    given by ids [N] (int64, each < N, e.g. :func:`group_ids`) instead of consecutive blocks: the groups of a batch
+    of randomly drawn prompts need be neither consecutive nor of one size. Float64 inside, float32 out (float64 for
+    float64 rewards); no host sync."""
+    r, size = rewards.detach().double(), rewards.shape[0]
+
+    def per_group(values, reduce="sum"):
+        return r.new_zeros(size).scatter_reduce_(0, groups, values, reduce, include_self=False)
+
+    count = per_group(torch.ones_like(r))
+    centred = r - (per_group(r) / count.clamp(min=1))[groups]
+    spread = (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups] if std == "group" else \
+        r.std(correction=0)
+    constant = per_group(r, "amax")[groups] == per_group(r, "amin")[groups]
+    adv = torch.where(constant, torch.zeros_like(r), centred / (spread + eps)).clamp(-clip, clip)
+    return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
 
 
 def group_ids(prompts: list | None, size: int) -> torch.Tensor:
