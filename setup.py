@@ -4,6 +4,7 @@ Install with the torch already on the machine (the convention of torch extension
     pip install --no-build-isolation .
 Environment: ORW_FAST_CPU_ONLY=1 skips the CUDA kernels; TORCH_CUDA_ARCH_LIST (e.g. "9.0") picks the GPU archs.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -22,9 +23,7 @@ def build_extension():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", *openmp]
     with_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("ORW_FAST_CPU_ONLY", "0") != "1"
+        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("ORW_FAST_CPU_ONLY", "0") != "1"
     )
     if not with_cuda:
         return CppExtension("orw_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)

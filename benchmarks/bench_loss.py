@@ -21,6 +21,7 @@ With pytest-benchmark (the plain ``pytest`` run only collects tests/):
 
     pytest benchmarks/bench_loss.py --benchmark-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,14 @@ SIZES = {
 QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 # --triton-sweep: Triton launch configurations (elements per tile, tiles per program, warps) at the largest size
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
-BYTES_MODEL = ("(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
-               "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref)")
-SETTINGS = ("v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
-            "[0, 1]; awm signed advantages, alpha_old=1 with v_old; validate=False for every backend")
+BYTES_MODEL = (
+    "(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
+    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref)"
+)
+SETTINGS = (
+    "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
+    "[0, 1]; awm signed advantages, alpha_old=1 with v_old; validate=False for every backend"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +90,11 @@ def make_inputs(size, dtype: torch.dtype, device: torch.device, op: str = "orw_c
     [0, 1] for nft)."""
     gen = torch.Generator(device=device).manual_seed(0)
     tensors = [torch.randn(size, dtype=dtype, device=device, generator=gen) for _ in range(OPS[op][1])]
-    per_sample = torch.rand(size[0], device=device, generator=gen) if op == "nft" else \
-        torch.randn(size[0], device=device, generator=gen)
+    per_sample = (
+        torch.rand(size[0], device=device, generator=gen)
+        if op == "nft"
+        else torch.randn(size[0], device=device, generator=gen)
+    )
     return tensors[0].requires_grad_(), *tensors[1:], per_sample
 
 
@@ -125,8 +133,16 @@ def make_step(backend: str, *inputs, op: str = "orw_cfm_w2"):
 # Measurements
 
 
-def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int, warmup_s: float,
-             flush_l2: bool, op: str = "orw_cfm_w2") -> dict:
+def run_case(
+    backend: str,
+    size,
+    dtype: str,
+    device: torch.device,
+    repeats: int,
+    warmup_s: float,
+    flush_l2: bool,
+    op: str = "orw_cfm_w2",
+) -> dict:
     """One row of the table. A backend that fails (torch.compile, out of memory...) gets a
     "failed: ..." status instead of stopping the sweep."""
     numel, itemsize = math.prod(size), DTYPES[dtype].itemsize
@@ -137,8 +153,7 @@ def run_case(backend: str, size, dtype: str, device: torch.device, repeats: int,
         step()  # compiles for "compile"
         common.synchronize(device)
         first_call_s = time.perf_counter() - start
-        timing = common.time_ms(step, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3,
-                                flush_l2=flush_l2)
+        timing = common.time_ms(step, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3, flush_l2=flush_l2)
         peak = common.peak_extra_bytes(step, device)
     except Exception as err:  # reported in the table
         return {**row, "status": common.error_status(err)}
@@ -165,8 +180,13 @@ def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s:
         for block, tiles, warps in TRITON_SWEEP:
             triton_loss.CONFIG = triton_loss.LaunchConfig(block=block, tiles=tiles, num_warps=warps)
             row = run_case("triton", size, dtype, device, repeats, warmup_s, flush_l2)
-            rows.append({**row, "triton_config": f"{block}/{tiles}/{warps}",
-                         "triton_default": (block, tiles, warps) == (default.block, default.tiles, default.num_warps)})
+            rows.append(
+                {
+                    **row,
+                    "triton_config": f"{block}/{tiles}/{warps}",
+                    "triton_default": (block, tiles, warps) == (default.block, default.tiles, default.num_warps),
+                }
+            )
     finally:
         triton_loss.CONFIG = default
     return rows
@@ -174,8 +194,11 @@ def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s:
 
 def add_ratios(rows: list[dict], copy_gbs: float) -> None:
     """Speedups over eager and torch.compile of the same size and dtype, and % of the copy bandwidth."""
-    base = {(r["op"], tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"] for r in rows
-            if r["status"] == "ok" and "triton_config" not in r}
+    base = {
+        (r["op"], tuple(r["size"]), r["dtype"], r["backend"]): r["median_ms"]
+        for r in rows
+        if r["status"] == "ok" and "triton_config" not in r
+    }
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -190,13 +213,36 @@ def add_ratios(rows: list[dict], copy_gbs: float) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["op", "size", "dtype", "backend", "median ms", "IQR (q1..q3) ms", "GB/s", "% copy BW", "peak extra MB",
-              "peak / grad buf", "vs eager", "vs compile"]
+    header = [
+        "op",
+        "size",
+        "dtype",
+        "backend",
+        "median ms",
+        "IQR (q1..q3) ms",
+        "GB/s",
+        "% copy BW",
+        "peak extra MB",
+        "peak / grad buf",
+        "vs eager",
+        "vs compile",
+    ]
     keys = lambda r: [r["op"], size_id(r["size"]), r["dtype"], r["backend"]]  # noqa: E731
-    return common.results_table(header, rows, keys, lambda r: [
-        f"{r['median_ms']:.4f}", f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
-        f"{r['peak_extra_mb']:.2f}", f"{r['peak_extra_grad_bufs']:.2f}x", common.fmt("{:.2f}x", r["speedup_vs_eager"]),
-        common.fmt("{:.2f}x", r["speedup_vs_compile"])])
+    return common.results_table(
+        header,
+        rows,
+        keys,
+        lambda r: [
+            f"{r['median_ms']:.4f}",
+            f"{r['q1_ms']:.4f}..{r['q3_ms']:.4f}",
+            f"{r['gbps']:.1f}",
+            f"{r['pct_copy_bw']:.1f}",
+            f"{r['peak_extra_mb']:.2f}",
+            f"{r['peak_extra_grad_bufs']:.2f}x",
+            common.fmt("{:.2f}x", r["speedup_vs_eager"]),
+            common.fmt("{:.2f}x", r["speedup_vs_compile"]),
+        ],
+    )
 
 
 def format_sweep(rows: list[dict]) -> str:
@@ -206,17 +252,31 @@ def format_sweep(rows: list[dict]) -> str:
         group = [r for r in rows if r["dtype"] == dtype and r["status"] == "ok"]
         default = next((r["median_ms"] for r in group if r["triton_default"]), None)
         for r in sorted(group, key=lambda r: r["median_ms"]):
-            lines.append([size_id(r["size"]), dtype, r["triton_config"] + " (default)" * r["triton_default"],
-                          f"{r['median_ms']:.4f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
-                          common.fmt("{:.3f}x", default and default / r["median_ms"])])
-        lines += [[size_id(r["size"]), dtype, r["triton_config"], common.short_status(r["status"]), "", "", ""]
-                  for r in rows if r["dtype"] == dtype and r["status"] != "ok"]
+            lines.append(
+                [
+                    size_id(r["size"]),
+                    dtype,
+                    r["triton_config"] + " (default)" * r["triton_default"],
+                    f"{r['median_ms']:.4f}",
+                    f"{r['gbps']:.1f}",
+                    f"{r['pct_copy_bw']:.1f}",
+                    common.fmt("{:.3f}x", default and default / r["median_ms"]),
+                ]
+            )
+        lines += [
+            [size_id(r["size"]), dtype, r["triton_config"], common.short_status(r["status"]), "", "", ""]
+            for r in rows
+            if r["dtype"] == dtype and r["status"] != "ok"
+        ]
     return common.markdown_table(header, lines)
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
-    timing = ("one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
-              if meta["l2"] == "flush" else "each sample the mean of back-to-back calls lasting >= 2 ms")
+    timing = (
+        "one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
+        if meta["l2"] == "flush"
+        else "each sample the mean of back-to-back calls lasting >= 2 ms"
+    )
     lines = [
         *common.report_head(meta),
         f"- step: loss + loss.backward() + v.grad=None; {meta['settings']}",
@@ -224,15 +284,18 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; % copy BW = GB/s / the copy "
         "bandwidth above (a buffer far larger than the caches: inputs that stay in a cache can exceed 100 %); "
         "MB = 1e6 bytes",
-        f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; peak / grad buf = peak / (numel x itemsize)",
+        f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; "
+        "peak / grad buf = peak / (numel x itemsize)",
     ]
     lines += [f"- skipped: {name} ({why})" for name, why in meta["skipped_backends"].items()]
     main_rows = [r for r in rows if "triton_config" not in r]
     sweep = [r for r in rows if "triton_config" in r]
     text = "\n".join(lines) + "\n\n" + format_table(main_rows) + "\n"
     if sweep:
-        text += ("\n## Triton launch sweep (orw_fast.ops.triton.orw_cfm_w2.CONFIG: block, tiles, num_warps), fastest "
-                 "first\n\n" + format_sweep(sweep) + "\n")
+        text += (
+            "\n## Triton launch sweep (orw_fast.ops.triton.orw_cfm_w2.CONFIG: block, tiles, num_warps), fastest "
+            "first\n\n" + format_sweep(sweep) + "\n"
+        )
     return text
 
 
@@ -243,8 +306,15 @@ def plot(meta: dict, rows: list[dict]):
     fig, axes = common.new_figure(len(dtypes), f"{', '.join(ops)} loss fwd+bwd, {meta['device_name']}")
     for ax, dtype in zip(axes, dtypes):
         for op, backend in itertools.product(ops, BACKENDS):
-            pts = [(r["numel"], r["gbps"]) for r in rows if r["dtype"] == dtype and r["backend"] == backend
-                   and r["op"] == op and r["status"] == "ok" and "triton_config" not in r]
+            pts = [
+                (r["numel"], r["gbps"])
+                for r in rows
+                if r["dtype"] == dtype
+                and r["backend"] == backend
+                and r["op"] == op
+                and r["status"] == "ok"
+                and "triton_config" not in r
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=backend if len(ops) == 1 else f"{op} {backend}")
         ax.axhline(meta["hardware"]["copy_gbs"], color="gray", linestyle="--", label="copy bandwidth")
@@ -279,17 +349,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     common.add_common_args(parser)
     add = parser.add_argument
-    add("--dtypes", type=common.parse_list(tuple(DTYPES)), default=["fp32", "bf16"],
-        help="comma-separated, default fp32,bf16")
+    add(
+        "--dtypes",
+        type=common.parse_list(tuple(DTYPES)),
+        default=["fp32", "bf16"],
+        help="comma-separated, default fp32,bf16",
+    )
     add("--sizes", type=parse_sizes, help="comma-separated, e.g. 64x3x32x32,8x4x64x64")
-    add("--backends", type=common.parse_list(BACKENDS), default=list(BACKENDS), help="comma-separated subset, default all")
-    add("--ops", type=common.parse_list(tuple(OPS)), default=["orw_cfm_w2"],
-        help=f"comma-separated subset of {','.join(OPS)}, default orw_cfm_w2")
+    add(
+        "--backends",
+        type=common.parse_list(BACKENDS),
+        default=list(BACKENDS),
+        help="comma-separated subset, default all",
+    )
+    add(
+        "--ops",
+        type=common.parse_list(tuple(OPS)),
+        default=["orw_cfm_w2"],
+        help=f"comma-separated subset of {','.join(OPS)}, default orw_cfm_w2",
+    )
     add("--repeats", type=int, help="timed samples per case (default 50, 10 with --quick)")
-    add("--triton-sweep", action="store_true", help="also time the triton backend under each of "
-        f"{len(TRITON_SWEEP)} launch configurations (block, tiles, warps) at the largest size")
-    add("--l2", choices=("flush", "hot"), help="CUDA: flush L2 before every timed call (default) or time "
-        "back-to-back calls on a warm cache")
+    add(
+        "--triton-sweep",
+        action="store_true",
+        help="also time the triton backend under each of "
+        f"{len(TRITON_SWEEP)} launch configurations (block, tiles, warps) at the largest size",
+    )
+    add(
+        "--l2",
+        choices=("flush", "hot"),
+        help="CUDA: flush L2 before every timed call (default) or time back-to-back calls on a warm cache",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 2:
         parser.error("--repeats must be >= 2")
@@ -304,18 +394,32 @@ def main(argv=None) -> int:
     warmup_s = 0.05 if args.quick else 0.2
     l2 = "n/a" if device.type != "cuda" else (args.l2 or "flush")
     if args.dry_run:
-        return common.dry_run("loss", device, [(op, size_id(s), d, b) for op, s, d, b in
-                                               itertools.product(args.ops, sizes, args.dtypes, args.backends)])
+        return common.dry_run(
+            "loss",
+            device,
+            [(op, size_id(s), d, b) for op, s, d, b in itertools.product(args.ops, sizes, args.dtypes, args.backends)],
+        )
     name = (lambda op, b: b) if len(args.ops) == 1 else (lambda op, b: f"{op}/{b}")  # noqa: E731
-    skipped = {name(op, b): why for op, b in itertools.product(args.ops, args.backends)
-               if (why := skip_reason(b, device, op))}
-    cases = [(op, s, d, b) for op, s, d, b in itertools.product(args.ops, sizes, args.dtypes, args.backends)
-             if name(op, b) not in skipped]
+    skipped = {
+        name(op, b): why for op, b in itertools.product(args.ops, args.backends) if (why := skip_reason(b, device, op))
+    }
+    cases = [
+        (op, s, d, b)
+        for op, s, d, b in itertools.product(args.ops, sizes, args.dtypes, args.backends)
+        if name(op, b) not in skipped
+    ]
 
     hw = hardware.measure(device, args.quick)
-    meta = common.run_metadata(device, f"{', '.join(args.ops)} loss forward + backward", hardware=hw,
-                               settings=SETTINGS, repeats=repeats, l2=l2, bytes_model=BYTES_MODEL,
-                               skipped_backends=skipped)
+    meta = common.run_metadata(
+        device,
+        f"{', '.join(args.ops)} loss forward + backward",
+        hardware=hw,
+        settings=SETTINGS,
+        repeats=repeats,
+        l2=l2,
+        bytes_model=BYTES_MODEL,
+        skipped_backends=skipped,
+    )
     common.warn_if_loaded(meta)
     rows = []
     with tqdm(cases, unit="case") as bar:

@@ -25,13 +25,15 @@ with --quick.
     python benchmarks/bench_rollout_error.py --models digits --calls 10,20,100
     python benchmarks/bench_rollout_error.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +42,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import common, hardware
-from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, calls as model_calls, min_steps, time_grid
+from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, min_steps, time_grid
+from orw_fast.sampling import calls as model_calls
 
 MODELS = ("digits", "text_digits", "cifar10", "small")
 CALLS = (4, 8, 10, 16, 20, 24, 28, 32, 40, 48, 64, 100)
@@ -75,16 +78,24 @@ def load_model(name: str, device: torch.device) -> Subject:
 
         folder = pretrained_text_digits(default_cache_dir(), steps=AlignmentSettings.pretrain_steps)
         prompts = prompts_for()
-        flow = DiffusersFlowModel(folder, prompts, lora_rank=None, guidance_scale=AlignmentSettings.guidance_scale,
-                                  max_sequence_length=MAX_SEQUENCE_LENGTH)
+        flow = DiffusersFlowModel(
+            folder,
+            prompts,
+            lora_rank=None,
+            guidance_scale=AlignmentSettings.guidance_scale,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
         flow.prepare(device, ema=False)
         field = flow.rollout_field(flow.pipe.transformer.eval())
-        return Subject(field, tuple(flow.sample_shape()),
-                       lambda batch: flow.conditions([prompts[i % len(prompts)] for i in range(batch)]),
-                       {SCHEDULER_GRID: flow.times})
+        return Subject(
+            field,
+            tuple(flow.sample_shape()),
+            lambda batch: flow.conditions([prompts[i % len(prompts)] for i in range(batch)]),
+            {SCHEDULER_GRID: flow.times},
+        )
     if name == "digits":
-        from orw_fast.tasks.demo import DemoSettings, pretrained_digits
         from orw_fast.models.flow_model import infer_image_shape
+        from orw_fast.tasks.demo import DemoSettings, pretrained_digits
 
         model, _ = pretrained_digits(default_cache_dir(), steps=DemoSettings().pretrain_steps, device=device)
         return Subject(model.eval(), infer_image_shape(model), lambda batch: (), named_grids)
@@ -96,35 +107,50 @@ def baseline_of(model: str) -> tuple[str, str, int]:
     return ("euler", SCHEDULER_GRID, 100) if model == "text_digits" else BASELINE
 
 
-def measure(subject: Subject, x0: torch.Tensor, cond: tuple, ref: torch.Tensor, method: str, grid: str,
-            steps: int) -> dict:
+def measure(
+    subject: Subject, x0: torch.Tensor, cond: tuple, ref: torch.Tensor, method: str, grid: str, steps: int
+) -> dict:
     from orw_fast.metrics import w2_distance
     from orw_fast.sampling import sample
 
     x1 = sample(subject.field, x0, times=subject.grids[grid](steps), cond=cond, method=method, cuda_graph=False)
     rms = (x1 - ref).flatten(1).square().mean(dim=1).sqrt()
-    return {"method": method, "grid": grid, "steps": steps, "model_calls": model_calls(method, steps),
-            "rms_error": float(rms.median()), "rms_error_max": float(rms.max()), "w2": w2_distance(x1, ref),
-            "status": "ok"}
+    return {
+        "method": method,
+        "grid": grid,
+        "steps": steps,
+        "model_calls": model_calls(method, steps),
+        "rms_error": float(rms.median()),
+        "rms_error_max": float(rms.max()),
+        "w2": w2_distance(x1, ref),
+        "status": "ok",
+    }
 
 
 def cases(calls, grids=GRIDS, baseline=BASELINE) -> list[tuple[str, str, int]]:
     """(method, grid, steps) for every budget of model calls a method can spend exactly, and the baseline."""
-    return sorted({(m, g, s) for m, g, c in itertools.product(FIXED_STEP_METHODS, grids, calls)
-                   for s in range(min_steps(m), c + 1) if model_calls(m, s) == c} | {baseline})
+    return sorted(
+        {
+            (m, g, s)
+            for m, g, c in itertools.product(FIXED_STEP_METHODS, grids, calls)
+            for s in range(min_steps(m), c + 1)
+            if model_calls(m, s) == c
+        }
+        | {baseline}
+    )
 
 
 def grids_of(model: str) -> tuple[str, ...]:
     return (SCHEDULER_GRID,) if model == "text_digits" else GRIDS
 
 
-def run_model(name: str, device: torch.device, calls: list[int], batch: int, ref_tol: float, seed: int,
-              bar) -> tuple[list[dict], dict]:
+def run_model(
+    name: str, device: torch.device, calls: list[int], batch: int, ref_tol: float, seed: int, bar
+) -> tuple[list[dict], dict]:
     from orw_fast.sampling import sample
 
     subject = load_model(name, device)
-    x0 = torch.randn((batch, *subject.shape), device=device,
-                     generator=torch.Generator(device=device).manual_seed(seed))
+    x0 = torch.randn((batch, *subject.shape), device=device, generator=torch.Generator(device=device).manual_seed(seed))
     cond = subject.cond(batch)
     counter = {"calls": 0}
 
@@ -133,16 +159,28 @@ def run_model(name: str, device: torch.device, calls: list[int], batch: int, ref
         return subject.field(t, x, *c)
 
     ref = sample(counted, x0, cond=cond, method="dopri5", rtol=ref_tol, atol=ref_tol, cuda_graph=False)
-    info = {"model": name, "batch": batch, "reference_calls": counter["calls"],
-            "sample_rms": float(ref.flatten(1).square().mean(dim=1).sqrt().median())}
+    info = {
+        "model": name,
+        "batch": batch,
+        "reference_calls": counter["calls"],
+        "sample_rms": float(ref.flatten(1).square().mean(dim=1).sqrt().median()),
+    }
     rows = []
     for method, grid, steps in cases(calls, grids_of(name), baseline_of(name)):
         bar.set_postfix_str(f"{name} {method} {grid} {steps}")
         try:
             rows.append({"model": name, **measure(subject, x0, cond, ref, method, grid, steps)})
         except Exception as err:  # reported in the table
-            rows.append({"model": name, "method": method, "grid": grid, "steps": steps,
-                         "model_calls": model_calls(method, steps), "status": common.error_status(err)})
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "grid": grid,
+                    "steps": steps,
+                    "model_calls": model_calls(method, steps),
+                    "status": common.error_status(err),
+                }
+            )
         bar.update(1)
     return rows, info
 
@@ -162,9 +200,19 @@ def _worst_ratios(rows: list[dict]) -> list[tuple[int, float, dict]]:
     for (method, grid, steps), per_model in by_config.items():
         if set(per_model) == set(models):
             ratio = max(per_model[m][key] / base[m][key] for m in models for key in ERRORS)
-            out.append((model_calls(method, steps), ratio, {"method": method, "grid": grid, "steps": steps,
-                                                            "model_calls": model_calls(method, steps),
-                                                            "worst_error_vs_baseline": ratio}))
+            out.append(
+                (
+                    model_calls(method, steps),
+                    ratio,
+                    {
+                        "method": method,
+                        "grid": grid,
+                        "steps": steps,
+                        "model_calls": model_calls(method, steps),
+                        "worst_error_vs_baseline": ratio,
+                    },
+                )
+            )
     return sorted(out, key=lambda entry: entry[:2])
 
 
@@ -187,20 +235,31 @@ def nearest(rows: list[dict]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     header = ["model", "method", "grid", "steps", "model calls", "median RMS error", "max RMS error", "W2 to ref"]
     ordered = sorted(rows, key=lambda r: (r["model"], r["method"], r["grid"], r["model_calls"]))
-    return common.results_table(header, ordered,
-                                lambda r: [r["model"], r["method"], r["grid"], str(r["steps"]), str(r["model_calls"])],
-                                lambda r: [f"{r['rms_error']:.2e}", f"{r['rms_error_max']:.2e}", f"{r['w2']:.2e}"])
+    return common.results_table(
+        header,
+        ordered,
+        lambda r: [r["model"], r["method"], r["grid"], str(r["steps"]), str(r["model_calls"])],
+        lambda r: [f"{r['rms_error']:.2e}", f"{r['rms_error_max']:.2e}", f"{r['w2']:.2e}"],
+    )
 
 
 def _choice_lines(label: str, chosen: dict | None, near: list[dict]) -> list[str]:
     return [
-        f"- chosen{label}: " + ("none reaches the baseline's error" if chosen is None else
-                                f"**{chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps = "
-                                f"{chosen['model_calls']} model calls** (median RMS error, max RMS error and W2 at "
-                                f"most {chosen['worst_error_vs_baseline']:.2f}x the baseline's): the cheapest "
-                                "configuration as accurate as 100-step Euler"),
-        f"- closest{label} at " + ", ".join(f"{c['model_calls']} calls: {c['method']} {c['grid']} {c['steps']} steps "
-                                            f"({c['worst_error_vs_baseline']:.2f}x)" for c in near)
+        f"- chosen{label}: "
+        + (
+            "none reaches the baseline's error"
+            if chosen is None
+            else f"**{chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps = "
+            f"{chosen['model_calls']} model calls** (median RMS error, max RMS error and W2 at "
+            f"most {chosen['worst_error_vs_baseline']:.2f}x the baseline's): the cheapest "
+            "configuration as accurate as 100-step Euler"
+        ),
+        f"- closest{label} at "
+        + ", ".join(
+            f"{c['model_calls']} calls: {c['method']} {c['grid']} {c['steps']} steps "
+            f"({c['worst_error_vs_baseline']:.2f}x)"
+            for c in near
+        )
         + " (the worst of the three errors' ratios to the baseline's)",
     ]
 
@@ -209,14 +268,19 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     lines = [
         *common.report_head(meta),
         "- reference: torchdiffeq dopri5, rtol = atol = "
-        + f"{meta['ref_tol']:g}; " + "; ".join(
+        + f"{meta['ref_tol']:g}; "
+        + "; ".join(
             f"{m['model']}: batch {m['batch']}, {m['reference_calls']} model calls, sample RMS {m['sample_rms']:.3f}"
-            for m in meta["models"]),
+            for m in meta["models"]
+        ),
         "- median / max RMS error: per-sample RMS of x1 - x1_ref, median / max over the batch; W2: exact OT between "
         "the sets",
         "- baseline: 100 Euler steps (the official rollout; uniform grid, text_digits its scheduler's), "
-        + "; ".join(f"{r['model']} {r['rms_error']:.2e} / {r['rms_error_max']:.2e} / {r['w2']:.2e}" for r in rows
-                    if r["status"] == "ok" and (r["method"], r["grid"], r["steps"]) == baseline_of(r["model"])),
+        + "; ".join(
+            f"{r['model']} {r['rms_error']:.2e} / {r['rms_error_max']:.2e} / {r['w2']:.2e}"
+            for r in rows
+            if r["status"] == "ok" and (r["method"], r["grid"], r["steps"]) == baseline_of(r["model"])
+        ),
         *_choice_lines(f" ({', '.join(meta['chosen_over'])})", meta["chosen"], meta["nearest"]),
     ]
     for model, choice in meta.get("per_model", {}).items():
@@ -230,13 +294,24 @@ def plot(meta: dict, rows: list[dict]):
     fig, axes = common.new_figure(max(len(models), 1), f"rollout error against model calls, {meta['device_name']}")
     for ax, model in zip(axes, models):
         for method, grid in itertools.product(FIXED_STEP_METHODS, grids_of(model)):
-            pts = sorted((r["model_calls"], r["rms_error"]) for r in ok
-                         if r["model"] == model and r["method"] == method and r["grid"] == grid)
+            pts = sorted(
+                (r["model_calls"], r["rms_error"])
+                for r in ok
+                if r["model"] == model and r["method"] == method and r["grid"] == grid
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=f"{method}, {grid}",
-                        linestyle={"noise_dense": "--", "data_dense": ":", "both_dense": "-."}.get(grid, "-"))
-        base = [r["rms_error"] for r in ok
-                if r["model"] == model and (r["method"], r["grid"], r["steps"]) == baseline_of(model)]
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ms=3,
+                    label=f"{method}, {grid}",
+                    linestyle={"noise_dense": "--", "data_dense": ":", "both_dense": "-."}.get(grid, "-"),
+                )
+        base = [
+            r["rms_error"]
+            for r in ok
+            if r["model"] == model and (r["method"], r["grid"], r["steps"]) == baseline_of(model)
+        ]
         if base:
             ax.axhline(base[0], color="grey", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="model calls", ylabel="median RMS error vs dopri5", title=model)
@@ -249,8 +324,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser, dry_run=False)
     add = parser.add_argument
     add("--models", type=common.parse_list(MODELS), help="comma-separated (default digits,cifar10; --quick: small)")
-    add("--calls", type=common.parse_positive_ints, help=f"model-call budgets (default {','.join(map(str, CALLS))}; "
-        f"cifar10 {','.join(map(str, CIFAR_CALLS))})")
+    add(
+        "--calls",
+        type=common.parse_positive_ints,
+        help=f"model-call budgets (default {','.join(map(str, CALLS))}; cifar10 {','.join(map(str, CIFAR_CALLS))})",
+    )
     add("--batch", type=common.positive_int, help="samples per model (default digits 64, cifar10 4, small 16)")
     add("--ref-tol", type=float, default=1e-6, help="dopri5 rtol = atol of the reference (default 1e-6)")
     add("--seed", type=int, default=0)
@@ -265,12 +343,25 @@ def main(argv=None) -> int:
     models = args.models or (("small",) if args.quick else ("digits", "cifar10"))
     calls = args.calls or ((4, 8) if args.quick else CALLS)
     ref_tol = 1e-4 if args.quick and args.ref_tol == 1e-6 else args.ref_tol
-    meta = common.run_metadata(device, "rollout error against model calls", hardware=hardware.measure(device, args.quick),
-                               ref_tol=ref_tol, calls=list(calls))
+    meta = common.run_metadata(
+        device,
+        "rollout error against model calls",
+        hardware=hardware.measure(device, args.quick),
+        ref_tol=ref_tol,
+        calls=list(calls),
+    )
     common.warn_if_loaded(meta)
     rows, infos = [], []
-    total = sum(len(cases(calls if args.calls or args.quick or name != "cifar10" else CIFAR_CALLS, grids_of(name),
-                          baseline_of(name))) for name in models)
+    total = sum(
+        len(
+            cases(
+                calls if args.calls or args.quick or name != "cifar10" else CIFAR_CALLS,
+                grids_of(name),
+                baseline_of(name),
+            )
+        )
+        for name in models
+    )
     with tqdm(total=total, unit="case") as bar:
         for name in models:
             batch = args.batch or (4 if args.quick else BATCH[name])

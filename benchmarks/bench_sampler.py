@@ -21,6 +21,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 steps, batch 16, 64, 256. CPU defau
     python benchmarks/bench_sampler.py --quick         # smoke run
     pytest benchmarks/bench_sampler.py --benchmark-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,26 @@ from tqdm import tqdm
 from benchmarks import common, hardware
 from benchmarks.baselines.official_eager import euler_rollout
 
-VARIANTS = ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16", "ours_graph_bf16",
-            "ours_graph_compile_bf16", "ours_compile_fp32", "ours_channels_last_fp32")
+VARIANTS = (
+    "eager_fp32_loop",
+    "torchdiffeq_euler",
+    "ours_eager_fp32",
+    "ours_eager_bf16",
+    "ours_graph_bf16",
+    "ours_graph_compile_bf16",
+    "ours_compile_fp32",
+    "ours_channels_last_fp32",
+)
 DEFAULT_VARIANTS = {
     "cuda": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_bf16", "ours_graph_bf16", "ours_graph_compile_bf16"),
-    "cpu": ("eager_fp32_loop", "torchdiffeq_euler", "ours_eager_fp32", "ours_eager_bf16", "ours_compile_fp32",
-            "ours_channels_last_fp32"),
+    "cpu": (
+        "eager_fp32_loop",
+        "torchdiffeq_euler",
+        "ours_eager_fp32",
+        "ours_eager_bf16",
+        "ours_compile_fp32",
+        "ours_channels_last_fp32",
+    ),
 }
 BATCHES = {"cuda": (16, 64, 256), "cpu": (4, 16, 64)}
 STEPS = {"cuda": 100, "cpu": 10}
@@ -88,8 +103,9 @@ class Sampler:
             self.fn = fn
         else:
             graph = "graph" in variant
-            self.fn = lambda x0: sample(self.velocity_model, x0, steps=steps, method="euler", cuda_graph=graph,
-                                        autocast=self.autocast)
+            self.fn = lambda x0: sample(
+                self.velocity_model, x0, steps=steps, method="euler", cuda_graph=graph, autocast=self.autocast
+            )
 
     def __call__(self, x0):
         return self.fn(x0)
@@ -121,7 +137,9 @@ def graphed_forward_timing(model, x0: torch.Tensor, autocast, repeats: int) -> c
     return common.time_ms(graph.replay, x0.device, repeats=max(repeats, 20), warmup_calls=3, min_sample_s=0.01)
 
 
-def run_case(sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None, repeats: int) -> tuple[dict, torch.Tensor]:
+def run_case(
+    sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None, repeats: int
+) -> tuple[dict, torch.Tensor]:
     """Times one variant at one batch size; returns (row, its samples)."""
     device, batch = x0.device, x0.shape[0]
     row = {"batch": batch, "variant": sampler.variant, "steps": sampler.steps}
@@ -139,7 +157,8 @@ def run_case(sampler: Sampler, x0: torch.Tensor, reference: torch.Tensor | None,
     if resident_before is not None:
         row["resident_mb"] = (torch.cuda.memory_allocated(device) - resident_before) / 1e6
     row["rel_err_vs_fp32_loop"] = (
-        0.0 if reference is None else ((x1.float() - reference).norm() / reference.norm()).item())
+        0.0 if reference is None else ((x1.float() - reference).norm() / reference.norm()).item()
+    )
     if "graph" in sampler.variant:
         fwd = graphed_forward_timing(sampler.velocity_model, x0, sampler.autocast, repeats)
         row["forward_graph_ms"] = fwd.median
@@ -159,14 +178,41 @@ def add_ratios(rows: list[dict], flops_per_sample_step: int, matmul_tflops: floa
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["batch", "variant", "median ms", "IQR ms", "samples/s", "ms/step", "vs fp32 loop", "TFLOP/s",
-              "% matmul", "rel err", "first call s", "peak extra MB", "graph fwd ms", "replay / N fwd"]
-    return common.results_table(header, rows, lambda r: [str(r["batch"]), r["variant"]], lambda r: [
-        f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
-        f"{r['ms_per_step']:.3f}", common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
-        f"{r['model_tflops']:.3g}", f"{r['pct_matmul_rate']:.1f}", f"{r['rel_err_vs_fp32_loop']:.1e}",
-        f"{r['first_call_s']:.2f}", f"{r['peak_extra_mb']:.1f}",
-        common.fmt("{:.3f}", r.get("forward_graph_ms")), common.fmt("{:.3f}", r.get("replay_vs_n_forwards"))])
+    header = [
+        "batch",
+        "variant",
+        "median ms",
+        "IQR ms",
+        "samples/s",
+        "ms/step",
+        "vs fp32 loop",
+        "TFLOP/s",
+        "% matmul",
+        "rel err",
+        "first call s",
+        "peak extra MB",
+        "graph fwd ms",
+        "replay / N fwd",
+    ]
+    return common.results_table(
+        header,
+        rows,
+        lambda r: [str(r["batch"]), r["variant"]],
+        lambda r: [
+            f"{r['median_ms']:.2f}",
+            f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}",
+            f"{r['samples_per_s']:.1f}",
+            f"{r['ms_per_step']:.3f}",
+            common.fmt("{:.2f}x", r.get("speedup_vs_fp32_loop")),
+            f"{r['model_tflops']:.3g}",
+            f"{r['pct_matmul_rate']:.1f}",
+            f"{r['rel_err_vs_fp32_loop']:.1e}",
+            f"{r['first_call_s']:.2f}",
+            f"{r['peak_extra_mb']:.1f}",
+            common.fmt("{:.3f}", r.get("forward_graph_ms")),
+            common.fmt("{:.3f}", r.get("replay_vs_n_forwards")),
+        ],
+    )
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
@@ -179,7 +225,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "- vs fp32 loop: speedup over eager_fp32_loop at the same batch; rel err: ||x1 - x1_fp32_loop|| / "
         "||x1_fp32_loop|| from the same noise",
         f"- TFLOP/s: the model's {meta['flops_per_sample_step'] / 1e9:.3g} GFLOP per sample and step (FlopCounterMode) "
-        f"x batch x steps / median time; % matmul: of the {meta['hardware']['matmul_dtype']} matmul rate measured above",
+        f"x batch x steps / median time; % matmul: of the {meta['hardware']['matmul_dtype']} matmul rate measured "
+        "above",
         "- graph fwd ms: replay of one graph-captured model forward (bf16 autocast); replay / N fwd: the sampler's "
         "replay over N x that (1.00 = no overhead; target <= 1.05)",
         f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}",
@@ -189,11 +236,15 @@ def format_report(meta: dict, rows: list[dict]) -> str:
 
 
 def plot(meta: dict, rows: list[dict]):
-    fig, (ax_rate, ax_speed) = common.new_figure(2, f"Rollout sampler ({meta['model']}, {meta['steps']} Euler steps), "
-                                                    f"{meta['device_name']}")
+    fig, (ax_rate, ax_speed) = common.new_figure(
+        2, f"Rollout sampler ({meta['model']}, {meta['steps']} Euler steps), {meta['device_name']}"
+    )
     for variant in VARIANTS:
-        pts = [(r["batch"], r["samples_per_s"], r.get("speedup_vs_fp32_loop")) for r in rows
-               if r["variant"] == variant and r["status"] == "ok"]
+        pts = [
+            (r["batch"], r["samples_per_s"], r.get("speedup_vs_fp32_loop"))
+            for r in rows
+            if r["variant"] == variant and r["status"] == "ok"
+        ]
         if pts:
             batches, rates, speedups = zip(*pts)
             ax_rate.plot(batches, rates, marker="o", label=variant)
@@ -211,11 +262,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model", choices=tuple(common.BENCH_MODELS), help="default: cifar10 on cuda, small on cpu")
     add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 16,64,256; cpu 4,16,64)")
     add("--steps", type=common.positive_int, help="Euler steps (default cuda 100, cpu 10)")
-    add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} "
-        f"(default cuda: {','.join(DEFAULT_VARIANTS['cuda'])}; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})")
+    add(
+        "--variants",
+        type=common.parse_list(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)} "
+        f"(default cuda: {','.join(DEFAULT_VARIANTS['cuda'])}; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})",
+    )
     add("--repeats", type=common.positive_int, help="timed calls per case (default 5; 2 with --quick)")
-    add("--compile-mode", default=None, help="torch.compile mode of ours_graph_compile_bf16 (default: torch's "
-        "default; 'max-autotune-no-cudagraphs' autotunes)")
+    add(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of ours_graph_compile_bf16 (default: torch's "
+        "default; 'max-autotune-no-cudagraphs' autotunes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -234,17 +293,29 @@ def main(argv=None) -> int:
         variants.remove(BASELINE)
         variants.insert(0, BASELINE)
     if args.dry_run:
-        return common.dry_run("sampler", device, [(model_name, f"batch {b}", v, f"{steps} steps")
-                                                  for b, v in itertools.product(batches, requested)])
+        return common.dry_run(
+            "sampler",
+            device,
+            [(model_name, f"batch {b}", v, f"{steps} steps") for b, v in itertools.product(batches, requested)],
+        )
 
     model, shape, _ = common.make_model(model_name, device)
     model.eval()
     hw = hardware.measure(device, args.quick)
     flops = common.model_flops(model, shape, device)
-    meta = common.run_metadata(device, "rollout sampler", hardware=hw, model=model_name, image_shape=list(shape),
-                               parameters=common.parameter_count(model), flops_per_sample_step=flops, steps=steps,
-                               repeats=repeats,
-                               compile_mode=args.compile_mode, skipped_variants=skipped)
+    meta = common.run_metadata(
+        device,
+        "rollout sampler",
+        hardware=hw,
+        model=model_name,
+        image_shape=list(shape),
+        parameters=common.parameter_count(model),
+        flops_per_sample_step=flops,
+        steps=steps,
+        repeats=repeats,
+        compile_mode=args.compile_mode,
+        skipped_variants=skipped,
+    )
     common.warn_if_loaded(meta)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -258,7 +329,8 @@ def main(argv=None) -> int:
                 reference = None
             try:
                 sampler = samplers.get(variant) or samplers.setdefault(
-                    variant, Sampler(variant, model, steps, args.compile_mode))
+                    variant, Sampler(variant, model, steps, args.compile_mode)
+                )
                 row, x1 = run_case(sampler, x0, reference, repeats)
                 if variant == BASELINE:
                     reference = x1.float()

@@ -21,6 +21,7 @@ the peak extra memory of one call (CPU profiler).
     python benchmarks/bench_t2i.py --models tiny-sd3 --batches 4,8 --variants step_lora,step_full
     python benchmarks/bench_t2i.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,24 @@ MODELS = {  # name -> (kind, published architecture, resolution in pixels)
     "sd3.5-medium": ("sd3", True, 512),
     "flux-dev": ("flux", True, 512),
 }
-VARIANTS = ("rollout_eager", "rollout_graph", "rollout_compile", "step_lora", "step_full", "prompts_cached",
-            "prompts_encoded")
+VARIANTS = (
+    "rollout_eager",
+    "rollout_graph",
+    "rollout_compile",
+    "step_lora",
+    "step_full",
+    "prompts_cached",
+    "prompts_encoded",
+)
 DEFAULT_MODELS = {"cuda": ("sd3.5-medium", "flux-dev"), "cpu": ("tiny-sd3", "tiny-flux")}
 BATCHES = {"cuda": (4, 8), "cpu": (4, 16)}
 STEPS = {"cuda": 28, "cpu": 10}
 REPEATS = {"cuda": 5, "cpu": 5}
-PROMPTS = [f"a photo of a {color} {thing}" for color in ("red", "blue", "green", "black") for thing in
-           ("cat", "dog", "bird", "car", "house", "tree")]
+PROMPTS = [
+    f"a photo of a {color} {thing}"
+    for color in ("red", "blue", "green", "black")
+    for thing in ("cat", "dog", "bird", "car", "house", "tree")
+]
 FULL_FINETUNE_LIMIT = 3e9  # parameters: four copies and Adam's state of more do not fit one 141 GB GPU
 
 
@@ -77,8 +88,14 @@ def make_flow(model: str, device: torch.device, *, lora_rank: int | None, keep_t
     with warnings.catch_warnings(), _building(device if published else torch.device("cpu"), dtype):
         warnings.simplefilter("ignore")
         pipeline = tiny_pipeline(kind, published=published, sample_size=resolution)
-    return DiffusersFlowModel(pipeline, PROMPTS, lora_rank=lora_rank, resolution=resolution,
-                              max_sequence_length=77 if published else 16, keep_text_encoders=keep_text_encoders)
+    return DiffusersFlowModel(
+        pipeline,
+        PROMPTS,
+        lora_rank=lora_rank,
+        resolution=resolution,
+        max_sequence_length=77 if published else 16,
+        keep_text_encoders=keep_text_encoders,
+    )
 
 
 def brightness(images, prompts):
@@ -88,19 +105,29 @@ def brightness(images, prompts):
 def _trainer(flow, device, batch: int, steps: int, savedir: str):
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    config = TrainerConfig(batch_size=batch, sampler_steps=steps, sampler_method="euler", learning_rate=1e-4,
-                           grid_size=0, checkpoint_every=0, savedir=savedir, precision="bf16" if device.type == "cuda" else "fp32")
+    config = TrainerConfig(
+        batch_size=batch,
+        sampler_steps=steps,
+        sampler_method="euler",
+        learning_rate=1e-4,
+        grid_size=0,
+        checkpoint_every=0,
+        savedir=savedir,
+        precision="bf16" if device.type == "cuda" else "fp32",
+    )
     return ORWCFMTrainer(flow, config, device, reward_fn=brightness)
 
 
-def run_case(model: str, variant: str, batch: int, steps: int, lora_rank: int, repeats: int,
-             device: torch.device) -> dict:
+def run_case(
+    model: str, variant: str, batch: int, steps: int, lora_rank: int, repeats: int, device: torch.device
+) -> dict:
     row = {"model": model, "variant": variant, "batch": batch, "sampler_steps": steps}
     if variant == "rollout_graph" and device.type != "cuda":
         return {**row, "status": "skipped: CUDA graphs need a CUDA device"}
     full = variant == "step_full"
-    flow = make_flow(model, device, lora_rank=None if full else lora_rank,
-                     keep_text_encoders=variant == "prompts_encoded")
+    flow = make_flow(
+        model, device, lora_rank=None if full else lora_rank, keep_text_encoders=variant == "prompts_encoded"
+    )
     if full and common.parameter_count(flow.transformer) > FULL_FINETUNE_LIMIT:
         return {**row, "status": "skipped: full fine-tuning of this model does not fit one GPU"}
     with tempfile.TemporaryDirectory() as savedir:
@@ -110,8 +137,14 @@ def run_case(model: str, variant: str, batch: int, steps: int, lora_rank: int, r
         if variant.startswith("rollout"):
             cuda_graph = variant == "rollout_graph"
             module = torch.compile(flow.transformer) if variant == "rollout_compile" else flow.transformer
-            call = lambda: flow.generate(module, x0, prompts, steps=steps, cuda_graph=cuda_graph,  # noqa: E731
-                                         autocast=trainer.autocast_dtype)
+            call = lambda: flow.generate(
+                module,
+                x0,
+                prompts,
+                steps=steps,
+                cuda_graph=cuda_graph,  # noqa: E731
+                autocast=trainer.autocast_dtype,
+            )
         elif variant.startswith("step"):
             call = trainer.train_step
         elif variant == "prompts_cached":
@@ -139,12 +172,30 @@ def _encode(flow, prompts, device):
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["model", "variant", "batch", "median ms", "IQR ms", "samples/s", "trainable params", "peak alloc MB",
-              "peak extra MB"]
-    return common.results_table(header, rows, lambda r: [r["model"], r["variant"], str(r["batch"])], lambda r: [
-        f"{r['median_ms']:.2f}", f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}", f"{r['samples_per_s']:.1f}",
-        f"{r['trainable_parameters'] / 1e6:.3g}M", common.fmt("{:.0f}", r.get("peak_allocated_mb")),
-        f"{r['peak_extra_mb']:.1f}"])
+    header = [
+        "model",
+        "variant",
+        "batch",
+        "median ms",
+        "IQR ms",
+        "samples/s",
+        "trainable params",
+        "peak alloc MB",
+        "peak extra MB",
+    ]
+    return common.results_table(
+        header,
+        rows,
+        lambda r: [r["model"], r["variant"], str(r["batch"])],
+        lambda r: [
+            f"{r['median_ms']:.2f}",
+            f"{r['q1_ms']:.2f}..{r['q3_ms']:.2f}",
+            f"{r['samples_per_s']:.1f}",
+            f"{r['trainable_parameters'] / 1e6:.3g}M",
+            common.fmt("{:.0f}", r.get("peak_allocated_mb")),
+            f"{r['peak_extra_mb']:.1f}",
+        ],
+    )
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
@@ -178,8 +229,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
     add = parser.add_argument
-    add("--models", type=common.parse_list(tuple(MODELS)), help="comma-separated (default cuda: sd3.5-medium,flux-dev; "
-        "cpu: tiny-sd3,tiny-flux)")
+    add(
+        "--models",
+        type=common.parse_list(tuple(MODELS)),
+        help="comma-separated (default cuda: sd3.5-medium,flux-dev; cpu: tiny-sd3,tiny-flux)",
+    )
     add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 4,8; cpu 4,16)")
     add("--sampler-steps", type=common.positive_int, help="steps per rollout (default cuda 28, cpu 10)")
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
@@ -199,13 +253,24 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else REPEATS[kind])
     variants = args.variants or list(VARIANTS)
     if args.dry_run:
-        return common.dry_run("t2i", device, [(m, f"B={b}", v, f"{steps} steps") for m, b, v in
-                                              itertools.product(models, batches, variants)])
+        return common.dry_run(
+            "t2i",
+            device,
+            [(m, f"B={b}", v, f"{steps} steps") for m, b, v in itertools.product(models, batches, variants)],
+        )
     if kind == "cpu" and any(MODELS[m][1] for m in models):
         raise SystemExit("error: the published architectures need a GPU; use tiny-sd3 or tiny-flux on the CPU")
     hw = hardware.measure(device, args.quick)
-    meta = common.run_metadata(device, "text-to-image fine-tuning", hardware=hw, models=list(models), sampler_steps=steps,
-                               repeats=repeats, lora_rank=args.lora_rank, precision="bf16" if kind == "cuda" else "fp32")
+    meta = common.run_metadata(
+        device,
+        "text-to-image fine-tuning",
+        hardware=hw,
+        models=list(models),
+        sampler_steps=steps,
+        repeats=repeats,
+        lora_rank=args.lora_rank,
+        precision="bf16" if kind == "cuda" else "fp32",
+    )
     common.warn_if_loaded(meta)
     rows = []
     with tqdm(list(itertools.product(models, batches, variants)), unit="case") as bar:

@@ -31,6 +31,7 @@ settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,15 @@ from benchmarks import common, hardware
 
 VARIANTS = ("official_paired", "official_published", "orw_fast", "orw_fast_reuse2")
 EVEN_DIGITS = (0, 2, 4, 6, 8)
-METHOD = dict(weighting="exp", w2_coefficient=1.0, temperature=5.0, learning_rate=1e-3, batch_size=64,
-              grad_clip=1.0, warmup_steps=0)
+METHOD = dict(
+    weighting="exp",
+    w2_coefficient=1.0,
+    temperature=5.0,
+    learning_rate=1e-3,
+    batch_size=64,
+    grad_clip=1.0,
+    warmup_steps=0,
+)
 METHOD_OFFICIAL = {k: v for k, v in METHOD.items() if k != "weighting"}  # the official step always uses exp weights
 STEPS_PER_EPOCH = 5
 WINDOW = 10
@@ -109,22 +117,37 @@ class PhaseTimer:
         optimizer.register_step_post_hook(post)
 
 
-def make_trainer(variant: str, model, shape, reward: EvenReward, device: torch.device, seed: int, sampler_steps: int,
-                 overrides: dict):
+def make_trainer(
+    variant: str, model, shape, reward: EvenReward, device: torch.device, seed: int, sampler_steps: int, overrides: dict
+):
     """(trainer, refresh) for a variant; ``refresh()`` makes the last policy the policy. ``sampler_steps``: the
     official rollout's; ``overrides``: TrainerConfig values of orw_fast's (none: its defaults)."""
     if variant.startswith("official"):
         from benchmarks.baselines.official_eager import OfficialEagerTrainer
 
-        trainer = OfficialEagerTrainer(model, reward, image_shape=shape, device=device,
-                                       sampler_steps=sampler_steps, pair_weights=variant == "official_paired",
-                                       **METHOD_OFFICIAL)
+        trainer = OfficialEagerTrainer(
+            model,
+            reward,
+            image_shape=shape,
+            device=device,
+            sampler_steps=sampler_steps,
+            pair_weights=variant == "official_paired",
+            **METHOD_OFFICIAL,
+        )
         return trainer, trainer.update_last_policy
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
     extra = {"rollout_reuse": 2} if variant == "orw_fast_reuse2" else {}
-    config = TrainerConfig(**METHOD, seed=seed, grid_size=0, checkpoint_every=0, savedir="unused",
-                           precision="bf16" if device.type == "cuda" else "fp32", **extra, **overrides)
+    config = TrainerConfig(
+        **METHOD,
+        seed=seed,
+        grid_size=0,
+        checkpoint_every=0,
+        savedir="unused",
+        precision="bf16" if device.type == "cuda" else "fp32",
+        **extra,
+        **overrides,
+    )
     trainer = ORWCFMTrainer(model, config, device, reward_fn=reward)
     return trainer, trainer.refresh_last_policy
 
@@ -142,13 +165,30 @@ def evaluate(model, classifier, quality, shape, device: torch.device, n: int, st
     model.train(training)
     labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
     even = torch.isin(labels, torch.tensor(EVEN_DIGITS, device=device))
-    return {"eval_even_fraction": float(even.float().mean()), "class_entropy": class_entropy(labels, 10) + 0.0,
-            "even_entropy": class_entropy(labels[even], 10) + 0.0, "diversity": float(mean_pairwise_distance(x1)),
-            **quality(x1)}
+    return {
+        "eval_even_fraction": float(even.float().mean()),
+        "class_entropy": class_entropy(labels, 10) + 0.0,
+        "even_entropy": class_entropy(labels[even], 10) + 0.0,
+        "diversity": float(mean_pairwise_distance(x1)),
+        **quality(x1),
+    }
 
 
-def run_one(variant: str, seed: int, base, classifier, quality, device: torch.device, *, max_steps: int,
-            target: float, eval_samples: int, eval_steps: int, sampler_steps: int, overrides: dict) -> dict:
+def run_one(
+    variant: str,
+    seed: int,
+    base,
+    classifier,
+    quality,
+    device: torch.device,
+    *,
+    max_steps: int,
+    target: float,
+    eval_samples: int,
+    eval_steps: int,
+    sampler_steps: int,
+    overrides: dict,
+) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact-OT matcher draws its pairs from numpy's global RNG
     from orw_fast.models.flow_model import infer_image_shape
@@ -175,9 +215,18 @@ def run_one(variant: str, seed: int, base, classifier, quality, device: torch.de
     policy = trainer.model if hasattr(trainer, "model") else trainer.net_model
     split = {f"{phase}_ms": 1e3 * timer.seconds[phase] / steps for phase in PHASES[:2] + ("optimizer",)}
     split["loss_backward_ms"] = 1e3 * seconds / steps - sum(split.values())
-    return {"variant": variant, "seed": seed, "status": "ok", "reached": reached, "steps": steps, "seconds": seconds,
-            "ms_per_step": 1e3 * seconds / steps, "rolling_even_fraction": sum(window) / len(window), **split,
-            **evaluate(policy, classifier, quality, shape, device, eval_samples, eval_steps)}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "status": "ok",
+        "reached": reached,
+        "steps": steps,
+        "seconds": seconds,
+        "ms_per_step": 1e3 * seconds / steps,
+        "rolling_even_fraction": sum(window) / len(window),
+        **split,
+        **evaluate(policy, classifier, quality, shape, device, eval_samples, eval_steps),
+    }
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -188,9 +237,24 @@ def summarize(rows: list[dict]) -> list[dict]:
         runs = [r for r in rows if r["variant"] == variant and r["status"] == "ok"]
         if not runs:
             continue
-        med = {k: statistics.median(r[k] for r in runs) for k in
-               ("steps", "seconds", "ms_per_step", "class_entropy", "even_entropy", "diversity", "digits_fd",
-                "background", "eval_even_fraction", "rollout_ms", "reward_ms", "loss_backward_ms", "optimizer_ms")}
+        med = {
+            k: statistics.median(r[k] for r in runs)
+            for k in (
+                "steps",
+                "seconds",
+                "ms_per_step",
+                "class_entropy",
+                "even_entropy",
+                "diversity",
+                "digits_fd",
+                "background",
+                "eval_even_fraction",
+                "rollout_ms",
+                "reward_ms",
+                "loss_backward_ms",
+                "optimizer_ms",
+            )
+        }
         out.append({"variant": variant, "seeds": len(runs), "reached": sum(r["reached"] for r in runs), **med})
     base = next((s["seconds"] for s in out if s["variant"] == "official_paired"), None)
     for s in out:
@@ -199,32 +263,99 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
-    header = ["variant", "reached", "steps", "wall-clock s", "vs official_paired", "class entropy", "even entropy",
-              "diversity", "digits FD", "background", "even (eval)", "ms/step", "rollout ms", "reward ms",
-              "loss+bwd ms", "optim ms"]
+    header = [
+        "variant",
+        "reached",
+        "steps",
+        "wall-clock s",
+        "vs official_paired",
+        "class entropy",
+        "even entropy",
+        "diversity",
+        "digits FD",
+        "background",
+        "even (eval)",
+        "ms/step",
+        "rollout ms",
+        "reward ms",
+        "loss+bwd ms",
+        "optim ms",
+    ]
     b = meta["base"]
-    lines = [["base model (no fine-tuning)", "", "", "", "", f"{b['class_entropy']:.2f}", f"{b['even_entropy']:.2f}",
-              f"{b['diversity']:.2f}", f"{b['digits_fd']:.1f}", f"{b['background']:.0f}",
-              f"{b['eval_even_fraction']:.1%}", "", "", "", "", ""]]
-    lines += [[s["variant"], f"{s['reached']}/{s['seeds']}", f"{s['steps']:.0f}", f"{s['seconds']:.1f}",
-              common.fmt("{:.1f}x", s["speedup_vs_official_paired"]), f"{s['class_entropy']:.2f}",
-              f"{s['even_entropy']:.2f}", f"{s['diversity']:.2f}", f"{s['digits_fd']:.1f}", f"{s['background']:.0f}",
-              f"{s['eval_even_fraction']:.1%}", f"{s['ms_per_step']:.0f}",
-              f"{s['rollout_ms']:.0f}", f"{s['reward_ms']:.1f}", f"{s['loss_backward_ms']:.0f}",
-              f"{s['optimizer_ms']:.1f}"] for s in meta["summary"]]
+    lines = [
+        [
+            "base model (no fine-tuning)",
+            "",
+            "",
+            "",
+            "",
+            f"{b['class_entropy']:.2f}",
+            f"{b['even_entropy']:.2f}",
+            f"{b['diversity']:.2f}",
+            f"{b['digits_fd']:.1f}",
+            f"{b['background']:.0f}",
+            f"{b['eval_even_fraction']:.1%}",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    ]
+    lines += [
+        [
+            s["variant"],
+            f"{s['reached']}/{s['seeds']}",
+            f"{s['steps']:.0f}",
+            f"{s['seconds']:.1f}",
+            common.fmt("{:.1f}x", s["speedup_vs_official_paired"]),
+            f"{s['class_entropy']:.2f}",
+            f"{s['even_entropy']:.2f}",
+            f"{s['diversity']:.2f}",
+            f"{s['digits_fd']:.1f}",
+            f"{s['background']:.0f}",
+            f"{s['eval_even_fraction']:.1%}",
+            f"{s['ms_per_step']:.0f}",
+            f"{s['rollout_ms']:.0f}",
+            f"{s['reward_ms']:.1f}",
+            f"{s['loss_backward_ms']:.0f}",
+            f"{s['optimizer_ms']:.1f}",
+        ]
+        for s in meta["summary"]
+    ]
     runs = common.results_table(
-        ["variant", "seed", "reached", "steps", "wall-clock s", "class entropy", "even entropy", "diversity",
-         "digits FD", "even (eval)"], rows,
+        [
+            "variant",
+            "seed",
+            "reached",
+            "steps",
+            "wall-clock s",
+            "class entropy",
+            "even entropy",
+            "diversity",
+            "digits FD",
+            "even (eval)",
+        ],
+        rows,
         lambda r: [r["variant"], str(r["seed"])],
-        lambda r: [str(r["reached"]), str(r["steps"]), f"{r['seconds']:.1f}", f"{r['class_entropy']:.2f}",
-                   f"{r['even_entropy']:.2f}", f"{r['diversity']:.2f}", f"{r['digits_fd']:.1f}",
-                   f"{r['eval_even_fraction']:.1%}"])
+        lambda r: [
+            str(r["reached"]),
+            str(r["steps"]),
+            f"{r['seconds']:.1f}",
+            f"{r['class_entropy']:.2f}",
+            f"{r['even_entropy']:.2f}",
+            f"{r['diversity']:.2f}",
+            f"{r['digits_fd']:.1f}",
+            f"{r['eval_even_fraction']:.1%}",
+        ],
+    )
     text = [
         *common.report_head(meta),
         f"- task: even digits (the demo's cached models), reward P(even); target: rolling even fraction of the step's "
         f"rollouts >= {meta['target']} over {WINDOW} steps; at most {meta['max_steps']} steps "
         f"({meta['published_max_steps']} for official_published)",
-        "- method settings (every variant): " + ", ".join(f"{k} {v}" for k, v in METHOD.items())
+        "- method settings (every variant): "
+        + ", ".join(f"{k} {v}" for k, v in METHOD.items())
         + f", last policy refreshed every {STEPS_PER_EPOCH} steps; official rollouts: {meta['sampler_steps']} Euler "
         f"steps; orw_fast: {meta['orw_fast_sampler']}",
         "- wall-clock: the step loop until the target (rollouts and rewards included, evaluation excluded); "
@@ -265,11 +396,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add = parser.add_argument
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     add("--seeds", type=common.positive_int, default=3, help="seeds per variant (default 3)")
-    add("--published-seeds", type=common.positive_int, default=1,
-        help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)")
+    add(
+        "--published-seeds",
+        type=common.positive_int,
+        default=1,
+        help="seeds of official_published (default 1: it does not reach the target, and a run costs the full cap)",
+    )
     add("--max-steps", type=common.positive_int, default=300, help="cap per run (default 300)")
-    add("--published-max-steps", type=common.positive_int, default=50,
-        help="cap of official_published (default 50: official_paired reached the target in 56-75 steps)")
+    add(
+        "--published-max-steps",
+        type=common.positive_int,
+        default=50,
+        help="cap of official_published (default 50: official_paired reached the target in 56-75 steps)",
+    )
     add("--target", type=float, default=0.95, help="rolling even fraction to reach (default 0.95)")
     add("--sampler-steps", type=common.positive_int, default=100, help="the official rollout's Euler steps (100)")
     add("--eval-samples", type=common.positive_int, default=500)
@@ -285,8 +424,8 @@ def load_models(device: torch.device, quick: bool):
         torch.manual_seed(0)
         model, _ = make_flow_model((1, 8, 8), "digits")
         return model.to(device), DigitClassifier(image_shape=(1, 8, 8), num_classes=10).to(device).eval()
-    from orw_fast.tasks.demo import DemoSettings, pretrained_digits
     from orw_fast.pretrain import default_cache_dir
+    from orw_fast.tasks.demo import DemoSettings, pretrained_digits
 
     return pretrained_digits(default_cache_dir(), steps=DemoSettings().pretrain_steps, device=device)
 
@@ -297,8 +436,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     from orw_fast.config import TrainerConfig
-    from orw_fast.tasks.demo import DigitsQuality
     from orw_fast.models.flow_model import PixelFlowModel, infer_image_shape
+    from orw_fast.tasks.demo import DigitsQuality
 
     base, classifier = load_models(device, args.quick)
     quality = DigitsQuality(classifier)
@@ -307,11 +446,17 @@ def main(argv=None) -> int:
     max_steps = 3 if args.quick else args.max_steps
     published_max = 3 if args.quick else args.published_max_steps
     defaults = TrainerConfig()
-    meta = common.run_metadata(device, "time to target", hardware=hardware.measure(device, args.quick),
-                               target=args.target, max_steps=max_steps,
-                               published_max_steps=published_max, sampler_steps=args.sampler_steps,
-                               orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
-                               f"{PixelFlowModel.rollout_grid} grid")
+    meta = common.run_metadata(
+        device,
+        "time to target",
+        hardware=hardware.measure(device, args.quick),
+        target=args.target,
+        max_steps=max_steps,
+        published_max_steps=published_max,
+        sampler_steps=args.sampler_steps,
+        orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
+        f"{PixelFlowModel.rollout_grid} grid",
+    )
     meta["base"] = evaluate(base, classifier, quality, infer_image_shape(base), device, eval_samples, eval_steps)
     common.warn_if_loaded(meta)
     cases = [(v, s) for v in variants for s in range(args.published_seeds if v == "official_published" else args.seeds)]
@@ -320,11 +465,22 @@ def main(argv=None) -> int:
         for variant, seed in bar:
             bar.set_postfix_str(f"{variant} seed {seed}")
             try:
-                rows.append(run_one(variant, seed, base, classifier, quality, device,
-                                    max_steps=published_max if variant == "official_published" else max_steps,
-                                    target=args.target, eval_samples=eval_samples, eval_steps=eval_steps,
-                                    sampler_steps=2 if args.quick else args.sampler_steps,
-                                    overrides={"sampler_steps": 2} if args.quick else {}))
+                rows.append(
+                    run_one(
+                        variant,
+                        seed,
+                        base,
+                        classifier,
+                        quality,
+                        device,
+                        max_steps=published_max if variant == "official_published" else max_steps,
+                        target=args.target,
+                        eval_samples=eval_samples,
+                        eval_steps=eval_steps,
+                        sampler_steps=2 if args.quick else args.sampler_steps,
+                        overrides={"sampler_steps": 2} if args.quick else {},
+                    )
+                )
             except Exception as err:  # reported in the table
                 rows.append({"variant": variant, "seed": seed, "status": common.error_status(err)})
             common.free_memory(device)

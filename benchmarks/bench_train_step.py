@@ -20,6 +20,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 Euler steps, batch 64 and 128. CPU 
     python benchmarks/bench_train_step.py --quick     # smoke run
     pytest benchmarks/bench_train_step.py --benchmark-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,23 +58,40 @@ def make_trainer(variant: str, model, shape, batch: int, steps: int, precision: 
     if variant == BASELINE:
         from benchmarks.baselines.official_eager import OfficialEagerTrainer
 
-        trainer = OfficialEagerTrainer(model, jpeg_compressibility, image_shape=shape, batch_size=batch,
-                                       sampler_steps=steps, **HYPER)
+        trainer = OfficialEagerTrainer(
+            model, jpeg_compressibility, image_shape=shape, batch_size=batch, sampler_steps=steps, **HYPER
+        )
         return trainer, trainer.rollout
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    config = TrainerConfig(**HYPER, batch_size=batch, savedir=savedir, image_shape=shape, weighting="exp",
-                           coupling="ot" if variant == "ours_ot" else "independent", sampler_steps=steps,
-                           sampler_method="euler", sampler_grid="uniform",  # the official step's work
-                           precision=precision, compile=variant == "ours_compile", grid_size=0, checkpoint_every=0)
+    config = TrainerConfig(
+        **HYPER,
+        batch_size=batch,
+        savedir=savedir,
+        image_shape=shape,
+        weighting="exp",
+        coupling="ot" if variant == "ours_ot" else "independent",
+        sampler_steps=steps,
+        sampler_method="euler",
+        sampler_grid="uniform",  # the official step's work
+        precision=precision,
+        compile=variant == "ours_compile",
+        grid_size=0,
+        checkpoint_every=0,
+    )
     trainer = ORWCFMTrainer(model, config, reward_fn=jpeg_compressibility)
     return trainer, trainer.rollout
 
 
-def run_case(variant: str, base_model, shape, batch: int, steps: int, precision: str, repeats: int,
-             device: torch.device) -> dict:
-    row = {"batch": batch, "variant": variant, "sampler_steps": steps,
-           "precision": "fp32" if variant == BASELINE else precision}
+def run_case(
+    variant: str, base_model, shape, batch: int, steps: int, precision: str, repeats: int, device: torch.device
+) -> dict:
+    row = {
+        "batch": batch,
+        "variant": variant,
+        "sampler_steps": steps,
+        "precision": "fp32" if variant == BASELINE else precision,
+    }
     torch.manual_seed(0)
     np.random.seed(0)  # torchcfm's OT resampling draws from numpy's global RNG
     with tempfile.TemporaryDirectory() as savedir:
@@ -88,8 +106,9 @@ def run_case(variant: str, base_model, shape, batch: int, steps: int, precision:
         timing = common.time_wall_ms(trainer.train_step, device, repeats=repeats, warmup_calls=1)
         if device.type == "cuda":
             row["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
-        rollout_timing = common.time_wall_ms(lambda: rollout(batch), device, repeats=max(2, repeats // 2),
-                                             warmup_calls=0)
+        rollout_timing = common.time_wall_ms(
+            lambda: rollout(batch), device, repeats=max(2, repeats // 2), warmup_calls=0
+        )
         row["peak_extra_mb"] = common.peak_extra_bytes(trainer.train_step, device) / 1e6
     row.update(status="ok", **timing.summary())
     row["samples_per_s"] = batch / (timing.median * 1e-3)
@@ -109,14 +128,41 @@ def add_ratios(rows: list[dict], flops_per_sample: int, matmul_tflops: float) ->
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["batch", "variant", "precision", "median step ms", "IQR ms", "samples/s", "vs official", "TFLOP/s",
-              "% matmul", "rollout ms", "rollout share", "first step s", "peak alloc MB", "peak extra MB"]
-    return common.results_table(header, rows, lambda r: [str(r["batch"]), r["variant"]], lambda r: [
-        r["precision"], f"{r['median_ms']:.1f}", f"{r['q1_ms']:.1f}..{r['q3_ms']:.1f}", f"{r['samples_per_s']:.1f}",
-        common.fmt("{:.2f}x", r.get("speedup_vs_official")), f"{r['model_tflops']:.3g}",
-        f"{r['pct_matmul_rate']:.1f}", f"{r['rollout_ms']:.1f}",
-        f"{100 * r['rollout_share']:.0f} %", f"{r['first_call_s']:.2f}", common.fmt("{:.0f}", r.get("peak_allocated_mb")),
-        f"{r['peak_extra_mb']:.1f}"])
+    header = [
+        "batch",
+        "variant",
+        "precision",
+        "median step ms",
+        "IQR ms",
+        "samples/s",
+        "vs official",
+        "TFLOP/s",
+        "% matmul",
+        "rollout ms",
+        "rollout share",
+        "first step s",
+        "peak alloc MB",
+        "peak extra MB",
+    ]
+    return common.results_table(
+        header,
+        rows,
+        lambda r: [str(r["batch"]), r["variant"]],
+        lambda r: [
+            r["precision"],
+            f"{r['median_ms']:.1f}",
+            f"{r['q1_ms']:.1f}..{r['q3_ms']:.1f}",
+            f"{r['samples_per_s']:.1f}",
+            common.fmt("{:.2f}x", r.get("speedup_vs_official")),
+            f"{r['model_tflops']:.3g}",
+            f"{r['pct_matmul_rate']:.1f}",
+            f"{r['rollout_ms']:.1f}",
+            f"{100 * r['rollout_share']:.0f} %",
+            f"{r['first_call_s']:.2f}",
+            common.fmt("{:.0f}", r.get("peak_allocated_mb")),
+            f"{r['peak_extra_mb']:.1f}",
+        ],
+    )
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
@@ -130,7 +176,8 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"{meta['repeats']} steps after the first step (graph capture / compilation: 'first step s') and one more",
         "- vs official: samples/s over official_eager's at the same batch (target on GPU >= 3x, aim 4x); rollout ms: "
         "the rollout alone (median), its share of the step",
-        f"- TFLOP/s: {meta['flops_per_sample'] / 1e9:.4g} GFLOP per sample and step (FlopCounterMode: {meta['sampler_steps']} "
+        f"- TFLOP/s: {meta['flops_per_sample'] / 1e9:.4g} GFLOP per sample and step (FlopCounterMode: "
+        f"{meta['sampler_steps']} "
         "rollout forwards + policy forward and backward + reference forward) x batch / median step time; % matmul: of "
         f"the {meta['hardware']['matmul_dtype']} matmul rate measured above",
         "- peak alloc MB (CUDA): torch.cuda.max_memory_allocated over the timed steps (model, copies, optimizer state, "
@@ -153,8 +200,13 @@ def plot(meta: dict, rows: list[dict]):
         for bar, b in zip(bars, [b for b in batches if b in by_batch]):
             ratio = by_batch[b].get("speedup_vs_official")
             if ratio is not None:
-                ax.annotate(f"{ratio:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                            va="bottom", fontsize="small")
+                ax.annotate(
+                    f"{ratio:.1f}x",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                )
     ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set(ylabel="samples / s (training step)")
     ax.legend(fontsize="small")
@@ -168,8 +220,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model", choices=tuple(common.BENCH_MODELS), help="default: cifar10 on cuda, small on cpu")
     add("--batches", type=common.parse_positive_ints, help="comma-separated (default cuda 64,128; cpu 16,64)")
     add("--sampler-steps", type=common.positive_int, help="Euler steps per rollout (default cuda 100, cpu 10)")
-    add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)} "
-        f"(default cuda: all; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})")
+    add(
+        "--variants",
+        type=common.parse_list(VARIANTS),
+        help=f"comma-separated subset of {', '.join(VARIANTS)} "
+        f"(default cuda: all; cpu: {','.join(DEFAULT_VARIANTS['cpu'])})",
+    )
     add("--precision", choices=("fp32", "bf16", "fp16"), help="autocast of ours (default bf16 on cuda, fp32 on cpu)")
     add("--repeats", type=common.positive_int, help="timed steps per case (default cuda 8, cpu 7; 2 with --quick)")
     return parser.parse_args(argv)
@@ -188,8 +244,14 @@ def main(argv=None) -> int:
     precision = args.precision or PRECISION[kind]
     variants = args.variants or list(DEFAULT_VARIANTS[kind])
     if args.dry_run:
-        return common.dry_run("train_step", device, [(model_name, f"batch {b}", v, f"{steps} steps", precision)
-                                                     for b, v in itertools.product(batches, variants)])
+        return common.dry_run(
+            "train_step",
+            device,
+            [
+                (model_name, f"batch {b}", v, f"{steps} steps", precision)
+                for b, v in itertools.product(batches, variants)
+            ],
+        )
 
     from orw_fast.ops.orw_cfm_w2 import _resolve_backend
 
@@ -198,10 +260,20 @@ def main(argv=None) -> int:
     loss_backend = _resolve_backend("auto", device)  # what ORWCFMTrainer's fused loss runs on
     forward = common.model_flops(base_model, shape, device)
     flops = (steps + 1) * forward + common.model_flops(base_model, shape, device, backward=True)
-    meta = common.run_metadata(device, "ORW-CFM-W2 training step", hardware=hw, model=model_name,
-                               image_shape=list(shape), parameters=common.parameter_count(base_model),
-                               flops_per_sample=flops, sampler_steps=steps, repeats=repeats, precision=precision,
-                               loss_backend=loss_backend, hyper=HYPER)
+    meta = common.run_metadata(
+        device,
+        "ORW-CFM-W2 training step",
+        hardware=hw,
+        model=model_name,
+        image_shape=list(shape),
+        parameters=common.parameter_count(base_model),
+        flops_per_sample=flops,
+        sampler_steps=steps,
+        repeats=repeats,
+        precision=precision,
+        loss_backend=loss_backend,
+        hyper=HYPER,
+    )
     common.warn_if_loaded(meta)
     rows = []
     with tqdm(list(itertools.product(batches, variants)), unit="case") as bar:
@@ -227,8 +299,9 @@ PYTEST_DEVICE = torch.device(common.default_device())
 def test_train_step(benchmark, variant, tmp_path):
     device = PYTEST_DEVICE
     model, shape, _ = common.make_model(common.default_model(device), device)
-    trainer, _ = make_trainer(variant, model, shape, BATCHES[device.type][0], STEPS[device.type],
-                              PRECISION[device.type], str(tmp_path))
+    trainer, _ = make_trainer(
+        variant, model, shape, BATCHES[device.type][0], STEPS[device.type], PRECISION[device.type], str(tmp_path)
+    )
     trainer.train_step()  # capture / compile outside the timing
 
     def synced():

@@ -6,6 +6,7 @@ stay out of the numbers), time with CUDA events, repeat and report the median wi
 ``flush_l2`` each timed call starts from a cold L2 (a large buffer is zeroed before it, like
 ``triton.testing.do_bench``), so small inputs are not served from the cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -104,11 +105,21 @@ class Timing:
         return statistics.median(self.samples_ms)
 
     def summary(self) -> dict:
-        q1, _, q3 = statistics.quantiles(self.samples_ms, n=4, method="inclusive") if len(self.samples_ms) > 1 else (
-            self.samples_ms * 3)
-        return {"median_ms": self.median, "q1_ms": q1, "q3_ms": q3, "min_ms": min(self.samples_ms),
-                "max_ms": max(self.samples_ms), "samples": len(self.samples_ms),
-                "calls_per_sample": self.calls_per_sample, "l2_flushed": self.l2_flushed}
+        q1, _, q3 = (
+            statistics.quantiles(self.samples_ms, n=4, method="inclusive")
+            if len(self.samples_ms) > 1
+            else (self.samples_ms * 3)
+        )
+        return {
+            "median_ms": self.median,
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "min_ms": min(self.samples_ms),
+            "max_ms": max(self.samples_ms),
+            "samples": len(self.samples_ms),
+            "calls_per_sample": self.calls_per_sample,
+            "l2_flushed": self.l2_flushed,
+        }
 
 
 _FLUSH_BUFFERS: dict = {}
@@ -122,8 +133,16 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH_BUFFERS[device]
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup_s: float = 0.2,
-            warmup_calls: int = 3, min_sample_s: float = 0.0, flush_l2: bool = False) -> Timing:
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup_s: float = 0.2,
+    warmup_calls: int = 3,
+    min_sample_s: float = 0.0,
+    flush_l2: bool = False,
+) -> Timing:
     """Times ``fn()``: at least ``warmup_calls`` calls and ``warmup_s`` seconds of warm-up, then
     ``repeats`` samples. CUDA: events around the calls on the current stream. ``flush_l2`` (CUDA):
     every sample is one call after an L2 flush (the flush is outside the events). Otherwise a sample
@@ -198,17 +217,21 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                 profile_memory=True) as prof:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 PEAK_MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during one call minus memory_allocated before it",
-    "cpu": "peak of the running sum of the allocations/frees torch.profiler (profile_memory=True) records during one call",
+    "cpu": "peak of the running sum of the allocations/frees torch.profiler (profile_memory=True) records during one "
+    "call",
 }
 
 
@@ -312,15 +335,17 @@ def metadata_lines(meta: dict) -> list[str]:
     """The Markdown bullet lines every report starts with."""
     hw = meta.get("hardware") or {}
     lines = [
-        f"- date (UTC) {meta['date_utc']}, commit {meta['git_commit']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"CUDA {meta['cuda']}, python {meta['python']}",
+        f"- date (UTC) {meta['date_utc']}, commit {meta['git_commit']}, torch {meta['torch']}, "
+        f"triton {meta['triton']}, CUDA {meta['cuda']}, python {meta['python']}",
         f"- CPU count {meta['cpu_count']}, torch threads {meta['torch_threads']}, load average (1/5/15 min) "
         f"{meta['load_average_start']} at the start, {meta.get('load_average_end')} at the end",
         f"- command: `{meta['command']}`",
     ]
     if hw:
-        lines.append(f"- measured in this run: {hw['copy_gbs']:.4g} GB/s copy bandwidth ({hw['copy_method']}), "
-                     f"{hw['matmul_tflops']:.4g} TFLOP/s {hw['matmul_dtype']} matmul ({hw['matmul_method']})")
+        lines.append(
+            f"- measured in this run: {hw['copy_gbs']:.4g} GB/s copy bandwidth ({hw['copy_method']}), "
+            f"{hw['matmul_tflops']:.4g} TFLOP/s {hw['matmul_dtype']} matmul ({hw['matmul_method']})"
+        )
     return lines
 
 
@@ -366,14 +391,26 @@ def add_common_args(parser: argparse.ArgumentParser, *, plot: bool = True, dry_r
     """--device, --out, --quick, and --no-plot (with ``plot``) and --dry-run (with ``dry_run``: the script then
     returns :func:`dry_run` once its cases are known)."""
     add = parser.add_argument
-    add("--device", type=parse_device, default=default_device(),
-        help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    add("--out", type=Path, default=RESULTS_DIR, help="results folder; files go to OUT/<device-slug>/ "
-        "(default benchmarks/results)")
+    add(
+        "--device",
+        type=parse_device,
+        default=default_device(),
+        help="cpu or cuda[:N] (default: cuda when available, else cpu)",
+    )
+    add(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="results folder; files go to OUT/<device-slug>/ (default benchmarks/results)",
+    )
     add("--quick", action="store_true", help="smoke run at toy sizes; files get a _quick suffix")
     if dry_run:
-        add("--dry-run", action="store_true", help="check the arguments, print the cases and exit: nothing is "
-            "measured or written (run_gpu.sh --dry-run runs every stage so on the CPU)")
+        add(
+            "--dry-run",
+            action="store_true",
+            help="check the arguments, print the cases and exit: nothing is "
+            "measured or written (run_gpu.sh --dry-run runs every stage so on the CPU)",
+        )
     if plot:
         add("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
 
@@ -422,8 +459,9 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_results(out: Path, name: str, meta: dict, rows: list[dict], report: str, *, quick: bool,
-                  figure=None) -> list[Path]:
+def write_results(
+    out: Path, name: str, meta: dict, rows: list[dict], report: str, *, quick: bool, figure=None
+) -> list[Path]:
     """Writes OUT/<device-slug>/<name>_<date>_<commit>[_quick].{json,csv,md,png} atomically; returns the paths."""
     stem = f"{name}_{meta['date_utc'][:10]}_{meta['git_commit']}" + ("_quick" if quick else "")
     folder = Path(out) / meta["device_slug"]

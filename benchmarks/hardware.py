@@ -8,6 +8,7 @@ writes benchmarks/results/<device>/hardware_<date>_<commit>.{json,csv,md}:
 
     python benchmarks/hardware.py [--device cuda] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,21 @@ from benchmarks import common
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 MATMUL = {"cuda": (8192, torch.bfloat16), "cpu": (1024, torch.float32)}
 QUICK_COPY_BYTES, QUICK_MATMUL_N = 16 << 20, 256
-SMI_FIELDS = ("name", "driver_version", "pstate", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
-              "power.draw", "power.limit", "temperature.gpu", "utilization.gpu", "memory.used", "memory.total")
+SMI_FIELDS = (
+    "name",
+    "driver_version",
+    "pstate",
+    "clocks.sm",
+    "clocks.mem",
+    "clocks.max.sm",
+    "clocks.max.mem",
+    "power.draw",
+    "power.limit",
+    "temperature.gpu",
+    "utilization.gpu",
+    "memory.used",
+    "memory.total",
+)
 
 
 def nvidia_smi() -> dict | None:
@@ -39,8 +53,13 @@ def nvidia_smi() -> dict | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            [exe, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
         return {"error": str(err)}
     first = out.strip().splitlines()[0] if out.strip() else ""
@@ -49,10 +68,19 @@ def nvidia_smi() -> dict | None:
 
 def device_properties(device: torch.device) -> dict:
     if device.type != "cuda":
-        return {"name": common.device_name(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+        return {
+            "name": common.device_name(device),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        }
     p = torch.cuda.get_device_properties(device)
-    return {"name": p.name, "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count,
-            "l2_mb": getattr(p, "L2_cache_size", 0) / 2**20, "memory_gib": p.total_memory / 2**30}
+    return {
+        "name": p.name,
+        "capability": f"{p.major}.{p.minor}",
+        "multiprocessors": p.multi_processor_count,
+        "l2_mb": getattr(p, "L2_cache_size", 0) / 2**20,
+        "memory_gib": p.total_memory / 2**30,
+    }
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> float:
@@ -108,18 +136,34 @@ def main(argv=None) -> int:
     hw = measure(args.device, args.quick)
     meta = common.run_metadata(args.device, "device ceilings", hardware=hw)
     common.finish_metadata(meta)
-    rows = [{"quantity": "copy bandwidth", "value": hw["copy_gbs"], "unit": "GB/s", "method": hw["copy_method"]},
-            {"quantity": f"{hw['matmul_dtype']} matmul", "value": hw["matmul_tflops"], "unit": "TFLOP/s",
-             "method": hw["matmul_method"]}]
-    rows += [{"quantity": k, "value": v, "unit": "", "method": "device properties"}
-             for k, v in hw["device_properties"].items()]
+    rows = [
+        {"quantity": "copy bandwidth", "value": hw["copy_gbs"], "unit": "GB/s", "method": hw["copy_method"]},
+        {
+            "quantity": f"{hw['matmul_dtype']} matmul",
+            "value": hw["matmul_tflops"],
+            "unit": "TFLOP/s",
+            "method": hw["matmul_method"],
+        },
+    ]
+    rows += [
+        {"quantity": k, "value": v, "unit": "", "method": "device properties"}
+        for k, v in hw["device_properties"].items()
+    ]
     for when in ("before", "after"):
         for k, v in (hw[f"nvidia_smi_{when}"] or {}).items():
             rows.append({"quantity": f"nvidia-smi {k}", "value": v, "unit": "", "method": f"{when} the measurements"})
     table = common.markdown_table(
         ["quantity", "value", "unit", "method"],
-        [[r["quantity"], f"{r['value']:.4g}" if isinstance(r["value"], float) else r["value"], r["unit"], r["method"]]
-         for r in rows])
+        [
+            [
+                r["quantity"],
+                f"{r['value']:.4g}" if isinstance(r["value"], float) else r["value"],
+                r["unit"],
+                r["method"],
+            ]
+            for r in rows
+        ],
+    )
     report = f"# Device ceilings: {meta['device_name']}\n\n" + "\n".join(common.metadata_lines(meta)) + f"\n\n{table}\n"
     print(report)
     paths = common.write_results(args.out, "hardware", meta, rows, report, quick=args.quick)

@@ -11,6 +11,7 @@ Writes benchmarks/results/<folder>/nvcc_<date>_<commit>.{json,csv,md} and the ra
     python benchmarks/nvcc_report.py                          # sm_90 -> benchmarks/results/nvcc-sm90/
     python benchmarks/nvcc_report.py --arch sm_90a --folder my-gpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,14 @@ def nvcc_flags(arch: str, std: str) -> list[str]:
 
     number = arch.removeprefix("sm_")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
-    flags = [f"-std={std}", *cpp_extension.COMMON_NVCC_FLAGS, "-O3", "-lineinfo",
-             f"-gencode=arch=compute_{number},code={arch}", *(f"-I{p}" for p in includes)]
+    flags = [
+        f"-std={std}",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-O3",
+        "-lineinfo",
+        f"-gencode=arch=compute_{number},code={arch}",
+        *(f"-I{p}" for p in includes),
+    ]
     if not any(Path(p, "c10", "cuda", "impl", "cuda_cmake_macros.h").exists() for p in includes):
         flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # a CPU-only torch has no CUDA config header
     return flags
@@ -124,10 +131,16 @@ def parse_ptxas(log: str) -> dict[str, dict]:
             kernels[name] = {}
         elif m := re.search(r"Function properties for (\S+)", line):
             name = m.group(1)
-        elif name in kernels and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
-                                                 r"spill loads", line)):
-            kernels[name].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
-                                 spill_load_bytes=int(m.group(3)))
+        elif name in kernels and (
+            m := re.search(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+                r"spill loads",
+                line,
+            )
+        ):
+            kernels[name].update(
+                stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)), spill_load_bytes=int(m.group(3))
+            )
         elif name in kernels and (m := re.search(r"Used (\d+) registers", line)):
             kernels[name]["registers"] = int(m.group(1))
             b = re.search(r"used (\d+) barriers", line)
@@ -225,22 +238,48 @@ def report_source(source: Path, arch: str, nvcc: str, cuobjdump: str | None, wor
     for mangled in sorted(resources, key=lambda n: names[n]):
         res, acc = resources[mangled], accesses.get(mangled, {})
         loads, stores = acc.get("global_loads", {}), acc.get("global_stores", {})
-        rows.append({
-            "source": source.name, "kernel": names[mangled], "mangled": mangled, **res,
-            "warps_per_sm_by_registers": warps_per_sm(res.get("registers", 0)),
-            "global_loads": {str(k): v for k, v in loads.items()}, "global_stores": {str(k): v for k, v in stores.items()},
-            "local_accesses": acc.get("local"), "has_128bit_loads": loads.get(128, 0) > 0,
-        })
+        rows.append(
+            {
+                "source": source.name,
+                "kernel": names[mangled],
+                "mangled": mangled,
+                **res,
+                "warps_per_sm_by_registers": warps_per_sm(res.get("registers", 0)),
+                "global_loads": {str(k): v for k, v in loads.items()},
+                "global_stores": {str(k): v for k, v in stores.items()},
+                "local_accesses": acc.get("local"),
+                "has_128bit_loads": loads.get(128, 0) > 0,
+            }
+        )
     return rows, {"command": " ".join(cmd), "access_method": method, "ptxas_log": log}
 
 
 def format_report(meta: dict, rows: list[dict]) -> str:
-    header = ["kernel", "regs", "warps/SM", "stack B", "spill st/ld B", "smem B", "global loads", "global stores",
-              "local ld/st"]
-    lines = [[r["kernel"], r.get("registers", "?"), r["warps_per_sm_by_registers"], r.get("stack_bytes", "?"),
-              f"{r.get('spill_store_bytes', '?')}/{r.get('spill_load_bytes', '?')}", r.get("smem_bytes", "?"),
-              _widths(r["global_loads"]), _widths(r["global_stores"]), common.fmt("{}", r["local_accesses"])]
-             for r in rows]
+    header = [
+        "kernel",
+        "regs",
+        "warps/SM",
+        "stack B",
+        "spill st/ld B",
+        "smem B",
+        "global loads",
+        "global stores",
+        "local ld/st",
+    ]
+    lines = [
+        [
+            r["kernel"],
+            r.get("registers", "?"),
+            r["warps_per_sm_by_registers"],
+            r.get("stack_bytes", "?"),
+            f"{r.get('spill_store_bytes', '?')}/{r.get('spill_load_bytes', '?')}",
+            r.get("smem_bytes", "?"),
+            _widths(r["global_loads"]),
+            _widths(r["global_stores"]),
+            common.fmt("{}", r["local_accesses"]),
+        ]
+        for r in rows
+    ]
     spills = sum(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) for r in rows)
     vector = [r["kernel"] for r in rows if r["has_128bit_loads"]]
     expected = [r for r in rows if expects_128bit(r)]
@@ -265,7 +304,9 @@ def format_report(meta: dict, rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sm_90", help="sm_XX or sm_XXa (default sm_90)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="results root (default benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=common.RESULTS_DIR, help="results root (default benchmarks/results)"
+    )
     parser.add_argument("--folder", help="folder under --out (default nvcc-<arch without _>, e.g. nvcc-sm90)")
     parser.add_argument("--sources", type=Path, nargs="+", default=SOURCES, help="default: csrc/*.cu")
     args = parser.parse_args(argv)
@@ -286,11 +327,16 @@ def main(argv=None) -> int:
             details.append(info)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     meta = {
-        "benchmark": "nvcc resource report", "arch": args.arch, "sources": [Path(s).name for s in args.sources],
+        "benchmark": "nvcc resource report",
+        "arch": args.arch,
+        "sources": [Path(s).name for s in args.sources],
         "device_slug": args.folder or f"nvcc-{args.arch.replace('_', '')}",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": common.git_commit(), "torch": torch.__version__, "nvcc": nvcc,
-        "nvcc_version": version[-1] if version else "?", "cuobjdump": cuobjdump,
+        "git_commit": common.git_commit(),
+        "torch": torch.__version__,
+        "nvcc": nvcc,
+        "nvcc_version": version[-1] if version else "?",
+        "cuobjdump": cuobjdump,
         "access_method": details[0]["access_method"] if details else "?",
         "expect_128bit": EXPECT_128BIT,
         "flags": " ".join(f for f in details[0]["command"].split()[5:] if not f.startswith("-I")) if details else "",

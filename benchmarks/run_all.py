@@ -24,6 +24,7 @@ run cut short still leaves its results); --report sums up a folder filled by sev
     python benchmarks/run_all.py --stages sampler,train_step --archive /tmp/results.tar.gz
     python benchmarks/run_all.py --report benchmarks/results/nvidia-h100-80gb-hbm3   # no GPU needed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and this checkout's orw_fast importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,14 +48,40 @@ import torch
 from benchmarks import common
 
 ROOT = common.REPO_ROOT
-STAGES = ("build", "nvcc", "tests", "hardware", "loss", "sampler", "train_step", "t2i", "rollout_error",
-          "time_to_target")
+STAGES = (
+    "build",
+    "nvcc",
+    "tests",
+    "hardware",
+    "loss",
+    "sampler",
+    "train_step",
+    "t2i",
+    "rollout_error",
+    "time_to_target",
+)
 DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
-BENCH_SCRIPTS = {"hardware": "hardware.py", "loss": "bench_loss.py", "sampler": "bench_sampler.py",
-                 "train_step": "bench_train_step.py", "t2i": "bench_t2i.py", "rollout_error": "bench_rollout_error.py",
-                 "time_to_target": "bench_time_to_target.py"}
-TIMEOUT_S = {"build": 900, "nvcc": 600, "tests": 1200, "hardware": 300, "loss": 1200, "sampler": 1500,
-             "train_step": 1500, "t2i": 1500, "rollout_error": 1800, "time_to_target": 1800}
+BENCH_SCRIPTS = {
+    "hardware": "hardware.py",
+    "loss": "bench_loss.py",
+    "sampler": "bench_sampler.py",
+    "train_step": "bench_train_step.py",
+    "t2i": "bench_t2i.py",
+    "rollout_error": "bench_rollout_error.py",
+    "time_to_target": "bench_time_to_target.py",
+}
+TIMEOUT_S = {
+    "build": 900,
+    "nvcc": 600,
+    "tests": 1200,
+    "hardware": 300,
+    "loss": 1200,
+    "sampler": 1500,
+    "train_step": 1500,
+    "t2i": 1500,
+    "rollout_error": 1800,
+    "time_to_target": 1800,
+}
 # Named plans: stage -> (extra arguments, time limit in s), run in this order. "proof" (run_gpu.sh --quick) shows on
 # one GPU, in one 10-minute call (about 6-8 min on an H100/H200), that the CUDA and Triton paths work and how fast
 # they are: the build for the GPU's architecture, the GPU tests (fused ops against float64 in every dtype, graph
@@ -65,11 +92,33 @@ PLANS = {
         "build": ([], 240),
         "tests": (["-m", "gpu"], 150),
         "hardware": ([], 60),
-        "loss": (["--sizes", "256x4x128x128,256x4x256x256", "--dtypes", "fp32,bf16", "--backends",
-                  "eager,compile,native,triton", "--repeats", "20"], 150),
+        "loss": (
+            [
+                "--sizes",
+                "256x4x128x128,256x4x256x256",
+                "--dtypes",
+                "fp32,bf16",
+                "--backends",
+                "eager,compile,native,triton",
+                "--repeats",
+                "20",
+            ],
+            150,
+        ),
         "train_step": (["--batches", "64", "--repeats", "4"], 120),
-        "t2i": (["--models", "sd3.5-medium", "--batches", "4", "--variants", "rollout_eager,rollout_graph,step_lora",
-                 "--repeats", "3"], 150),
+        "t2i": (
+            [
+                "--models",
+                "sd3.5-medium",
+                "--batches",
+                "4",
+                "--variants",
+                "rollout_eager,rollout_graph,step_lora",
+                "--repeats",
+                "3",
+            ],
+            150,
+        ),
     },
 }
 
@@ -121,8 +170,15 @@ class Run:
         if self.args.dry_run:
             result.commands.append(" ".join(cmd))
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, env={**self.env, **(env or {})}, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                proc = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    timeout=timeout,
+                    env={**self.env, **(env or {})},
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
             except subprocess.TimeoutExpired:
                 return 124
             print(proc.stdout, end="", flush=True)
@@ -136,8 +192,9 @@ class Run:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                      env={**self.env, **(env or {})})
+                proc = subprocess.run(
+                    cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env={**self.env, **(env or {})}
+                )
                 rc = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = 124
@@ -191,15 +248,21 @@ def _has_cuda_kernel() -> bool:
 def stage_build(run: Run, result: StageResult) -> None:
     if run.device.type != "cuda":
         result.status = "skipped"
-        result.detail = "no CUDA device: the build for the GPU runs there (the CPU kernels are built by pip install -e .)"
+        result.detail = (
+            "no CUDA device: the build for the GPU runs there (the CPU kernels are built by pip install -e .)"
+        )
         return
     if _built_kernel_is_current():
         result.status, result.detail = "ok", "up to date: orw_fast._C has a CUDA kernel newer than every source"
         return
     arch = _arch_list(run.device)
     env = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
-    rc = run.command(result, [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-                              "-e", "."], run.timeout("build"), env)
+    rc = run.command(
+        result,
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."],
+        run.timeout("build"),
+        env,
+    )
     how = "pip install -e"
     if rc != 0 or not _has_cuda_kernel():  # e.g. pip refuses offline, or put the library elsewhere
         rc = run.command(result, [sys.executable, "setup.py", "build_ext", "--inplace"], run.timeout("build"), env)
@@ -215,8 +278,11 @@ def stage_nvcc(run: Run, result: StageResult) -> None:
         return
     first = re.split(r"[;\s]", _arch_list(run.device).strip())[0].removesuffix("+PTX")
     arch = "sm_" + first.replace(".", "") if run.device.type == "cuda" else "sm_90"
-    rc = run.command(result, [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out),
-                              "--folder", run.slug], run.timeout("nvcc"))
+    rc = run.command(
+        result,
+        [sys.executable, "benchmarks/nvcc_report.py", "--arch", arch, "--out", str(run.args.out), "--folder", run.slug],
+        run.timeout("nvcc"),
+    )
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     result.detail = headline("nvcc", run_results(run, "nvcc"))
 
@@ -224,17 +290,37 @@ def stage_nvcc(run: Run, result: StageResult) -> None:
 def stage_tests(run: Run, result: StageResult) -> None:
     selection = run.stage_args("tests")
     if run.args.dry_run:  # collect what the plan selects: the GPU tests exist here but skip
-        rc = run.command(result, [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                  "tests", *selection], run.timeout("tests"))
+        rc = run.command(
+            result,
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests", *selection],
+            run.timeout("tests"),
+        )
         counts = re.search(r"(\d+(?:/\d+)? tests? collected)", run.dry_run_output)
         result.status = "ok" if rc == 0 else "failed"
-        result.detail = (f"dry run: `pytest tests {' '.join(selection)}`: "
-                         f"{counts.group(1) if counts else 'no test collected'} (exit {rc}; they skip without CUDA)")
+        result.detail = (
+            f"dry run: `pytest tests {' '.join(selection)}`: "
+            f"{counts.group(1) if counts else 'no test collected'} (exit {rc}; they skip without CUDA)"
+        )
         return
     xml = run.folder / f"tests_{run.date}_{run.commit}{run.suffix}.xml"
     env = {"ORW_FAST_REQUIRE_NVCC": "1"} if run.device.type == "cuda" else {}
-    rc = run.command(result, [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests",
-                              *selection, f"--junitxml={xml}"], run.timeout("tests"), env)
+    rc = run.command(
+        result,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+            *selection,
+            f"--junitxml={xml}",
+        ],
+        run.timeout("tests"),
+        env,
+    )
     run.written.add(xml)
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     tail = (run.folder / result.log).read_text().splitlines()
@@ -246,20 +332,40 @@ def stage_bench(run: Run, result: StageResult) -> None:
     if run.args.dry_run and result.stage in NO_DRY_RUN:
         result.status, result.detail = "skipped", f"dry run: {BENCH_SCRIPTS[result.stage]} has no dry run"
         return
-    cmd = [sys.executable, f"benchmarks/{BENCH_SCRIPTS[result.stage]}", "--device", str(run.device),
-           "--out", str(run.args.out)] + (["--quick"] if run.args.quick else []) + run.stage_args(result.stage)
+    cmd = (
+        [
+            sys.executable,
+            f"benchmarks/{BENCH_SCRIPTS[result.stage]}",
+            "--device",
+            str(run.device),
+            "--out",
+            str(run.args.out),
+        ]
+        + (["--quick"] if run.args.quick else [])
+        + run.stage_args(result.stage)
+    )
     if result.stage == "loss" and run.device.type == "cuda" and not run.plan:
         cmd.append("--triton-sweep")
     rc = run.command(result, cmd + (["--dry-run"] if run.args.dry_run else []), run.timeout(result.stage))
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
-    result.detail = (f"dry run (exit {rc})" if run.args.dry_run else
-                     headline(result.stage, run_results(run, result.stage)))
+    result.detail = (
+        f"dry run (exit {rc})" if run.args.dry_run else headline(result.stage, run_results(run, result.stage))
+    )
 
 
 NO_DRY_RUN = ("rollout_error", "time_to_target")  # their scripts have no --dry-run
-STAGE_FUNCTIONS = {"build": stage_build, "nvcc": stage_nvcc, "tests": stage_tests, "hardware": stage_bench,
-                   "loss": stage_bench, "sampler": stage_bench, "train_step": stage_bench, "t2i": stage_bench,
-                   "rollout_error": stage_bench, "time_to_target": stage_bench}
+STAGE_FUNCTIONS = {
+    "build": stage_build,
+    "nvcc": stage_nvcc,
+    "tests": stage_tests,
+    "hardware": stage_bench,
+    "loss": stage_bench,
+    "sampler": stage_bench,
+    "train_step": stage_bench,
+    "t2i": stage_bench,
+    "rollout_error": stage_bench,
+    "time_to_target": stage_bench,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,12 +420,16 @@ def summarize_loss(data: dict) -> str:
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         largest = max(r["numel"] for r in rows if r["dtype"] == dtype)
         for backend in ("native", "triton"):
-            r = next((r for r in rows if r["dtype"] == dtype and r["numel"] == largest and r["backend"] == backend), None)
+            r = next(
+                (r for r in rows if r["dtype"] == dtype and r["numel"] == largest and r["backend"] == backend), None
+            )
             if r:
-                parts.append(f"{dtype} {backend} @{largest / 1e6:.1f}M: {r['pct_copy_bw']:.0f}% copy BW, "
-                             f"{common.fmt('{:.1f}x', r.get('speedup_vs_eager'))} eager, "
-                             f"{common.fmt('{:.2f}x', r.get('speedup_vs_compile'))} compile, "
-                             f"{r['peak_extra_grad_bufs']:.2f} grad bufs")
+                parts.append(
+                    f"{dtype} {backend} @{largest / 1e6:.1f}M: {r['pct_copy_bw']:.0f}% copy BW, "
+                    f"{common.fmt('{:.1f}x', r.get('speedup_vs_eager'))} eager, "
+                    f"{common.fmt('{:.2f}x', r.get('speedup_vs_compile'))} compile, "
+                    f"{r['peak_extra_grad_bufs']:.2f} grad bufs"
+                )
     sweep = [r for r in _ok(data["results"]) if "triton_config" in r]
     for dtype in dict.fromkeys(r["dtype"] for r in sweep):
         best = min((r for r in sweep if r["dtype"] == dtype), key=lambda r: r["median_ms"])
@@ -342,16 +452,22 @@ def summarize_sampler(data: dict) -> str:
 
 
 def summarize_train_step(data: dict) -> str:
-    parts = [f"batch {r['batch']} {r['variant']}: {r['samples_per_s']:.1f} samples/s, "
-             f"{common.fmt('{:.2f}x', r.get('speedup_vs_official'))} official"
-             for r in _ok(data["results"]) if r["variant"] != "official_eager"]
+    parts = [
+        f"batch {r['batch']} {r['variant']}: {r['samples_per_s']:.1f} samples/s, "
+        f"{common.fmt('{:.2f}x', r.get('speedup_vs_official'))} official"
+        for r in _ok(data["results"])
+        if r["variant"] != "official_eager"
+    ]
     return "; ".join(parts) + _failed(data)
 
 
 def summarize_t2i(data: dict) -> str:
-    parts = [f"{r['model']} B={r['batch']} {r['variant']}: {r['median_ms']:.1f} ms"
-             + common.fmt(", {:.0f} MB peak", r.get("peak_allocated_mb"))
-             for r in _ok(data["results"]) if r["variant"] in ("rollout_graph", "rollout_eager", "step_lora")]
+    parts = [
+        f"{r['model']} B={r['batch']} {r['variant']}: {r['median_ms']:.1f} ms"
+        + common.fmt(", {:.0f} MB peak", r.get("peak_allocated_mb"))
+        for r in _ok(data["results"])
+        if r["variant"] in ("rollout_graph", "rollout_eager", "step_lora")
+    ]
     return "; ".join(parts) + _failed(data)
 
 
@@ -359,22 +475,41 @@ def summarize_rollout_error(data: dict) -> str:
     chosen = data["metadata"].get("chosen")
     if chosen is None:
         return "no configuration reaches 100-step Euler's error" + _failed(data)
-    return (f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} "
-            f"steps ({chosen['model_calls']} model calls)" + _failed(data))
+    return (
+        f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} "
+        f"steps ({chosen['model_calls']} model calls)" + _failed(data)
+    )
 
 
 def summarize_time_to_target(data: dict) -> str:
-    parts = [f"{s['variant']}: {s['reached']}/{s['seeds']} reached, {s['seconds']:.0f} s"
-             + common.fmt(" ({:.1f}x)", s.get("speedup_vs_official_paired")) for s in data["metadata"]["summary"]]
+    parts = [
+        f"{s['variant']}: {s['reached']}/{s['seeds']} reached, {s['seconds']:.0f} s"
+        + common.fmt(" ({:.1f}x)", s.get("speedup_vs_official_paired"))
+        for s in data["metadata"]["summary"]
+    ]
     return "; ".join(parts) + _failed(data)
 
 
-RESULT_NAMES = {"nvcc": "nvcc", "hardware": "hardware", "loss": "loss", "sampler": "sampler",
-                "train_step": "train_step", "t2i": "t2i", "rollout_error": "rollout_error",
-                "time_to_target": "time_to_target"}
-SUMMARIES = {"nvcc": summarize_nvcc, "hardware": summarize_hardware, "loss": summarize_loss,
-             "sampler": summarize_sampler, "train_step": summarize_train_step, "t2i": summarize_t2i,
-             "rollout_error": summarize_rollout_error, "time_to_target": summarize_time_to_target}
+RESULT_NAMES = {
+    "nvcc": "nvcc",
+    "hardware": "hardware",
+    "loss": "loss",
+    "sampler": "sampler",
+    "train_step": "train_step",
+    "t2i": "t2i",
+    "rollout_error": "rollout_error",
+    "time_to_target": "time_to_target",
+}
+SUMMARIES = {
+    "nvcc": summarize_nvcc,
+    "hardware": summarize_hardware,
+    "loss": summarize_loss,
+    "sampler": summarize_sampler,
+    "train_step": summarize_train_step,
+    "t2i": summarize_t2i,
+    "rollout_error": summarize_rollout_error,
+    "time_to_target": summarize_time_to_target,
+}
 
 
 def headline(stage: str, data: dict | None) -> str:
@@ -398,18 +533,40 @@ def target_checks(results: dict[str, dict | None]) -> list[tuple[str, str, str]]
             if r.get("speedup_vs_eager") is not None:
                 checks.append((f"{name}: >= 5x eager", f"{r['speedup_vs_eager']:.2f}x", r["speedup_vs_eager"] >= 5))
             if r.get("speedup_vs_compile") is not None:
-                checks.append((f"{name}: >= 1.5x torch.compile", f"{r['speedup_vs_compile']:.2f}x",
-                               r["speedup_vs_compile"] >= 1.5))
-            checks.append((f"{name}: extra memory <= 1 grad buffer", f"{r['peak_extra_grad_bufs']:.2f}",
-                           r["peak_extra_grad_bufs"] <= 1.05))
+                checks.append(
+                    (
+                        f"{name}: >= 1.5x torch.compile",
+                        f"{r['speedup_vs_compile']:.2f}x",
+                        r["speedup_vs_compile"] >= 1.5,
+                    )
+                )
+            checks.append(
+                (
+                    f"{name}: extra memory <= 1 grad buffer",
+                    f"{r['peak_extra_grad_bufs']:.2f}",
+                    r["peak_extra_grad_bufs"] <= 1.05,
+                )
+            )
     if sampler := results.get("sampler"):
         for r in (r for r in _ok(sampler["results"]) if "replay_vs_n_forwards" in r):
-            checks.append((f"sampler batch {r['batch']} {r['variant']}: replay <= 1.05 x N graphed forwards",
-                           f"{r['replay_vs_n_forwards']:.3f}", r["replay_vs_n_forwards"] <= 1.05))
+            checks.append(
+                (
+                    f"sampler batch {r['batch']} {r['variant']}: replay <= 1.05 x N graphed forwards",
+                    f"{r['replay_vs_n_forwards']:.3f}",
+                    r["replay_vs_n_forwards"] <= 1.05,
+                )
+            )
     if train := results.get("train_step"):
-        for r in (r for r in _ok(train["results"]) if r.get("speedup_vs_official") and r["variant"] != "official_eager"):
-            checks.append((f"train step batch {r['batch']} {r['variant']}: >= 3x official (aim 4x)",
-                           f"{r['speedup_vs_official']:.2f}x", r["speedup_vs_official"] >= 3))
+        for r in (
+            r for r in _ok(train["results"]) if r.get("speedup_vs_official") and r["variant"] != "official_eager"
+        ):
+            checks.append(
+                (
+                    f"train step batch {r['batch']} {r['variant']}: >= 3x official (aim 4x)",
+                    f"{r['speedup_vs_official']:.2f}x",
+                    r["speedup_vs_official"] >= 3,
+                )
+            )
     return [(name, value, "met" if ok else "missed") for name, value, ok in checks]
 
 
@@ -425,25 +582,44 @@ def headline_rows(results: dict[str, dict | None]) -> list[list[str]]:
             case = {r["backend"]: r for r in ok if r["dtype"] == dtype and r["numel"] == largest}
             if "eager" in case and "native" in case:
                 e, n = case["eager"], case["native"]
-                rows.append(["loss fwd+bwd", f"{'x'.join(map(str, n['size']))} {dtype}", f"eager {e['median_ms']:.3f} ms",
-                             f"native {n['median_ms']:.3f} ms ({n['pct_copy_bw']:.0f} % of copy BW)",
-                             f"{n['speedup_vs_eager']:.1f}x"])
+                rows.append(
+                    [
+                        "loss fwd+bwd",
+                        f"{'x'.join(map(str, n['size']))} {dtype}",
+                        f"eager {e['median_ms']:.3f} ms",
+                        f"native {n['median_ms']:.3f} ms ({n['pct_copy_bw']:.0f} % of copy BW)",
+                        f"{n['speedup_vs_eager']:.1f}x",
+                    ]
+                )
     if sampler := results.get("sampler"):
         ok = _ok(sampler["results"])
         if ok:
             batch = max(r["batch"] for r in ok)
-            rows += _versus_baseline("rollout sampler", ok, batch, "eager_fp32_loop", "eager fp32 loop",
-                                     lambda best, batch=batch: f"batch {batch}, {best['steps']} Euler steps")
+            rows += _versus_baseline(
+                "rollout sampler",
+                ok,
+                batch,
+                "eager_fp32_loop",
+                "eager fp32 loop",
+                lambda best, batch=batch: f"batch {batch}, {best['steps']} Euler steps",
+            )
     if train := results.get("train_step"):
         ok = _ok(train["results"])
         for batch in sorted({r["batch"] for r in ok}):
-            rows += _versus_baseline("training step", ok, batch, "official_eager", "official eager",
-                                     lambda best, batch=batch: f"batch {batch}, {best['sampler_steps']}-step rollout")
+            rows += _versus_baseline(
+                "training step",
+                ok,
+                batch,
+                "official_eager",
+                "official eager",
+                lambda best, batch=batch: f"batch {batch}, {best['sampler_steps']}-step rollout",
+            )
     return rows
 
 
-def _versus_baseline(benchmark: str, rows: list[dict], batch: int, baseline: str, baseline_label: str,
-                     case: Callable[[dict], str]) -> list[list[str]]:
+def _versus_baseline(
+    benchmark: str, rows: list[dict], batch: int, baseline: str, baseline_label: str, case: Callable[[dict], str]
+) -> list[list[str]]:
     """One headline row at ``batch``: the ``baseline`` variant against the fastest of orw_fast's ("ours*")
     variants (none when either is missing)."""
     base = next((r for r in rows if r["batch"] == batch and r["variant"] == baseline), None)
@@ -451,16 +627,33 @@ def _versus_baseline(benchmark: str, rows: list[dict], batch: int, baseline: str
     if base is None or not ours:
         return []
     best = min(ours, key=lambda r: r["median_ms"])
-    return [[benchmark, case(best), f"{baseline_label} {base['samples_per_s']:.1f} samples/s",
-             f"{best['variant']} {best['samples_per_s']:.1f} samples/s", f"{base['median_ms'] / best['median_ms']:.2f}x"]]
+    return [
+        [
+            benchmark,
+            case(best),
+            f"{baseline_label} {base['samples_per_s']:.1f} samples/s",
+            f"{best['variant']} {best['samples_per_s']:.1f} samples/s",
+            f"{base['median_ms'] / best['median_ms']:.2f}x",
+        ]
+    ]
 
 
 def summary_text(title: str, header_lines: list[str], stages: list[dict], checks, results) -> str:
     rows = [[r["stage"], r["status"], f"{r['seconds']:.0f}", r["detail"].replace("|", "/")] for r in stages]
-    lines = [f"# {title}", "", *header_lines, "", common.markdown_table(["stage", "status", "seconds", "headline"], rows)]
+    lines = [
+        f"# {title}",
+        "",
+        *header_lines,
+        "",
+        common.markdown_table(["stage", "status", "seconds", "headline"], rows),
+    ]
     if headlines := headline_rows(results):
-        lines += ["", "## Headline", "",
-                  common.markdown_table(["benchmark", "case", "baseline", "orw_fast", "speedup"], headlines)]
+        lines += [
+            "",
+            "## Headline",
+            "",
+            common.markdown_table(["benchmark", "case", "baseline", "orw_fast", "speedup"], headlines),
+        ]
     if checks:
         lines += ["", "## Targets (issue 4)", "", common.markdown_table(["target", "measured", "result"], checks)]
     return "\n".join(lines) + "\n"
@@ -473,15 +666,31 @@ def write_summary(run: Run, results: list[StageResult], stages: list[str], start
     checks = target_checks(found) if run.device.type == "cuda" else []
     text = summary_text(
         f"Benchmark run: {common.device_name(run.device)}",
-        [f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
-         f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
-         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/"],
-        records, checks, found)
+        [
+            f"- started (UTC) {started}, commit {run.commit}, torch {torch.__version__}, triton "
+            f"{common.package_version('triton')}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}",
+            f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`; logs in logs/",
+        ],
+        records,
+        checks,
+        found,
+    )
     stem = f"run_{run.date}_{run.commit}{run.suffix}_{'-'.join(stages)}"
     path = common.write_text_atomic(run.folder / f"{stem}.md", text)
-    common.write_text_atomic(run.folder / f"{stem}.json", json.dumps(
-        {"started_utc": started, "commit": run.commit, "device": common.device_name(run.device),
-         "stages": records, "targets": checks}, indent=2) + "\n")
+    common.write_text_atomic(
+        run.folder / f"{stem}.json",
+        json.dumps(
+            {
+                "started_utc": started,
+                "commit": run.commit,
+                "device": common.device_name(run.device),
+                "stages": records,
+                "targets": checks,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     run.written.update({path, run.folder / f"{stem}.json"})
     print("\n" + text)
     return path
@@ -505,9 +714,14 @@ def write_report(folder: Path, quick: bool = False) -> Path:
     checks = target_checks(results) if any(m.get("device") == "cuda" for m in metas) else []
     text = summary_text(
         f"Benchmark results: {device}",
-        [f"- {folder}: the newest record of each stage (run_*.json) and the newest results of each benchmark; "
-         f"commit(s) {', '.join(commits) or 'unknown'}"],
-        [records[s] for s in STAGES if s in records], checks, results)
+        [
+            f"- {folder}: the newest record of each stage (run_*.json) and the newest results of each benchmark; "
+            f"commit(s) {', '.join(commits) or 'unknown'}"
+        ],
+        [records[s] for s in STAGES if s in records],
+        checks,
+        results,
+    )
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     name = f"summary_{date}_{'+'.join(commits) or 'unknown'}{'_quick' * quick}.md"
     path = common.write_text_atomic(folder / name, text)
@@ -522,23 +736,44 @@ def write_report(folder: Path, quick: bool = False) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--device", type=common.parse_device, default=common.default_device(),
-        help="cpu or cuda[:N] (default: cuda when available, else cpu)")
-    add("--stages", type=common.parse_list(STAGES), help=f"comma-separated subset of {','.join(STAGES)} "
-        "(default: all on cuda; hardware,loss,sampler,train_step,t2i on cpu)")
+    add(
+        "--device",
+        type=common.parse_device,
+        default=common.default_device(),
+        help="cpu or cuda[:N] (default: cuda when available, else cpu)",
+    )
+    add(
+        "--stages",
+        type=common.parse_list(STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)} "
+        "(default: all on cuda; hardware,loss,sampler,train_step,t2i on cpu)",
+    )
     add("--skip", type=common.parse_list(STAGES), default=[], help="stages to leave out")
     add("--out", type=Path, default=common.RESULTS_DIR, help="results root (default benchmarks/results)")
     add("--archive", type=Path, help="also pack this run's files into this .tar.gz, refreshed after every stage")
     add("--quick", action="store_true", help="benchmarks at toy sizes (smoke run)")
     add("--timeout-scale", type=float, default=1.0, help="multiplies every benchmark stage's time limit")
-    add("--plan", choices=tuple(PLANS), help="a named plan of stages, each with its own arguments and time limit "
+    add(
+        "--plan",
+        choices=tuple(PLANS),
+        help="a named plan of stages, each with its own arguments and time limit "
         "(proof: build, GPU tests, copy bandwidth, loss at 16M and 64M elements, training step, SD3.5-medium LoRA "
-        "step; what bash benchmarks/run_gpu.sh --quick runs)")
-    add("--dry-run", action="store_true", help="start every stage without measuring or writing anything: the "
+        "step; what bash benchmarks/run_gpu.sh --quick runs)",
+    )
+    add(
+        "--dry-run",
+        action="store_true",
+        help="start every stage without measuring or writing anything: the "
         "benchmarks check their arguments and list their cases, the tests are collected, the build and other CUDA "
-        "stages skip with a line saying why (checks a GPU plan on the CPU)")
-    add("--report", type=Path, metavar="FOLDER", help="run nothing: sum up a results folder filled by several runs "
-        "(e.g. benchmarks/results/<gpu>/ after a GPU run in parts) into summary_<date>_<commit>.md")
+        "stages skip with a line saying why (checks a GPU plan on the CPU)",
+    )
+    add(
+        "--report",
+        type=Path,
+        metavar="FOLDER",
+        help="run nothing: sum up a results folder filled by several runs "
+        "(e.g. benchmarks/results/<gpu>/ after a GPU run in parts) into summary_<date>_<commit>.md",
+    )
     args = parser.parse_args(argv)
     if args.report is not None and not args.report.is_dir():
         parser.error(f"--report {args.report}: no such folder")
@@ -554,20 +789,29 @@ def main(argv=None) -> int:
         write_report(args.report, args.quick)
         return 0
     device = args.device
-    stages = [s for s in (args.stages or list(PLANS.get(args.plan, ())) or DEFAULT_STAGES[device.type])
-              if s not in args.skip]
+    stages = [
+        s for s in (args.stages or list(PLANS.get(args.plan, ())) or DEFAULT_STAGES[device.type]) if s not in args.skip
+    ]
     if device.type != "cuda" and "build" in stages and not args.dry_run:
         print("note: the build stage is for CUDA devices (the CPU extension is built by pip install -e .); skipped")
         stages.remove("build")
     needs_kernel = {"tests", "loss", "sampler", "train_step"} & set(stages)
-    if device.type == "cuda" and needs_kernel and "build" not in stages + args.skip and not args.dry_run \
-            and not _has_cuda_kernel():
+    if (
+        device.type == "cuda"
+        and needs_kernel
+        and "build" not in stages + args.skip
+        and not args.dry_run
+        and not _has_cuda_kernel()
+    ):
         print("note: orw_fast._C has no CUDA kernel here yet: the build stage runs first")
         stages.insert(0, "build")
     run = Run(args, device)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    print(f"orw_fast benchmark run on {common.device_name(device)} ({run.slug}), commit {run.commit}: "
-          f"{', '.join(stages)} -> {run.folder}", flush=True)
+    print(
+        f"orw_fast benchmark run on {common.device_name(device)} ({run.slug}), commit {run.commit}: "
+        f"{', '.join(stages)} -> {run.folder}",
+        flush=True,
+    )
     results = []
     for i, stage in enumerate(stages, 1):
         print(f"[{i}/{len(stages)}] {stage} ...", end=" ", flush=True)

@@ -1,4 +1,5 @@
 """Shared pieces of the experiments: result files and plotting (the runs and sweeps are orw_fast.tasks.sweeps)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ from orw_fast.checkpoint import write_text_atomic
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -7,24 +7,25 @@ W2 to the reference model's samples (exact OT on the two sample sets, POT), and 
 to the held-out real digits and the background level (orw_fast.tasks.demo.DigitsQuality). Epoch 0 is the reference
 itself drawn from other noise: its W2 is the estimator's floor at this sample size.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from experiments.common import pyplot, write_results
-from orw_fast.tasks.demo import DigitsQuality, evaluate_digits, pretrained_digits
-from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.sampling import sample
+from orw_fast.tasks.demo import DigitsQuality, evaluate_digits, pretrained_digits
+from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
 from orw_fast.trainer import ORWCFMTrainer
 
 
@@ -55,8 +56,11 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=out, help="output folder (%(default)s)")
-    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in defaults.alphas),
-                        help="comma-separated W2 coefficients (%(default)s)")
+    parser.add_argument(
+        "--alphas",
+        default=",".join(f"{a:g}" for a in defaults.alphas),
+        help="comma-separated W2 coefficients (%(default)s)",
+    )
     parser.add_argument("--seeds", type=int, default=len(defaults.seeds), help="number of seeds (%(default)s)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="(%(default)s)")
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="(%(default)s)")
@@ -68,21 +72,36 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
         parser.error(f"--alphas must be comma-separated numbers, got {args.alphas!r}")
     if min(args.seeds, args.epochs, args.steps_per_epoch) < 1 or min(alphas) < 0:
         parser.error("--seeds, --epochs and --steps-per-epoch must be >= 1 and every alpha >= 0")
-    settings = dataclasses.replace(defaults, alphas=alphas, seeds=tuple(range(args.seeds)), epochs=args.epochs,
-                                   steps_per_epoch=args.steps_per_epoch)
+    settings = dataclasses.replace(
+        defaults,
+        alphas=alphas,
+        seeds=tuple(range(args.seeds)),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+    )
     print(format_table(run(settings, args.out, progress=not args.quiet), columns))
 
 
-def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: dict[str, str],
-              pareto: tuple[str, str, str, str], derive: Callable[[dict], dict] | None = None, out_dir=None,
-              cache_dir=None, progress: bool = True) -> dict:
+def run_sweep(
+    s: SweepSettings,
+    make_reward: Callable,
+    *,
+    name: str,
+    columns: dict[str, str],
+    pareto: tuple[str, str, str, str],
+    derive: Callable[[dict], dict] | None = None,
+    out_dir=None,
+    cache_dir=None,
+    progress: bool = True,
+) -> dict:
     """Runs every (alpha, seed) of ``s`` with the reward ``make_reward(classifier)`` and returns
     ``{"settings", "runs": {alpha: {seed: [per-epoch records]}}, "seconds"}``; ``derive(record)`` adds
     metrics computed from a record's others. With ``out_dir``: the final 64-sample grid of each alpha's
     first seed and of the reference, ``name``.json and the report of :func:`write_report` go there."""
     start = time.perf_counter()
-    base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu",
-                                         progress=progress)
+    base, classifier = pretrained_digits(
+        cache_dir or default_cache_dir(), steps=s.pretrain_steps, device="cpu", progress=progress
+    )
     reward_fn, quality = make_reward(classifier), DigitsQuality(classifier)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -93,8 +112,9 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
 
     @torch.no_grad()
     def evaluate(trainer: ORWCFMTrainer) -> dict:
-        stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps,
-                                    quality=quality)
+        stats, x1 = evaluate_digits(
+            trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps, quality=quality
+        )
         evaluate.last = x1
         record = {**stats, "reward": float(reward_fn(x1).mean()), "w2_to_reference": w2_distance(x1, reference)}
         return {**record, **derive(record)} if derive is not None else record
@@ -117,8 +137,7 @@ def run_sweep(s: SweepSettings, make_reward: Callable, *, name: str, columns: di
     return results
 
 
-METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference", "digits_fd",
-           "background")
+METRICS = ("reward", "even_fraction", "class_entropy", "diversity", "w2_to_reference", "digits_fd", "background")
 
 
 def final_summary(results: dict, metrics=METRICS) -> dict:
@@ -126,8 +145,9 @@ def final_summary(results: dict, metrics=METRICS) -> dict:
     summary = {}
     for alpha, by_seed in results["runs"].items():
         finals = [records[-1] for records in by_seed.values()]
-        summary[alpha] = {m: (float(np.mean([f[m] for f in finals])), float(np.std([f[m] for f in finals])))
-                          for m in metrics}
+        summary[alpha] = {
+            m: (float(np.mean([f[m] for f in finals])), float(np.std([f[m] for f in finals]))) for m in metrics
+        }
     return summary
 
 
@@ -163,8 +183,13 @@ def plot_pareto(results: dict, path, x: str, y: str, xlabel: str, ylabel: str) -
     for alpha, by_seed in results["runs"].items():
         points = [(r[-1][x], r[-1][y]) for r in by_seed.values()]
         ax.scatter(*zip(*points), s=14, alpha=0.5)
-        ax.annotate(f"α={alpha}", (summary[alpha][x][0], summary[alpha][y][0]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"α={alpha}",
+            (summary[alpha][x][0], summary[alpha][y][0]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.plot([summary[a][x][0] for a in summary], [summary[a][y][0] for a in summary], "k.-", lw=1)
     ax.set(xlabel=xlabel, ylabel=ylabel, title="final epoch, per alpha (dots: seeds)")
     fig.tight_layout()

@@ -8,21 +8,36 @@ Markdown table, the reward/diversity Pareto plot, per-epoch curves and sample gr
 
     python -m experiments.even_digits --out experiments/results/even_digits
 """
+
 from __future__ import annotations
 
 from experiments.digits import SweepSettings, run_sweep, sweep_cli
-from orw_fast.tasks.demo import EVEN_DIGITS
 from orw_fast.rewards import ClassifierReward
+from orw_fast.tasks.demo import EVEN_DIGITS
 
-COLUMNS = {"even_fraction": "even digits", "class_entropy": "class entropy (nats)", "diversity": "diversity",
-           "w2_to_reference": "W2 to reference", "digits_fd": "digits FD", "background": "background (0-255)"}
+COLUMNS = {
+    "even_fraction": "even digits",
+    "class_entropy": "class entropy (nats)",
+    "diversity": "diversity",
+    "w2_to_reference": "W2 to reference",
+    "digits_fd": "digits FD",
+    "background": "background (0-255)",
+}
 PARETO = ("even_fraction", "class_entropy", "fraction of even digits (reward)", "class entropy (nats, diversity)")
 
 
 def run(s: SweepSettings, out_dir=None, *, cache_dir=None, progress: bool = True) -> dict:
     """The sweep with the even-digit reward; writes its report into ``out_dir`` when given."""
-    return run_sweep(s, lambda classifier: ClassifierReward(classifier, EVEN_DIGITS), name="even_digits",
-                     columns=COLUMNS, pareto=PARETO, out_dir=out_dir, cache_dir=cache_dir, progress=progress)
+    return run_sweep(
+        s,
+        lambda classifier: ClassifierReward(classifier, EVEN_DIGITS),
+        name="even_digits",
+        columns=COLUMNS,
+        pareto=PARETO,
+        out_dir=out_dir,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
 
 
 def main(argv=None) -> None:

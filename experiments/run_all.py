@@ -9,6 +9,7 @@ slightly on the thread count: the committed ones are from 2 jobs of 1 thread.
 
     python -m experiments.run_all
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,8 +31,8 @@ from experiments import even_digits, jpeg_digits, text_alignment, toy_theory
 from experiments.common import write_results
 from experiments.digits import SweepSettings
 from orw_fast.cli import _POSITIVE_INT
-from orw_fast.tasks.demo import pretrained_digits
 from orw_fast.pretrain import default_cache_dir
+from orw_fast.tasks.demo import pretrained_digits
 
 
 def _toy(out: Path, progress: bool) -> None:
@@ -52,7 +53,11 @@ def _text(out: Path, progress: bool) -> None:
 
 #: The experiments, longest first (the order they are handed to the jobs), each a function of (out, progress).
 EXPERIMENTS: dict[str, Callable[[Path, bool], None]] = {
-    "even_digits": _even, "text_alignment": _text, "jpeg_digits": _jpeg, "toy_theory": _toy}
+    "even_digits": _even,
+    "text_alignment": _text,
+    "jpeg_digits": _jpeg,
+    "toy_theory": _toy,
+}
 
 
 def _set_threads(threads: int) -> None:
@@ -77,8 +82,9 @@ def run_in_job(fn: Callable[[], object], log: Path) -> dict:
         return {"seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), "pid": os.getpid()}
 
 
-def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int, threads: int,
-               progress: bool = True) -> dict[str, dict]:
+def run_stages(
+    stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int, threads: int, progress: bool = True
+) -> dict[str, dict]:
     """Runs each of ``stages`` (picklable callables, handed out in their order) in a fresh process of a pool of
     ``jobs``, each process with ``threads`` torch threads and its output in ``logs``/<name>.log; returns what
     ``run_in_job`` returned for each. When one fails, the others are stopped and a ``RuntimeError`` names it and
@@ -88,9 +94,15 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     done: dict[str, dict] = {}
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(jobs, initializer=_set_threads, initargs=(threads,), maxtasksperchild=1) as pool, \
-            tqdm(total=len(stages), desc="experiments", disable=not progress,
-                 bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}{postfix}]") as bar:
+    with (
+        ctx.Pool(jobs, initializer=_set_threads, initargs=(threads,), maxtasksperchild=1) as pool,
+        tqdm(
+            total=len(stages),
+            desc="experiments",
+            disable=not progress,
+            bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}{postfix}]",
+        ) as bar,
+    ):
         pending = {name: pool.apply_async(run_in_job, (fn, logs / f"{name}.log")) for name, fn in stages.items()}
         while pending:
             for name, result in list(pending.items()):
@@ -101,8 +113,9 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
                     done[name] = result.get()
                 except Exception as e:
                     pool.terminate()
-                    raise RuntimeError(f"experiment {name} failed ({type(e).__name__}: {e}); its output is in "
-                                       f"{logs / f'{name}.log'}") from e
+                    raise RuntimeError(
+                        f"experiment {name} failed ({type(e).__name__}: {e}); its output is in {logs / f'{name}.log'}"
+                    ) from e
                 bar.write(f"{name}: {done[name]['seconds']:.0f} s")
                 bar.update()
             bar.set_postfix_str(f"not done: {', '.join(pending)}" if pending else "")
@@ -113,8 +126,9 @@ def run_stages(stages: dict[str, Callable[[], object]], logs: Path, *, jobs: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/results", help="output folder (%(default)s)")
-    parser.add_argument("--jobs", type=_POSITIVE_INT, default=2,
-                        help="experiments run at once, one process each (%(default)s)")
+    parser.add_argument(
+        "--jobs", type=_POSITIVE_INT, default=2, help="experiments run at once, one process each (%(default)s)"
+    )
     parser.add_argument("--threads", type=_POSITIVE_INT, default=1, help="torch threads per job (%(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -127,10 +141,18 @@ def main(argv=None) -> None:
     ran = run_stages(stages, out / "logs", jobs=args.jobs, threads=args.threads, progress=progress)
     timing.update({name: ran[name]["seconds"] for name in EXPERIMENTS})
     timing["total"] = round(time.perf_counter() - start, 1)
-    write_results(out / "timing.json", {
-        "seconds": timing, "jobs": args.jobs, "threads_per_job": args.threads,
-        "pretrain_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__})
+    write_results(
+        out / "timing.json",
+        {
+            "seconds": timing,
+            "jobs": args.jobs,
+            "threads_per_job": args.threads,
+            "pretrain_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+    )
     print(json.dumps(timing, indent=1))
 
 

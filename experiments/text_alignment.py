@@ -2,12 +2,14 @@
 
 The text-conditioned digits pipeline of ``orw_fast.tasks.text_digits`` (pre-trained here and cached; a share of its
 pre-training captions named a wrong digit, so it follows the prompt's digit only part of the time) is fine-tuned
-with LoRA by ORW-CFM-W2 toward prompt alignment for every alpha and seed (``orw_fast.tasks.text_alignment``: the reward, the
-prompts and the per-epoch measurements on held-out prompts). Writes ``text_alignment.json``, a Markdown table, the
-alignment/diversity Pareto plot, per-epoch curves and sample grids (one held-out prompt a row) into ``--out``.
+with LoRA by ORW-CFM-W2 toward prompt alignment for every alpha and seed (``orw_fast.tasks.text_alignment``: the
+reward, the prompts and the per-epoch measurements on held-out prompts). Writes ``text_alignment.json``, a Markdown
+table, the alignment/diversity Pareto plot, per-epoch curves and sample grids (one held-out prompt a row) into
+``--out``.
 
     python -m experiments.text_alignment --out experiments/results/text_alignment
 """
+
 from __future__ import annotations
 
 from pathlib import Path

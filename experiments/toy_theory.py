@@ -12,6 +12,7 @@ the masses away from the prediction beyond the sampling noise.
 
     python -m experiments.toy_theory --out experiments/results/toy
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 
 from experiments.common import pyplot, write_results
-from orw_fast.tasks.sweeps import evaluated_run
 from orw_fast.sampling import sample
+from orw_fast.tasks.sweeps import evaluated_run
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+
 
 @dataclasses.dataclass
 class ToySettings:
@@ -84,8 +86,14 @@ class ToyField(torch.nn.Module):
     def __init__(self, hidden: int = 128):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(3, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
-            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 2))
+            torch.nn.Linear(3, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 2),
+        )
 
     def forward(self, t, x):
         return self.net(torch.cat([t[:, None], x], dim=1))
@@ -139,14 +147,30 @@ def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
     evaluate = make_evaluator(s)
 
     def fine_tune(alpha: float, reuse: int = 1) -> list[dict]:
-        config = TrainerConfig(image_shape=(2,), batch_size=s.batch_size, learning_rate=s.learning_rate,
-                               temperature=s.tau, weighting="exp", w2_coefficient=alpha, grad_clip=0.0,
-                               sampler_steps=s.sampler_steps, sampler_method="euler", sampler_grid="uniform",
-                               grid_size=0, seed=s.seed,
-                               rollout_reuse=reuse)
-        return evaluated_run(lambda callbacks: ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s),
-                                                             callbacks=callbacks),
-                             s.epochs, s.steps_per_epoch, evaluate, progress)
+        config = TrainerConfig(
+            image_shape=(2,),
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            temperature=s.tau,
+            weighting="exp",
+            w2_coefficient=alpha,
+            grad_clip=0.0,
+            sampler_steps=s.sampler_steps,
+            sampler_method="euler",
+            sampler_grid="uniform",
+            grid_size=0,
+            seed=s.seed,
+            rollout_reuse=reuse,
+        )
+        return evaluated_run(
+            lambda callbacks: ORWCFMTrainer(
+                copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s), callbacks=callbacks
+            ),
+            s.epochs,
+            s.steps_per_epoch,
+            evaluate,
+            progress,
+        )
 
     runs = {f"{alpha:g}": fine_tune(alpha) for alpha in s.alphas}
     reuse_runs = {str(r): fine_tune(0.0, r) for r in s.reuse_factors}
@@ -157,12 +181,19 @@ def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
 
     alpha0 = runs.get("0", [])
     # q_N ∝ w q_{N-1}: one tilt of the previous epoch's measured masses
-    one_epoch = [max(abs(m - p) for m, p in zip(rec["masses"], predicted_masses(s, 1, prev["masses"])))
-                 for prev, rec in zip(alpha0, alpha0[1:])]
-    results = {"settings": dataclasses.asdict(s), "predicted": prediction, "runs": runs,
-               "alpha0_max_abs_error_per_epoch": errors(alpha0), "alpha0_one_epoch_max_abs_error": one_epoch,
-               "reuse_runs": reuse_runs,
-               "reuse_max_abs_error_per_epoch": {r: errors(records) for r, records in reuse_runs.items()}}
+    one_epoch = [
+        max(abs(m - p) for m, p in zip(rec["masses"], predicted_masses(s, 1, prev["masses"])))
+        for prev, rec in zip(alpha0, alpha0[1:])
+    ]
+    results = {
+        "settings": dataclasses.asdict(s),
+        "predicted": prediction,
+        "runs": runs,
+        "alpha0_max_abs_error_per_epoch": errors(alpha0),
+        "alpha0_one_epoch_max_abs_error": one_epoch,
+        "reuse_runs": reuse_runs,
+        "reuse_max_abs_error_per_epoch": {r: errors(records) for r, records in reuse_runs.items()},
+    }
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_results(out_dir / "toy_theory.json", results)
@@ -182,12 +213,18 @@ def format_table(results: dict) -> str:
             err = max(abs(m - p) for m, p in zip(rec["masses"], pred))
             lines.append(f"| {alpha} | {rec['epoch']} | {cells} | {err:.3f} |")
     if results.get("reuse_runs"):
-        lines += ["", "alpha = 0 with rollout_reuse r (each rollout serves r updates): max abs error per epoch", "",
-                  "| rollout_reuse | " + " | ".join(f"epoch {n}" for n in range(len(results["predicted"]))) + " |",
-                  "|---" * (len(results["predicted"]) + 1) + "|",
-                  "| 1 | " + " | ".join(f"{e:.3f}" for e in results["alpha0_max_abs_error_per_epoch"]) + " |"]
-        lines += [f"| {r} | " + " | ".join(f"{e:.3f}" for e in errs) + " |"
-                  for r, errs in results["reuse_max_abs_error_per_epoch"].items()]
+        lines += [
+            "",
+            "alpha = 0 with rollout_reuse r (each rollout serves r updates): max abs error per epoch",
+            "",
+            "| rollout_reuse | " + " | ".join(f"epoch {n}" for n in range(len(results["predicted"]))) + " |",
+            "|---" * (len(results["predicted"]) + 1) + "|",
+            "| 1 | " + " | ".join(f"{e:.3f}" for e in results["alpha0_max_abs_error_per_epoch"]) + " |",
+        ]
+        lines += [
+            f"| {r} | " + " | ".join(f"{e:.3f}" for e in errs) + " |"
+            for r, errs in results["reuse_max_abs_error_per_epoch"].items()
+        ]
     return "\n".join(lines)
 
 
@@ -199,9 +236,14 @@ def plot(results: dict, path) -> None:
     epochs = range(len(results["predicted"]))
     for ax, (alpha, records) in zip(axes[0], runs.items()):
         for k in range(len(results["settings"]["prior"])):
-            line, = ax.plot(epochs, [p[k] for p in results["predicted"]], "--", alpha=0.6)
-            ax.plot([r["epoch"] for r in records], [r["masses"][k] for r in records], "o-", color=line.get_color(),
-                    label=f"mode {k}, r={results['settings']['mode_rewards'][k]:g}")
+            (line,) = ax.plot(epochs, [p[k] for p in results["predicted"]], "--", alpha=0.6)
+            ax.plot(
+                [r["epoch"] for r in records],
+                [r["masses"][k] for r in records],
+                "o-",
+                color=line.get_color(),
+                label=f"mode {k}, r={results['settings']['mode_rewards'][k]:g}",
+            )
         ax.set(title=f"alpha = {alpha}", xlabel="epoch N", ylabel="mode mass")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("measured (o) vs predicted p_k ∝ π_k exp(N τ r_k) (--)")

@@ -1,4 +1,5 @@
 """orw_fast: fused kernels and a fast engine for ORW-CFM-W2 (Fan et al., ICLR 2025)."""
+
 import importlib
 
 from orw_fast.ops import (
@@ -26,8 +27,18 @@ _LAZY = {
 }
 
 __all__ = [
-    "BACKENDS", "WEIGHTINGS", "LossComponents", "ORWCFMW2Loss", "PolicyComponents", "awm_loss", "group_advantages",
-    "nft_loss", "nft_optimality", "orw_cfm_w2_loss", "reward_weights", *_LAZY,
+    "BACKENDS",
+    "WEIGHTINGS",
+    "LossComponents",
+    "ORWCFMW2Loss",
+    "PolicyComponents",
+    "awm_loss",
+    "group_advantages",
+    "nft_loss",
+    "nft_optimality",
+    "orw_cfm_w2_loss",
+    "reward_weights",
+    *_LAZY,
 ]
 
 

@@ -1,4 +1,5 @@
 """Loads the compiled extension ``orw_fast._C`` and reports which of its kernels exist."""
+
 from __future__ import annotations
 
 import torch

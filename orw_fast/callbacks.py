@@ -9,6 +9,7 @@ Multi-process: every rank calls every hook (sample grids and checkpoints are col
 
 :func:`default_callbacks` are the trainer's unless it is given a list: the run's files in ``config.savedir``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,8 +73,9 @@ class WandbLog(Callback):
                     import wandb
                 except ImportError as err:
                     raise ValueError("config.use_wandb=True needs the wandb package (pip install wandb)") from err
-                self.run = wandb.init(project=self.project, name=self.run_name,
-                                      config=dataclasses.asdict(trainer.config))
+                self.run = wandb.init(
+                    project=self.project, name=self.run_name, config=dataclasses.asdict(trainer.config)
+                )
 
     def on_step_end(self, trainer, metrics):
         if self.run is not None:
@@ -90,8 +92,14 @@ class ProgressBar(Callback):
     def on_train_start(self, trainer, total_steps, steps_per_epoch):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=min(trainer.step, total_steps), disable=trainer.rank != 0,
-                        unit="step", desc="ORW-CFM-W2", leave=self.leave)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=min(trainer.step, total_steps),
+            disable=trainer.rank != 0,
+            unit="step",
+            desc="ORW-CFM-W2",
+            leave=self.leave,
+        )
 
     def on_step_end(self, trainer, metrics):
         self.bar.update(1)
@@ -106,8 +114,11 @@ class ProgressBar(Callback):
 def save_sample_grid(trainer, path, n: int) -> Path:
     """A grid of ``n`` policy samples from a fixed noise and fixed prompts (the same every time), each prompt under
     its image. Collective: every rank samples (sharded models need all of them), rank 0 writes."""
-    x0 = torch.randn((n, *trainer.image_shape), device=trainer.device,
-                     generator=torch.Generator(device=trainer.device).manual_seed(12345))
+    x0 = torch.randn(
+        (n, *trainer.image_shape),
+        device=trainer.device,
+        generator=torch.Generator(device=trainer.device).manual_seed(12345),
+    )
     prompts = None if trainer.flow.prompts is None else trainer.flow.prompts.first(n)
     training = trainer.model.training
     trainer.model.eval()
@@ -166,8 +177,14 @@ class Evaluation(Callback):
 
     def on_epoch_end(self, trainer, epoch):
         seconds = time.perf_counter() - self._start
-        self.records.append({"epoch": epoch, "train_reward": float(np.mean(self._rewards)), "seconds": seconds,
-                             **self.evaluate(trainer)})
+        self.records.append(
+            {
+                "epoch": epoch,
+                "train_reward": float(np.mean(self._rewards)),
+                "seconds": seconds,
+                **self.evaluate(trainer),
+            }
+        )
         self._rewards, self._start = [], time.perf_counter()
 
 
@@ -175,7 +192,9 @@ def default_callbacks(config) -> list[Callback]:
     """The run's files from a TrainerConfig, in ``config.savedir``: metrics.jsonl, wandb (``use_wandb``), a sample
     grid per epoch (``grid_size`` > 0), checkpoints every ``checkpoint_every`` epochs and last.pt."""
     folder = Path(config.savedir)
-    return [MetricsLog(folder),
-            *([WandbLog(config.wandb_project, config.run_name)] if config.use_wandb else []),
-            *([SampleGrids(folder, config.grid_size)] if config.grid_size else []),
-            Checkpoints(folder, config.checkpoint_every)]
+    return [
+        MetricsLog(folder),
+        *([WandbLog(config.wandb_project, config.run_name)] if config.use_wandb else []),
+        *([SampleGrids(folder, config.grid_size)] if config.grid_size else []),
+        Checkpoints(folder, config.checkpoint_every),
+    ]

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, integrity-checked reads of torchcfm's and orw_fast's formats, and the schema of
 a training checkpoint (what it holds, and the checks that make every load all-or-nothing: validate everything against
 the live objects, then apply)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +50,7 @@ def remove_stale_temporaries(path) -> list[Path]:
     host = socket.gethostname().replace(".", "_")
     removed = []
     for tmp in path.parent.glob(f".{path.name}.{host}.*{_TMP_SUFFIX}"):
-        pid = tmp.name[len(f".{path.name}.{host}."):].split(".")[0]
+        pid = tmp.name[len(f".{path.name}.{host}.") :].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             try:
                 tmp.unlink()
@@ -118,11 +119,14 @@ def verify_integrity(path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
-        raise ValueError(f"checkpoint {str(path)!r} is damaged ({type(err).__name__}: {err}); its zip structure "
-                         "cannot be read") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} is damaged ({type(err).__name__}: {err}); its zip structure cannot be read"
+        ) from None
     if bad is not None:
-        raise ValueError(f"checkpoint {str(path)!r} is damaged: record {bad!r} fails its CRC-32 check (the file "
-                         "changed after it was written); use another copy")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is damaged: record {bad!r} fails its CRC-32 check (the file "
+            "changed after it was written); use another copy"
+        )
 
 
 def load_file(path, map_location="cpu") -> dict:
@@ -134,8 +138,10 @@ def load_file(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # truncated, not a torch file, ...
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); "
-                         "is it complete and written by torch.save?") from err
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); "
+            "is it complete and written by torch.save?"
+        ) from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -144,7 +150,7 @@ def load_file(path, map_location="cpu") -> dict:
 def _strip_module_prefix(state: dict) -> dict:
     """DataParallel / DDP checkpoints prefix every key with 'module.'."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -183,15 +189,28 @@ def check_state_matches(module: torch.nn.Module, state, where: str) -> None:
         raise ValueError(f"{where} is a {type(state).__name__}, not a state dict")
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {list(state[k].shape)} instead of {list(own[k].shape)}" for k in own
-              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {list(state[k].shape)} instead of {list(own[k].shape)}"
+        for k in own
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
     not_tensors = sorted(k for k in own if k in state and not isinstance(state[k], torch.Tensor))
-    problems = [f"{len(x)} {what} ({', '.join(map(str, x[:3]))}{', ...' if len(x) > 3 else ''})" for x, what in
-                ((missing, "missing key(s)"), (unexpected, "unexpected key(s)"), (shapes, "shape mismatch(es)"),
-                 (not_tensors, "value(s) that are not tensors")) if x]
+    problems = [
+        f"{len(x)} {what} ({', '.join(map(str, x[:3]))}{', ...' if len(x) > 3 else ''})"
+        for x, what in (
+            (missing, "missing key(s)"),
+            (unexpected, "unexpected key(s)"),
+            (shapes, "shape mismatch(es)"),
+            (not_tensors, "value(s) that are not tensors"),
+        )
+        if x
+    ]
     if problems:
-        raise ValueError(f"{where} does not match the model ({type(module).__name__}, {len(own)} tensors): "
-                         + "; ".join(problems) + "; nothing was loaded")
+        raise ValueError(
+            f"{where} does not match the model ({type(module).__name__}, {len(own)} tensors): "
+            + "; ".join(problems)
+            + "; nothing was loaded"
+        )
 
 
 def read_model_weights(model: torch.nn.Module, path, weights: str = "net") -> tuple[dict, str]:
@@ -206,8 +225,9 @@ def _param_shapes(module: torch.nn.Module, optimizer: torch.optim.Optimizer, by_
     names = {id(p): n for n, p in module.named_parameters()}
     groups, index = [], 0
     for group in optimizer.param_groups:
-        groups.append([((names.get(id(p)) if by_name else index + k), tuple(p.shape))
-                       for k, p in enumerate(group["params"])])
+        groups.append(
+            [((names.get(id(p)) if by_name else index + k), tuple(p.shape)) for k, p in enumerate(group["params"])]
+        )
         index += len(group["params"])
     return groups
 
@@ -216,16 +236,21 @@ def check_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimi
     """Raises ValueError unless ``state`` is an optimizer state dict for exactly ``optimizer``'s parameters:
     the same groups and parameter counts, and every per-parameter tensor of the parameter's shape (parameters
     keyed by index, or by name as FSDP2's full state dicts are)."""
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or \
-            not isinstance(state.get("param_groups"), list):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
         raise ValueError(f"{where} is not an optimizer state dict ({{'state': ..., 'param_groups': [...]}})")
     by_name = any(isinstance(p, str) for g in state["param_groups"] if isinstance(g, dict) for p in g.get("params", ()))
     groups = _param_shapes(module, optimizer, by_name)
     saved = [g.get("params") if isinstance(g, dict) else None for g in state["param_groups"]]
     if [len(g) if isinstance(g, list) else None for g in saved] != [len(g) for g in groups]:
-        raise ValueError(f"{where} is for another model: parameter groups of "
-                         f"{[len(g) if isinstance(g, list) else g for g in saved]} parameters, this optimizer has "
-                         f"{[len(g) for g in groups]}; nothing was loaded")
+        raise ValueError(
+            f"{where} is for another model: parameter groups of "
+            f"{[len(g) if isinstance(g, list) else g for g in saved]} parameters, this optimizer has "
+            f"{[len(g) for g in groups]}; nothing was loaded"
+        )
     shapes = dict(zip((key for g in saved for key in g), (shape for g in groups for _, shape in g)))
     if by_name and set(shapes) != {key for g in groups for key, _ in g}:
         raise ValueError(f"{where} names other parameters than this model's; nothing was loaded")
@@ -234,26 +259,35 @@ def check_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimi
             raise ValueError(f"{where} has state for an unknown parameter {key!r}; nothing was loaded")
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[key]:
-                raise ValueError(f"{where}: {name!r} of parameter {key!r} has shape {list(value.shape)}, the "
-                                 f"parameter {list(shapes[key])}: it is another model's optimizer state; nothing "
-                                 "was loaded")
+                raise ValueError(
+                    f"{where}: {name!r} of parameter {key!r} has shape {list(value.shape)}, the "
+                    f"parameter {list(shapes[key])}: it is another model's optimizer state; nothing "
+                    "was loaded"
+                )
 
 
 def check_scheduler_state(optimizer: torch.optim.Optimizer, state, where: str) -> None:
     """Raises ValueError unless ``state`` is an LR scheduler state dict for ``optimizer``'s groups."""
     groups = len(optimizer.param_groups)
-    if not isinstance(state, dict) or not isinstance(state.get("last_epoch"), int) or \
-            not isinstance(state.get("base_lrs"), list) or len(state["base_lrs"]) != groups:
-        raise ValueError(f"{where} is not an LR scheduler state dict for {groups} parameter group(s) "
-                         "(needs an integer 'last_epoch' and 'base_lrs' per group); nothing was loaded")
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("last_epoch"), int)
+        or not isinstance(state.get("base_lrs"), list)
+        or len(state["base_lrs"]) != groups
+    ):
+        raise ValueError(
+            f"{where} is not an LR scheduler state dict for {groups} parameter group(s) "
+            "(needs an integer 'last_epoch' and 'base_lrs' per group); nothing was loaded"
+        )
 
 
 def check_scaler_state(scaler: torch.amp.GradScaler, state, where: str) -> None:
     """Raises ValueError unless ``state`` can be loaded into ``scaler`` (a disabled scaler loads anything)."""
     if not isinstance(state, dict):
         raise ValueError(f"{where} is a {type(state).__name__}, not a GradScaler state dict; nothing was loaded")
-    if scaler.is_enabled() and not all(k in state for k in ("scale", "growth_factor", "backoff_factor",
-                                                            "growth_interval", "_growth_tracker")):
+    if scaler.is_enabled() and not all(
+        k in state for k in ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+    ):
         raise ValueError(f"{where} holds no fp16 loss scale (the run was not precision='fp16'); nothing was loaded")
 
 
@@ -276,8 +310,10 @@ def check_rng_state(state, device: torch.device, where: str) -> None:
         try:
             trial(state[name])
         except Exception as err:  # noqa: BLE001 - each kind raises its own error types
-            raise ValueError(f"{where}: the {name!r} random state cannot be restored ({type(err).__name__}: {err}); "
-                             "nothing was loaded") from None
+            raise ValueError(
+                f"{where}: the {name!r} random state cannot be restored ({type(err).__name__}: {err}); "
+                "nothing was loaded"
+            ) from None
 
 
 # -- the training checkpoint ------------------------------------------------------------------------------
@@ -298,14 +334,16 @@ def training_state(trainer) -> dict:
         "scaler": trainer.scaler.state_dict(),
         "step": trainer.step,
         "config": dataclasses.asdict(trainer.config),
-        "rng": dist_utils.all_gather_object({
-            "generator": trainer.generator.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "host": trainer.host_generator.get_state(),
-        }),
+        "rng": dist_utils.all_gather_object(
+            {
+                "generator": trainer.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "host": trainer.host_generator.get_state(),
+            }
+        ),
         "rollout_pools": dist_utils.all_gather_object(None if trainer._pool is None else trainer._pool.state()),
     }
 
@@ -326,11 +364,15 @@ def check_training_checkpoint(trainer, ckpt: dict, where: str) -> list:
     if not isinstance(config, dict):
         raise ValueError(f"{where}, entry 'config' is a {type(config).__name__}, not a dict; nothing was loaded")
     if config.get("fsdp", False) != trainer.config.fsdp:
-        raise ValueError(f"{where} was written with fsdp={not trainer.config.fsdp}; resume it with the same setting "
-                         "(load_pretrained reads its weights either way)")
+        raise ValueError(
+            f"{where} was written with fsdp={not trainer.config.fsdp}; resume it with the same setting "
+            "(load_pretrained reads its weights either way)"
+        )
     if config.get("optimizer", "adam") != trainer.config.optimizer:  # (earlier checkpoints: Adam)
-        raise ValueError(f"{where} was written with optimizer={config.get('optimizer', 'adam')!r}; resume it with the "
-                         "same setting; nothing was loaded")
+        raise ValueError(
+            f"{where} was written with optimizer={config.get('optimizer', 'adam')!r}; resume it with the "
+            "same setting; nothing was loaded"
+        )
     trainer.weights.check_states(ckpt, where)
     check_optimizer_state(trainer.model, trainer.optimizer, entry("optimizer"), f"{where}, entry 'optimizer'")
     check_scheduler_state(trainer.optimizer, entry("scheduler"), f"{where}, entry 'scheduler'")
@@ -344,8 +386,10 @@ def check_training_checkpoint(trainer, ckpt: dict, where: str) -> list:
         pools = ckpt.get("rollout_pools")
         if pools is not None:
             if not isinstance(pools, list) or len(pools) != trainer.world_size:
-                raise ValueError(f"{where}, entry 'rollout_pools' must hold one pool (or None) per rank; nothing "
-                                 "was loaded")
-            RolloutPool.check_state(pools[trainer.rank], trainer.image_shape,
-                                    f"{where}, entry 'rollout_pools' of rank {trainer.rank}")
+                raise ValueError(
+                    f"{where}, entry 'rollout_pools' must hold one pool (or None) per rank; nothing was loaded"
+                )
+            RolloutPool.check_state(
+                pools[trainer.rank], trainer.image_shape, f"{where}, entry 'rollout_pools' of rank {trainer.rank}"
+            )
     return ranks

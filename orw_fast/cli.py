@@ -8,6 +8,7 @@ the tasks package, which the core never imports).
 Every user error is one line naming the flag it came from: argparse checks each value's type and range, output
 locations and input files are checked before any weight is loaded, and a value the trainer refuses is reported
 under its flag."""
+
 from __future__ import annotations
 
 import argparse
@@ -57,20 +58,24 @@ def _existing_file(text: str) -> Path:
 
 def _number(kind=float, minimum=None, *, above=False, below=None, maximum=None):
     """An argparse type: a finite int/float, >= ``minimum`` (> with ``above``), < ``below``, <= ``maximum``."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if minimum is not None and (value <= minimum if above else value < minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, got {text!r}")
         if (below is not None and value >= below) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {f'< {below:g}' if below is not None else f'<= {maximum}'}, "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be {f'< {below:g}' if below is not None else f'<= {maximum}'}, got {text!r}"
+            )
         return value
+
     return parse
 
 
@@ -123,8 +128,12 @@ def _quiet_hf_libraries() -> None:
 # -- the trainer's flags, made from TrainerConfig ---------------------------------------------------------------
 
 # Fields whose flag is not --field-name (the names users know); every other field with cli=True is --field-name.
-TRAINER_FLAG_ALIASES = {"learning_rate": "--lr", "w2_coefficient": "--alpha", "temperature": "--tau",
-                        "savedir": "--out"}
+TRAINER_FLAG_ALIASES = {
+    "learning_rate": "--lr",
+    "w2_coefficient": "--alpha",
+    "temperature": "--tau",
+    "savedir": "--out",
+}
 
 
 def _choice_type(choices):
@@ -153,8 +162,9 @@ def add_config_options(parser, config_cls, aliases=None) -> dict[str, str]:
             options = {"type": _number(kind, **getattr(check, "limits", {}))}
         else:
             options = {"type": kind}
-        action = parser.add_argument(flag, dest=field.name, default=field.default,
-                                     help=field.metadata.get("help", ""), **options)
+        action = parser.add_argument(
+            flag, dest=field.name, default=field.default, help=field.metadata.get("help", ""), **options
+        )
         if "default" not in action.help:
             action.help += " (default: %(default)s)"
         flags[field.name] = flag
@@ -183,8 +193,9 @@ def _config_argv(parser, path: Path) -> list[str]:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        parser.error(f"argument --config: {str(path)!r} must hold a mapping of option keys, got "
-                     f"{type(values).__name__}")
+        parser.error(
+            f"argument --config: {str(path)!r} must hold a mapping of option keys, got {type(values).__name__}"
+        )
     options = _file_options(parser)
     argv = []
     for key, value in values.items():
@@ -211,8 +222,9 @@ def _write_run_file(args, path: Path) -> None:
         return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
     values = {key: plain(getattr(args, key)) for key in _file_options(args.parser)}
-    write_text_atomic(path, f"# orw-fast finetune --config {path} repeats this run\n"
-                      + yaml.safe_dump(values, sort_keys=False))
+    write_text_atomic(
+        path, f"# orw-fast finetune --config {path} repeats this run\n" + yaml.safe_dump(values, sort_keys=False)
+    )
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -223,9 +235,18 @@ def cmd_pretrain(args) -> None:
 
     out = args.out or (default_cache_dir() / "digits" if args.dataset == "digits" else Path("runs/pretrain"))
     prepare_output_dir(out, "--out")
-    result = pretrain_dataset(args.dataset, out, steps=args.steps, batch_size=args.batch_size,
-                              lr=args.lr, preset=args.preset, classifier=args.classifier, seed=args.seed,
-                              device=args.device, progress=not args.quiet)
+    result = pretrain_dataset(
+        args.dataset,
+        out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        preset=args.preset,
+        classifier=args.classifier,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
     for key in ("flow", "classifier_accuracy", "classifier"):
         if key in result:
             print(f"{key}: {result[key]}")
@@ -236,9 +257,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _t2i_options(p, *, sampling: bool) -> None:
     """The text-to-image flags (diffusers SD3/SD3.5 or FLUX)."""
-    p.add_argument("--pretrained", type=_pipeline,
-                   help="a diffusers SD3/SD3.5 or FLUX pipeline: a local folder or a hub id"
-                   + (" (default: the one the run loaded)" if sampling else ""))
+    p.add_argument(
+        "--pretrained",
+        type=_pipeline,
+        help="a diffusers SD3/SD3.5 or FLUX pipeline: a local folder or a hub id"
+        + (" (default: the one the run loaded)" if sampling else ""),
+    )
     p.add_argument("--prompts", help="text file, one prompt a line" + (" (default: the run's)" if sampling else ""))
     p.add_argument("--weights-dtype", default="fp32", choices=tuple(DTYPES), help="dtype of the pipeline's weights")
     if sampling:
@@ -246,18 +270,35 @@ def _t2i_options(p, *, sampling: bool) -> None:
     p.add_argument("--samples-per-prompt", type=_POSITIVE_INT, default=1, help="samples of each prompt in a batch")
     p.add_argument("--clip-model", help="local CLIP folder (transformers format) for --reward clip_score")
     p.add_argument("--lora-rank", type=_POSITIVE_INT, default=16, help="rank of the LoRA adapter (default 16)")
-    p.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=False,
-                   help="train the whole transformer instead of LoRA")
-    p.add_argument("--guidance-scale", type=_number(float, 0), default=None,
-                   help="rollout guidance: SD3's CFG scale, FLUX's guidance embedding (default: the pipeline's)")
+    p.add_argument(
+        "--full-finetune",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train the whole transformer instead of LoRA",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=_number(float, 0),
+        default=None,
+        help="rollout guidance: SD3's CFG scale, FLUX's guidance embedding (default: the pipeline's)",
+    )
     p.add_argument("--negative-prompt", default="", help="SD3's unconditional prompt for guidance")
-    p.add_argument("--resolution", type=_POSITIVE_INT, default=None, help="image side in pixels (default: the "
-                   "pipeline's)")
+    p.add_argument(
+        "--resolution", type=_POSITIVE_INT, default=None, help="image side in pixels (default: the pipeline's)"
+    )
     p.add_argument("--max-sequence-length", type=_POSITIVE_INT, default=None, help="T5 tokens per prompt")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute activations in backward")
-    p.add_argument("--keep-text-encoders", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the text encoders after caching the prompts' embeddings")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="recompute activations in backward",
+    )
+    p.add_argument(
+        "--keep-text-encoders",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep the text encoders after caching the prompts' embeddings",
+    )
 
 
 def _reward_classifier(args, device):
@@ -269,8 +310,10 @@ def _reward_classifier(args, device):
     if args.classifier is not None:
         return load_classifier(args.classifier).to(device)
     if args.dataset is None:
-        raise SystemExit("error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`) or a "
-                         "labelled --dataset to train one on")
+        raise SystemExit(
+            "error: --reward classifier needs --classifier PATH (from `orw-fast pretrain`) or a "
+            "labelled --dataset to train one on"
+        )
     images, labels = load_dataset(args.dataset)
     if labels is None:
         raise SystemExit(f"error: --dataset {args.dataset} has no labels to train a reward classifier on")
@@ -284,8 +327,12 @@ def _reward_classifier(args, device):
     return classifier
 
 
-MODEL_FLAGS = {"pipeline": "--pretrained", "prompts": "--prompts", "resolution": "--resolution",  # ModelArgumentError
-               "dtype": "--weights-dtype"}
+MODEL_FLAGS = {
+    "pipeline": "--pretrained",
+    "prompts": "--prompts",
+    "resolution": "--resolution",  # ModelArgumentError
+    "dtype": "--weights-dtype",
+}
 
 
 def _t2i_model(args):
@@ -297,11 +344,18 @@ def _t2i_model(args):
         raise SystemExit("error: --pretrained needs --prompts FILE (one prompt a line)")
     DiffusersFlowModel.check_pipeline(args.pretrained, args.resolution)  # from config files, before any weight loads
     prompts = PromptSource(args.prompts, samples_per_prompt=args.samples_per_prompt)
-    return DiffusersFlowModel(args.pretrained, prompts, lora_rank=None if args.full_finetune else args.lora_rank,
-                              resolution=args.resolution, guidance_scale=args.guidance_scale,
-                              negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
-                              dtype=DTYPES[args.weights_dtype], gradient_checkpointing=args.gradient_checkpointing,
-                              keep_text_encoders=args.keep_text_encoders)
+    return DiffusersFlowModel(
+        args.pretrained,
+        prompts,
+        lora_rank=None if args.full_finetune else args.lora_rank,
+        resolution=args.resolution,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        max_sequence_length=args.max_sequence_length,
+        dtype=DTYPES[args.weights_dtype],
+        gradient_checkpointing=args.gradient_checkpointing,
+        keep_text_encoders=args.keep_text_encoders,
+    )
 
 
 def _reward(args, device):
@@ -309,15 +363,19 @@ def _reward(args, device):
 
     if args.reward == "classifier":
         if args.pretrained is not None:
-            raise SystemExit("error: --reward classifier (the default) scores the digits of a --checkpoint model; "
-                             f"with --pretrained choose --reward clip_score or one of {', '.join(REWARDS)}")
+            raise SystemExit(
+                "error: --reward classifier (the default) scores the digits of a --checkpoint model; "
+                f"with --pretrained choose --reward clip_score or one of {', '.join(REWARDS)}"
+            )
         return ClassifierReward(_reward_classifier(args, device), args.target_classes)
     if args.reward == "clip_score":
         if args.pretrained is None:
             raise SystemExit("error: --reward clip_score needs prompts: use it with --pretrained and --prompts")
         if args.clip_model is None:
-            raise SystemExit("error: --reward clip_score needs --clip-model DIR, a local CLIP folder in transformers "
-                             "format (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
+            raise SystemExit(
+                "error: --reward clip_score needs --clip-model DIR, a local CLIP folder in transformers "
+                "format (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)"
+            )
         return CLIPScoreReward(args.clip_model, device=device)
     return get_reward(args.reward)
 
@@ -327,8 +385,10 @@ def cmd_finetune(args) -> None:
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
     if (args.checkpoint is None) == (args.pretrained is None):
-        raise SystemExit("error: give one of --checkpoint (a flow.pt of `orw-fast pretrain`) or --pretrained (a "
-                         "diffusers SD3/FLUX folder or hub id)")
+        raise SystemExit(
+            "error: give one of --checkpoint (a flow.pt of `orw-fast pretrain`) or --pretrained (a "
+            "diffusers SD3/FLUX folder or hub id)"
+        )
     device = args.device
     dist_utils.init_from_env(device)
     config = TrainerConfig(**{key: getattr(args, key) for key in args.config_flags})
@@ -347,8 +407,10 @@ def cmd_finetune(args) -> None:
             _write_run_file(args, prepare_output_dir(args.savedir, "--out") / "config.yaml")
     trainer.train(args.epochs, args.steps_per_epoch, progress=not args.quiet)
     if dist_utils.is_main():
-        print(f"checkpoints, metrics.jsonl and sample grids in {args.savedir}; the run's options in "
-              f"{Path(args.savedir) / 'config.yaml'} (--config repeats it)")
+        print(
+            f"checkpoints, metrics.jsonl and sample grids in {args.savedir}; the run's options in "
+            f"{Path(args.savedir) / 'config.yaml'} (--config repeats it)"
+        )
 
 
 def cmd_sample(args) -> None:
@@ -356,10 +418,14 @@ def cmd_sample(args) -> None:
     from orw_fast.models.flow_model import FlowModel
 
     prepare_output_file(args.out, "--out")
-    given = {"pipeline": args.pretrained, "prompts": args.prompts,
-             "dtype": None if args.weights_dtype == "fp32" else DTYPES[args.weights_dtype]}
-    flow = FlowModel.from_checkpoint(args.checkpoint, device=args.device,
-                                     **{key: value for key, value in given.items() if value is not None})
+    given = {
+        "pipeline": args.pretrained,
+        "prompts": args.prompts,
+        "dtype": None if args.weights_dtype == "fp32" else DTYPES[args.weights_dtype],
+    }
+    flow = FlowModel.from_checkpoint(
+        args.checkpoint, device=args.device, **{key: value for key, value in given.items() if value is not None}
+    )
     module, prompts = flow.weights.module, None if flow.prompts is None else flow.prompts.first(args.n)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x0 = torch.randn((args.n, *flow.sample_shape()), device=args.device, generator=gen)
@@ -377,10 +443,16 @@ BENCHMARKS = {  # name -> (script in benchmarks/, what it measures)
     "nvcc": ("nvcc_report.py", "registers, spills and 16-byte loads of the CUDA kernels (needs nvcc, no GPU)"),
     "all": ("run_all.py", "every stage in one run with a summary (benchmarks/run_gpu.sh, run_cpu.sh)"),
 }
-BENCH_USAGE = "usage: orw-fast bench {" + ",".join(BENCHMARKS) + "} [options]\n\n" + "\n".join(
-    f"  {name:<11} {about}" for name, (_, about) in BENCHMARKS.items()) + (
-    "\n\n`orw-fast bench NAME --help` lists a benchmark's options; options without a name go to the loss "
-    "benchmark.\nResults: benchmarks/results/<device>/ (JSON, CSV, Markdown, PNG) with device, date and commit.")
+BENCH_USAGE = (
+    "usage: orw-fast bench {"
+    + ",".join(BENCHMARKS)
+    + "} [options]\n\n"
+    + "\n".join(f"  {name:<11} {about}" for name, (_, about) in BENCHMARKS.items())
+    + (
+        "\n\n`orw-fast bench NAME --help` lists a benchmark's options; options without a name go to the loss "
+        "benchmark.\nResults: benchmarks/results/<device>/ (JSON, CSV, Markdown, PNG) with device, date and commit."
+    )
+)
 
 
 def cmd_bench(args) -> None:
@@ -415,8 +487,10 @@ def _add_plugin_commands(sub) -> None:
         try:
             entry.load()(sub)
         except Exception as err:  # a broken plugin must not take the other commands down
-            print(f"orw-fast: command {entry.name!r} ({entry.value}) cannot be loaded: {type(err).__name__}: {err}",
-                  file=sys.stderr)
+            print(
+                f"orw-fast: command {entry.name!r} ({entry.value}) cannot be loaded: {type(err).__name__}: {err}",
+                file=sys.stderr,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,9 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a flow-matching model (and a classifier when labels exist)")
     p.add_argument("--dataset", default="digits", help="digits | idx:PATH | folder:PATH")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: the demo's cache ~/.cache/orw_fast/digits for digits, else "
-                   "runs/pretrain)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: the demo's cache ~/.cache/orw_fast/digits for digits, else runs/pretrain)",
+    )
     p.add_argument("--preset", default=None, help="model preset (digits, mnist, cifar10; default from the image shape)")
     p.add_argument("--steps", type=_POSITIVE_INT, default=3000)
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=128)
@@ -439,28 +516,47 @@ def build_parser() -> argparse.ArgumentParser:
     common_options(p)
     p.set_defaults(run=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="ORW-CFM-W2 fine-tuning of a pre-trained model (pixel or text-to-image)",
-                       description="ORW-CFM-W2 fine-tuning. The trainer options are TrainerConfig's fields, with its "
-                       "defaults (a Python run with the same values is the same run). A run file (--config) holds "
-                       "options by key: the option's name with _ for - (learning_rate, w2_coefficient, temperature "
-                       "and savedir for --lr, --alpha, --tau and --out); OUT/config.yaml is this run's.")
-    p.add_argument("--config", type=_existing_file, help="run file (YAML or JSON) of options, such as a run's "
-                   "OUT/config.yaml (which holds every option but --device and --quiet); flags given on the command "
-                   "line override it")
+    p = sub.add_parser(
+        "finetune",
+        help="ORW-CFM-W2 fine-tuning of a pre-trained model (pixel or text-to-image)",
+        description="ORW-CFM-W2 fine-tuning. The trainer options are TrainerConfig's fields, with its "
+        "defaults (a Python run with the same values is the same run). A run file (--config) holds "
+        "options by key: the option's name with _ for - (learning_rate, w2_coefficient, temperature "
+        "and savedir for --lr, --alpha, --tau and --out); OUT/config.yaml is this run's.",
+    )
+    p.add_argument(
+        "--config",
+        type=_existing_file,
+        help="run file (YAML or JSON) of options, such as a run's "
+        "OUT/config.yaml (which holds every option but --device and --quiet); flags given on the command "
+        "line override it",
+    )
     p.add_argument("--checkpoint", type=_existing_file, help="flow.pt from `orw-fast pretrain` (or give --pretrained)")
-    p.add_argument("--reward", default="classifier", choices=("classifier", "clip_score", *REWARDS),
-                   help="a digit classifier's probability of --target-classes, CLIP text-image alignment "
-                   "(text-to-image), or a registered reward (default classifier)")
+    p.add_argument(
+        "--reward",
+        default="classifier",
+        choices=("classifier", "clip_score", *REWARDS),
+        help="a digit classifier's probability of --target-classes, CLIP text-image alignment "
+        "(text-to-image), or a registered reward (default classifier)",
+    )
     p.add_argument("--classifier", type=_existing_file, help="classifier.pt for --reward classifier")
-    p.add_argument("--dataset", help="labelled dataset (digits | idx:PATH | folder:PATH) to train the reward "
-                   "classifier on when --classifier is not given")
-    p.add_argument("--target-classes", type=_classes, default=[0, 2, 4, 6, 8],
-                   help="classes the classifier reward counts (default: the even digits)")
+    p.add_argument(
+        "--dataset",
+        help="labelled dataset (digits | idx:PATH | folder:PATH) to train the reward "
+        "classifier on when --classifier is not given",
+    )
+    p.add_argument(
+        "--target-classes",
+        type=_classes,
+        default=[0, 2, 4, 6, 8],
+        help="classes the classifier reward counts (default: the even digits)",
+    )
     p.add_argument("--resume", type=_existing_file, help="continue from a training checkpoint")
     p.add_argument("--epochs", type=_POSITIVE_INT, default=16, help="default %(default)s")
     p.add_argument("--steps-per-epoch", type=_POSITIVE_INT, default=15, help="default %(default)s")
-    trainer_flags = add_config_options(p.add_argument_group("trainer (TrainerConfig)"), TrainerConfig,
-                                       TRAINER_FLAG_ALIASES)
+    trainer_flags = add_config_options(
+        p.add_argument_group("trainer (TrainerConfig)"), TrainerConfig, TRAINER_FLAG_ALIASES
+    )
     _t2i_options(p.add_argument_group("text-to-image"), sampling=False)
     common_options(p, seed=False)
     p.set_defaults(run=cmd_finetune, config_flags=trainer_flags)
@@ -471,15 +567,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_POSITIVE_INT, default=64, help="number of samples")
     p.add_argument("--steps", type=_POSITIVE_INT, default=100)
     p.add_argument("--method", default="euler")
-    p.add_argument("--grid", default="uniform", choices=GRIDS,
-                   help="time grid of a pixel model's rollout (a diffusers model follows its scheduler)")
+    p.add_argument(
+        "--grid",
+        default="uniform",
+        choices=GRIDS,
+        help="time grid of a pixel model's rollout (a diffusers model follows its scheduler)",
+    )
     p.add_argument("--scale", type=_POSITIVE_INT, default=4, help="enlarge the PNG this many times")
     _t2i_options(p, sampling=True)
     common_options(p)
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("bench", add_help=False,
-                       help="benchmarks: loss | sampler | train-step | t2i | hardware | nvcc | all (see `orw-fast bench --help`)")
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmarks: loss | sampler | train-step | t2i | hardware | nvcc | all (see `orw-fast bench --help`)",
+    )
     p.set_defaults(run=cmd_bench)
     _add_plugin_commands(sub)
     for command in sub.choices.values():
@@ -519,7 +622,9 @@ def main(argv=None) -> None:
         finished = True
     except ConfigError as err:
         flag = getattr(args, "config_flags", {}).get(err.key)
-        raise SystemExit(f"error: {flag} must be {err.expected}, got {err.value!r}" if flag else f"error: {err}") from err
+        raise SystemExit(
+            f"error: {flag} must be {err.expected}, got {err.value!r}" if flag else f"error: {err}"
+        ) from err
     except ModelArgumentError as err:
         raise SystemExit(f"error: {MODEL_FLAGS.get(err.argument, err.argument)}: {err}") from err
     except (ValueError, FloatingPointError, OSError, dist_utils.PeerError) as err:

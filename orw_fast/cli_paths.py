@@ -1,5 +1,6 @@
 """Output locations of the command line (and of the tasks' reports): checked before long work starts, so that a
 bad one fails at once; each error is a ValueError naming the flag or setting it came from (e.g. "--out")."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,11 @@ def check_output_dir(path, name: str) -> Path:
     if not existing.is_dir():
         raise ValueError(f"{name} {str(path)!r}: the folder cannot be created ({str(existing)!r} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {str(path)!r}: the folder is not writable" if existing == path else
-                         f"{name} {str(path)!r}: the folder cannot be created ({str(existing)!r} is not writable)")
+        raise ValueError(
+            f"{name} {str(path)!r}: the folder is not writable"
+            if existing == path
+            else f"{name} {str(path)!r}: the folder cannot be created ({str(existing)!r} is not writable)"
+        )
     return path
 
 

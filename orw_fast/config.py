@@ -1,5 +1,6 @@
 """TrainerConfig: the settings of ORWCFMTrainer, each checked when the config is made (ConfigError names the
 key; the command line reports it under the flag that set it)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,32 @@ def _real(minimum=None, *, above=False, below=None):
         try:
             number = check_real(value, key, torch.float32)
         except ValueError:
-            raise ConfigError(key, f"a finite number{bounds} in float32's range (the kernels compute in it)",
-                              value) from None
-        if (minimum is not None and (number <= minimum if above else number < minimum)) or \
-                (below is not None and number >= below):
+            raise ConfigError(
+                key, f"a finite number{bounds} in float32's range (the kernels compute in it)", value
+            ) from None
+        if (minimum is not None and (number <= minimum if above else number < minimum)) or (
+            below is not None and number >= below
+        ):
             raise ConfigError(key, f"a finite number{bounds}", value)
         return number
+
     check.limits = {"minimum": minimum, "above": above, "below": below}
     return check
 
 
 def _integer(minimum, maximum=None):
     def check(key, value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum or \
-                (maximum is not None and value > maximum):
-            raise ConfigError(key, f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"), value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Integral)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            raise ConfigError(
+                key, f"an integer >= {minimum}" + ("" if maximum is None else f" and <= {maximum}"), value
+            )
         return int(value)
+
     check.limits = {"minimum": minimum, "maximum": maximum}
     return check
 
@@ -69,6 +80,7 @@ def _choice(options):
         if not isinstance(value, (str, bool)) or value not in options:
             raise ConfigError(key, f"one of {tuple(options)}", value)
         return value
+
     check.choices = tuple(options)
     return check
 
@@ -78,6 +90,7 @@ def _optional_choice(options):
         if value is not None and (not isinstance(value, str) or value not in options):
             raise ConfigError(key, f"None or one of {tuple(options)}", value)
         return value
+
     check.choices = tuple(options)
     return check
 
@@ -91,21 +104,27 @@ def _text(optional: bool, path: bool = False):
         if not isinstance(value, kinds) or not str(value):
             raise ConfigError(key, f"{'None or ' if optional else ''}a non-empty {'path' if path else 'string'}", value)
         return str(value)
+
     return check
 
 
 def _image_shape(key, value):
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, torch.Size)) or not value or \
-            not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in value):
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (list, tuple, torch.Size))
+        or not value
+        or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in value)
+    ):
         raise ConfigError(key, "None or the shape of one sample, e.g. (C, H, W), of positive integers", value)
     return tuple(int(d) for d in value)
 
 
 def _strings(key, value):
-    if value is not None and (isinstance(value, str) or not isinstance(value, (list, tuple)) or
-                              not all(isinstance(p, str) for p in value)):
+    if value is not None and (
+        isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)
+    ):
         raise ConfigError(key, "None or a list of strings", value)
     return None if value is None else list(value)
 
@@ -145,67 +164,93 @@ class TrainerConfig:
     use_wandb: bool = option(False, _boolean, "log to Weights & Biases")
     wandb_project: str = option("orw_fast", _text(False), "wandb project")
     run_name: str | None = option(None, _text(True), "wandb run name")
-    savedir: str = option("runs/orw", _text(False, path=True), "output folder: checkpoints, metrics.jsonl, sample "
-                          "grids, config.yaml")
+    savedir: str = option(
+        "runs/orw", _text(False, path=True), "output folder: checkpoints, metrics.jsonl, sample grids, config.yaml"
+    )
     ref_path: str | None = option(None, _text(True, path=True), "reference weights (default: the pre-trained model)")
     text_prompts: list[str] | None = option(None, _strings, "CLIP reward prompts (needs clip_model_path)", cli=False)
-    parallel: bool = option(False, _boolean, "the official code's DataParallel switch; orw_fast runs one process "
-                            "per GPU (torchrun)", cli=False)
+    parallel: bool = option(
+        False,
+        _boolean,
+        "the official code's DataParallel switch; orw_fast runs one process per GPU (torchrun)",
+        cli=False,
+    )
     # orw_fast options
-    image_shape: tuple[int, ...] | None = option(None, _image_shape, "[C, H, W]; inferred from torchcfm UNets",
-                                                 cli=False)
-    weighting: str = option("softmax", _choice(WEIGHTINGS), "reward weights: B softmax(tau r) (mean 1), exp(tau r) "
-                            "(the paper's) or none")
-    coupling: str = option("independent", _choice(COUPLINGS), "noise paired with each rollout: fresh, "
-                           "OT-permuted, or the rollout's own")
+    image_shape: tuple[int, ...] | None = option(
+        None, _image_shape, "[C, H, W]; inferred from torchcfm UNets", cli=False
+    )
+    weighting: str = option(
+        "softmax", _choice(WEIGHTINGS), "reward weights: B softmax(tau r) (mean 1), exp(tau r) (the paper's) or none"
+    )
+    coupling: str = option(
+        "independent", _choice(COUPLINGS), "noise paired with each rollout: fresh, OT-permuted, or the rollout's own"
+    )
     sigma: float = option(0.0, _real(0), "path noise")
     # Heun, 20 steps on the model's rollout grid: 40 model calls, as accurate as the official 100 uniform Euler steps
     # (median RMS error and W2 to a tight dopri5 solution, benchmarks/bench_rollout_error.py)
-    sampler_steps: int = option(20, _integer(1), "rollout steps (with the default method and grid as accurate as "
-                                "100 Euler steps)")
-    sampler_method: str = option("heun", _sampler_method, f"rollout solver: one of {', '.join(FIXED_STEP_METHODS)} "
-                                 "or a torchdiffeq method")
+    sampler_steps: int = option(
+        20, _integer(1), "rollout steps (with the default method and grid as accurate as 100 Euler steps)"
+    )
+    sampler_method: str = option(
+        "heun", _sampler_method, f"rollout solver: one of {', '.join(FIXED_STEP_METHODS)} or a torchdiffeq method"
+    )
     sampler_grid: str | None = option(None, _optional_choice(GRIDS), "rollout time grid (default: the model's)")
     cuda_graph: str | bool = option("auto", _choice(("auto", True, False)), "capture the rollouts in CUDA graphs")
     refresh_interval: int = option(1, _integer(1), "epochs between last-policy refreshes")
     rollout_batches: int = option(1, _integer(1), "make the rollouts of this many steps in one sampler call")
-    rollout_reuse: int = option(1, _integer(1), "use each rollout in this many updates (1: a fresh rollout per "
-                                "sample and step)")
+    rollout_reuse: int = option(
+        1, _integer(1), "use each rollout in this many updates (1: a fresh rollout per sample and step)"
+    )
     precision: str = option("fp32", _choice(tuple(PRECISIONS)), "autocast dtype (fp16 with a GradScaler)")
     compile: bool = option(False, _boolean, "torch.compile the policy's forward")
     channels_last: bool = option(False, _boolean, "channels-last memory format for the policy")
     ema_decay: float = option(0.0, _real(0, below=1), "decay of an EMA of the policy (0: none)")
     seed: int = option(0, _integer(0, 2**63 - 2**16), "random seed (rank r draws from seed + r)")
-    fsdp: bool = option(False, _boolean, "under torchrun: shard the policy and its frozen copies with FSDP2 "
-                        "instead of DDP replicas")
-    clip_model_path: str | None = option(None, _text(True, path=True), "CLIP model of the text_prompts reward",
-                                         cli=False)
+    fsdp: bool = option(
+        False, _boolean, "under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas"
+    )
+    clip_model_path: str | None = option(
+        None, _text(True, path=True), "CLIP model of the text_prompts reward", cli=False
+    )
     grid_size: int = option(64, _integer(0), "samples in the per-epoch grid (0: no grids)")
-    diversity_every: int = option(10, _integer(1), "steps between batch-diversity metrics (O(B^2), all-gathered; "
-                                  "the first step has one)")
+    diversity_every: int = option(
+        10, _integer(1), "steps between batch-diversity metrics (O(B^2), all-gathered; the first step has one)"
+    )
     checkpoint_every: int = option(1, _integer(0), "epochs between checkpoints (0: only at the end)")
-    model_config: dict | None = option(None, _mapping, "how to rebuild the model (orw_fast.models), kept in "
-                                       "checkpoints", cli=False)
+    model_config: dict | None = option(
+        None, _mapping, "how to rebuild the model (orw_fast.models), kept in checkpoints", cli=False
+    )
     objective: str = option("orw_cfm_w2", _choice(OBJECTIVES), "the loss of a step (orw_fast.objectives.OBJECTIVES)")
-    optimizer: str = option("adam", _choice(OPTIMIZERS), "adam (weight_decay: an L2 term in the gradient) or adamw "
-                            "(decoupled weight decay)")
+    optimizer: str = option(
+        "adam", _choice(OPTIMIZERS), "adam (weight_decay: an L2 term in the gradient) or adamw (decoupled weight decay)"
+    )
     weight_decay: float = option(0.0, _real(0), "weight decay of the optimizer")
     # nft and awm (orw_fast.objectives.nft, .awm; the papers' values as defaults)
-    advantage_clip: float = option(5.0, _real(0, above=True), "nft/awm: clip of the group-normalised advantages "
-                                   "(the papers' adv_clip_max)")
-    advantage_std: str | None = option(None, _optional_choice(("group", "batch")), "nft/awm: divide the centred "
-                                       "rewards by the std of their group or of the batch (None: the paper's, nft "
-                                       "group, awm batch)")
-    nft_beta: float = option(1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the "
-                             "old policy")
-    nft_decay_rate: float = option(0.001, _real(0), "nft: at each last-policy refresh the old policy (an EMA) "
-                                   "decays by min(rate * steps, nft_decay_max)")
+    advantage_clip: float = option(
+        5.0, _real(0, above=True), "nft/awm: clip of the group-normalised advantages (the papers' adv_clip_max)"
+    )
+    advantage_std: str | None = option(
+        None,
+        _optional_choice(("group", "batch")),
+        "nft/awm: divide the centred "
+        "rewards by the std of their group or of the batch (None: the paper's, nft "
+        "group, awm batch)",
+    )
+    nft_beta: float = option(
+        1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the old policy"
+    )
+    nft_decay_rate: float = option(
+        0.001,
+        _real(0),
+        "nft: at each last-policy refresh the old policy (an EMA) decays by min(rate * steps, nft_decay_max)",
+    )
     nft_decay_max: float = option(0.5, _real(0, below=1), "nft: the largest decay of the old policy's EMA")
-    awm_old_coefficient: float = option(1.0, _real(0), "awm: pull toward the policy's EMA (needs "
-                                        "ema_decay > 0; 0: none)")
+    awm_old_coefficient: float = option(
+        1.0, _real(0), "awm: pull toward the policy's EMA (needs ema_decay > 0; 0: none)"
+    )
 
     @classmethod
-    def coerce(cls, config) -> "TrainerConfig":
+    def coerce(cls, config) -> TrainerConfig:
         """A TrainerConfig from a TrainerConfig, a dict of its keys or None; unknown keys are errors."""
         if config is None:
             return cls()
@@ -225,11 +270,16 @@ class TrainerConfig:
         OBJECTIVES[self.objective].check_config(self)
         if self.fsdp:  # every rank must make the same number of (collective) model calls
             if self.sampler_method not in FIXED_STEP_METHODS:
-                raise ConfigError("sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True",
-                                  self.sampler_method)
+                raise ConfigError(
+                    "sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True", self.sampler_method
+                )
             if self.cuda_graph is True:
-                raise ConfigError("cuda_graph", "'auto' or False with fsdp=True (sharded models are not graph-captured)",
-                                  self.cuda_graph)
+                raise ConfigError(
+                    "cuda_graph",
+                    "'auto' or False with fsdp=True (sharded models are not graph-captured)",
+                    self.cuda_graph,
+                )
             if self.precision == "fp16":
-                raise ConfigError("precision", "'fp32' or 'bf16' with fsdp=True (no sharded GradScaler)", self.precision)
-
+                raise ConfigError(
+                    "precision", "'fp32' or 'bf16' with fsdp=True (no sharded GradScaler)", self.precision
+                )

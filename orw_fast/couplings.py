@@ -6,6 +6,7 @@ noise is drawn or re-ordered. (torchcfm's ExactOptimalTransportConditionalFlowMa
 (x0, x1) pairs from the OT plan with replacement, which duplicates some x1 and drops others, so weights
 computed per original x1 no longer line up with the samples it returns.)
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def _check_batch(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a floating tensor of shape [B, ...] with B >= 1, got "
-                         f"{x.dtype} of shape {list(x.shape)}")
+        raise ValueError(
+            f"{name} must be a floating tensor of shape [B, ...] with B >= 1, got {x.dtype} of shape {list(x.shape)}"
+        )
 
 
 def _check_vector(v, name: str, batch: int) -> None:
@@ -36,8 +38,10 @@ def _check_pair(x0, x1) -> None:
     _check_batch(x0, "x0")
     _check_batch(x1, "x1")
     if x0.shape != x1.shape or x0.dtype != x1.dtype or x0.device != x1.device:
-        raise ValueError(f"x0 and x1 must have the same shape, dtype and device, got {list(x0.shape)} {x0.dtype} "
-                         f"{x0.device} and {list(x1.shape)} {x1.dtype} {x1.device}")
+        raise ValueError(
+            f"x0 and x1 must have the same shape, dtype and device, got {list(x0.shape)} {x0.dtype} "
+            f"{x0.device} and {list(x1.shape)} {x1.dtype} {x1.device}"
+        )
 
 
 def ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ Everything here degrades to the single-process case: without an initialised proc
 more ranks, rank() is 0, world_size() is 1, the gathers return their input and on_all_ranks only runs its
 body. Collectives (marked so) must be called by every rank in the same order.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,13 +57,16 @@ def local_device(device) -> torch.device:
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but no CUDA device is available here (this torch "
-                             f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); use 'cpu'")
+            raise ValueError(
+                f"device {str(device)!r} was asked for but no CUDA device is available here (this torch "
+                f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'}); use 'cpu'"
+            )
         if device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
+            raise ValueError(
+                f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         torch.cuda.set_device(device)
     return device
 

@@ -1,4 +1,5 @@
 """Sample grids as PNG files (pillow), optionally with a caption (the sample's prompt) under each image."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,14 @@ _LINE = 11  # pixels per caption line of PIL's default font
 _CHAR = 6  # its average character width
 
 
-def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1,
-               captions: list[str] | None = None, row_captions: list[str] | None = None) -> Image.Image:
+def image_grid(
+    x: torch.Tensor,
+    nrow: int | None = None,
+    pad: int = 1,
+    scale: int = 1,
+    captions: list[str] | None = None,
+    row_captions: list[str] | None = None,
+) -> Image.Image:
     """A grid of model-space images x [B, C, H, W] in [-1, 1] (values outside are clipped), each enlarged ``scale``
     times (nearest); with ``captions`` (B strings) each image has its caption under it, wrapped to its width; with
     ``row_captions`` (one string per row) each row has one under it, across the row."""
@@ -41,20 +48,27 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: in
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
         top, left = pad + r * (h + text_h + pad), pad + col * (cell_w + pad)
-        grid[top: top + h, left: left + w] = img
+        grid[top : top + h, left : left + w] = img
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if captions is not None:
         draw, font = ImageDraw.Draw(image), ImageFont.load_default()
         for i, lines in enumerate(wrapped):
             r, col = divmod(i, nrow)
             top, left = pad + r * (h + text_h + pad) + h + 1, pad + col * (cell_w + pad)
-            draw.multiline_text((left, top), "\n".join(lines), fill=255 if c == 1 else (255, 255, 255), font=font,
-                                spacing=_LINE - 10)
+            draw.multiline_text(
+                (left, top), "\n".join(lines), fill=255 if c == 1 else (255, 255, 255), font=font, spacing=_LINE - 10
+            )
     return image
 
 
-def save_image_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 1,
-                    captions: list[str] | None = None, row_captions: list[str] | None = None) -> Path:
+def save_image_grid(
+    x: torch.Tensor,
+    path,
+    nrow: int | None = None,
+    scale: int = 1,
+    captions: list[str] | None = None,
+    row_captions: list[str] | None = None,
+) -> Path:
     """Writes :func:`image_grid` of x (enlarged ``scale`` times, captions under the images or rows) to ``path``
     (PNG), atomically."""
     img = image_grid(x, nrow, scale=scale, captions=captions, row_captions=row_captions)

@@ -1,5 +1,6 @@
 """Batch statistics logged by the trainer and the demo; distances between sample sets (W2, Fréchet) and the
 background-noise figure of digit images."""
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,18 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64. The FID formula; on the digit
     classifier's penultimate features it is the experiments' "digits FD"."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ValueError(f"a and b must be feature sets [N, D] and [M, D] with N, M >= 2, got {list(a.shape)} and "
-                         f"{list(b.shape)}")
+        raise ValueError(
+            f"a and b must be feature sets [N, D] and [M, D] with N, M >= 2, got {list(a.shape)} and {list(b.shape)}"
+        )
     x, y = a.detach().double().cpu(), b.detach().double().cpu()
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = torch.cov(x.T).reshape(x.shape[1], -1), torch.cov(y.T).reshape(y.shape[1], -1)
     vals, vecs = torch.linalg.eigh(cov_x)
     root_x = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root_x @ cov_y @ root_x).clamp(min=0).sqrt().sum()
-    return max(float(((mu_x - mu_y) ** 2).sum() + cov_x.trace() + cov_y.trace() - 2 * cross), 0.0)  # >= 0 up to rounding
+    return max(
+        float(((mu_x - mu_y) ** 2).sum() + cov_x.trace() + cov_y.trace() - 2 * cross), 0.0
+    )  # >= 0 up to rounding
 
 
 def background_level(images: torch.Tensor, threshold: float = 0.0) -> float:

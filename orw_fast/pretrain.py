@@ -1,5 +1,6 @@
 """Pre-training a flow-matching model on a dataset (independent coupling, torchcfm's conditional
 flow matching), saved in torchcfm's checkpoint format ``{net_model, ema_model, optim, sched, step}``."""
+
 from __future__ import annotations
 
 import copy
@@ -13,9 +14,18 @@ from orw_fast.checkpoint import check_state_matches, load_file, model_state_from
 from orw_fast.couplings import sample_path
 
 
-def pretrain_flow_matching(model: torch.nn.Module, images: torch.Tensor, *, steps: int, batch_size: int = 128,
-                           lr: float = 2e-3, sigma: float = 0.0, ema_decay: float = 0.999, seed: int = 0,
-                           progress: bool = True):
+def pretrain_flow_matching(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    sigma: float = 0.0,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    progress: bool = True,
+):
     """Trains ``model(t, x)`` to transport N(0, I) to ``images`` [N, C, H, W] (model space) with the
     loss mean |v(t, x_t) - (x1 - x0)|^2; returns (ema_model, state) where ``state`` is the torchcfm
     checkpoint dict. Runs on the device of the model's parameters; cosine LR decay."""
@@ -45,8 +55,13 @@ def pretrain_flow_matching(model: torch.nn.Module, images: torch.Tensor, *, step
                 e.lerp_(p, 1 - ema_decay)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    state = {"net_model": model.state_dict(), "ema_model": ema.state_dict(), "optim": opt.state_dict(),
-             "sched": sched.state_dict(), "step": steps}
+    state = {
+        "net_model": model.state_dict(),
+        "ema_model": ema.state_dict(),
+        "optim": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "step": steps,
+    }
     return ema, state
 
 
@@ -55,9 +70,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ORW_FAST_CACHE", Path.home() / ".cache" / "orw_fast"))
 
 
-def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128, lr: float = 2e-3,
-                     preset: str | None = None, classifier: bool = True, seed: int = 0, device="cpu",
-                     progress: bool = True) -> dict:
+def pretrain_dataset(
+    dataset: str,
+    out_dir,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    preset: str | None = None,
+    classifier: bool = True,
+    seed: int = 0,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
     """Pre-trains a flow model on ``dataset`` (a load_dataset spec) into ``out_dir``/flow.pt (torchcfm
     format + model_config) and, when the data has labels and ``classifier`` is set, a classifier into
     ``out_dir``/classifier.pt. Returns the paths written and the classifier's accuracy. The same ``seed`` and
@@ -70,8 +95,9 @@ def pretrain_dataset(dataset: str, out_dir, *, steps: int, batch_size: int = 128
     images, labels = load_dataset(dataset)
     torch.manual_seed(seed)  # the initial weights too: torch seeds each process at random
     model, config = make_flow_model(tuple(images.shape[1:]), preset=preset)
-    _, state = pretrain_flow_matching(model.to(device), images, steps=steps, batch_size=batch_size, lr=lr,
-                                      seed=seed, progress=progress)
+    _, state = pretrain_flow_matching(
+        model.to(device), images, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress
+    )
     result = {"flow": save_atomic({**state, "model_config": config}, out_dir / "flow.pt")}
     if labels is not None and classifier:
         net = DigitClassifier(image_shape=tuple(images.shape[1:]), num_classes=int(labels.max()) + 1)
@@ -92,11 +118,13 @@ def load_flow_model(path, *, checkpoint: dict | None = None) -> tuple[torch.nn.M
     ckpt = load_file(path) if checkpoint is None else checkpoint
     config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model_config")
     if config is None:
-        raise ValueError(f"{str(path)!r} records no model config, so orw_fast cannot rebuild its model. Checkpoints "
-                         "of orw_fast models (orw_fast.models.make_flow_model, `orw-fast pretrain`) record it; for "
-                         "another model pass TrainerConfig(model_config={'dim': [C, H, W], ...UNetModelWrapper "
-                         "kwargs}) when training, or rebuild the model yourself and load the checkpoint's 'policy' "
-                         "(ORWCFMTrainer.load_pretrained(path, weights='policy'))")
+        raise ValueError(
+            f"{str(path)!r} records no model config, so orw_fast cannot rebuild its model. Checkpoints "
+            "of orw_fast models (orw_fast.models.make_flow_model, `orw-fast pretrain`) record it; for "
+            "another model pass TrainerConfig(model_config={'dim': [C, H, W], ...UNetModelWrapper "
+            "kwargs}) when training, or rebuild the model yourself and load the checkpoint's 'policy' "
+            "(ORWCFMTrainer.load_pretrained(path, weights='policy'))"
+        )
     if config.get("family", "pixel") != "pixel":
         raise ValueError(f"{str(path)!r} is a checkpoint of a {config['family']!r} model, not of a pixel flow model")
     model = build_flow_model({k: v for k, v in config.items() if k != "family"})

@@ -4,10 +4,11 @@ time, optionally k samples per prompt; and the class labels of a class-condition
 Draws use a CPU generator the trainer owns (its state is in the checkpoint's random states), so choosing the
 prompts costs no device sync.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -29,10 +30,14 @@ class PromptSource:
             prompts = [p for p in prompts if p]
             if not prompts:
                 raise ValueError(f"prompt file {str(path)!r} holds no prompt (one prompt a line, blank lines skipped)")
-        elif not isinstance(prompts, (list, tuple)) or not prompts or \
-                not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError(f"prompts must be a non-empty list of non-empty strings or a prompt file, got "
-                             f"{prompts!r:.80}")
+        elif (
+            not isinstance(prompts, (list, tuple))
+            or not prompts
+            or not all(isinstance(p, str) and p.strip() for p in prompts)
+        ):
+            raise ValueError(
+                f"prompts must be a non-empty list of non-empty strings or a prompt file, got {prompts!r:.80}"
+            )
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
         self.prompts = list(dict.fromkeys(p.strip() for p in prompts))  # distinct, in file order

@@ -7,6 +7,7 @@ rewards) and serves ``batches x reuse`` updates of B samples: the first pass in 
 = 1 is the plain one-rollout-per-step loop), every further pass in a fresh random order (each sample is used exactly
 ``reuse`` times). The trainer drops the pool when the last policy is refreshed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ class RolloutPool:
     cursor: int = 0
 
     @classmethod
-    def make(cls, x0, x1, prompts, rewards, *, reuse: int, generator: torch.Generator) -> "RolloutPool":
+    def make(cls, x0, x1, prompts, rewards, *, reuse: int, generator: torch.Generator) -> RolloutPool:
         """A pool whose first pass is in generation order and whose ``reuse - 1`` further passes are
         permutations drawn from ``generator`` (a CPU generator: no device sync)."""
         size = x1.shape[0]
@@ -42,7 +43,7 @@ class RolloutPool:
         """The next ``batch`` rollouts: (x0, x1, prompts, rewards)."""
         if batch > len(self):
             raise ValueError(f"the rollout pool has {len(self)} samples left, {batch} were asked for")
-        index = self.order[self.cursor:self.cursor + batch]
+        index = self.order[self.cursor : self.cursor + batch]
         self.cursor += batch
         device_index = index.to(self.x1.device)
         prompts = None if self.prompts is None else [self.prompts[i] for i in index.tolist()]
@@ -50,13 +51,25 @@ class RolloutPool:
 
     def state(self) -> dict:
         """The pool on the CPU, for checkpoints."""
-        return {"x0": self.x0.cpu(), "x1": self.x1.cpu(), "prompts": self.prompts, "rewards": self.rewards.cpu(),
-                "order": self.order, "cursor": self.cursor}
+        return {
+            "x0": self.x0.cpu(),
+            "x1": self.x1.cpu(),
+            "prompts": self.prompts,
+            "rewards": self.rewards.cpu(),
+            "order": self.order,
+            "cursor": self.cursor,
+        }
 
     @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> "RolloutPool":
-        return cls(state["x0"].to(device), state["x1"].to(device), state["prompts"], state["rewards"].to(device),
-                   state["order"], int(state["cursor"]))
+    def from_state(cls, state: dict, device: torch.device) -> RolloutPool:
+        return cls(
+            state["x0"].to(device),
+            state["x1"].to(device),
+            state["prompts"],
+            state["rewards"].to(device),
+            state["order"],
+            int(state["cursor"]),
+        )
 
     @staticmethod
     def check_state(state, sample_shape, where: str) -> None:
@@ -66,14 +79,20 @@ class RolloutPool:
         try:
             x0, x1, rewards, order, cursor = (state[k] for k in ("x0", "x1", "rewards", "order", "cursor"))
             size = x1.shape[0]
-            ok = (all(isinstance(t, torch.Tensor) for t in (x0, x1, rewards, order))
-                  and tuple(x0.shape) == tuple(x1.shape) == (size, *sample_shape) and tuple(rewards.shape) == (size,)
-                  and order.dtype == torch.int64 and order.numel() % max(size, 1) == 0
-                  and bool(((order >= 0) & (order < size)).all()) and isinstance(cursor, int)
-                  and 0 <= cursor <= order.numel()
-                  and (state["prompts"] is None or len(state["prompts"]) == size))
+            ok = (
+                all(isinstance(t, torch.Tensor) for t in (x0, x1, rewards, order))
+                and tuple(x0.shape) == tuple(x1.shape) == (size, *sample_shape)
+                and tuple(rewards.shape) == (size,)
+                and order.dtype == torch.int64
+                and order.numel() % max(size, 1) == 0
+                and bool(((order >= 0) & (order < size)).all())
+                and isinstance(cursor, int)
+                and 0 <= cursor <= order.numel()
+                and (state["prompts"] is None or len(state["prompts"]) == size)
+            )
         except (KeyError, TypeError, AttributeError, IndexError):
             ok = False
         if not ok:
-            raise ValueError(f"{where} is not a rollout pool of samples of shape {list(sample_shape)}; nothing was "
-                             "loaded")
+            raise ValueError(
+                f"{where} is not a rollout pool of samples of shape {list(sample_shape)}; nothing was loaded"
+            )

@@ -15,13 +15,15 @@ autocast, trajectory, cond shapes) and is keyed by the data_ptr()s of the model'
 the weights in place (``model.load_state_dict(other.state_dict())``, ``p.copy_(...)``) keeps the graph
 and the replay reads the new values; replacing parameter or buffer tensors makes a new capture.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
 import weakref
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -88,11 +90,16 @@ def time_grid(name: str, steps: int) -> torch.Tensor:
 def _lagrange_integrals(nodes: list[float], a: float, b: float) -> tuple[float, ...]:
     """(∫_a^b l_j(s) ds)_j for the Lagrange basis l_j on ``nodes`` (at most 3), exact in float64: the Gauss-Legendre
     rule with len(nodes) points integrates polynomials of degree len(nodes) - 1."""
-    u, w = {1: ([0.0], [2.0]), 2: ([-3 ** -0.5, 3 ** -0.5], [1.0, 1.0]),
-            3: ([-0.6 ** 0.5, 0.0, 0.6 ** 0.5], [5 / 9, 8 / 9, 5 / 9])}[len(nodes)]
+    u, w = {
+        1: ([0.0], [2.0]),
+        2: ([-(3**-0.5), 3**-0.5], [1.0, 1.0]),
+        3: ([-(0.6**0.5), 0.0, 0.6**0.5], [5 / 9, 8 / 9, 5 / 9]),
+    }[len(nodes)]
     s = [(a + b) / 2 + (b - a) / 2 * u_k for u_k in u]
-    return tuple((b - a) / 2 * sum(w_k * math.prod((s_k - m) / (n - m) for m in nodes if m != n)
-                                   for w_k, s_k in zip(w, s)) for n in nodes)
+    return tuple(
+        (b - a) / 2 * sum(w_k * math.prod((s_k - m) / (n - m) for m in nodes if m != n) for w_k, s_k in zip(w, s))
+        for n in nodes
+    )
 
 
 # The real stability interval (-bound, 0) of constant-step AB_k. On the flow's stiff part, v ≈ (x̂1 - x) / (1 - t),
@@ -119,7 +126,7 @@ def _adams_plan(times: list[float], order: int, heun_start: bool) -> tuple[_Step
         k = min(order, i + 1)
         while (t1 - t0) / (1 - t0) > _AB_STABILITY[k]:
             k -= 1
-        plan.append(_Step(1.0, _lagrange_integrals(times[i - k + 1:i + 1][::-1], t0, t1)))
+        plan.append(_Step(1.0, _lagrange_integrals(times[i - k + 1 : i + 1][::-1], t0, t1)))
     return tuple(plan)
 
 
@@ -258,8 +265,9 @@ def _multistep_step(velocity: Velocity, x, t0, t1, step: _Step, history: _Histor
     return _combine(x, step.decay, step.weights, history.d)
 
 
-def _integrate(velocity: Velocity, x: torch.Tensor, grid: _Grid, method: str, return_trajectory: bool,
-               stop: int | None = None):
+def _integrate(
+    velocity: Velocity, x: torch.Tensor, grid: _Grid, method: str, return_trajectory: bool, stop: int | None = None
+):
     """The fixed-step loop over ``grid`` (from :func:`_time_grid`), its first ``stop`` steps when given; never writes
     ``x``. Returns (x1, trajectory [steps+1, *x.shape] or None)."""
     steps, t = len(grid.dt) if stop is None else stop, grid.t
@@ -317,7 +325,9 @@ def _odeint(velocity: Velocity, x0, times, method, rtol, atol, return_trajectory
 
     steps = times.numel() - 1
     uniform = torch.equal(times, _uniform(steps))  # as torchdiffeq's users write it: linspace in x0's dtype
-    grid = torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device) if uniform else times.to(x0.device, x0.dtype)
+    grid = (
+        torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device) if uniform else times.to(x0.device, x0.dtype)
+    )
     fixed_grid = issubclass(_torchdiffeq_solvers()[method], FixedGridODESolver)
     options = {"grid_constructor": lambda f, y0, t: grid} if fixed_grid else None
     times = grid if return_trajectory else grid[[0, -1]]
@@ -396,8 +406,17 @@ def _graphed(model, x0, cond, times, method, autocast, return_trajectory, *, req
         ) from e
     tensors = _model_tensors(model)
     ptrs = tuple(t.data_ptr() for t in tensors)
-    key = (ptrs, x0.device, tuple(x0.shape), x0.dtype, tuple(times.tolist()), method, autocast, return_trajectory,
-           tuple((tuple(c.shape), c.dtype, c.device) for c in cond))
+    key = (
+        ptrs,
+        x0.device,
+        tuple(x0.shape),
+        x0.dtype,
+        tuple(times.tolist()),
+        method,
+        autocast,
+        return_trajectory,
+        tuple((tuple(c.shape), c.dtype, c.device) for c in cond),
+    )
     sampler = entries.get(key)
     if sampler is None:
         for stale in [k for k in entries if k[0] != ptrs]:
@@ -408,9 +427,12 @@ def _graphed(model, x0, cond, times, method, autocast, return_trajectory, *, req
             if required:
                 raise
             _UNCAPTURABLE[model] = f"{type(err).__name__}: {err}"
-            warnings.warn(f"sample(cuda_graph='auto'): {type(model).__name__} cannot be captured in a CUDA graph "
-                          f"({_UNCAPTURABLE[model]:.300}); it is sampled eagerly from now on (pass cuda_graph=False "
-                          "to silence this, or cuda_graph=True to make it an error)", stacklevel=3)
+            warnings.warn(
+                f"sample(cuda_graph='auto'): {type(model).__name__} cannot be captured in a CUDA graph "
+                f"({_UNCAPTURABLE[model]:.300}); it is sampled eagerly from now on (pass cuda_graph=False "
+                "to silence this, or cuda_graph=True to make it an error)",
+                stacklevel=3,
+            )
             return None
         entries[key] = sampler
     return sampler(x0, cond)
@@ -452,8 +474,13 @@ def _check_times(times, steps) -> torch.Tensor:
         grid = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1)
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"times must be a 1-D sequence or tensor of t values, got {type(times).__name__}") from err
-    if grid.numel() < 2 or not bool(torch.isfinite(grid).all()) or not bool((grid[1:] > grid[:-1]).all()) or \
-            grid[0] < 0 or grid[-1] > 1:
+    if (
+        grid.numel() < 2
+        or not bool(torch.isfinite(grid).all())
+        or not bool((grid[1:] > grid[:-1]).all())
+        or grid[0] < 0
+        or grid[-1] > 1
+    ):
         raise ValueError(f"times must be >= 2 increasing values in [0, 1] (t=0 noise, t=1 data), got {grid.tolist()}")
     if steps is not None and steps != grid.numel() - 1:
         raise ValueError(f"steps={steps!r} does not match times, which has {grid.numel() - 1} steps; give one of them")
@@ -536,8 +563,10 @@ def sample(
     _check_args(model, x0, method, cuda_graph, autocast, rtol, atol, cond)
     grid_times = _check_times(times, 100 if steps is None and times is None else steps)
     if method in _MULTISTEP and grid_times.numel() - 1 < min_steps(method):
-        raise ValueError(f"method {method!r} needs at least {min_steps(method)} steps (fewer never reach its "
-                         f"order), got {grid_times.numel() - 1}")
+        raise ValueError(
+            f"method {method!r} needs at least {min_steps(method)} steps (fewer never reach its "
+            f"order), got {grid_times.numel() - 1}"
+        )
     if method not in FIXED_STEP_METHODS:
         velocity = _velocity(model, cond, autocast, x0.device.type)
         x1, trajectory = _odeint(velocity, x0, grid_times, method, float(rtol), float(atol), return_trajectory)
@@ -545,11 +574,17 @@ def sample(
         graphed = None
         if cuda_graph is True or (cuda_graph == "auto" and x0.device.type == "cuda" and model not in _UNCAPTURABLE):
             with torch.cuda.device(x0.device):
-                graphed = _graphed(model, x0, cond, grid_times, method, autocast, return_trajectory,
-                                   required=cuda_graph is True)
+                graphed = _graphed(
+                    model, x0, cond, grid_times, method, autocast, return_trajectory, required=cuda_graph is True
+                )
         if graphed is None:
             velocity = _velocity(model, cond, autocast, x0.device.type)
-            graphed = _integrate(velocity, x0, _time_grid(grid_times, x0.shape[0], x0.device, x0.dtype, method),
-                                 method, return_trajectory)
+            graphed = _integrate(
+                velocity,
+                x0,
+                _time_grid(grid_times, x0.shape[0], x0.device, x0.dtype, method),
+                method,
+                return_trajectory,
+            )
         x1, trajectory = graphed
     return (x1, trajectory) if return_trajectory else x1

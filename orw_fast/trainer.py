@@ -32,14 +32,15 @@ the whole batch. Logged metrics are those of the whole batch. Rank 0 alone write
 train, save_checkpoint and resume are collective (every rank calls them). ``config.fsdp`` shards
 the policy and its frozen copies with FSDP2 instead of replicating them.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -74,26 +75,43 @@ class ORWCFMTrainer:
     ``config.savedir`` (:func:`~orw_fast.callbacks.default_callbacks`); a list replaces them (``[]``: a run that
     writes nothing; ``[*default_callbacks(config), mine]`` adds one)."""
 
-    def __init__(self, model, config=None, device=None, reward_fn: Callable | None = None, *,
-                 callbacks: list[Callback] | None = None):
+    def __init__(
+        self,
+        model,
+        config=None,
+        device=None,
+        reward_fn: Callable | None = None,
+        *,
+        callbacks: list[Callback] | None = None,
+    ):
         self.config = cfg = TrainerConfig.coerce(config)
-        flow = model if isinstance(model, FlowModel) else PixelFlowModel(model, cfg.image_shape,
-                                                                          channels_last=cfg.channels_last)
+        flow = (
+            model
+            if isinstance(model, FlowModel)
+            else PixelFlowModel(model, cfg.image_shape, channels_last=cfg.channels_last)
+        )
         self.device = dist_utils.local_device(device if device is not None else flow.default_device())
         dist_utils.init_from_env(self.device)
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         if cfg.batch_size % self.world_size:
             raise ConfigError("batch_size", f"divisible by the number of processes ({self.world_size})", cfg.batch_size)
         if cfg.fsdp and self.world_size == 1:
-            raise ConfigError("fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)",
-                              cfg.fsdp)
+            raise ConfigError(
+                "fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)", cfg.fsdp
+            )
         self.local_batch_size = cfg.batch_size // self.world_size
         if cfg.sampler_grid is not None and flow.rollout_grid is None:
-            raise ConfigError("sampler_grid", f"None for a {type(flow).__name__} (its rollouts follow its scheduler's "
-                              "sigma schedule)", cfg.sampler_grid)
+            raise ConfigError(
+                "sampler_grid",
+                f"None for a {type(flow).__name__} (its rollouts follow its scheduler's sigma schedule)",
+                cfg.sampler_grid,
+            )
         if cfg.parallel:
-            warnings.warn("config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
-                          "device per process; for several GPUs launch with torchrun --nproc_per_node=N", stacklevel=2)
+            warnings.warn(
+                "config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
+                "device per process; for several GPUs launch with torchrun --nproc_per_node=N",
+                stacklevel=2,
+            )
         if reward_fn is None and cfg.text_prompts:
             from orw_fast.rewards import CLIPReward
 
@@ -113,8 +131,9 @@ class ORWCFMTrainer:
         self.weights = flow.weights
         self.weights.distribute(self.world_size, cfg.fsdp, self.device)
         self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
-        self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](self.weights.trainable_parameters(), lr=cfg.learning_rate,
-                                                           weight_decay=cfg.weight_decay)
+        self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](
+            self.weights.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -127,8 +146,9 @@ class ORWCFMTrainer:
         self._pool: RolloutPool | None = None
         torch.manual_seed(cfg.seed + self.rank)  # dropout and anything else drawing from the global RNG
         self.step = 0
-        if callbacks is not None and not (isinstance(callbacks, (list, tuple))
-                                          and all(isinstance(c, Callback) for c in callbacks)):
+        if callbacks is not None and not (
+            isinstance(callbacks, (list, tuple)) and all(isinstance(c, Callback) for c in callbacks)
+        ):
             raise TypeError(f"callbacks must be None or a list of orw_fast.callbacks.Callback, got {callbacks!r}")
         self.callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
 
@@ -140,8 +160,10 @@ class ORWCFMTrainer:
 
     def _full_copies(self) -> FullCopies:
         if not isinstance(self.weights, FullCopies):
-            raise AttributeError(f"a {type(self.weights).__name__} policy has no separate reference, last-policy or "
-                                 "EMA modules (trainer.weights holds them)")
+            raise AttributeError(
+                f"a {type(self.weights).__name__} policy has no separate reference, last-policy or "
+                "EMA modules (trainer.weights holds them)"
+            )
         return self.weights
 
     # -- weights -------------------------------------------------------------------------------
@@ -156,13 +178,17 @@ class ORWCFMTrainer:
         models only (a LoRA policy's base weights come with its pipeline)."""
         cfg, copies = self.config, self._full_copies()
         policy, key = read_model_weights(copies.module, path, weights)
-        reference, ref_key = (read_model_weights(copies.reference_module, cfg.ref_path, weights) if cfg.ref_path
-                              else (policy, key))
+        reference, ref_key = (
+            read_model_weights(copies.reference_module, cfg.ref_path, weights) if cfg.ref_path else (policy, key)
+        )
         copies.load_pretrained(policy, reference)
         names = "policy, last policy" + (", EMA" if copies.ema_module is not None else "")
-        message = (f"loaded {key!r} of {str(path)!r} into the {names} and reference" if not cfg.ref_path else
-                   f"loaded {key!r} of {str(path)!r} into the {names}, and {ref_key!r} of {cfg.ref_path!r} into the "
-                   "reference")
+        message = (
+            f"loaded {key!r} of {str(path)!r} into the {names} and reference"
+            if not cfg.ref_path
+            else f"loaded {key!r} of {str(path)!r} into the {names}, and {ref_key!r} of {cfg.ref_path!r} into the "
+            "reference"
+        )
         if verbose and self.rank == 0:
             print(message)
         return message
@@ -185,9 +211,16 @@ class ORWCFMTrainer:
         """Samples of ``module`` from noise x0 [N, *sample_shape] (and N prompts, or None) with the trainer's rollout
         solver (no grad)."""
         cfg = self.config
-        return self.flow.generate(module, x0, prompts, steps=cfg.sampler_steps, method=cfg.sampler_method,
-                                  grid=cfg.sampler_grid or self.flow.rollout_grid,
-                                  cuda_graph=False if cfg.fsdp else cfg.cuda_graph, autocast=self.autocast_dtype)
+        return self.flow.generate(
+            module,
+            x0,
+            prompts,
+            steps=cfg.sampler_steps,
+            method=cfg.sampler_method,
+            grid=cfg.sampler_grid or self.flow.rollout_grid,
+            cuda_graph=False if cfg.fsdp else cfg.cuda_graph,
+            autocast=self.autocast_dtype,
+        )
 
     def rollout(self, batch_size: int):
         """(x0, x1, prompts): noise, the samples the last policy makes from it (no grad), and the batch's prompts
@@ -208,8 +241,9 @@ class ORWCFMTrainer:
             with dist_utils.on_all_ranks("scoring rewards"):  # a bad reward on any rank stops all, before any update
                 rewards = self.reward_fn(self.flow.to_images(x1), prompts).to(self.device)
                 check_rewards(rewards, size)
-            self._pool = RolloutPool.make(x0, x1, prompts, rewards, reuse=cfg.rollout_reuse,
-                                          generator=self.host_generator)
+            self._pool = RolloutPool.make(
+                x0, x1, prompts, rewards, reuse=cfg.rollout_reuse, generator=self.host_generator
+            )
         return self._pool.take(batch)
 
     def _prompt_groups(self, prompts):
@@ -218,8 +252,9 @@ class ORWCFMTrainer:
         if not self.objective.grouped:
             return None
         everyone = dist_utils.all_gather_object(prompts)
-        return group_ids(None if prompts is None else [p for part in everyone for p in part],
-                         self.config.batch_size).to(self.device)
+        return group_ids(
+            None if prompts is None else [p for part in everyone for p in part], self.config.batch_size
+        ).to(self.device)
 
     def train_step(self) -> dict:
         """One update of the whole batch by the objective; returns its metrics (the same on every rank)."""
@@ -256,8 +291,14 @@ class ORWCFMTrainer:
         input_metrics = self.objective.input_metrics(all_inputs)
         names = ["loss", *parts, "grad_norm", "reward_mean", "reward_std", "reward_max", *input_metrics]
         spread = all_rewards.std() if all_rewards.numel() > 1 else all_rewards.new_zeros(())
-        values = [*means, grad_norm.detach().double(), all_rewards.mean().double(), spread.double(),
-                  all_rewards.max().double(), *(m.to(self.device) for m in input_metrics.values())]
+        values = [
+            *means,
+            grad_norm.detach().double(),
+            all_rewards.mean().double(),
+            spread.double(),
+            all_rewards.max().double(),
+            *(m.to(self.device) for m in input_metrics.values()),
+        ]
         if self.step % cfg.diversity_every == 0:
             names.append("diversity")
             values.append(mean_pairwise_distance(dist_utils.all_gather_cat(x1)).to(self.device))
@@ -273,8 +314,13 @@ class ORWCFMTrainer:
         if self.objective.ema_updates == "step":
             self.weights.update_ema(self.objective.ema_decay(self.step))
         seconds = time.perf_counter() - start
-        return {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
-                "samples_per_s": cfg.batch_size / seconds, "peak_memory_mb": self._peak_memory_mb()}
+        return {
+            "step": self.step,
+            **metrics,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": cfg.batch_size / seconds,
+            "peak_memory_mb": self._peak_memory_mb(),
+        }
 
     def _peak_memory_mb(self) -> float:
         """This rank's peak memory: on CUDA the most allocated during this step, on the CPU the process's peak
@@ -298,15 +344,22 @@ class ORWCFMTrainer:
             causes.append("the policy's weights were non-finite before this step (were they loaded that way?)")
         elif not finite([v]):
             causes.append(f"the policy's prediction overflowed (precision='{cfg.precision}')")
-        causes += [f"the {name.replace('_', ' ')}'s prediction is non-finite (check its weights and the precision)"
-                   for name, velocity in frozen.items() if not finite([velocity])]
-        causes.append(f"a learning rate too high for this model (now {self.scheduler.get_last_lr()[0]:.3g}; lower "
-                      "learning_rate or raise warmup_steps)")
+        causes += [
+            f"the {name.replace('_', ' ')}'s prediction is non-finite (check its weights and the precision)"
+            for name, velocity in frozen.items()
+            if not finite([velocity])
+        ]
+        causes.append(
+            f"a learning rate too high for this model (now {self.scheduler.get_last_lr()[0]:.3g}; lower "
+            "learning_rate or raise warmup_steps)"
+        )
         if cfg.precision != "fp32":
             causes.append(f"too little precision (precision='{cfg.precision}'; try 'fp32')")
-        return (f"step {self.step + 1}: the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']}, so "
-                "the update was not applied (the model, optimizer, scheduler and EMA are as before this step). Likely "
-                "cause(s): " + "; ".join(causes) + ".")
+        return (
+            f"step {self.step + 1}: the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']}, so "
+            "the update was not applied (the model, optimizer, scheduler and EMA are as before this step). Likely "
+            "cause(s): " + "; ".join(causes) + "."
+        )
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -367,9 +420,12 @@ class ORWCFMTrainer:
         self.step = ckpt["step"]
         self._pool = None
         if len(ranks) != self.world_size:
-            warnings.warn(f"checkpoint {str(path)!r} was written by {len(ranks)} process(es), resumed by "
-                          f"{self.world_size}: training continues with this run's per-rank random streams, not exactly "
-                          "as an uninterrupted run would", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {str(path)!r} was written by {len(ranks)} process(es), resumed by "
+                f"{self.world_size}: training continues with this run's per-rank random streams, not exactly "
+                "as an uninterrupted run would",
+                stacklevel=2,
+            )
             return
         rng = ranks[self.rank]
         self.generator.set_state(rng["generator"])
@@ -381,5 +437,6 @@ class ORWCFMTrainer:
         if rng.get("host") is not None:  # (earlier checkpoints have none)
             self.host_generator.set_state(rng["host"])
         pools = ckpt.get("rollout_pools")
-        self._pool = None if pools is None or pools[self.rank] is None else \
-            RolloutPool.from_state(pools[self.rank], self.device)
+        self._pool = (
+            None if pools is None or pools[self.rank] is None else RolloutPool.from_state(pools[self.rank], self.device)
+        )

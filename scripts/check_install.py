@@ -6,6 +6,7 @@ once); this check finds it at install time instead of a test skipping later. The
 purpose is listed in DELIBERATE with the reason. Exit status 1 and one line per problem when anything is wrong.
 Usage: python scripts/check_install.py
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,10 +17,17 @@ from packaging.requirements import Requirement
 
 # What bootstrap.sh installs, and the module each must import as.
 INSTALLED = {
-    "orw_fast": "orw_fast._C", "torch": "torch", "triton": "triton", "torchcfm": "torchcfm",
-    "torchdiffeq": "torchdiffeq", "transformers": "transformers", "diffusers": "diffusers", "peft": "peft",
+    "orw_fast": "orw_fast._C",
+    "torch": "torch",
+    "triton": "triton",
+    "torchcfm": "torchcfm",
+    "torchdiffeq": "torchdiffeq",
+    "transformers": "transformers",
+    "diffusers": "diffusers",
+    "peft": "peft",
     "nvidia-dali-cuda130": "nvidia.dali",
-    "pytest": "pytest", "pytest-benchmark": "pytest_benchmark",
+    "pytest": "pytest",
+    "pytest-benchmark": "pytest_benchmark",
 }
 # (package, requirement) pairs not installed on purpose.
 DELIBERATE = {
@@ -71,5 +79,8 @@ if __name__ == "__main__":
         print(f"check_install: {line}", file=sys.stderr)
     if bad:
         sys.exit(1)
-    print(f"check_install: complete ({len(INSTALLED)} packages and all they need at run time; left out on purpose: "
-          + "; ".join(f"{p} -> {r} ({why})" for (p, r), why in DELIBERATE.items()) + ")")
+    print(
+        f"check_install: complete ({len(INSTALLED)} packages and all they need at run time; left out on purpose: "
+        + "; ".join(f"{p} -> {r} ({why})" for (p, r), why in DELIBERATE.items())
+        + ")"
+    )

@@ -7,6 +7,7 @@ checkpoints) and the per-epoch evaluation records of the experiments' runs (thei
 
 The other checkout needs its C++ extension built (or copied in), like this one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,14 @@ CASES = {
     "none_weighting": ({"weighting": "none", "w2_coefficient": 0.5}, 1, 4),
     "rollout_reuse": ({"rollout_batches": 3, "rollout_reuse": 2}, 2, 4),
     "refresh_interval_2": ({"refresh_interval": 2, "rollout_batches": 2}, 3, 2),
-    "grids_and_checkpoints": ({"image_shape": [1, 4, 4], "grid_size": 4, "checkpoint_every": 1, "diversity_every": 2},
-                              3, 2),
+    "grids_and_checkpoints": (
+        {"image_shape": [1, 4, 4], "grid_size": 4, "checkpoint_every": 1, "diversity_every": 2},
+        3,
+        2,
+    ),
 }
 
-WORKER = r'''
+WORKER = r"""
 import copy, hashlib, json, sys
 from pathlib import Path
 
@@ -148,14 +152,18 @@ else:
 results["evaluation_records"] = {"history": strip(records), "files": {}}
 results["_written"] = sorted(p.name for p in folder.iterdir())
 out.write_text(json.dumps(results))
-'''
+"""
 
 
 def run(checkout: Path, folder: Path) -> dict:
     out = folder / "results.json"
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES), str(out), str(folder), json.dumps(TIMINGS)],
-                   check=True, env=env, cwd=folder)
+    subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(CASES), str(out), str(folder), json.dumps(TIMINGS)],
+        check=True,
+        env=env,
+        cwd=folder,
+    )
     return json.loads(out.read_text())
 
 
@@ -169,11 +177,14 @@ def differences(old: dict, new: dict) -> list[str]:
         a, b = old[case], new.get(case, {})
         if a["history"] != b.get("history"):
             steps = [i for i, (x, y) in enumerate(zip(a["history"], b.get("history", []))) if x != y]
-            found.append(f"{case}: metrics differ (records {steps[:5]}; lengths {len(a['history'])}, "
-                         f"{len(b.get('history', []))})")
+            found.append(
+                f"{case}: metrics differ (records {steps[:5]}; lengths {len(a['history'])}, "
+                f"{len(b.get('history', []))})"
+            )
         if a["files"] != b.get("files"):
-            names = sorted(n for n in set(a["files"]) | set(b.get("files", {}))
-                           if a["files"].get(n) != b.get("files", {}).get(n))
+            names = sorted(
+                n for n in set(a["files"]) | set(b.get("files", {})) if a["files"].get(n) != b.get("files", {}).get(n)
+            )
             found.append(f"{case}: files differ: {names}")
     return found
 
@@ -181,8 +192,9 @@ def differences(old: dict, new: dict) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, type=Path, help="the other checkout (its folder holds orw_fast/)")
-    parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parents[1],
-                        help="this checkout (default: %(default)s)")
+    parser.add_argument(
+        "--new", type=Path, default=Path(__file__).resolve().parents[1], help="this checkout (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "old").mkdir()
@@ -190,8 +202,10 @@ def main(argv=None) -> int:
         old, new = run(args.old.resolve(), Path(tmp) / "old"), run(args.new.resolve(), Path(tmp) / "new")
     found = differences(old, new)
     steps = sum(len(c["history"]) for k, c in old.items() if not k.startswith("_"))
-    print(f"{len(old) - 1} cases, {steps} step/epoch records compared, files: "
-          f"{sum(len(c['files']) for k, c in old.items() if not k.startswith('_'))}")
+    print(
+        f"{len(old) - 1} cases, {steps} step/epoch records compared, files: "
+        f"{sum(len(c['files']) for k, c in old.items() if not k.startswith('_'))}"
+    )
     print("\n".join(found) if found else "identical: every metric, file and record is the same bits")
     return 1 if found else 0
 

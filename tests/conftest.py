@@ -5,6 +5,7 @@
 - In CI (CI=true) a test may skip only because there is no GPU (reason GPU_SKIP_REASON): any other skip, a
   missing package or tool, is turned into a failure, so a missing install step cannot pass as green.
 """
+
 import os
 
 import pytest
@@ -30,8 +31,10 @@ def _fail_skips_in_ci(report) -> None:
         reason = _skip_reason(report)
         if not reason.startswith(GPU_SKIP_REASON):
             report.outcome = "failed"
-            report.longrepr = (f"skipped in CI for a reason other than a missing GPU: {reason!r}. In CI only "
-                               f"'{GPU_SKIP_REASON}' may skip: install what is missing (scripts/bootstrap.sh).")
+            report.longrepr = (
+                f"skipped in CI for a reason other than a missing GPU: {reason!r}. In CI only "
+                f"'{GPU_SKIP_REASON}' may skip: install what is missing (scripts/bootstrap.sh)."
+            )
 
 
 def _is_cuda(value) -> bool:

@@ -1,4 +1,5 @@
 """group_advantages against a plain float64 computation, its refusals, and the 2-process all-gather contract."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +15,9 @@ def plain(rewards, group_size=None, eps=1e-4, clip=None, std="group"):
     size = group_size or len(r)
     out = np.empty_like(r)
     for start in range(0, len(r), size):
-        g = r[start:start + size]
+        g = r[start : start + size]
         spread = np.std(g) if std == "group" else np.std(r)
-        out[start:start + size] = 0.0 if g.max() == g.min() else (g - np.mean(g)) / (spread + eps)
+        out[start : start + size] = 0.0 if g.max() == g.min() else (g - np.mean(g)) / (spread + eps)
     if clip is not None:
         out = np.clip(out, -clip, clip)
     return torch.from_numpy(out)
@@ -45,29 +46,35 @@ def test_group_statistics_and_equal_rewards():
     assert torch.equal(one, torch.zeros(5))
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(group_size=5), ValueError, "group_size=5 does not divide the batch of 12"),
-    (dict(group_size=0), ValueError, "group_size must be a positive integer"),
-    (dict(group_size=2.0), ValueError, "group_size must be a positive integer"),
-    (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
-    (dict(eps=-1e-4), ValueError, "eps must be a finite number > 0"),
-    (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
-    (dict(clip=0.0), ValueError, "clip must be a finite number > 0"),
-    (dict(std="prompt"), ValueError, "std must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(group_size=5), ValueError, "group_size=5 does not divide the batch of 12"),
+        (dict(group_size=0), ValueError, "group_size must be a positive integer"),
+        (dict(group_size=2.0), ValueError, "group_size must be a positive integer"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=-1e-4), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
+        (dict(clip=0.0), ValueError, "clip must be a finite number > 0"),
+        (dict(std="prompt"), ValueError, "std must be one of"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         orw_fast.group_advantages(torch.randn(12), **kwargs)
 
 
-@pytest.mark.parametrize("rewards,exc,match", [
-    (torch.tensor([0.0, float("nan"), 1.0]), ValueError, "rewards has 1 non-finite"),
-    (torch.tensor([0.0, float("inf"), -float("inf")]), ValueError, "rewards has 2 non-finite"),
-    (torch.ones(3, dtype=torch.int64), TypeError, "rewards must be a floating tensor"),
-    ([1.0, 2.0], TypeError, "rewards must be a torch.Tensor"),
-    (torch.ones(2, 3), ValueError, r"rewards must be a non-empty \[B\] tensor"),
-    (torch.ones(0), ValueError, r"rewards must be a non-empty \[B\] tensor"),
-])
+@pytest.mark.parametrize(
+    "rewards,exc,match",
+    [
+        (torch.tensor([0.0, float("nan"), 1.0]), ValueError, "rewards has 1 non-finite"),
+        (torch.tensor([0.0, float("inf"), -float("inf")]), ValueError, "rewards has 2 non-finite"),
+        (torch.ones(3, dtype=torch.int64), TypeError, "rewards must be a floating tensor"),
+        ([1.0, 2.0], TypeError, "rewards must be a torch.Tensor"),
+        (torch.ones(2, 3), ValueError, r"rewards must be a non-empty \[B\] tensor"),
+        (torch.ones(0), ValueError, r"rewards must be a non-empty \[B\] tensor"),
+    ],
+)
 def test_bad_rewards(rewards, exc, match):
     with pytest.raises(exc, match=match):
         orw_fast.group_advantages(rewards)

@@ -2,6 +2,7 @@
 results and reports failures per case; the driver runs a stage and packs its files; the nvcc report's
 parsers read real ptxas / SASS / PTX text; the official-code baseline computes what it claims. Timings are
 not checked."""
+
 import csv
 import json
 import math
@@ -16,8 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (bench_loss, bench_rollout_error, bench_sampler, bench_t2i, bench_time_to_target,
-                        bench_train_step, hardware, nvcc_report, run_all)
+from benchmarks import (
+    bench_loss,
+    bench_rollout_error,
+    bench_sampler,
+    bench_t2i,
+    bench_time_to_target,
+    bench_train_step,
+    hardware,
+    nvcc_report,
+    run_all,
+)
 from benchmarks.baselines.official_eager import OfficialEagerTrainer, euler_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +58,23 @@ def check_results(out: Path, name: str, *, plot: bool, other_table_lines: int = 
 
 
 def test_loss_benchmark(tmp_path):
-    code = bench_loss.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--sizes", "4x1x4x4,2x3x8x8",
-                            "--dtypes", "fp32,bf16", "--backends", "eager,native", "--repeats", "2"])
+    code = bench_loss.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--sizes",
+            "4x1x4x4,2x3x8x8",
+            "--dtypes",
+            "fp32,bf16",
+            "--backends",
+            "eager,native",
+            "--repeats",
+            "2",
+        ]
+    )
     rows = check_results(tmp_path, "loss", plot=True)
     expected = 2 * 2 * (1 + (bench_loss.skip_reason("native", torch.device("cpu")) is None))
     assert code == 0 and len(rows) == expected
@@ -60,12 +85,30 @@ def test_loss_benchmark(tmp_path):
 
 def test_loss_benchmark_nft_awm(tmp_path):
     """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element, ratios within each op."""
-    code = bench_loss.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--sizes", "2x3x8x8", "--ops",
-                            "nft,awm", "--dtypes", "fp32", "--backends", "eager,native", "--repeats", "2"])
+    code = bench_loss.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--sizes",
+            "2x3x8x8",
+            "--ops",
+            "nft,awm",
+            "--dtypes",
+            "fp32",
+            "--backends",
+            "eager,native",
+            "--repeats",
+            "2",
+        ]
+    )
     rows = check_results(tmp_path, "loss", plot=True)
     native = bench_loss.skip_reason("native", torch.device("cpu"), "nft") is None
     assert code == 0 and [(r["op"], r["backend"]) for r in rows] == [
-        (op, b) for op in ("nft", "awm") for b in ("eager", "native")[:1 + native]]
+        (op, b) for op in ("nft", "awm") for b in ("eager", "native")[: 1 + native]
+    ]
     for r in rows:
         assert r["status"] == "ok" and r["speedup_vs_eager"] > 0
         assert r["bytes_per_step"] == 5 * r["numel"] * 4
@@ -73,9 +116,12 @@ def test_loss_benchmark_nft_awm(tmp_path):
 
 
 def test_sampler_benchmark(tmp_path):
-    variants = "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_channels_last_fp32,ours_graph_bf16"
-    code = bench_sampler.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",
-                               "--steps", "2", "--variants", variants])
+    variants = (
+        "eager_fp32_loop,torchdiffeq_euler,ours_eager_fp32,ours_eager_bf16,ours_channels_last_fp32,ours_graph_bf16"
+    )
+    code = bench_sampler.main(
+        ["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2", "--steps", "2", "--variants", variants]
+    )
     rows = check_results(tmp_path, "sampler", plot=True)
     meta = json.loads(result_files(tmp_path, "sampler")[".json"].read_text())["metadata"]
     assert code == 0 and meta["skipped_variants"] == {"ours_graph_bf16": "CUDA graphs need a CUDA device"}
@@ -90,8 +136,22 @@ def test_sampler_benchmark(tmp_path):
 
 
 def test_train_step_benchmark(tmp_path):
-    code = bench_train_step.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--batches", "2",
-                                  "--sampler-steps", "2", "--repeats", "2", "--no-plot"])
+    code = bench_train_step.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--batches",
+            "2",
+            "--sampler-steps",
+            "2",
+            "--repeats",
+            "2",
+            "--no-plot",
+        ]
+    )
     rows = check_results(tmp_path, "train_step", plot=False)
     assert code == 0 and [r["variant"] for r in rows] == ["official_eager", "ours", "ours_ot"]
     for r in rows:
@@ -101,8 +161,25 @@ def test_train_step_benchmark(tmp_path):
 
 def test_text_to_image_benchmark(tmp_path):
     """Every variant on the tiny SD3 model (FLUX's path is the same code, tested in test_text_to_image.py)."""
-    code = bench_t2i.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--models", "tiny-sd3",
-                           "--batches", "2", "--sampler-steps", "2", "--repeats", "2", "--lora-rank", "2"])
+    code = bench_t2i.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--models",
+            "tiny-sd3",
+            "--batches",
+            "2",
+            "--sampler-steps",
+            "2",
+            "--repeats",
+            "2",
+            "--lora-rank",
+            "2",
+        ]
+    )
     rows = check_results(tmp_path, "t2i", plot=True)
     assert code == 0 and [r["variant"] for r in rows] == list(bench_t2i.VARIANTS)
     for r in rows:
@@ -110,7 +187,9 @@ def test_text_to_image_benchmark(tmp_path):
             assert r["status"] == "skipped: CUDA graphs need a CUDA device"
         else:
             assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["trainable_parameters"] > 0, r
-    lora, full = (next(r["trainable_parameters"] for r in rows if r["variant"] == v) for v in ("step_lora", "step_full"))
+    lora, full = (
+        next(r["trainable_parameters"] for r in rows if r["variant"] == v) for v in ("step_lora", "step_full")
+    )
     assert lora < full
     with pytest.raises(SystemExit, match="published architectures need a GPU"):
         bench_t2i.main(["--device", "cpu", "--models", "flux-dev", "--out", str(tmp_path)])
@@ -125,10 +204,12 @@ def test_hardware_script(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("module", "argv", "message"),
-    [(bench_sampler, ["--batches", "0"], "expected positive integers"),
-     (bench_sampler, ["--variants", "eager,ours"], "choose from"),
-     (bench_train_step, ["--repeats", "x"], "expected an integer"),
-     (bench_loss, ["--sizes", "64x3xx"], "is not like 64x3x32x32")],
+    [
+        (bench_sampler, ["--batches", "0"], "expected positive integers"),
+        (bench_sampler, ["--variants", "eager,ours"], "choose from"),
+        (bench_train_step, ["--repeats", "x"], "expected an integer"),
+        (bench_loss, ["--sizes", "64x3xx"], "is not like 64x3x32x32"),
+    ],
 )
 def test_bad_arguments_are_named(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -139,9 +220,25 @@ def test_bad_arguments_are_named(module, argv, message, capsys):
 
 def test_run_all_runs_a_stage_packs_its_files_and_sums_up(tmp_path, capsys):
     archive = tmp_path / "results.tar.gz"
-    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--device", "cpu", "--quick", "--stages",
-                           "hardware", "--out", str(tmp_path / "out"), "--archive", str(archive)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/run_all.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--stages",
+            "hardware",
+            "--out",
+            str(tmp_path / "out"),
+            "--archive",
+            str(archive),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (folder,) = (tmp_path / "out").iterdir()
     summary = json.loads(next(folder.glob("run_*_quick_hardware.json")).read_text())
@@ -163,8 +260,14 @@ def test_the_gpu_quick_run_starts_every_stage_in_a_dry_run_on_the_cpu(tmp_path):
     saying why, the GPU tests are collected (not none), every benchmark parses the plan's arguments and lists its
     cases; nothing is written."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--quick", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", "--quick", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     order = [proc.stdout.index(f"] {stage} ...") for stage in run_all.PLANS["proof"]]
     assert order == sorted(order) and list(run_all.PLANS["proof"])[:3] == ["build", "tests", "hardware"]
@@ -179,8 +282,19 @@ def test_the_gpu_quick_run_starts_every_stage_in_a_dry_run_on_the_cpu(tmp_path):
 def test_a_dry_run_catches_a_bad_argument_in_a_plan(tmp_path, monkeypatch, capsys):
     plan = dict(run_all.PLANS["proof"], loss=(["--dtypes", "fp33"], 60))
     monkeypatch.setitem(run_all.PLANS, "proof", plan)
-    code = run_all.main(["--device", "cpu", "--plan", "proof", "--skip", "tests,hardware,train_step,t2i", "--dry-run",
-                         "--out", str(tmp_path / "out")])
+    code = run_all.main(
+        [
+            "--device",
+            "cpu",
+            "--plan",
+            "proof",
+            "--skip",
+            "tests,hardware,train_step,t2i",
+            "--dry-run",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1 and "| loss  | failed  | dry run (exit 2)" in out and "| build | skipped |" in out
 
@@ -196,7 +310,9 @@ def test_run_all_records_a_failing_stage_and_goes_on(tmp_path, monkeypatch, caps
     monkeypatch.setitem(run_all.STAGE_FUNCTIONS, "sampler", fine)
     code = run_all.main(["--device", "cpu", "--stages", "loss,sampler", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert code == 1 and "| loss    | failed | " in out and "RuntimeError: no GPU here" in out and "| sampler | ok" in out
+    assert (
+        code == 1 and "| loss    | failed | " in out and "RuntimeError: no GPU here" in out and "| sampler | ok" in out
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +346,14 @@ PTX = f""".visible .entry {MANGLED}(
 
 def test_nvcc_report_parsers():
     res = nvcc_report.parse_ptxas(PTXAS_LOG)[MANGLED]
-    assert res == {"stack_bytes": 0, "spill_store_bytes": 8, "spill_load_bytes": 4, "registers": 35, "barriers": 1,
-                   "smem_bytes": 32}
+    assert res == {
+        "stack_bytes": 0,
+        "spill_store_bytes": 8,
+        "spill_load_bytes": 4,
+        "registers": 35,
+        "barriers": 1,
+        "smem_bytes": 32,
+    }
     assert nvcc_report.warps_per_sm(35) == 51 and nvcc_report.warps_per_sm(32) == 64
     for parsed in (nvcc_report.parse_sass(SASS)[MANGLED], nvcc_report.parse_ptx(PTX)[MANGLED]):
         assert parsed["global_loads"][128] >= 1 and parsed["global_loads"][16] == 1 and parsed["local"] == 1
@@ -281,8 +403,9 @@ def test_baseline_keeps_each_weight_with_its_sample():
 def test_the_published_baseline_leaves_the_weights_in_rollout_order(monkeypatch):
     """pair_weights=False: the loss gets the weights as the rollout made them, next to resampled x1 (the published
     code's pairing), so some weight multiplies another sample's loss."""
-    trainer = OfficialEagerTrainer(Linear(), lambda x: x.mean(dim=(1, 2, 3)), image_shape=(1, 2, 2), batch_size=16,
-                                   pair_weights=False)
+    trainer = OfficialEagerTrainer(
+        Linear(), lambda x: x.mean(dim=(1, 2, 3)), image_shape=(1, 2, 2), batch_size=16, pair_weights=False
+    )
     x1 = torch.randn(16, 1, 2, 2)
     weights = torch.arange(16, dtype=torch.float32)
     seen = {}
@@ -302,11 +425,28 @@ def test_the_published_baseline_leaves_the_weights_in_rollout_order(monkeypatch)
 
 
 def test_time_to_target_benchmark(tmp_path):
-    code = bench_time_to_target.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--seeds", "1",
-                                      "--variants", "official_paired,official_published,orw_fast,orw_fast_reuse2"])
-    rows = check_results(tmp_path, "time_to_target", plot=True, other_table_lines=1 + 4 + 2)  # the summary table: base row, 4 variants
-    assert code == 0 and [r["variant"] for r in rows] == ["official_paired", "official_published", "orw_fast",
-                                                          "orw_fast_reuse2"]
+    code = bench_time_to_target.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "1",
+            "--variants",
+            "official_paired,official_published,orw_fast,orw_fast_reuse2",
+        ]
+    )
+    rows = check_results(
+        tmp_path, "time_to_target", plot=True, other_table_lines=1 + 4 + 2
+    )  # the summary table: base row, 4 variants
+    assert code == 0 and [r["variant"] for r in rows] == [
+        "official_paired",
+        "official_published",
+        "orw_fast",
+        "orw_fast_reuse2",
+    ]
     for r in rows:
         assert r["status"] == "ok" and r["steps"] == 3 and r["seconds"] > 0 and not r["reached"]
         assert r["rollout_ms"] > 0 and r["reward_ms"] > 0 and r["optimizer_ms"] > 0 and r["loss_backward_ms"] > 0
@@ -336,4 +476,5 @@ def test_rollout_error_benchmark(tmp_path):
     assert picked["rms_error"] <= base["rms_error"] and picked["w2"] <= base["w2"]
     assert run_all.summarize_rollout_error(data) == (
         f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps "
-        f"({chosen['model_calls']} model calls)")
+        f"({chosen['model_calls']} model calls)"
+    )

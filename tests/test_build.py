@@ -3,6 +3,7 @@ CMakeLists.txt builds a library that registers a correct orw_fast::orw_cfm_w2 wi
 
 A missing nvcc or cmake skips its test, or fails it when ORW_FAST_REQUIRE_NVCC=1 / ORW_FAST_REQUIRE_CMAKE=1
 (as CI sets them)."""
+
 import os
 import re
 import shutil
@@ -37,9 +38,21 @@ def require(tool, path, env_var):
 
 def nvcc_command(nvcc, source, output, *extra):
     """Compile-only nvcc command for one .cu file against the current torch's headers (sm_90)."""
-    return [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS,
-            "-O3", "-arch=sm_90", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}", *extra]
+    return [
+        nvcc,
+        "-c",
+        str(source),
+        "-o",
+        str(output),
+        "-std=c++20",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-O3",
+        "-arch=sm_90",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        f"-I{sysconfig.get_paths()['include']}",
+        *extra,
+    ]
 
 
 def run(cmd, **kwargs):

@@ -1,18 +1,18 @@
 """Callbacks around ORWCFMTrainer.train: hook order, the default callbacks' files, a run that writes nothing, the
 evaluation records, and refresh_interval honoured by the one loop (the experiments' runs included)."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 from orw_fast.callbacks import Callback, Evaluation, default_callbacks
 from orw_fast.checkpoint import load_file
 from orw_fast.models import make_flow_model
 from orw_fast.tasks.sweeps import evaluated_run
 from orw_fast.trainer import ORWCFMTrainer
-
-from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 
 class Recorder(Callback):
@@ -34,38 +34,61 @@ class Recorder(Callback):
 
 def test_hooks_are_called_in_order_and_an_explicit_list_writes_nothing(tmp_path, base_model):
     recorder = Recorder()
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "run", batch_size=8), "cpu",
-                            reward_fn=right_reward, callbacks=[recorder])
+    trainer = ORWCFMTrainer(
+        fresh(base_model),
+        toy_config(tmp_path / "run", batch_size=8),
+        "cpu",
+        reward_fn=right_reward,
+        callbacks=[recorder],
+    )
     history = trainer.train(num_epochs=2, steps_per_epoch=3, progress=False)
-    assert recorder.calls == [("start", 6, 3, 0),
-                              ("step", 1, 0, 1), ("step", 2, 0, 2), ("step", 3, 0, 3), ("epoch", 1, 3),
-                              ("step", 4, 1, 4), ("step", 5, 1, 5), ("step", 6, 1, 6), ("epoch", 2, 6),
-                              ("end", 6)]
+    assert recorder.calls == [
+        ("start", 6, 3, 0),
+        ("step", 1, 0, 1),
+        ("step", 2, 0, 2),
+        ("step", 3, 0, 3),
+        ("epoch", 1, 3),
+        ("step", 4, 1, 4),
+        ("step", 5, 1, 5),
+        ("step", 6, 1, 6),
+        ("epoch", 2, 6),
+        ("end", 6),
+    ]
     assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6]
     assert not (tmp_path / "run").exists()  # no metrics.jsonl, no checkpoints
 
 
 def test_callbacks_must_be_callbacks(tmp_path, base_model):
     with pytest.raises(TypeError, match="callbacks must be None or a list of orw_fast.callbacks.Callback"):
-        ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=right_reward,
-                      callbacks=[lambda trainer: None])
+        ORWCFMTrainer(
+            fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=right_reward, callbacks=[lambda trainer: None]
+        )
 
 
 def test_the_default_callbacks_write_the_runs_files(tmp_path):
     torch.manual_seed(0)
     model, _ = make_flow_model((1, 8, 8), preset="digits", num_channels=32)
-    config = toy_config(tmp_path / "run", image_shape=None, batch_size=4, sampler_steps=2, grid_size=4,
-                        checkpoint_every=1)
+    config = toy_config(
+        tmp_path / "run", image_shape=None, batch_size=4, sampler_steps=2, grid_size=4, checkpoint_every=1
+    )
     trainer = ORWCFMTrainer(model, config, "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
     assert [type(c).__name__ for c in trainer.callbacks] == ["MetricsLog", "SampleGrids", "Checkpoints"]
     history = trainer.train(num_epochs=2, steps_per_epoch=2, progress=False)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_epoch001.pt", "last.pt", "metrics.jsonl",
-                                                     "samples_epoch001.png", "samples_epoch002.png"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_epoch001.pt",
+        "last.pt",
+        "metrics.jsonl",
+        "samples_epoch001.png",
+        "samples_epoch002.png",
+    ]
     assert [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] == history
     assert load_file(run / "checkpoint_epoch001.pt")["step"] == 2 and load_file(run / "last.pt")["step"] == 4
-    assert [type(c).__name__ for c in default_callbacks(toy_config(run, use_wandb=True, checkpoint_every=0))] == \
-        ["MetricsLog", "WandbLog", "Checkpoints"]
+    assert [type(c).__name__ for c in default_callbacks(toy_config(run, use_wandb=True, checkpoint_every=0))] == [
+        "MetricsLog",
+        "WandbLog",
+        "Checkpoints",
+    ]
 
 
 def test_evaluation_records_before_training_and_after_every_epoch(tmp_path, base_model):
@@ -76,15 +99,16 @@ def test_evaluation_records_before_training_and_after_every_epoch(tmp_path, base
         return {"at_step": trainer.step}
 
     evaluation = Evaluation(evaluate)
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8), "cpu", reward_fn=right_reward,
-                            callbacks=[evaluation])
+    trainer = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path, batch_size=8), "cpu", reward_fn=right_reward, callbacks=[evaluation]
+    )
     history = trainer.train(num_epochs=3, steps_per_epoch=2, progress=False)
     records = evaluation.records
     assert seen == [0, 2, 4, 6]
     assert [r["epoch"] for r in records] == [0, 1, 2, 3] and [r["at_step"] for r in records] == seen
     assert set(records[0]) == {"epoch", "at_step"}
     for epoch, record in enumerate(records[1:]):
-        assert record["train_reward"] == float(np.mean([m["reward_mean"] for m in history[2 * epoch:2 * epoch + 2]]))
+        assert record["train_reward"] == float(np.mean([m["reward_mean"] for m in history[2 * epoch : 2 * epoch + 2]]))
         assert record["seconds"] > 0
 
 
@@ -103,12 +127,18 @@ def _refreshes(trainer):
 @pytest.mark.parametrize("interval", [1, 2, 3])
 def test_the_last_policy_is_refreshed_exactly_every_refresh_interval_epochs(tmp_path, base_model, interval):
     def same_as_policy(trainer):
-        return {"same": all(torch.equal(a, b) for a, b in zip(trainer.last_policy.parameters(),
-                                                              trainer.model.parameters()))}
+        return {
+            "same": all(torch.equal(a, b) for a, b in zip(trainer.last_policy.parameters(), trainer.model.parameters()))
+        }
 
     evaluation = Evaluation(same_as_policy)
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8, refresh_interval=interval), "cpu",
-                            reward_fn=right_reward, callbacks=[evaluation])
+    trainer = ORWCFMTrainer(
+        fresh(base_model),
+        toy_config(tmp_path, batch_size=8, refresh_interval=interval),
+        "cpu",
+        reward_fn=right_reward,
+        callbacks=[evaluation],
+    )
     steps = _refreshes(trainer)
     trainer.train(num_epochs=6, steps_per_epoch=2, progress=False)
     assert steps == [2 * e for e in range(1, 7) if e % interval == 0]
@@ -119,8 +149,15 @@ def test_the_experiments_runs_honour_refresh_interval_and_write_nothing(tmp_path
     made = []
 
     def make(callbacks):
-        made.append(ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "run", batch_size=8, refresh_interval=2),
-                                  "cpu", reward_fn=right_reward, callbacks=callbacks))
+        made.append(
+            ORWCFMTrainer(
+                fresh(base_model),
+                toy_config(tmp_path / "run", batch_size=8, refresh_interval=2),
+                "cpu",
+                reward_fn=right_reward,
+                callbacks=callbacks,
+            )
+        )
         made.append(_refreshes(made[0]))
         return made[0]
 

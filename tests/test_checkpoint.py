@@ -1,5 +1,6 @@
 """Checkpoints: loads are all-or-nothing, damaged files are refused, killed writes leave nothing behind for long,
 files get the user's umask, and every orw_fast model's checkpoint can be sampled."""
+
 import copy
 import os
 import random
@@ -24,20 +25,29 @@ def unet(channels=32, seed=0):
 
 
 def trainer_for(tmp_path, model=None, **overrides):
-    config = dict(batch_size=4, sampler_steps=2, grid_size=0, savedir=str(tmp_path / "run"), ema_decay=0.9,
-                  learning_rate=1e-3)
-    return ORWCFMTrainer(model or unet(), TrainerConfig(**{**config, **overrides}), "cpu",
-                         reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
+    config = dict(
+        batch_size=4, sampler_steps=2, grid_size=0, savedir=str(tmp_path / "run"), ema_decay=0.9, learning_rate=1e-3
+    )
+    return ORWCFMTrainer(
+        model or unet(), TrainerConfig(**{**config, **overrides}), "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3))
+    )
 
 
 def everything(trainer) -> dict:
     """A deep copy of all the state a load could touch."""
-    return copy.deepcopy({
-        "models": {k: getattr(trainer, k).state_dict() for k in ("model", "last_policy", "reference", "ema")},
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(), "step": trainer.step, "generator": trainer.generator.get_state(),
-        "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate(),
-    })
+    return copy.deepcopy(
+        {
+            "models": {k: getattr(trainer, k).state_dict() for k in ("model", "last_policy", "reference", "ema")},
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
+            "step": trainer.step,
+            "generator": trainer.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state()[1],
+            "python": random.getstate(),
+        }
+    )
 
 
 def assert_same(a, b, where="state"):
@@ -64,13 +74,19 @@ def assert_same(a, b, where="state"):
 def test_weights_of_another_architecture_change_nothing(tmp_path, fmt):
     other = unet(channels=64)  # same keys, other shapes
     state = other.state_dict()
-    payload = {"bare": state, "torchcfm": {"net_model": state, "ema_model": state},
-               "orw_fast": {"format": "orw_fast.checkpoint", "policy": state, "ema": None}}[fmt]
+    payload = {
+        "bare": state,
+        "torchcfm": {"net_model": state, "ema_model": state},
+        "orw_fast": {"format": "orw_fast.checkpoint", "policy": state, "ema": None},
+    }[fmt]
     save_atomic(payload, tmp_path / "other.pt")
     trainer = trainer_for(tmp_path)
     before = everything(trainer)
-    with pytest.raises(ValueError, match=r"other.pt', entry .* does not match the model .* shape mismatch.*nothing "
-                                         r"was loaded"):
+    with pytest.raises(
+        ValueError,
+        match=r"other.pt', entry .* does not match the model .* shape mismatch.*nothing "
+        r"was loaded",
+    ):
         trainer.load_pretrained(tmp_path / "other.pt")
     assert_same(everything(trainer), before)
 
@@ -78,8 +94,10 @@ def test_weights_of_another_architecture_change_nothing(tmp_path, fmt):
 def test_a_bad_reference_path_leaves_the_policy_as_it_was(tmp_path):
     save_atomic({"net_model": unet(seed=1).state_dict()}, tmp_path / "good.pt")
     save_atomic({"net_model": unet(channels=64).state_dict()}, tmp_path / "bad_ref.pt")
-    for ref_path, match in ((tmp_path / "bad_ref.pt", "bad_ref.pt', entry 'net_model' does not match"),
-                            (tmp_path / "missing.pt", "missing.pt' does not exist")):
+    for ref_path, match in (
+        (tmp_path / "bad_ref.pt", "bad_ref.pt', entry 'net_model' does not match"),
+        (tmp_path / "missing.pt", "missing.pt' does not exist"),
+    ):
         trainer = trainer_for(tmp_path, ref_path=str(ref_path))
         before = everything(trainer)
         with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -110,15 +128,23 @@ def _other_optimizer_state():
 
 BAD_ENTRIES = {
     "scheduler_missing": (lambda c: c.pop("scheduler"), "has no entry 'scheduler'"),
-    "reference_of_another_model": (lambda c: c.update(reference=unet(channels=64).state_dict()),
-                                   "entry 'reference' does not match the model"),
-    "optimizer_of_another_model": (lambda c: c.update(optimizer=_other_optimizer_state()),
-                                   "entry 'optimizer'.*another model's optimizer state"),
+    "reference_of_another_model": (
+        lambda c: c.update(reference=unet(channels=64).state_dict()),
+        "entry 'reference' does not match the model",
+    ),
+    "optimizer_of_another_model": (
+        lambda c: c.update(optimizer=_other_optimizer_state()),
+        "entry 'optimizer'.*another model's optimizer state",
+    ),
     "optimizer_not_a_state_dict": (lambda c: c.update(optimizer=[1, 2]), "entry 'optimizer' is not an optimizer"),
-    "corrupt_generator_state": (lambda c: c["rng"][0].update(generator=torch.zeros(3, dtype=torch.uint8)),
-                                "entry 'rng' of rank 0: the 'generator' random state cannot be restored"),
-    "corrupt_numpy_state": (lambda c: c["rng"][0].update(numpy=("MT19937", [1, 2])),
-                            "the 'numpy' random state cannot be restored"),
+    "corrupt_generator_state": (
+        lambda c: c["rng"][0].update(generator=torch.zeros(3, dtype=torch.uint8)),
+        "entry 'rng' of rank 0: the 'generator' random state cannot be restored",
+    ),
+    "corrupt_numpy_state": (
+        lambda c: c["rng"][0].update(numpy=("MT19937", [1, 2])),
+        "the 'numpy' random state cannot be restored",
+    ),
     "policy_none": (lambda c: c.update(policy=None), "entry 'policy' is a NoneType, not a state dict"),
     "step_not_an_integer": (lambda c: c.update(step=2.5), "entry 'step' must be an integer >= 0, got 2.5"),
     "step_a_string": (lambda c: c.update(step="2"), "entry 'step' must be an integer"),
@@ -226,11 +252,25 @@ def test_checkpoints_of_orw_fast_models_are_sampleable_and_others_say_how(tmp_pa
 
     trainer = trainer_for(tmp_path)  # as the README's Python example: a model of orw_fast.models, no model_config
     path = trainer.save_checkpoint(tmp_path / "ours.pt")
-    main(["sample", "--checkpoint", str(path), "--n", "2", "--steps", "1", "--device", "cpu",
-          "--out", str(tmp_path / "grid.png")])
+    main(
+        [
+            "sample",
+            "--checkpoint",
+            str(path),
+            "--n",
+            "2",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     assert (tmp_path / "grid.png").stat().st_size > 0
-    foreign = UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 1],
-                               attention_resolutions="4", num_heads=1)
+    foreign = UNetModelWrapper(
+        dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 1], attention_resolutions="4", num_heads=1
+    )
     path = trainer_for(tmp_path, model=foreign).save_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(SystemExit, match=r"records no model config.*TrainerConfig\(model_config="):
         main(["sample", "--checkpoint", str(path), "--device", "cpu", "--out", str(tmp_path / "g2.png")])

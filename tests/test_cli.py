@@ -1,4 +1,5 @@
 """The orw-fast command line: help, errors for bad paths/options, and a tiny end-to-end run."""
+
 import json
 import math
 import re
@@ -56,8 +57,12 @@ def _fails_with(argv, match, capsys):
 @pytest.mark.parametrize("command", ["demo", "pretrain", "finetune", "sample"])
 def test_a_bad_device_is_one_clear_line(command, tmp_path, capsys):
     extra = ["--checkpoint", __file__] if command in ("finetune", "sample") else []
-    _fails_with([command, *extra, "--device", "bogus"], r"argument --device: device must be cpu, cuda, cuda:N or "
-                r"auto, got 'bogus'", capsys)
+    _fails_with(
+        [command, *extra, "--device", "bogus"],
+        r"argument --device: device must be cpu, cuda, cuda:N or "
+        r"auto, got 'bogus'",
+        capsys,
+    )
 
 
 def test_user_errors_name_the_flag(tmp_path, capsys):
@@ -81,8 +86,11 @@ def test_user_errors_name_the_flag(tmp_path, capsys):
         (["finetune", *ckpt, "--tau", "1e39"], r"--tau must be a finite number in float32's range"),
         (["finetune", *ckpt, "--lr", "0"], r"argument --lr: must be > 0"),
         (["finetune", *ckpt, "--batch-size", "0"], r"argument --batch-size: must be >= 1"),
-        (["finetune", *ckpt, "--reward", "clip"], r"invalid choice: 'clip' \(choose from 'classifier', "
-                                                  r"'clip_score', 'jpeg_compressibility', 'jpeg_incompressibility'\)"),
+        (
+            ["finetune", *ckpt, "--reward", "clip"],
+            r"invalid choice: 'clip' \(choose from 'classifier', "
+            r"'clip_score', 'jpeg_compressibility', 'jpeg_incompressibility'\)",
+        ),
         (["finetune", *ckpt, "--out", str(tmp_path / "ft")], r"checkpoint '.*a_file' cannot be read"),
         (["demo", "--alphas", "1,-1"], r"argument --alphas: must be finite numbers >= 0"),
     ]
@@ -96,8 +104,11 @@ def test_demo_checks_its_cache_folder_before_pretraining(tmp_path, capsys, monke
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     monkeypatch.setattr(demo, "pretrain_dataset", lambda *a, **k: pytest.fail("pre-training started"))
-    _fails_with(["demo", "--cache-dir", str(a_file), "--out", str(tmp_path / "report")],
-                r"the cache folder .*a_file/digits': the folder cannot be created", capsys)
+    _fails_with(
+        ["demo", "--cache-dir", str(a_file), "--out", str(tmp_path / "report")],
+        r"the cache folder .*a_file/digits': the folder cannot be created",
+        capsys,
+    )
 
 
 def write_idx(path, images, labels):
@@ -115,12 +126,37 @@ def test_pretrain_finetune_sample_end_to_end(tmp_path):
     images = (rng.random((64, 8, 8)) * 255).astype(np.uint8)
     write_idx(tmp_path, images, labels)
     pre = tmp_path / "pre"
-    proc = run_cli("pretrain", "--dataset", f"idx:{tmp_path}", "--steps", "3", "--batch-size", "8",
-                   "--out", str(pre), "--quiet", "--device", "cpu")
+    proc = run_cli(
+        "pretrain",
+        "--dataset",
+        f"idx:{tmp_path}",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--out",
+        str(pre),
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     assert (pre / "flow.pt").is_file() and (pre / "classifier.pt").is_file()
-    common = ["--checkpoint", str(pre / "flow.pt"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-              "--sampler-steps", "2", "--quiet", "--device", "cpu"]
+    common = [
+        "--checkpoint",
+        str(pre / "flow.pt"),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+        "--sampler-steps",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     proc = run_cli("finetune", *common, "--classifier", str(pre / "classifier.pt"), "--out", str(tmp_path / "ft"))
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("finetune", *common, "--dataset", f"idx:{tmp_path}", "--out", str(tmp_path / "ft_ds"))
@@ -128,12 +164,33 @@ def test_pretrain_finetune_sample_end_to_end(tmp_path):
     proc = run_cli("finetune", *common, "--out", str(tmp_path / "ft_none"))
     assert proc.returncode == 1 and "needs --classifier PATH" in proc.stderr
     assert (tmp_path / "ft" / "last.pt").is_file() and (tmp_path / "ft" / "samples_epoch001.png").is_file()
-    proc = run_cli("finetune", *common[:3], "2", *common[4:], "--reward", "jpeg_compressibility",
-                   "--resume", str(tmp_path / "ft" / "last.pt"), "--out", str(tmp_path / "ft2"))
+    proc = run_cli(
+        "finetune",
+        *common[:3],
+        "2",
+        *common[4:],
+        "--reward",
+        "jpeg_compressibility",
+        "--resume",
+        str(tmp_path / "ft" / "last.pt"),
+        "--out",
+        str(tmp_path / "ft2"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ft2" / "metrics.jsonl").read_text().count("\n") == 2  # steps 3-4 only
-    proc = run_cli("sample", "--checkpoint", str(tmp_path / "ft2" / "last.pt"), "--n", "4", "--steps", "2",
-                   "--out", str(tmp_path / "grid.png"), "--device", "cpu")
+    proc = run_cli(
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "ft2" / "last.pt"),
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "grid.png"),
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "grid.png").stat().st_size > 0
 
@@ -142,8 +199,9 @@ def test_demo_runs_and_writes_its_report(tmp_path):
     """The demo end to end at toy size (a few pre-training steps), report files included."""
     from orw_fast.tasks.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=2, eval_samples=16,
-                            pretrain_steps=2)
+    settings = DemoSettings(
+        epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=2, eval_samples=16, pretrain_steps=2
+    )
     report = run_demo(tmp_path / "report", settings, cache_dir=tmp_path / "cache", progress=False)
     assert set(report["runs"]) == {"0", "1"}
     for name in ("samples_base.png", "samples_alpha_0.png", "samples_alpha_1.png", "curves.png", "metrics.json"):
@@ -158,8 +216,21 @@ def test_demo_passes_its_method_flags_to_the_settings(tmp_path, monkeypatch, cap
 
     seen = {}
     monkeypatch.setattr(orw_fast.tasks.demo, "run_demo", lambda out, settings, **kw: seen.update(settings=settings))
-    main(["demo", "--alphas", "0.25", "--weighting", "softmax", "--tau", "10", "--lr", "3e-4", "--out",
-          str(tmp_path / "r")])
+    main(
+        [
+            "demo",
+            "--alphas",
+            "0.25",
+            "--weighting",
+            "softmax",
+            "--tau",
+            "10",
+            "--lr",
+            "3e-4",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     s = seen["settings"]
     assert (s.alphas, s.weighting, s.temperature, s.learning_rate) == ((0.25,), "softmax", 10.0, 3e-4)
     assert s.epochs == orw_fast.tasks.demo.DemoSettings.epochs  # unset flags keep the demo's defaults
@@ -231,19 +302,35 @@ def test_a_new_config_field_becomes_a_flag_with_its_check():
         internal: dict | None = option(None, None, cli=False)
 
     parser = argparse.ArgumentParser()
-    assert add_config_options(parser, Config, {"optimizer": "--opt"}) == {"weight_decay": "--weight-decay",
-                                                                           "optimizer": "--opt"}
+    assert add_config_options(parser, Config, {"optimizer": "--opt"}) == {
+        "weight_decay": "--weight-decay",
+        "optimizer": "--opt",
+    }
     assert vars(parser.parse_args([])) == {"weight_decay": 0.01, "optimizer": "adam"}
-    assert vars(parser.parse_args(["--weight-decay", "0.5", "--opt", "adamw"])) == {"weight_decay": 0.5,
-                                                                                    "optimizer": "adamw"}
+    assert vars(parser.parse_args(["--weight-decay", "0.5", "--opt", "adamw"])) == {
+        "weight_decay": 0.5,
+        "optimizer": "adamw",
+    }
     assert "decoupled weight decay (default: 0.01)" in " ".join(parser.format_help().split())
     for bad in (["--weight-decay", "1"], ["--opt", "sgd"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
 
-DETERMINISTIC = {"step", "loss", "fm_loss", "w2_loss", "grad_norm", "reward_mean", "reward_std", "reward_max", "ess",
-                 "diversity", "lr", "epoch"}
+DETERMINISTIC = {
+    "step",
+    "loss",
+    "fm_loss",
+    "w2_loss",
+    "grad_norm",
+    "reward_mean",
+    "reward_std",
+    "reward_max",
+    "ess",
+    "diversity",
+    "lr",
+    "epoch",
+}
 
 
 def _metrics(folder):
@@ -263,13 +350,44 @@ def test_python_and_cli_runs_are_the_same_run_and_a_run_file_repeats_it(flow_che
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
     model, model_config = load_flow_model(flow_checkpoint)
-    config = TrainerConfig(batch_size=4, sampler_steps=2, grid_size=4, diversity_every=1, savedir=str(tmp_path / "py"),
-                           model_config=model_config)
+    config = TrainerConfig(
+        batch_size=4,
+        sampler_steps=2,
+        grid_size=4,
+        diversity_every=1,
+        savedir=str(tmp_path / "py"),
+        model_config=model_config,
+    )
     ORWCFMTrainer(model, config, "cpu", reward_fn=get_reward("jpeg_compressibility")).train(1, 3, progress=False)
-    common = ["--checkpoint", str(flow_checkpoint), "--reward", "jpeg_compressibility", "--epochs", "1",
-              "--steps-per-epoch", "3", "--quiet", "--device", "cpu"]
-    main(["finetune", *common, "--batch-size", "4", "--sampler-steps", "2", "--grid-size", "4", "--diversity-every",
-          "1", "--out", str(tmp_path / "cli")])
+    common = [
+        "--checkpoint",
+        str(flow_checkpoint),
+        "--reward",
+        "jpeg_compressibility",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    main(
+        [
+            "finetune",
+            *common,
+            "--batch-size",
+            "4",
+            "--sampler-steps",
+            "2",
+            "--grid-size",
+            "4",
+            "--diversity-every",
+            "1",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     python_run = _metrics(tmp_path / "py")
     assert _metrics(tmp_path / "cli") == python_run
     written = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
@@ -283,14 +401,27 @@ def test_a_run_file_sets_options_and_flags_override_it(flow_checkpoint, tmp_path
     from orw_fast.cli import parse_args
 
     run = tmp_path / "run.json"
-    run.write_text(json.dumps({"checkpoint": str(flow_checkpoint), "temperature": 3, "compile": True,
-                               "target_classes": [1, 3], "weighting": "exp"}))
+    run.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(flow_checkpoint),
+                "temperature": 3,
+                "compile": True,
+                "target_classes": [1, 3],
+                "weighting": "exp",
+            }
+        )
+    )
     args = parse_args(["finetune", "--config", str(run), "--tau", "0.5", "--no-compile"])
     assert (args.temperature, args.compile, args.target_classes, args.weighting) == (0.5, False, [1, 3], "exp")
     assert args.checkpoint == flow_checkpoint
     run.write_text("learning_rate: 1e-4\nlr_warmup: 10\n")
-    _fails_with(["finetune", "--config", str(run)], r"argument --config: unknown key 'lr_warmup' in '.*run.json'; "
-                r"valid keys: .*learning_rate", capsys)
+    _fails_with(
+        ["finetune", "--config", str(run)],
+        r"argument --config: unknown key 'lr_warmup' in '.*run.json'; "
+        r"valid keys: .*learning_rate",
+        capsys,
+    )
     run.write_text("batch_size: 0\n")
     _fails_with(["finetune", "--config", str(run)], r"argument --batch-size: must be >= 1, got '0'", capsys)
     run.write_text("- a list\n")
@@ -306,7 +437,8 @@ def test_an_argparse_mistake_is_a_short_usage_line_and_the_error(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "usage: orw-fast finetune [options]; see orw-fast finetune --help",
-        "orw-fast finetune: error: argument --lr: expected a number, got 'fast'"]
+        "orw-fast finetune: error: argument --lr: expected a number, got 'fast'",
+    ]
 
 
 @pytest.fixture
@@ -327,14 +459,23 @@ def test_a_refused_finetune_leaves_no_out_folder(flow_checkpoint, pipeline_folde
     cases = [
         ([*t2i, "--prompts", str(tmp_path / "missing.txt")], r"--prompts: prompt file '.*missing.txt' does not exist"),
         ([*t2i, "--prompts", str(tmp_path / "empty.txt")], r"--prompts: prompt file '.*empty.txt' holds no prompt"),
-        (["--pretrained", str(tmp_path / "not_a_pipeline"), "--prompts", str(tmp_path / "prompts.txt")],
-         r"argument --pretrained: '.*not_a_pipeline' is not a diffusers pipeline folder \(it has no model_index"),
-        (["--pretrained", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "prompts.txt")],
-         r"argument --pretrained: folder '.*nowhere' does not exist"),
-        ([*t2i, "--prompts", str(tmp_path / "prompts.txt")],  # refused from its config files, before any weights
-         r"--pretrained: '.*pipeline' \(StableDiffusion3Pipeline, no transformer\) is not a supported pipeline"),
+        (
+            ["--pretrained", str(tmp_path / "not_a_pipeline"), "--prompts", str(tmp_path / "prompts.txt")],
+            r"argument --pretrained: '.*not_a_pipeline' is not a diffusers pipeline folder \(it has no model_index",
+        ),
+        (
+            ["--pretrained", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "prompts.txt")],
+            r"argument --pretrained: folder '.*nowhere' does not exist",
+        ),
+        (
+            [*t2i, "--prompts", str(tmp_path / "prompts.txt")],  # refused from its config files, before any weights
+            r"--pretrained: '.*pipeline' \(StableDiffusion3Pipeline, no transformer\) is not a supported pipeline",
+        ),
         (["--checkpoint", str(flow_checkpoint), "--tau", "1e39"], r"--tau must be a finite number in float32's range"),
-        (["--checkpoint", str(flow_checkpoint), "--reward", "classifier"], r"--reward classifier needs --classifier PATH"),
+        (
+            ["--checkpoint", str(flow_checkpoint), "--reward", "classifier"],
+            r"--reward classifier needs --classifier PATH",
+        ),
         (["--checkpoint", str(tmp_path / "prompts.txt")], r"cannot be read"),
     ]
     for argv, match in cases:
@@ -348,10 +489,34 @@ def test_a_bad_resolution_leaves_no_out_folder(tmp_path):
     pipeline = save_tiny_pipeline("flux", tmp_path / "flux", sample_size=8)  # FLUX packs 2x2: an even side
     (tmp_path / "prompts.txt").write_text("a red cat\n")
     with pytest.raises(SystemExit, match="resolution must be a multiple of 2"):  # a short run if it were accepted
-        main(["finetune", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
-              "jpeg_compressibility", "--resolution", "7", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
-              "1", "--sampler-steps", "1", "--grid-size", "0", "--device", "cpu", "--quiet", "--out",
-              str(tmp_path / "run")])
+        main(
+            [
+                "finetune",
+                "--pretrained",
+                str(pipeline),
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--reward",
+                "jpeg_compressibility",
+                "--resolution",
+                "7",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "1",
+                "--batch-size",
+                "1",
+                "--sampler-steps",
+                "1",
+                "--grid-size",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -360,9 +525,29 @@ def test_quiet_silences_the_loading_bars_and_warnings_of_diffusers_and_transform
 
     pipeline = save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)
     (tmp_path / "prompts.txt").write_text("a red cat\n")
-    run = ["finetune", "--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
-           "jpeg_compressibility", "--lora-rank", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1",
-           "--sampler-steps", "1", "--grid-size", "0", "--device", "cpu"]
+    run = [
+        "finetune",
+        "--pretrained",
+        str(pipeline),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--reward",
+        "jpeg_compressibility",
+        "--lora-rank",
+        "2",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "--sampler-steps",
+        "1",
+        "--grid-size",
+        "0",
+        "--device",
+        "cpu",
+    ]
     noise = ("Loading pipeline components", "Loading weights", "requires torchvision")
     loud = run_cli(*run, "--out", str(tmp_path / "loud"))
     assert loud.returncode == 0 and all(line in loud.stderr for line in noise), loud.stderr  # what --quiet hides
@@ -390,8 +575,10 @@ def test_commands_come_from_entry_points_and_a_broken_one_is_left_out(monkeypatc
 
     from orw_fast.cli import COMMAND_GROUP
 
-    plugins = [importlib.metadata.EntryPoint("hello", f"{__name__}:_add_hello", COMMAND_GROUP),
-               importlib.metadata.EntryPoint("broken", "no_such_module:add", COMMAND_GROUP)]
+    plugins = [
+        importlib.metadata.EntryPoint("hello", f"{__name__}:_add_hello", COMMAND_GROUP),
+        importlib.metadata.EntryPoint("broken", "no_such_module:add", COMMAND_GROUP),
+    ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: plugins if group == COMMAND_GROUP else [])
     main(["hello"])
     captured = capsys.readouterr()
@@ -401,12 +588,14 @@ def test_commands_come_from_entry_points_and_a_broken_one_is_left_out(monkeypatc
 
 
 def test_the_core_imports_nothing_from_the_tasks():
-    code = ("import importlib.metadata, sys\n"
-            "importlib.metadata.entry_points = lambda group: []\n"
-            "from orw_fast.cli import parse_args\n"
-            "import orw_fast.trainer, orw_fast.models, orw_fast.sampling, orw_fast.rewards, orw_fast.pretrain\n"
-            "parse_args(['finetune'])\n"
-            "print(sorted(m for m in sys.modules if m.startswith('orw_fast.tasks')))\n")
+    code = (
+        "import importlib.metadata, sys\n"
+        "importlib.metadata.entry_points = lambda group: []\n"
+        "from orw_fast.cli import parse_args\n"
+        "import orw_fast.trainer, orw_fast.models, orw_fast.sampling, orw_fast.rewards, orw_fast.pretrain\n"
+        "parse_args(['finetune'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('orw_fast.tasks')))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
 
@@ -422,9 +611,27 @@ def test_demo_help_says_the_demo_settings(capsys):
 def test_finetune_trains_with_another_objective(flow_checkpoint, tmp_path, objective):
     """`--objective nft|awm` runs through the same command; awm's old policy needs --ema-decay, and without it the
     command names the flag."""
-    common = ["--checkpoint", str(flow_checkpoint), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
-              "--sampler-steps", "2", "--reward", "jpeg_compressibility", "--quiet", "--device", "cpu",
-              "--objective", objective, "--out", str(tmp_path / "ft")]
+    common = [
+        "--checkpoint",
+        str(flow_checkpoint),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "4",
+        "--sampler-steps",
+        "2",
+        "--reward",
+        "jpeg_compressibility",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--objective",
+        objective,
+        "--out",
+        str(tmp_path / "ft"),
+    ]
     if objective == "awm":
         proc = run_cli("finetune", *common)
         assert proc.returncode == 1 and "--ema-decay must be > 0 with objective='awm'" in proc.stderr, proc.stderr

@@ -1,6 +1,7 @@
 """Couplings and the conditional path: exact OT against brute force, every x1 kept once with its own weight
 (unlike torchcfm's exact-OT matcher, which resamples pairs with replacement), and sample_path against
 torchcfm's ConditionalFlowMatcher."""
+
 import itertools
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Dataset loaders: sklearn digits, IDX files (plain and gzipped), image folders with Pillow and DALI."""
+
 import gzip
 import struct
 
@@ -36,8 +37,14 @@ def test_digits_shape_and_range():
 # ---------------------------------------------------------------------------------------------
 # IDX
 
-_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-          np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -218,8 +225,8 @@ def _png_claiming(path, width, height):
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(buffer, format="PNG")
     data = bytearray(buffer.getvalue())
     start = data.index(b"IHDR")
-    data[start + 4:start + 12] = struct.pack(">II", width, height)
-    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
     path.write_bytes(bytes(data))
 
 

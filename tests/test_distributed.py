@@ -2,6 +2,7 @@
 trainer initialises it from torchrun's environment variables). One step equals one process on the
 concatenated batch (DDP and FSDP2), a 2-rank run resumes exactly, a failing rank stops every rank, and
 ``torchrun -m orw_fast finetune`` runs end to end. Every run is bounded by TIMEOUT_S (a hang fails)."""
+
 import dataclasses
 import math
 import multiprocessing
@@ -15,13 +16,13 @@ from unittest import mock
 
 import pytest
 import torch
+from test_trainer import ToyField, right_reward, toy_config
 
 import orw_fast.trainer as trainer_module
 from orw_fast import distributed as dist_utils
 from orw_fast.checkpoint import load_file, save_atomic
 from orw_fast.couplings import couple, sample_path
 from orw_fast.trainer import ORWCFMTrainer
-from test_trainer import ToyField, right_reward, toy_config
 
 WORLD = 2
 TIMEOUT_S = 90
@@ -36,8 +37,9 @@ def free_port() -> int:
 
 
 def _rank_main(worker, rank, port, out, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     torch.set_num_threads(1)
     finished = False
     try:  # an exception's traceback goes to stderr, the exit code to run_ranks
@@ -88,8 +90,14 @@ def _make(kind, folder, savedir):
         return ToyField(), config(savedir), right_reward
     from orw_fast.models.diffusers_flow import DiffusersFlowModel
 
-    flow = DiffusersFlowModel(folder, ["a red cat", "a blue dog", "a small bird"], lora_rank=4, resolution=8,
-                              guidance_scale=2.0, max_sequence_length=16)
+    flow = DiffusersFlowModel(
+        folder,
+        ["a red cat", "a blue dog", "a small bird"],
+        lora_rank=4,
+        resolution=8,
+        guidance_scale=2.0,
+        max_sequence_length=16,
+    )
     return flow, config(savedir, sampler_steps=2, ema_decay=0.0), lambda images, prompts: images.mean(dim=(1, 2, 3))
 
 
@@ -104,20 +112,33 @@ def _one_step(rank, kind, fsdp, folder):
         def wrapper(*args, **kwargs):
             drawn[name] = fn(*args, **kwargs)
             return drawn[name]
+
         return wrapper
 
     trainer.rollout = recorded("rollout", trainer.rollout)
-    with mock.patch.object(trainer_module, "couple", recorded("couple", couple)), \
-            mock.patch.object(trainer_module, "sample_path", recorded("path", sample_path)):
+    with (
+        mock.patch.object(trainer_module, "couple", recorded("couple", couple)),
+        mock.patch.object(trainer_module, "sample_path", recorded("path", sample_path)),
+    ):
         metrics = trainer.train_step()
     params = trainer.weights.trainable_parameters()
-    return {"x0": drawn["rollout"][0], "x1": drawn["rollout"][1], "prompts": drawn["rollout"][2],
-            "noise": drawn["couple"][0], "t": drawn["path"][0], "metrics": metrics, "grads": full(p.grad for p in params),
-            "params": full(params), "ema": full(trainer.ema.parameters()) if kind == "toy" else None}
+    return {
+        "x0": drawn["rollout"][0],
+        "x1": drawn["rollout"][1],
+        "prompts": drawn["rollout"][2],
+        "noise": drawn["couple"][0],
+        "t": drawn["path"][0],
+        "metrics": metrics,
+        "grads": full(p.grad for p in params),
+        "params": full(params),
+        "ema": full(trainer.ema.parameters()) if kind == "toy" else None,
+    }
 
 
 def _one_step_each(rank, folder):
-    return {(kind, variant): _one_step(rank, kind, fsdp, folder) for kind in KINDS for variant, fsdp in VARIANTS.items()}
+    return {
+        (kind, variant): _one_step(rank, kind, fsdp, folder) for kind in KINDS for variant, fsdp in VARIANTS.items()
+    }
 
 
 KINDS = ("toy", "sd3")
@@ -174,6 +195,7 @@ MODELS = ("model", "last_policy", "ema")
 def _train_and_resume_each(rank, root):
     """For each variant in root/<variant>: an uninterrupted run (full), its first epoch (part), and a fresh
     trainer resuming from part's last.pt to the end (resumed)."""
+
     def run(folder, fsdp, epochs, resume=None):
         torch.manual_seed(0)
         trainer = ORWCFMTrainer(ToyField(), config(folder, fsdp=fsdp), "cpu", reward_fn=right_reward)
@@ -254,8 +276,12 @@ def _nan_on_rank_1(rank, root):
         error = None
     except Exception as err:
         error = (type(err).__name__, str(err))
-    return {"uneven": uneven, "error": error, "step": trainer.step,
-            "unchanged": all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))}
+    return {
+        "uneven": uneven,
+        "error": error,
+        "step": trainer.step,
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())),
+    }
 
 
 def test_nan_rewards_on_one_rank_stop_every_rank_with_a_clear_error(tmp_path):
@@ -267,12 +293,15 @@ def test_nan_rewards_on_one_rank_stop_every_rank_with_a_clear_error(tmp_path):
     assert all("batch_size must be divisible by the number of processes (2), got 15" in r["uneven"] for r in ranks)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({}, "needs several processes"),
-    ({"precision": "fp16"}, "precision"),
-    ({"sampler_method": "dopri5"}, "sampler_method"),
-    ({"cuda_graph": True}, "cuda_graph"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({}, "needs several processes"),
+        ({"precision": "fp16"}, "precision"),
+        ({"sampler_method": "dopri5"}, "sampler_method"),
+        ({"cuda_graph": True}, "cuda_graph"),
+    ],
+)
 def test_fsdp_settings_that_cannot_work_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         ORWCFMTrainer(ToyField(), config(tmp_path, fsdp=True, **overrides), "cpu", reward_fn=right_reward)
@@ -288,11 +317,40 @@ def test_torchrun_finetune_end_to_end(tmp_path):
     save_atomic({"ema_model": model.state_dict(), "model_config": model_config}, tmp_path / "flow.pt")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", "-m", "orw_fast", "finetune", "--checkpoint", str(tmp_path / "flow.pt"),
-         "--reward", "jpeg_compressibility", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-         "--sampler-steps", "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "ft")],
-        capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "orw_fast",
+            "finetune",
+            "--checkpoint",
+            str(tmp_path / "flow.pt"),
+            "--reward",
+            "jpeg_compressibility",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "4",
+            "--sampler-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("checkpoints, metrics.jsonl and sample grids in") == 1  # rank 0 alone prints
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count("\n") == 2
@@ -309,7 +367,8 @@ sys.path.insert(0, sys.argv[1])
 atexit.register(lambda: os.write(1, f"group destroyed before exit: {not dist.is_initialized()}\\n".encode()))
 from test_trainer import ToyField, right_reward, toy_config
 from orw_fast.trainer import ORWCFMTrainer
-trainer = ORWCFMTrainer(ToyField(), toy_config(sys.argv[2], batch_size=4, sampler_steps=2), "cpu", reward_fn=right_reward)
+config = toy_config(sys.argv[2], batch_size=4, sampler_steps=2)
+trainer = ORWCFMTrainer(ToyField(), config, "cpu", reward_fn=right_reward)
 trainer.train_step()
 """
 
@@ -320,9 +379,23 @@ def test_a_torchrun_script_that_never_destroys_the_group_exits_cleanly(tmp_path)
     (tmp_path / "user.py").write_text(_USER_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", str(tmp_path / "user.py"), str(REPO / "tests"), str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(tmp_path / "user.py"),
+            str(REPO / "tests"),
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("group destroyed before exit: True") == 2, proc.stdout
     assert "terminate called" not in proc.stderr

@@ -1,6 +1,7 @@
 """Reduced versions of experiments/ that assert the paper's qualitative claims (about 3 minutes on 2 CPU
 cores): the toy's mode masses follow q_N ∝ w^N q_0 at alpha = 0 and are held back by alpha > 0; on the
 digits, alpha = 0 loses classes and drifts from the reference while alpha = 1 keeps them."""
+
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ def test_predicted_masses_closed_form():
     e = torch.tensor(2.0).exp().item()
     assert predicted_masses(s, 1) == pytest.approx([1 / (1 + e), e / (1 + e)])
     assert predicted_masses(s, 2, start=[0.9, 0.1]) == pytest.approx(
-        [0.9 / (0.9 + 0.1 * e**2), 0.1 * e**2 / (0.9 + 0.1 * e**2)])
+        [0.9 / (0.9 + 0.1 * e**2), 0.1 * e**2 / (0.9 + 0.1 * e**2)]
+    )
 
 
 def test_mixture_sampler_has_the_prior_masses():
@@ -58,8 +60,15 @@ def even_digits_results(digits_cache):
     from experiments.digits import SweepSettings
     from experiments.even_digits import run as run_even_digits
 
-    settings = SweepSettings(alphas=(0.0, 1.0), seeds=(0,), epochs=8, steps_per_epoch=15, sampler_steps=10,
-                             eval_samples=200, pretrain_steps=1000)
+    settings = SweepSettings(
+        alphas=(0.0, 1.0),
+        seeds=(0,),
+        epochs=8,
+        steps_per_epoch=15,
+        sampler_steps=10,
+        eval_samples=200,
+        pretrain_steps=1000,
+    )
     return run_even_digits(settings, cache_dir=digits_cache, progress=False)
 
 

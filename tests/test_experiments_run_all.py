@@ -1,5 +1,6 @@
 """experiments.run_all's jobs: stages run at once in separate single-thread processes, log their output, and a
 failing one is named with its log."""
+
 import functools
 import time
 from pathlib import Path
@@ -50,4 +51,3 @@ def test_bad_job_counts_are_refused(tmp_path, arg):
         run_stages({"x": _fail}, tmp_path, progress=False, **kwargs)
     with pytest.raises(SystemExit):
         main([f"--{arg}", "0", "--out", str(tmp_path)])
-

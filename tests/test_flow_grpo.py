@@ -1,6 +1,7 @@
 """Flow-GRPO baseline (benchmarks/baselines/flow_grpo.py) on a 2-D Gaussian-mixture toy whose exact marginal velocity
 is written here: the SDE keeps the ODE's marginals, transition log-probabilities, advantages, the PPO ratio, training
 raises a reward, Flow-GRPO-Fast trains only its window, and bad arguments are clear ValueErrors."""
+
 import math
 
 import pytest
@@ -95,8 +96,13 @@ def test_transitions_follow_the_papers_sde_and_log_prob_is_normals():
     where s = 1; and the log-probability against torch.distributions.Normal averaged over dimensions. float32 rounding
     of a few operations on O(10) values: 1e-5 relative."""
     model, grid, a = MixtureFlow((0.3, -0.2)), [0.0, 0.1, 0.35, 0.7, 0.9, 1.0], 0.7
-    ro = sde_rollout(model, torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), grid, a,
-                     generator=torch.Generator().manual_seed(1))
+    ro = sde_rollout(
+        model,
+        torch.randn(64, 2, generator=torch.Generator().manual_seed(0)),
+        grid,
+        a,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert ro.steps == list(range(len(grid) - 1))
     for k, i in enumerate(ro.steps):
         s, ds, s_first = 1 - grid[i], grid[i + 1] - grid[i], 1 - grid[1]
@@ -127,8 +133,9 @@ def test_kl_is_the_closed_form_and_the_clip_stops_gradients_outside_the_trust_re
     """gaussian_kl against torch.distributions.kl_divergence (averaged over dimensions); PPO's clip: a positive
     advantage gets no gradient once ρ > 1 + ε, a negative one once ρ < 1 − ε, and full gradient inside."""
     mean, mean_ref, std = torch.randn(5, 3), torch.randn(5, 3), 0.3
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
-                                                 torch.distributions.Normal(mean_ref, std)).mean(-1)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std), torch.distributions.Normal(mean_ref, std)
+    ).mean(-1)
     torch.testing.assert_close(gaussian_kl(mean, mean_ref, std), expected)
     eps = 0.1
     log_prob = torch.log(torch.tensor([1.2, 0.8, 1.05, 1.2, 0.8])).requires_grad_()
@@ -168,8 +175,12 @@ def test_training_raises_the_reward():
 def test_the_first_update_has_ratio_one_and_later_ones_move():
     """The first minibatch update evaluates the policy that sampled the batch: every ratio is exactly 1 (bitwise:
     the same model, inputs and arithmetic as the rollout). Later updates see a changed policy (approx_kl > 0)."""
-    trainer = FlowGRPOTrainer(MixtureFlow(), mode_reward, sample_shape=(2,),
-                              config=FlowGRPOConfig(batch_size=32, lr=0.05, inner_epochs=2, beta=0.0))
+    trainer = FlowGRPOTrainer(
+        MixtureFlow(),
+        mode_reward,
+        sample_shape=(2,),
+        config=FlowGRPOConfig(batch_size=32, lr=0.05, inner_epochs=2, beta=0.0),
+    )
     for _ in range(2):
         metrics = trainer.train_step()
         assert metrics["first_ratio_max_dev"] == 0.0
@@ -198,8 +209,9 @@ def test_conditional_groups_train_each_condition_toward_its_own_mode():
         return -(x - MEANS[cond]).norm(dim=1)
 
     config = FlowGRPOConfig(batch_size=32, group_size=8, lr=0.05)
-    trainer = FlowGRPOTrainer(model, reward, sample_shape=(2,), config=config,
-                              condition_fn=lambda n: torch.arange(n) % 2)
+    trainer = FlowGRPOTrainer(
+        model, reward, sample_shape=(2,), config=config, condition_fn=lambda n: torch.arange(n) % 2
+    )
     for _ in range(15):
         trainer.train_step()
     assert torch.equal(seen[0], torch.tensor([0, 1, 0, 1]).repeat_interleave(8))
@@ -226,8 +238,9 @@ def test_fast_is_stochastic_and_trained_only_in_its_window():
     the default range, the first half of the grid."""
     model, grid = MixtureFlow((0.3, -0.2)), uniform_grid(10)
     x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
-    a, b = (sde_rollout(model, x0, grid, 0.7, sde_steps=[3, 4], generator=torch.Generator().manual_seed(s))
-            for s in (1, 2))
+    a, b = (
+        sde_rollout(model, x0, grid, 0.7, sde_steps=[3, 4], generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+    )
     assert a.steps == [3, 4] and a.log_probs.shape == (2, 16)
     with torch.no_grad():
         torch.testing.assert_close(a.xs[0], euler_ode(model, x0, grid[:4]), rtol=0, atol=0)
@@ -235,8 +248,9 @@ def test_fast_is_stochastic_and_trained_only_in_its_window():
     assert torch.equal(a.xs[0], b.xs[0]) and not torch.equal(a.next_xs[0], b.next_xs[0])
 
     log = CallLog(MixtureFlow())
-    trainer = FlowGRPOTrainer(log, mode_reward, sample_shape=(2,),
-                              config=FlowGRPOConfig(batch_size=16, lr=0.05, sde_window=2))
+    trainer = FlowGRPOTrainer(
+        log, mode_reward, sample_shape=(2,), config=FlowGRPOConfig(batch_size=16, lr=0.05, sde_window=2)
+    )
     starts = set()
     for _ in range(6):
         log.grad_times.clear()
@@ -273,8 +287,9 @@ def test_bad_arguments_are_value_errors():
         FlowGRPOConfig(sde_window=-1)
     with pytest.raises(ValueError, match="train_timesteps"):
         FlowGRPOConfig(steps=10, train_timesteps=11)
-    trainer = FlowGRPOTrainer(MixtureFlow(), lambda x: mode_reward(x)[:-1], sample_shape=(2,),
-                              config=FlowGRPOConfig(batch_size=8))
+    trainer = FlowGRPOTrainer(
+        MixtureFlow(), lambda x: mode_reward(x)[:-1], sample_shape=(2,), config=FlowGRPOConfig(batch_size=8)
+    )
     with pytest.raises(ValueError, match="reward_fn"):
         trainer.train_step()
 
@@ -294,8 +309,9 @@ def test_image_shaped_model_trains_every_step_but_the_last():
     """On [B, C, H, W] samples the rollout records [T, B, C, H, W] transitions and [T, B] log-probabilities, the
     default trains the first T − 1 transitions, and a step's metrics are finite."""
     config = FlowGRPOConfig(batch_size=8, steps=4, lr=1e-3)
-    trainer = FlowGRPOTrainer(TinyConvFlow(), lambda x: -x.flatten(1).abs().mean(1), sample_shape=(1, 4, 4),
-                              config=config)
+    trainer = FlowGRPOTrainer(
+        TinyConvFlow(), lambda x: -x.flatten(1).abs().mean(1), sample_shape=(1, 4, 4), config=config
+    )
     ro, cond = trainer.rollout()
     assert cond is None and ro.xs.shape == (4, 8, 1, 4, 4) and ro.log_probs.shape == (4, 8)
     metrics = trainer.train_step()

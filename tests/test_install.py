@@ -1,4 +1,5 @@
 """The install is complete (scripts/check_install.py) and, in CI, only a missing GPU may skip a test."""
+
 import os
 import subprocess
 import sys
@@ -10,8 +11,12 @@ TESTS = Path(__file__).resolve().parent
 def test_the_install_is_complete():
     """Every run-time requirement of what bootstrap.sh installs is present and every package imports
     (transformers without regex once passed the tests because the CLIP test skipped)."""
-    proc = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "check_install.py")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(TESTS.parent / "scripts" / "check_install.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout
 
@@ -23,11 +28,29 @@ def _run_pytest(tmp_path, ci: str):
         "def test_gpu_memory():\n    pytest.skip('needs a CUDA GPU with 16 GiB free')\n"
         "def test_package():\n    pytest.importorskip('a_package_that_is_not_installed')\n"
         "@pytest.mark.skipif(True, reason='tool not found')\ndef test_tool():\n    pass\n"
-        "def test_runs():\n    pass\n")
+        "def test_runs():\n    pass\n"
+    )
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(TESTS)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_skips.py")],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "conftest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_skips.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def test_in_ci_a_skip_other_than_for_a_gpu_fails(tmp_path):

@@ -1,5 +1,6 @@
 """The sample-set metrics against float64 references: the Fréchet distance against scipy's matrix square root and
 the closed form for Gaussians, the background level on constructed images."""
+
 import math
 
 import numpy as np
@@ -34,7 +35,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
     s1, s2, mu = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 1.0, 0.5]), torch.tensor([1.0, -2.0, 0.0])
     a = torch.randn(200_000, 3, generator=gen, dtype=torch.float64) * s1
     b = torch.randn(200_000, 3, generator=gen, dtype=torch.float64) * s2 + mu
-    expected = float((mu ** 2).sum() + ((s1 - s2) ** 2).sum())  # 5 + 5
+    expected = float((mu**2).sum() + ((s1 - s2) ** 2).sum())  # 5 + 5
     assert frechet_distance(a, b) == pytest.approx(expected, abs=0.05)
 
 
@@ -74,8 +75,8 @@ def test_classifier_penultimate_features_feed_its_last_layer():
 
 def test_digits_quality_ranks_real_digits_above_blurred_and_noisy_ones():
     from orw_fast.data.digits import load_digits_dataset
-    from orw_fast.tasks.demo import DigitsQuality, held_out_digits
     from orw_fast.rewards import split_indices, train_classifier
+    from orw_fast.tasks.demo import DigitsQuality, held_out_digits
 
     images, labels = load_digits_dataset()
     classifier = DigitClassifier()

@@ -2,6 +2,7 @@
 FlowModel.from_checkpoint for every family and for checkpoints written before families were recorded, a pipeline
 folder found again after the run was moved, the resolution and pipeline checks made from config files alone, and
 FluxPipeline's private helpers that orw_fast calls."""
+
 import json
 import shutil
 import warnings
@@ -55,17 +56,24 @@ def same_velocity(a, b, module_a, module_b):
     x = torch.randn(2, *a.sample_shape(), generator=torch.Generator().manual_seed(4))
     t = torch.tensor([0.3, 0.7])
     with torch.no_grad():
-        return torch.equal(a.velocity(module_a, t, x, *a.conditions(PROMPTS)),
-                           b.velocity(module_b, t, x, *b.conditions(PROMPTS)))
+        return torch.equal(
+            a.velocity(module_a, t, x, *a.conditions(PROMPTS)), b.velocity(module_b, t, x, *b.conditions(PROMPTS))
+        )
 
 
 def config_only_pipeline(folder, pipeline_class, transformer_class, transformer_config):
     """A pipeline folder with its config files and no weights: model_index.json, transformer/ and vae/config.json
     (the published VAE's 4 blocks: 8x downsampling)."""
-    index = {"_class_name": pipeline_class, "transformer": ["diffusers", transformer_class],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    for sub, content in ((None, index), ("transformer", {"_class_name": transformer_class, **transformer_config}),
-                         ("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]})):
+    index = {
+        "_class_name": pipeline_class,
+        "transformer": ["diffusers", transformer_class],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    for sub, content in (
+        (None, index),
+        ("transformer", {"_class_name": transformer_class, **transformer_config}),
+        ("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}),
+    ):
         path = folder / (sub or "") / ("config.json" if sub else "model_index.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content))
@@ -88,8 +96,11 @@ def no_weight_loads(monkeypatch):
 
 
 def test_the_registry_maps_names_to_families_and_refuses_unknown_ones():
-    assert {name: family_class(name) for name in FAMILIES} == {"pixel": PixelFlowModel, "sd3": SD3FlowModel,
-                                                               "flux": FluxFlowModel}
+    assert {name: family_class(name) for name in FAMILIES} == {
+        "pixel": PixelFlowModel,
+        "sd3": SD3FlowModel,
+        "flux": FluxFlowModel,
+    }
     with pytest.raises(ValueError, match=r"model family must be one of 'pixel', 'sd3', 'flux', got 'wan'"):
         family_class("wan")
 
@@ -102,36 +113,57 @@ def test_a_pipeline_builds_its_family_from_a_folder_or_an_object(folders, kind):
     assert type(DiffusersFlowModel(tiny_pipeline(kind), PROMPTS, max_sequence_length=16)) is FAMILY[kind]
     assert FAMILY[kind](folders[kind], PROMPTS, resolution=RESOLUTION[kind]).family == kind
     other = "flux" if kind == "sd3" else "sd3"
-    with pytest.raises(ModelArgumentError, match=rf"is a {FAMILY[other].title.split()[0]}.* pipeline; a "
-                                                 rf"{FAMILY[kind].__name__} fine-tunes"):
+    with pytest.raises(
+        ModelArgumentError,
+        match=rf"is a {FAMILY[other].title.split()[0]}.* pipeline; a "
+        rf"{FAMILY[kind].__name__} fine-tunes",
+    ):
         FAMILY[kind](folders[other], PROMPTS)
 
 
 def test_an_unknown_transformer_is_refused_naming_the_supported_families(tmp_path, no_weight_loads):
     folder = config_only_pipeline(tmp_path / "qwen", "QwenImagePipeline", "QwenImageTransformer2DModel", {})
-    with pytest.raises(ModelArgumentError, match=r"'.*qwen' \(QwenImagePipeline, transformer "
-                                                 rf"QwenImageTransformer2DModel\) is not a supported pipeline: "
-                                                 rf"{SUPPORTED}") as err:
+    with pytest.raises(
+        ModelArgumentError,
+        match=r"'.*qwen' \(QwenImagePipeline, transformer "
+        rf"QwenImageTransformer2DModel\) is not a supported pipeline: "
+        rf"{SUPPORTED}",
+    ) as err:
         DiffusersFlowModel(folder, PROMPTS)
     assert err.value.argument == "pipeline"
     from diffusers import StableDiffusionPipeline
 
-    with pytest.raises(ValueError, match=r"the pipeline object \(StableDiffusionPipeline, no transformer\) "
-                                         rf"is not a supported pipeline: {SUPPORTED}"):
+    with pytest.raises(
+        ValueError,
+        match=r"the pipeline object \(StableDiffusionPipeline, no transformer\) "
+        rf"is not a supported pipeline: {SUPPORTED}",
+    ):
         family_of(StableDiffusionPipeline.__new__(StableDiffusionPipeline))
 
 
 # -- checks from config files, before any weight loads ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("pipeline,transformer,config,why", [
-    ("StableDiffusion3Pipeline", "SD3Transformer2DModel", {"patch_size": 2},
-     r"the VAE's 8x downsampling times the transformer's 2x2 patches"),
-    ("FluxPipeline", "FluxTransformer2DModel", {"patch_size": 1},
-     r"the VAE's 8x downsampling times FLUX's 2x2 latent packing"),
-])
-def test_a_resolution_is_refused_from_the_config_files_naming_its_true_factor(tmp_path, no_weight_loads, pipeline,
-                                                                              transformer, config, why):
+@pytest.mark.parametrize(
+    "pipeline,transformer,config,why",
+    [
+        (
+            "StableDiffusion3Pipeline",
+            "SD3Transformer2DModel",
+            {"patch_size": 2},
+            r"the VAE's 8x downsampling times the transformer's 2x2 patches",
+        ),
+        (
+            "FluxPipeline",
+            "FluxTransformer2DModel",
+            {"patch_size": 1},
+            r"the VAE's 8x downsampling times FLUX's 2x2 latent packing",
+        ),
+    ],
+)
+def test_a_resolution_is_refused_from_the_config_files_naming_its_true_factor(
+    tmp_path, no_weight_loads, pipeline, transformer, config, why
+):
     folder = config_only_pipeline(tmp_path / "p", pipeline, transformer, config)
     message = rf"resolution must be a multiple of 16 for this pipeline \({why}\), got 24"
     with pytest.raises(ModelArgumentError, match=message) as err:
@@ -142,8 +174,23 @@ def test_a_resolution_is_refused_from_the_config_files_naming_its_true_factor(tm
 
     (tmp_path / "prompts.txt").write_text("a red cat\n")
     with pytest.raises(SystemExit, match=rf"^error: --resolution: {message}$"):
-        main(["finetune", "--pretrained", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--resolution",
-              "24", "--reward", "jpeg_compressibility", "--device", "cpu", "--out", str(tmp_path / "run")])
+        main(
+            [
+                "finetune",
+                "--pretrained",
+                str(folder),
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--resolution",
+                "24",
+                "--reward",
+                "jpeg_compressibility",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
 
 
 def test_a_folder_that_is_not_a_pipeline_gets_an_error_in_command_line_words(tmp_path, no_weight_loads):
@@ -153,8 +200,10 @@ def test_a_folder_that_is_not_a_pipeline_gets_an_error_in_command_line_words(tmp
     with pytest.raises(ModelArgumentError) as err:
         DiffusersFlowModel(tmp_path / "not_a_pipeline", PROMPTS)
     assert err.value.argument == "pipeline"
-    assert str(err.value) == (f"cannot load a diffusers pipeline from '{tmp_path / 'not_a_pipeline'}': the folder has "
-                              "no model_index.json; expected a local folder written by save_pretrained or a hub id")
+    assert str(err.value) == (
+        f"cannot load a diffusers pipeline from '{tmp_path / 'not_a_pipeline'}': the folder has "
+        "no model_index.json; expected a local folder written by save_pretrained or a hub id"
+    )
 
 
 # -- FlowModel.from_checkpoint ----------------------------------------------------------------------------------
@@ -224,19 +273,70 @@ def test_a_relative_pipeline_path_is_found_from_another_folder_and_after_the_run
     save_tiny_pipeline("sd3", project / "pipes" / "sd3", sample_size=8)
     (project / "prompts.txt").write_text("a red cat\n")
     monkeypatch.chdir(project)
-    main(["finetune", "--pretrained", "pipes/sd3", "--prompts", "prompts.txt", "--reward", "jpeg_compressibility",
-          "--lora-rank", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--sampler-steps", "1",
-          "--max-sequence-length", "8", "--device", "cpu", "--quiet", "--out", "runs/x"])
+    main(
+        [
+            "finetune",
+            "--pretrained",
+            "pipes/sd3",
+            "--prompts",
+            "prompts.txt",
+            "--reward",
+            "jpeg_compressibility",
+            "--lora-rank",
+            "2",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--batch-size",
+            "2",
+            "--sampler-steps",
+            "1",
+            "--max-sequence-length",
+            "8",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            "runs/x",
+        ]
+    )
     recorded = torch.load(project / "runs/x/last.pt", weights_only=False)["config"]["model_config"]["pipeline"]
     assert recorded == str(project / "pipes" / "sd3")
     monkeypatch.chdir(tmp_path)
-    main(["sample", "--checkpoint", "project/runs/x/last.pt", "--n", "1", "--steps", "1", "--device", "cpu",
-          "--out", "a.png"])
+    main(
+        [
+            "sample",
+            "--checkpoint",
+            "project/runs/x/last.pt",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            "a.png",
+        ]
+    )
     moved = shutil.move(project, tmp_path / "moved")
     flow = FlowModel.from_checkpoint(tmp_path / "moved" / "runs" / "x" / "last.pt")
     assert flow.source == str(tmp_path / "moved" / "pipes" / "sd3") and str(moved) == str(tmp_path / "moved")
-    main(["sample", "--checkpoint", "moved/runs/x/last.pt", "--n", "1", "--steps", "1", "--device", "cpu",
-          "--out", "b.png"])
+    main(
+        [
+            "sample",
+            "--checkpoint",
+            "moved/runs/x/last.pt",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            "b.png",
+        ]
+    )
     assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
 
 

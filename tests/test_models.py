@@ -1,4 +1,5 @@
 """Flow-model presets and configs, the digit classifier and its training."""
+
 import json
 
 import pytest
@@ -26,8 +27,16 @@ def test_flow_model_forward(preset):
 
 def test_cifar10_preset_is_the_paper_config():
     model, config = make_flow_model((3, 32, 32))  # preset picked from the shape
-    assert config == dict(dim=[3, 32, 32], num_channels=128, num_res_blocks=2, channel_mult=[1, 2, 2, 2],
-                          attention_resolutions="16", num_heads=4, num_head_channels=64, dropout=0.1)
+    assert config == dict(
+        dim=[3, 32, 32],
+        num_channels=128,
+        num_res_blocks=2,
+        channel_mult=[1, 2, 2, 2],
+        attention_resolutions="16",
+        num_heads=4,
+        num_head_channels=64,
+        dropout=0.1,
+    )
     assert sum(p.numel() for p in model.parameters()) == 35_746_307
 
 

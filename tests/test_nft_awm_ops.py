@@ -1,13 +1,13 @@
 """The fused NFT and AWM losses (the quadratic_fm op) on every backend against float64 references written
 plainly from the papers' formulas in orw_fast's convention (orw_fast/ops/nft.py, awm.py)."""
+
 import pytest
 import torch
+from conftest import DEVICES, requires_gpu
 
 import orw_fast
 from orw_fast import _native
 from orw_fast.ops.orw_cfm_w2 import _triton_available
-
-from conftest import DEVICES, requires_gpu
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -18,15 +18,21 @@ NAMES = ("v", "u", "v_old", "v_ref")
 
 
 def skip_unless(backend, device):
-    ok = {"native": lambda: _native.has_kernel("quadratic_fm", device),
-          "triton": lambda: _triton_available(torch.device(device))}.get(backend, lambda: True)()
+    ok = {
+        "native": lambda: _native.has_kernel("quadratic_fm", device),
+        "triton": lambda: _triton_available(torch.device(device)),
+    }.get(backend, lambda: True)()
     if not ok:
         pytest.skip(f"no {backend} kernel for {device}")
 
 
 def cases():
-    return [pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}") for b in BACKENDS for d in DEVICES
-            for s in (INTERPRETER_SHAPES if b == "triton" and d == "cpu" else SHAPES)]
+    return [
+        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+        for b in BACKENDS
+        for d in DEVICES
+        for s in (INTERPRETER_SHAPES if b == "triton" and d == "cpu" else SHAPES)
+    ]
 
 
 # --- float64 references, from the formulas ------------------------------------------------------
@@ -37,8 +43,9 @@ def nft_reference(v, u, v_old, v_ref, r, beta, alpha):
     B = v.shape[0]
     v_plus = (1 - beta) * v_old + beta * v
     v_minus = (1 + beta) * v_old - beta * v
-    policy = (r * ((v_plus - u) ** 2).reshape(B, -1).mean(1)
-              + (1 - r) * ((v_minus - u) ** 2).reshape(B, -1).mean(1)) / beta
+    policy = (
+        r * ((v_plus - u) ** 2).reshape(B, -1).mean(1) + (1 - r) * ((v_minus - u) ** 2).reshape(B, -1).mean(1)
+    ) / beta
     kl = ((v - v_ref) ** 2).reshape(B, -1).mean(1)
     return (policy + alpha * kl).mean(), policy, kl
 
@@ -91,8 +98,9 @@ def check(kind, backend, tensors, per_sample, **kw):
         ref_fn = lambda a, b, c, d: nft_reference(a, b, c, d, per_sample, **kw)  # noqa: E731
     else:
         v, u, v_old, v_ref = tensors
-        loss, comp = orw_fast.awm_loss(v, u, v_ref, per_sample, v_old=v_old, backend=backend, return_components=True,
-                                       **kw)
+        loss, comp = orw_fast.awm_loss(
+            v, u, v_ref, per_sample, v_old=v_old, backend=backend, return_components=True, **kw
+        )
         ref_fn = lambda a, b, c, d: awm_reference(a, b, d, per_sample, v_old=c, **kw)  # noqa: E731
     assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     present = [t for t in tensors if t is not None]
@@ -150,8 +158,7 @@ def test_awm_matches_float64_reference(backend, device, shape, dtype, with_old):
     seed = hash((backend, shape, str(dtype), with_old)) % 2**31
     v, u, v_old, v_ref = make_inputs(shape, dtype, device, seed=seed)
     kw = dict(alpha_old=0.6) if with_old else {}
-    check("awm", backend, [v, u, v_old if with_old else None, v_ref], rand_adv(shape[0], device, seed), alpha=0.4,
-          **kw)
+    check("awm", backend, [v, u, v_old if with_old else None, v_ref], rand_adv(shape[0], device, seed), alpha=0.4, **kw)
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -237,8 +244,9 @@ def test_bitwise_deterministic(backend, device):
     r = rand_r(shape[0], device, 9)
     runs = []
     for _ in range(2):
-        loss, comp = orw_fast.nft_loss(v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend,
-                                       return_components=True)
+        loss, comp = orw_fast.nft_loss(
+            v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, return_components=True
+        )
         runs.append((loss, *comp, *torch.autograd.grad(loss, v)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -264,8 +272,16 @@ def test_gradcheck_float64_native():
     v, u, v_old, v_ref = make_inputs((3, 4), torch.float64, "cpu", seed=11)
     r, adv = rand_r(3, "cpu", 11).double(), rand_adv(3, "cpu", 11).double()
     nft = lambda a, b, c, d: orw_fast.nft_loss(a, b, c, d, r, beta=0.6, alpha=0.3, backend="native")  # noqa: E731
-    awm = lambda a, b, c, d: orw_fast.awm_loss(a, b, d, adv, v_old=c, alpha=0.3, alpha_old=0.5,  # noqa: E731
-                                               backend="native")
+    awm = lambda a, b, c, d: orw_fast.awm_loss(
+        a,
+        b,
+        d,
+        adv,
+        v_old=c,
+        alpha=0.3,
+        alpha_old=0.5,  # noqa: E731
+        backend="native",
+    )
     assert torch.autograd.gradcheck(nft, (v, u, v_old, v_ref))
     assert torch.autograd.gradcheck(awm, (v, u, v_old, v_ref))
 
@@ -297,26 +313,30 @@ def _awm(**overrides):
     return lambda: orw_fast.awm_loss(*pos, **args)
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (_nft(beta=0.0), ValueError, "beta must be a finite number > 0"),
-    (_nft(beta=-1.0), ValueError, "beta must be a finite number > 0"),
-    (_nft(beta=float("nan")), ValueError, "beta must be a finite number"),
-    (_nft(beta=1e-39), ValueError, "1/beta finite"),
-    (_nft(alpha=-0.5), ValueError, "alpha must be a finite number >= 0"),
-    (_nft(r=torch.tensor([0.5, 1.5, 0.0, 0.2])), ValueError, r"r must lie in \[0, 1\]"),
-    (_nft(r=torch.tensor([0.5, float("nan"), 0.0, 0.2])), ValueError, "r has 1 non-finite"),
-    (_nft(r=torch.full((5,), 0.5)), ValueError, r"r must have shape \[B\] = \[4\]"),
-    (_nft(r=[0.5] * 4), TypeError, "r must be a torch.Tensor"),
-    (_nft(v_old=torch.randn(4, 4)), ValueError, "v_old must have the shape of v"),
-    (_nft(v_old=torch.ones(4, 3, dtype=torch.int64)), TypeError, "v_old must be a floating tensor"),
-    (_nft(backend="cuda"), ValueError, "backend must be one of"),
-    (_awm(advantages=torch.tensor([0.0, float("inf"), 1.0, 2.0])), ValueError, "advantages has 1 non-finite"),
-    (_awm(advantages=torch.ones(4, dtype=torch.int64)), TypeError, "advantages must be a floating tensor"),
-    (_awm(alpha_old=0.5), ValueError, "alpha_old > 0 needs v_old"),
-    (_awm(alpha_old=-1.0, v_old=torch.randn(4, 3)), ValueError, "alpha_old must be a finite number >= 0"),
-    (_awm(v_old=torch.randn(3, 3)), ValueError, "v_old must have the shape of v"),
-    (_awm(v_ref=torch.randn(4, 3, device="meta")), ValueError, "v_ref is on meta but v is on cpu"),
-], ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (_nft(beta=0.0), ValueError, "beta must be a finite number > 0"),
+        (_nft(beta=-1.0), ValueError, "beta must be a finite number > 0"),
+        (_nft(beta=float("nan")), ValueError, "beta must be a finite number"),
+        (_nft(beta=1e-39), ValueError, "1/beta finite"),
+        (_nft(alpha=-0.5), ValueError, "alpha must be a finite number >= 0"),
+        (_nft(r=torch.tensor([0.5, 1.5, 0.0, 0.2])), ValueError, r"r must lie in \[0, 1\]"),
+        (_nft(r=torch.tensor([0.5, float("nan"), 0.0, 0.2])), ValueError, "r has 1 non-finite"),
+        (_nft(r=torch.full((5,), 0.5)), ValueError, r"r must have shape \[B\] = \[4\]"),
+        (_nft(r=[0.5] * 4), TypeError, "r must be a torch.Tensor"),
+        (_nft(v_old=torch.randn(4, 4)), ValueError, "v_old must have the shape of v"),
+        (_nft(v_old=torch.ones(4, 3, dtype=torch.int64)), TypeError, "v_old must be a floating tensor"),
+        (_nft(backend="cuda"), ValueError, "backend must be one of"),
+        (_awm(advantages=torch.tensor([0.0, float("inf"), 1.0, 2.0])), ValueError, "advantages has 1 non-finite"),
+        (_awm(advantages=torch.ones(4, dtype=torch.int64)), TypeError, "advantages must be a floating tensor"),
+        (_awm(alpha_old=0.5), ValueError, "alpha_old > 0 needs v_old"),
+        (_awm(alpha_old=-1.0, v_old=torch.randn(4, 3)), ValueError, "alpha_old must be a finite number >= 0"),
+        (_awm(v_old=torch.randn(3, 3)), ValueError, "v_old must have the shape of v"),
+        (_awm(v_ref=torch.randn(4, 3, device="meta")), ValueError, "v_ref is on meta but v is on cpu"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_bad_input_raises_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -360,11 +380,31 @@ def test_torch_compile_fullgraph(backend, device, kind):
 
     def step(x, u, v_old, v_ref, per_sample):
         if kind == "nft":
-            loss, comp = orw_fast.nft_loss(lin(x), u, v_old, v_ref, per_sample, beta=0.5, alpha=0.3, backend=backend,
-                                           return_components=True, validate=False)
+            loss, comp = orw_fast.nft_loss(
+                lin(x),
+                u,
+                v_old,
+                v_ref,
+                per_sample,
+                beta=0.5,
+                alpha=0.3,
+                backend=backend,
+                return_components=True,
+                validate=False,
+            )
         else:
-            loss, comp = orw_fast.awm_loss(lin(x), u, v_ref, per_sample, v_old=v_old, alpha=0.3, alpha_old=0.1,
-                                           backend=backend, return_components=True, validate=False)
+            loss, comp = orw_fast.awm_loss(
+                lin(x),
+                u,
+                v_ref,
+                per_sample,
+                v_old=v_old,
+                alpha=0.3,
+                alpha_old=0.1,
+                backend=backend,
+                return_components=True,
+                validate=False,
+            )
         return loss, comp.policy.sum()
 
     got, got_policy = torch.compile(step, fullgraph=True)(x, u, v_old, v_ref, per_sample)

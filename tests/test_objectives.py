@@ -1,9 +1,11 @@
 """The Objective seam: the registry, ORW-CFM-W2 as the default objective, and a new objective (other frozen
 velocities, per-prompt-group inputs) trained by the unchanged train_step."""
+
 import math
 
 import pytest
 import torch
+from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 from orw_fast.config import ConfigError, TrainerConfig
 from orw_fast.objectives import (
@@ -17,8 +19,6 @@ from orw_fast.objectives import (
 )
 from orw_fast.ops import awm_loss, group_advantages, nft_loss, nft_optimality, orw_cfm_w2_loss
 from orw_fast.trainer import ORWCFMTrainer
-
-from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 
 def test_unknown_objectives_are_refused_naming_the_choices():
@@ -66,8 +66,9 @@ def test_orw_cfm_w2_is_the_default_and_calls_the_fused_op():
     weights = objective.sample_inputs(rewards, None)
     torch.testing.assert_close(weights, (0.5 * rewards).exp())
     loss, parts = objective.loss(v, u, {"reference": v_ref}, weights)
-    want, components = orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=0.3, tau=0.5, weighting="exp",
-                                       return_components=True)
+    want, components = orw_cfm_w2_loss(
+        v, u, v_ref, rewards, alpha=0.3, tau=0.5, weighting="exp", return_components=True
+    )
     torch.testing.assert_close(loss, want)
     assert list(parts) == ["fm_loss", "w2_loss"]
     torch.testing.assert_close(parts["fm_loss"], components.fm.mean())
@@ -113,8 +114,13 @@ def group_centred():
 
 
 def test_a_new_objective_trains_through_the_same_step(tmp_path, base_model, group_centred):
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8, objective=group_centred.name),
-                            "cpu", reward_fn=right_reward, callbacks=[])
+    trainer = ORWCFMTrainer(
+        fresh(base_model),
+        toy_config(tmp_path, batch_size=8, objective=group_centred.name),
+        "cpu",
+        reward_fn=right_reward,
+        callbacks=[],
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
     metrics = trainer.train_step()
     assert list(metrics)[:3] == ["step", "loss", "pull"] and "ess" not in metrics and "fm_loss" not in metrics
@@ -140,11 +146,13 @@ def test_grouped_advantages_are_the_ops_advantages_for_groups_in_any_order_and_o
     rewards = torch.randn(12, generator=g)
     blocks = torch.arange(12) // 4
     torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5), group_advantages(rewards, 4, clip=1.5))
-    torch.testing.assert_close(grouped_advantages(rewards, blocks, 1.5, "batch"),
-                               group_advantages(rewards, 4, clip=1.5, std="batch"))
+    torch.testing.assert_close(
+        grouped_advantages(rewards, blocks, 1.5, "batch"), group_advantages(rewards, 4, clip=1.5, std="batch")
+    )
     order = torch.randperm(12, generator=g)  # the same groups, shuffled: each sample keeps its advantage
-    torch.testing.assert_close(grouped_advantages(rewards[order], blocks[order], 1.5),
-                               group_advantages(rewards, 4, clip=1.5)[order])
+    torch.testing.assert_close(
+        grouped_advantages(rewards[order], blocks[order], 1.5), group_advantages(rewards, 4, clip=1.5)[order]
+    )
     ids = torch.tensor([0, 1, 0, 0, 2, 1, 0])  # sizes 4, 2, 1; a group of one has advantage 0
     rewards = torch.tensor([1.0, 5.0, 2.0, 3.0, 7.0, 6.0, 4.0], dtype=torch.float64)
     got = grouped_advantages(rewards, ids, 5.0)
@@ -222,12 +230,13 @@ def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema
     adv = objective.sample_inputs(rewards, groups)  # the published configs' global_std: the batch's std
     torch.testing.assert_close(adv, grouped_advantages(rewards, groups, 5.0, "batch"))
     per_group = TrainerConfig(objective="awm", ema_decay=0.9, advantage_std="group")
-    torch.testing.assert_close(make_objective("awm", per_group).sample_inputs(rewards, groups),
-                               grouped_advantages(rewards, groups, 5.0, "group"))
+    torch.testing.assert_close(
+        make_objective("awm", per_group).sample_inputs(rewards, groups),
+        grouped_advantages(rewards, groups, 5.0, "group"),
+    )
     v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
     loss, _ = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, adv)
-    torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7,
-                                              backend="eager"))
+    torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7, backend="eager"))
     assert objective.ema_decay(7) == 0.9
     without = make_objective("awm", TrainerConfig(objective="awm", awm_old_coefficient=0.0, w2_coefficient=0.2))
     assert without.frozen == ("reference",)  # no old policy: no EMA needed
@@ -245,8 +254,9 @@ def test_the_nft_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(t
         assert all(torch.equal(a, b.float()) for a, b in zip(trainer.ema.parameters(), ema))  # steps leave it
         trainer.refresh_last_policy()  # the end of a sampling epoch
         for got, e, p in zip(trainer.ema.parameters(), ema, trainer.model.parameters()):
-            torch.testing.assert_close(got.double(), decay * e + (1 - decay) * p.detach().double(),
-                                       rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                got.double(), decay * e + (1 - decay) * p.detach().double(), rtol=1e-6, atol=1e-7
+            )
 
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
@@ -265,8 +275,10 @@ def test_resume_continues_exactly(tmp_path, base_model, objective):
     second.resume(tmp_path / "b" / "interrupted.pt")
     assert part1 + losses(second, 4) == full
     for module in ("model", "ema", "last_policy"):
-        assert all(torch.equal(a, b) for a, b in zip(getattr(second, module).parameters(),
-                                                     getattr(full_run, module).parameters())), module
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(getattr(second, module).parameters(), getattr(full_run, module).parameters())
+        ), module
 
 
 def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
@@ -276,11 +288,19 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
         (dict(objective="nft", advantage_clip=0.0), "advantage_clip", "a finite number > 0"),
         (dict(objective="awm", advantage_std="prompt"), "advantage_std", r"None or one of \('group', 'batch'\)"),
         (dict(objective="nft", nft_decay_max=1.0), "nft_decay_max", "a finite number >= 0 and < 1"),
-        (dict(objective="nft", ema_decay=0.9), "ema_decay", r"must be 0 with objective='nft' \(its old policy is the "
-                                                            "EMA"),
-        (dict(objective="awm"), "ema_decay", r"config.ema_decay must be > 0 with objective='awm' and "
-                                             r"awm_old_coefficient=1 \(the old policy is the policy's EMA; or set "
-                                             r"awm_old_coefficient=0\), got 0.0"),
+        (
+            dict(objective="nft", ema_decay=0.9),
+            "ema_decay",
+            r"must be 0 with objective='nft' \(its old policy is the "
+            "EMA",
+        ),
+        (
+            dict(objective="awm"),
+            "ema_decay",
+            r"config.ema_decay must be > 0 with objective='awm' and "
+            r"awm_old_coefficient=1 \(the old policy is the policy's EMA; or set "
+            r"awm_old_coefficient=0\), got 0.0",
+        ),
         (dict(objective="awm", ema_decay=0.9, awm_old_coefficient=-1.0), "awm_old_coefficient", ">= 0"),
     ]
     for settings, key, message in cases:
@@ -301,8 +321,13 @@ def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffuser
 
     folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
     flow = flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2))
-    trainer = ORWCFMTrainer(flow, config(tmp_path / "run", objective=objective, **PAPER_OBJECTIVES[objective]),
-                            "cpu", reward_fn=brightness, callbacks=[])
+    trainer = ORWCFMTrainer(
+        flow,
+        config(tmp_path / "run", objective=objective, **PAPER_OBJECTIVES[objective]),
+        "cpu",
+        reward_fn=brightness,
+        callbacks=[],
+    )
     base = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if "lora" not in n}
     lora = [p.detach().clone() for p in trainer.weights.trainable_parameters()]
     history = [trainer.train_step() for _ in range(2)]
@@ -315,8 +340,12 @@ def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffuser
     x = torch.randn(2, *flow.sample_shape(), generator=torch.Generator().manual_seed(6))
     t, cond = torch.tensor([0.3, 0.7]), flow.conditions(PROMPTS[:2])
     with torch.no_grad():
-        torch.testing.assert_close(flow.velocity(pipe.transformer, t, x, *cond),
-                                   flow.velocity(flow.transformer, t, x, *cond), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            flow.velocity(pipe.transformer, t, x, *cond),
+            flow.velocity(flow.transformer, t, x, *cond),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_an_nft_lora_run_resumes_exactly(tmp_path):
@@ -329,8 +358,12 @@ def test_an_nft_lora_run_resumes_exactly(tmp_path):
     folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
 
     def run(folder, epochs, resume=None):
-        trainer = ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
-                                config(folder, objective="nft", nft_decay_rate=0.3), "cpu", reward_fn=brightness)
+        trainer = ORWCFMTrainer(
+            flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
+            config(folder, objective="nft", nft_decay_rate=0.3),
+            "cpu",
+            reward_fn=brightness,
+        )
         if resume:
             trainer.resume(resume)
         return [m["loss"] for m in trainer.train(epochs, 2, progress=False)], trainer

@@ -1,13 +1,13 @@
 """The fused loss on every backend against an independent float64 reference."""
+
 import pytest
 import torch
+from conftest import DEVICES, GPU_SKIP_REASON, requires_gpu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import orw_fast
 from orw_fast import _native
 from orw_fast.ops.orw_cfm_w2 import _triton_available
-
-from conftest import DEVICES, GPU_SKIP_REASON, requires_gpu
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 SHAPES = [(1,), (1, 1), (5, 7), (3, 5, 7, 3), (64, 3, 32, 32), (8, 4, 64, 64)]
@@ -49,8 +49,11 @@ def reference(v, u, v_ref, rewards=None, weights=None, alpha=1.0, tau=1.0, weigh
         w = weights.double()
     else:
         z = tau * rewards.double()
-        w = {"softmax": B * torch.exp(z - z.max()) / torch.exp(z - z.max()).sum(),
-             "exp": torch.exp(z), "none": torch.ones_like(z)}[weighting]
+        w = {
+            "softmax": B * torch.exp(z - z.max()) / torch.exp(z - z.max()).sum(),
+            "exp": torch.exp(z),
+            "none": torch.ones_like(z),
+        }[weighting]
     fm = ((v - u) ** 2).reshape(B, -1).mean(1)
     w2 = ((v - v_ref) ** 2).reshape(B, -1).mean(1)
     return (w * fm + alpha * w2).mean(), fm, w2, w
@@ -86,8 +89,9 @@ def make_inputs(shape, dtype, device, grads=(True, True, True), layout="contiguo
 
 def check_against_reference(backend, v, u, v_ref, rewards=None, weights=None, **kw):
     dtype = v.dtype
-    loss, comp = orw_fast.orw_cfm_w2_loss(v, u, v_ref, rewards, weights=weights, backend=backend,
-                                          return_components=True, **kw)
+    loss, comp = orw_fast.orw_cfm_w2_loss(
+        v, u, v_ref, rewards, weights=weights, backend=backend, return_components=True, **kw
+    )
     assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     loss.backward()
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (v, u, v_ref)]
@@ -232,6 +236,7 @@ def test_gradcheck_float64(backend):
     skip_unless(backend, "cpu")
     v, u, v_ref, rewards = make_inputs((3, 4), torch.float64, "cpu", seed=5)
     for weighting in ("softmax", "exp"):
+
         def fn(a, b, c, weighting=weighting):
             return orw_fast.orw_cfm_w2_loss(a, b, c, rewards, alpha=0.3, weighting=weighting, backend=backend)
 
@@ -278,8 +283,10 @@ def test_precomputed_global_weights_split_equals_full_batch(backend):
     v, u, v_ref, rewards = make_inputs((8, 6), torch.float32, "cpu", grads=(False, False, False), seed=7)
     full = orw_fast.orw_cfm_w2_loss(v, u, v_ref, rewards, backend=backend, alpha=0.4)
     w = orw_fast.reward_weights(rewards, tau=1.0)
-    halves = [orw_fast.orw_cfm_w2_loss(v[s], u[s], v_ref[s], weights=w[s], backend=backend, alpha=0.4)
-              for s in (slice(0, 4), slice(4, 8))]
+    halves = [
+        orw_fast.orw_cfm_w2_loss(v[s], u[s], v_ref[s], weights=w[s], backend=backend, alpha=0.4)
+        for s in (slice(0, 4), slice(4, 8))
+    ]
     assert rel_err((halves[0] + halves[1]) / 2, full) <= 1e-6
 
 
@@ -305,7 +312,9 @@ def test_mixed_input_dtypes_promote(backend):
 
 
 def test_module_matches_function_and_reports_settings():
-    crit = orw_fast.ORWCFMW2Loss(alpha=0.5, tau=2.0, weighting="exp", backend="native" if backend_ok("native", "cpu") else "eager")
+    crit = orw_fast.ORWCFMW2Loss(
+        alpha=0.5, tau=2.0, weighting="exp", backend="native" if backend_ok("native", "cpu") else "eager"
+    )
     v, u, v_ref, rewards = make_inputs((4, 7), torch.float32, "cpu", grads=(False, False, False), seed=10)
     want = orw_fast.orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=0.5, tau=2.0, weighting="exp", backend="eager")
     assert rel_err(crit(v, u, v_ref, rewards), want) <= 1e-5
@@ -438,8 +447,9 @@ def test_torch_compile_fullgraph(backend, device):
     lin = torch.nn.Linear(6, 6).to(device)
 
     def step(x, u, v_ref, rewards):
-        loss, comp = orw_fast.orw_cfm_w2_loss(lin(x), u, v_ref, rewards, alpha=0.3, backend=backend,
-                                              return_components=True, validate=False)
+        loss, comp = orw_fast.orw_cfm_w2_loss(
+            lin(x), u, v_ref, rewards, alpha=0.3, backend=backend, return_components=True, validate=False
+        )
         return loss, comp.fm.sum()
 
     x, u, v_ref, rewards = make_inputs((5, 6), torch.float32, device, grads=(False, False, False), seed=15)
@@ -500,8 +510,9 @@ def test_cuda_large_tensor_offsets():
     B = 2
     v = torch.zeros(B, n // B, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     u = torch.ones_like(v, requires_grad=False)
-    loss, comp = orw_fast.orw_cfm_w2_loss(v, u, u, weights=torch.ones(B, device="cuda"), backend="native",
-                                          alpha=0.0, return_components=True)
+    loss, comp = orw_fast.orw_cfm_w2_loss(
+        v, u, u, weights=torch.ones(B, device="cuda"), backend="native", alpha=0.0, return_components=True
+    )
     assert abs(loss.item() - 1.0) < 1e-6 and torch.allclose(comp.fm, torch.ones(B, device="cuda"))
     (g,) = torch.autograd.grad(loss, v)
     assert g[-1, -1].item() == pytest.approx(-2.0 / n, rel=1e-2)

@@ -1,6 +1,7 @@
 """PolicyWeights, directly: FullCopies (four whole copies) and LoraAdapter (one model, adapter tensors swapped in
 place): the frozen copies, the last policy's refresh, the EMA's update, the state round trip and its checks, and that
 every copy happens in place (a captured CUDA graph keeps seeing the live tensors)."""
+
 import pytest
 import torch
 from diffusers.loaders.peft import PeftAdapterMixin
@@ -101,10 +102,13 @@ def test_full_copies_states_round_trip_and_a_missing_ema_starts_from_the_policy(
     assert_equal(list(other.ema_module.parameters()), list(other.module.parameters()))
 
 
-@pytest.mark.parametrize("broken, match", [
-    (lambda s: {k: v for k, v in s.items() if k != "last_policy"}, "ckpt has no entry 'last_policy'"),
-    (lambda s: {**s, "reference": {**s["reference"], "to_q.weight": torch.zeros(2, 2)}}, "ckpt, entry 'reference'"),
-])
+@pytest.mark.parametrize(
+    "broken, match",
+    [
+        (lambda s: {k: v for k, v in s.items() if k != "last_policy"}, "ckpt has no entry 'last_policy'"),
+        (lambda s: {**s, "reference": {**s["reference"], "to_q.weight": torch.zeros(2, 2)}}, "ckpt, entry 'reference'"),
+    ],
+)
 def test_full_copies_refuse_states_that_do_not_fit(broken, match):
     weights = FullCopies(Net(), ema=True)
     with pytest.raises(ValueError, match=match):

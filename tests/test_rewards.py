@@ -1,5 +1,6 @@
 """Rewards: JPEG sizes against PIL directly (DDPO's definition), the classifier reward against a manual
 softmax, CLIP on a tiny randomly initialized checkpoint written here, and the checks on reward outputs."""
+
 import io
 import json
 import sys
@@ -10,8 +11,18 @@ import torch
 from PIL import Image
 
 from orw_fast.rewards import (
-    REWARDS, ClassifierReward, CLIPFeatureReward, CLIPReward, CLIPScoreReward, as_reward_fn, check_rewards, get_reward,
-    jpeg_compressibility, jpeg_incompressibility, takes_prompts, to_uint8_images,
+    REWARDS,
+    ClassifierReward,
+    CLIPFeatureReward,
+    CLIPReward,
+    CLIPScoreReward,
+    as_reward_fn,
+    check_rewards,
+    get_reward,
+    jpeg_compressibility,
+    jpeg_incompressibility,
+    takes_prompts,
+    to_uint8_images,
 )
 
 
@@ -45,7 +56,7 @@ def test_jpeg_matches_pil_for_random_and_constant_images(channels):
     assert torch.equal(sizes, expected)
     assert torch.equal(jpeg_compressibility(x), -expected)
     compress = jpeg_compressibility(x)
-    assert bool((compress[3:].min() > compress[:3].max()))  # a constant image compresses better
+    assert bool(compress[3:].min() > compress[:3].max())  # a constant image compresses better
 
 
 def test_jpeg_thread_pool_keeps_batch_order():
@@ -111,6 +122,7 @@ def tiny_clip(tmp_path_factory):
     """A randomly initialized CLIP (8x8 images, 16-d transformers) and a character-level CLIP tokenizer,
     saved in transformers format."""
     import transformers
+
     path = tmp_path_factory.mktemp("tiny_clip")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
@@ -118,12 +130,23 @@ def tiny_clip(tmp_path_factory):
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=8, patch_size=4),
-        projection_dim=8, logit_scale_init_value=4.0)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        ),
+        projection_dim=8,
+        logit_scale_init_value=4.0,
+    )
     torch.manual_seed(0)
     transformers.CLIPModel(config).save_pretrained(path)
     transformers.CLIPTokenizer.from_pretrained(path).save_pretrained(path)
@@ -166,8 +189,10 @@ def test_clip_score_is_the_cosine_of_each_image_and_its_own_prompt(tiny_clip):
     model, tokenizer = CLIPModel.from_pretrained(tiny_clip), CLIPTokenizer.from_pretrained(tiny_clip)
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     with torch.no_grad():
-        out = model(**tokenizer(prompts, padding=True, return_tensors="pt"),
-                    pixel_values=((x + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+        out = model(
+            **tokenizer(prompts, padding=True, return_tensors="pt"),
+            pixel_values=((x + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1),
+        )
     want = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
     torch.testing.assert_close(r, want, rtol=1e-5, atol=1e-6)
     assert set(reward._texts) == {"a dog", "a cat"}  # each distinct prompt encoded once
@@ -234,16 +259,19 @@ def test_as_reward_fn_converts_and_checks():
         check_rewards(torch.tensor([0.0, -float("inf"), 1.0]), 3)
 
 
-@pytest.mark.parametrize("output,exc,match", [
-    (["a", "b", "c", "d"], TypeError, "list holding <U1 values"),
-    ("good", TypeError, "str holding"),
-    ({"reward": 1.0}, TypeError, "dict holding object values"),
-    (None, TypeError, "NoneType"),
-    ([1.0, [2.0, 3.0], 4.0, 5.0], TypeError, "returned list, expected"),
-    ([[1.0, 2.0]] * 4, ValueError, r"shape \[4, 2\] for 4 images"),
-    ([1.0, 2.0], ValueError, r"shape \[2\] for 4 images"),
-    (torch.ones(4, dtype=torch.complex64), TypeError, "complex64"),
-])
+@pytest.mark.parametrize(
+    "output,exc,match",
+    [
+        (["a", "b", "c", "d"], TypeError, "list holding <U1 values"),
+        ("good", TypeError, "str holding"),
+        ({"reward": 1.0}, TypeError, "dict holding object values"),
+        (None, TypeError, "NoneType"),
+        ([1.0, [2.0, 3.0], 4.0, 5.0], TypeError, "returned list, expected"),
+        ([[1.0, 2.0]] * 4, ValueError, r"shape \[4, 2\] for 4 images"),
+        ([1.0, 2.0], ValueError, r"shape \[2\] for 4 images"),
+        (torch.ones(4, dtype=torch.complex64), TypeError, "complex64"),
+    ],
+)
 def test_a_reward_function_with_bad_output_is_named(output, exc, match):
     """Whatever a reward function returns that is not B real numbers, the error says it is its output."""
     with pytest.raises(exc, match=match) as err:

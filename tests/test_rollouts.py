@@ -1,18 +1,24 @@
 """The rollout pool: bulk rollouts of the frozen last policy and their reuse, alone and in the trainer (how often the
 sampler and the reward run, which samples each update sees, refresh, exact resume with a pool half used)."""
+
 import pytest
 import torch
+from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
 
 from orw_fast.rollouts import RolloutPool
 from orw_fast.trainer import ORWCFMTrainer
 
-from test_trainer import base_model, fresh, right_reward, toy_config  # noqa: F401 - base_model is a fixture
-
 
 def pool(size=6, reuse=1, prompts=False, seed=0):
     x0 = torch.arange(size, dtype=torch.float32)[:, None].expand(size, 2).clone()
-    return RolloutPool.make(x0, x0 + 100, [f"p{i}" for i in range(size)] if prompts else None, x0[:, 0] * 10,
-                            reuse=reuse, generator=torch.Generator().manual_seed(seed))
+    return RolloutPool.make(
+        x0,
+        x0 + 100,
+        [f"p{i}" for i in range(size)] if prompts else None,
+        x0[:, 0] * 10,
+        reuse=reuse,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_the_first_pass_is_in_order_and_every_sample_serves_reuse_updates():
@@ -40,8 +46,13 @@ def test_pool_state_round_trip_and_checks():
     RolloutPool.check_state(state, (2,), "here")
     q = RolloutPool.from_state(state, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(p.take(5)[:2], q.take(5)[:2]))
-    for broken in ({**state, "x1": state["x1"][:3]}, {**state, "cursor": 99}, {**state, "order": state["order"] + 4},
-                   {k: v for k, v in state.items() if k != "rewards"}, "not a pool"):
+    for broken in (
+        {**state, "x1": state["x1"][:3]},
+        {**state, "cursor": 99},
+        {**state, "order": state["order"] + 4},
+        {k: v for k, v in state.items() if k != "rewards"},
+        "not a pool",
+    ):
         with pytest.raises(ValueError, match="here is not a rollout pool of samples of shape \\[2\\]"):
             RolloutPool.check_state(broken, (2,), "here")
     with pytest.raises(ValueError, match="shape \\[3\\]"):
@@ -66,8 +77,9 @@ def counting(trainer):
 
 
 def test_rollouts_are_made_in_bulk_and_reused_as_configured(tmp_path, base_model):
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, rollout_batches=3, rollout_reuse=2), "cpu",
-                            reward_fn=right_reward)
+    trainer = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path, rollout_batches=3, rollout_reuse=2), "cpu", reward_fn=right_reward
+    )
     calls = counting(trainer)
     for _ in range(7):
         trainer.train_step()
@@ -87,8 +99,12 @@ def test_the_default_is_one_fresh_rollout_per_step(tmp_path, base_model):
 
 def test_a_half_used_pool_resumes_exactly(tmp_path, base_model):
     def make(folder):
-        return ORWCFMTrainer(fresh(base_model), toy_config(folder, rollout_batches=3, rollout_reuse=2,
-                                                           refresh_interval=2), "cpu", reward_fn=right_reward)
+        return ORWCFMTrainer(
+            fresh(base_model),
+            toy_config(folder, rollout_batches=3, rollout_reuse=2, refresh_interval=2),
+            "cpu",
+            reward_fn=right_reward,
+        )
 
     def losses(trainer, epochs):
         return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=4, progress=False)]

@@ -1,5 +1,6 @@
 """ODE sampler: convergence order, agreement with torchdiffeq, autocast, errors, torchcfm's UNet and
 (on a GPU) the CUDA-graph path against eager sampling."""
+
 import gc
 import math
 import weakref
@@ -7,11 +8,10 @@ import weakref
 import pytest
 import torch
 import torchdiffeq
+from conftest import requires_gpu
 
 from orw_fast import sampling
 from orw_fast.sampling import FIXED_STEP_METHODS, clear_graph_cache, sample
-
-from conftest import requires_gpu
 
 ONE_STEP_METHODS = ("euler", "midpoint", "heun")  # the multistep ones have their own oracles below
 
@@ -39,10 +39,17 @@ def linear_field(a, b):
 
 def tiny_unet(seed=0):
     from torchcfm.models.unet.unet import UNetModelWrapper
+
     torch.manual_seed(seed)
     unet = UNetModelWrapper(
-        dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions="4",
-        num_heads=1, num_head_channels=-1, dropout=0.0,
+        dim=(1, 8, 8),
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        attention_resolutions="4",
+        num_heads=1,
+        num_head_channels=-1,
+        dropout=0.0,
     ).eval()
     with torch.no_grad():  # torchcfm zero-initializes its output layers: give the field some signal
         for p in unet.parameters():
@@ -257,14 +264,17 @@ def test_conditioning_reaches_every_call():
     assert shifted[0, 0] > base[0, 0] + 0.5 and shifted[1, 1] > base[1, 1] + 1.0
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(times=[0.0, 0.5, 0.4, 1.0]), ValueError, "times must be >= 2 increasing values in"),
-    (dict(times=[0.0, 1.5]), ValueError, r"in \[0, 1\]"),
-    (dict(times=[0.5]), ValueError, ">= 2 increasing"),
-    (dict(times=[0.0, 0.5, 1.0], steps=3), ValueError, "steps=3 does not match times, which has 2 steps"),
-    (dict(times="abc"), TypeError, "times must be a 1-D sequence"),
-    (dict(cond=torch.zeros(2)), TypeError, "cond must be a tuple of tensors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(times=[0.0, 0.5, 0.4, 1.0]), ValueError, "times must be >= 2 increasing values in"),
+        (dict(times=[0.0, 1.5]), ValueError, r"in \[0, 1\]"),
+        (dict(times=[0.5]), ValueError, ">= 2 increasing"),
+        (dict(times=[0.0, 0.5, 1.0], steps=3), ValueError, "steps=3 does not match times, which has 2 steps"),
+        (dict(times="abc"), TypeError, "times must be a 1-D sequence"),
+        (dict(cond=torch.zeros(2)), TypeError, "cond must be a tuple of tensors"),
+    ],
+)
 def test_bad_grids_and_conditioning_are_refused(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         sample(MLPField(), torch.zeros(2, 3), **kwargs)
@@ -456,15 +466,25 @@ def mixture_and_reference():
     field = GaussianMixtureFlow()
     x0 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = torchdiffeq.odeint(torchdiffeq_field(field, 64), x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
-                                 method="dopri5", rtol=1e-12, atol=1e-12)[-1]
+        ref = torchdiffeq.odeint(
+            torchdiffeq_field(field, 64),
+            x0,
+            torch.tensor([0.0, 1.0], dtype=torch.float64),
+            method="dopri5",
+            rtol=1e-12,
+            atol=1e-12,
+        )[-1]
     return field, x0, ref
 
 
-@pytest.mark.parametrize("method, grid, order", [
-    *[(method, grid, order) for method, order in (("ab2", 2), ("ab3", 3)) for grid in ("uniform", "both_dense")],
-    ("unipc", "uniform", 2), ("unipc", "both_dense", 3),
-])
+@pytest.mark.parametrize(
+    "method, grid, order",
+    [
+        *[(method, grid, order) for method, order in (("ab2", 2), ("ab3", 3)) for grid in ("uniform", "both_dense")],
+        ("unipc", "uniform", 2),
+        ("unipc", "both_dense", 3),
+    ],
+)
 def test_multistep_convergence_order(mixture_and_reference, method, grid, order):
     """The least-squares slope of log(max error) against log(step) over N = 32..256 is the order within 10 % (the
     pre-asymptotic terms move the slope by O(1/N); heun and ab2 measure within 0.01 of 2 here, ab3 within 0.07 of
@@ -475,8 +495,10 @@ def test_multistep_convergence_order(mixture_and_reference, method, grid, order)
 
     field, x0, ref = mixture_and_reference
     ns = torch.tensor([32, 64, 128, 256], dtype=torch.float64)
-    errors = torch.tensor([(sample(field, x0, times=time_grid(grid, int(n)), method=method) - ref).abs().max().item()
-                           for n in ns], dtype=torch.float64)
+    errors = torch.tensor(
+        [(sample(field, x0, times=time_grid(grid, int(n)), method=method) - ref).abs().max().item() for n in ns],
+        dtype=torch.float64,
+    )
     log_err = errors.log()
     log_h = -ns.log()
     slope = float(((log_err - log_err.mean()) * (log_h - log_h.mean())).sum() / (log_h - log_h.mean()).square().sum())
@@ -515,7 +537,7 @@ def plain_multistep(field, x0, times, method, cond=()):
             x = x + (t1 - t0) / 2 * (v + field(torch.full((x.shape[0],), t1, dtype=x.dtype), x + (t1 - t0) * v, *cond))
         elif method in ("ab2", "ab3"):
             k = min(2 if method == "ab2" else (2 if (t1 - t0) / (1 - t0) > 6 / 11 else 3), i + 1)
-            nodes = times[i - k + 1:i + 1]
+            nodes = times[i - k + 1 : i + 1]
             for j, node in enumerate(nodes):
                 roots = [m for m in nodes if m != node]
                 basis = np.polynomial.Polynomial.fromroots(roots) if roots else np.polynomial.Polynomial([1.0])
@@ -546,8 +568,11 @@ def unic(x_prev, preds, times, lam, i, order):
     r = (lam[i - 2] - lam[i - 1]) / h
     phi2 = math.expm1(hh) / hh - 1
     b = torch.tensor([phi2 / math.expm1(hh), 2 * (phi2 / hh - 0.5) / math.expm1(hh)], dtype=torch.float64)
-    rho = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b) if math.isfinite(r) \
-        else torch.stack([torch.zeros((), dtype=torch.float64), b[0]])  # the limit r -> -inf
+    rho = (
+        torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b)
+        if math.isfinite(r)
+        else torch.stack([torch.zeros((), dtype=torch.float64), b[0]])
+    )  # the limit r -> -inf
     d1 = (preds[i - 2] - m0) / r
     return base - alpha * math.expm1(hh) * (float(rho[0]) * d1 + float(rho[1]) * (mt - m0))
 
@@ -619,8 +644,15 @@ def test_unipc_equals_diffusers_unipc_on_its_shifted_flow_grid(mixture_and_refer
     from diffusers import UniPCMultistepScheduler
 
     field, x0, _ = mixture_and_reference
-    scheduler = UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", use_flow_sigmas=True, flow_shift=3.0,
-                                        prediction_type="flow_prediction", solver_order=2, final_sigmas_type="zero")
+    scheduler = UniPCMultistepScheduler(
+        predict_x0=True,
+        solver_type="bh2",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        prediction_type="flow_prediction",
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
     scheduler.set_timesteps(10)
     scheduler.set_begin_index(0)
     sigmas = scheduler.sigmas.double()
@@ -634,15 +666,18 @@ def test_unipc_equals_diffusers_unipc_on_its_shifted_flow_grid(mixture_and_refer
     assert (sample(field, x0, times=1 - sigmas, method="ab2") - theirs[-1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(method="ab4", steps=8), "unknown method 'ab4'"),
-    (dict(method="ab2", steps=1), "method 'ab2' needs at least 2 steps"),
-    (dict(method="ab3", steps=3), "method 'ab3' needs at least 4 steps"),
-    (dict(method="unipc", times=[0.0, 0.5, 1.0]), "method 'unipc' needs at least 4 steps"),
-    (dict(method="ab3", times=[0.0, 0.2, 0.2, 0.6, 1.0]), "times must be >= 2 increasing values in"),
-    (dict(method="unipc", times=[0.0, 0.3, 0.6, 0.9, 1.2]), r"in \[0, 1\]"),
-    (dict(method="ab2", times=[1.0, 0.7, 0.3, 0.0]), "times must be >= 2 increasing values in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="ab4", steps=8), "unknown method 'ab4'"),
+        (dict(method="ab2", steps=1), "method 'ab2' needs at least 2 steps"),
+        (dict(method="ab3", steps=3), "method 'ab3' needs at least 4 steps"),
+        (dict(method="unipc", times=[0.0, 0.5, 1.0]), "method 'unipc' needs at least 4 steps"),
+        (dict(method="ab3", times=[0.0, 0.2, 0.2, 0.6, 1.0]), "times must be >= 2 increasing values in"),
+        (dict(method="unipc", times=[0.0, 0.3, 0.6, 0.9, 1.2]), r"in \[0, 1\]"),
+        (dict(method="ab2", times=[1.0, 0.7, 0.3, 0.0]), "times must be >= 2 increasing values in"),
+    ],
+)
 def test_multistep_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample(MLPField(), torch.zeros(2, 3), **kwargs)
@@ -652,8 +687,9 @@ def test_both_dense_grid():
     from orw_fast.sampling import time_grid
 
     grid = time_grid("both_dense", 4)
-    torch.testing.assert_close(grid, torch.tensor([0, (2 - 2 ** 0.5) / 4, 0.5, (2 + 2 ** 0.5) / 4, 1],
-                                                  dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        grid, torch.tensor([0, (2 - 2**0.5) / 4, 0.5, (2 + 2**0.5) / 4, 1], dtype=torch.float64), rtol=0, atol=1e-15
+    )
     steps = time_grid("both_dense", 10).diff()
     assert steps[0] < steps[4] and steps[-1] < steps[5] and torch.allclose(steps, steps.flip(0))
 

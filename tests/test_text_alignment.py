@@ -1,12 +1,20 @@
 """The offline text-to-image task: the text-conditioned digits model (captions, reward, a diffusers folder the SD3
 loader reads) and the text demo's report."""
+
 import json
 
 import pytest
 import torch
 
-from orw_fast.tasks.text_digits import (DIGIT_WORDS, PromptedDigitReward, caption, digit_of, prompts_for, stroke_words,
-                                  to_grey)
+from orw_fast.tasks.text_digits import (
+    DIGIT_WORDS,
+    PromptedDigitReward,
+    caption,
+    digit_of,
+    prompts_for,
+    stroke_words,
+    to_grey,
+)
 
 
 def test_captions_name_their_digit_and_stroke():
@@ -26,9 +34,9 @@ def test_stroke_words_split_each_class_into_thirds_of_ink():
         images.view(30, -1)[i, : i % 15 + 1] = 1.0  # ink grows with i within each class
     words = stroke_words(images, labels)
     for start in (0, 15):
-        assert words[start:start + 5] == ["thin "] * 5
-        assert words[start + 5:start + 10] == [""] * 5
-        assert words[start + 10:start + 15] == ["thick "] * 5
+        assert words[start : start + 5] == ["thin "] * 5
+        assert words[start + 5 : start + 10] == [""] * 5
+        assert words[start + 10 : start + 15] == ["thick "] * 5
 
 
 class _FixedClassifier(torch.nn.Module):
@@ -73,8 +81,14 @@ def test_the_text_digits_model_is_a_diffusers_sd3_folder(cache):
     flow = DiffusersFlowModel(folder, prompts_for(), lora_rank=None, guidance_scale=1.0, max_sequence_length=1)
     assert flow.sample_shape() == (4, 8, 8) and flow.resolution == 8
     # the pipeline's own sampling gives digits-sized images in [-1, 1]
-    out = pipe([caption(4)] * 2, num_inference_steps=4, guidance_scale=1.0, output_type="pt", max_sequence_length=1,
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        [caption(4)] * 2,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        output_type="pt",
+        max_sequence_length=1,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (2, 3, 8, 8) and out.min() >= 0 and out.max() <= 1
     vocabulary = pipe.tokenizer.get_vocab()  # the digit words are whole tokens
     assert all(f"{word}</w>" in vocabulary for word in DIGIT_WORDS)
@@ -84,8 +98,26 @@ def test_the_text_demo_writes_its_report(cache, tmp_path):
     from orw_fast.cli import main
 
     out = tmp_path / "report"
-    main(["demo", "--task", "text", "--alphas", "0", "--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu",
-          "--cache-dir", str(cache), "--out", str(out), "--quiet"])
+    main(
+        [
+            "demo",
+            "--task",
+            "text",
+            "--alphas",
+            "0",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["runs"]["0"]["0"]) == 2
     for name in ("samples_reference.png", "samples_alpha_0.png", "curves.png"):

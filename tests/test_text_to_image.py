@@ -1,20 +1,19 @@
 """Text-to-image fine-tuning on tiny SD3 and FLUX pipelines saved to folders and loaded back through orw_fast's
 loader: the velocity convention, rollouts equal to the pipeline's own sampling, LoRA-only updates, the reference,
 the diffusers LoRA export, exact resume, a reward that rises, CLIP rewards on prompts, the CLI, and bad input."""
+
 import copy
 import math
 import warnings
 
 import pytest
 import torch
+from conftest import requires_gpu
 
 from orw_fast.models.diffusers_flow import DiffusersFlowModel, load_pipeline
-from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline, tiny_pipeline
 from orw_fast.prompts import PromptSource
-from orw_fast.sampling import sample
+from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline, tiny_pipeline
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
-
-from conftest import requires_gpu
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 PROMPTS = ["a red cat", "a blue dog", "a small green bird"]
@@ -64,12 +63,24 @@ def test_velocity_is_minus_the_transformer_output_at_sigma_one_minus_t(folders, 
     transformer = flow.pipe.transformer
     with torch.no_grad():
         if kind == "sd3":  # SD3 takes timestep = 1000 sigma
-            out = transformer(hidden_states=x, timestep=(1 - t) * 1000, encoder_hidden_states=embeds,
-                              pooled_projections=pooled, return_dict=False)[0]
+            out = transformer(
+                hidden_states=x,
+                timestep=(1 - t) * 1000,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
         else:  # FLUX takes sigma itself (the pipeline divides its timesteps by 1000), plus the guidance embedding
-            out = transformer(hidden_states=x, timestep=1 - t, guidance=torch.full((2,), 2.0), pooled_projections=pooled,
-                              encoder_hidden_states=embeds, txt_ids=flow._txt_ids, img_ids=flow._img_ids,
-                              return_dict=False)[0]
+            out = transformer(
+                hidden_states=x,
+                timestep=1 - t,
+                guidance=torch.full((2,), 2.0),
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=flow._txt_ids,
+                img_ids=flow._img_ids,
+                return_dict=False,
+            )[0]
         v = flow.velocity(transformer, t, x, embeds, pooled)
     torch.testing.assert_close(v, -out, rtol=0, atol=0)
 
@@ -85,11 +96,21 @@ def test_rollouts_equal_the_pipelines_own_sampling(folders, kind, guidance):
     with flow.weights.last_policy() as module:
         ours = flow.generate(module, x0, prompts, steps=5, cuda_graph=False)
     embeds, pooled = flow.conditions(prompts)
-    call = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=x0.clone(), num_inference_steps=5,
-                guidance_scale=guidance, output_type="latent", height=RESOLUTION[kind], width=RESOLUTION[kind])
+    call = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        latents=x0.clone(),
+        num_inference_steps=5,
+        guidance_scale=guidance,
+        output_type="latent",
+        height=RESOLUTION[kind],
+        width=RESOLUTION[kind],
+    )
     if kind == "sd3":
-        call.update(negative_prompt_embeds=flow._embeds[-1:].expand(2, -1, -1),
-                    negative_pooled_prompt_embeds=flow._pooled[-1:].expand(2, -1))
+        call.update(
+            negative_prompt_embeds=flow._embeds[-1:].expand(2, -1, -1),
+            negative_pooled_prompt_embeds=flow._pooled[-1:].expand(2, -1),
+        )
     else:
         call.update(max_sequence_length=16)
     theirs = flow.pipe(**call).images
@@ -106,8 +127,8 @@ def test_the_time_grid_is_the_schedulers_shifted_sigmas(folders, kind):
         pipe.scheduler.set_timesteps(4)
     else:
         import numpy as np
-
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
         pipe.scheduler.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), mu=calculate_shift((16 // 2) ** 2))
     torch.testing.assert_close(times, 1 - pipe.scheduler.sigmas.double(), rtol=0, atol=0)
     uniform = torch.linspace(0, 1, 5, dtype=torch.float64)
@@ -195,8 +216,12 @@ def test_the_saved_lora_reproduces_the_fine_tuned_model_in_a_fresh_pipeline(tmp_
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_lora_run_resumes_exactly(tmp_path, folders, kind):
     def run(folder, epochs, resume=None):
-        trainer = ORWCFMTrainer(flow_of(folders, kind, prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
-                                config(folder, ema_decay=0.9, grid_size=2), "cpu", reward_fn=brightness)
+        trainer = ORWCFMTrainer(
+            flow_of(folders, kind, prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
+            config(folder, ema_decay=0.9, grid_size=2),
+            "cpu",
+            reward_fn=brightness,
+        )
         if resume:
             trainer.resume(resume)
         return [m["loss"] for m in trainer.train(epochs, 2, progress=False)], trainer
@@ -220,8 +245,12 @@ def test_the_reward_weights_raise_the_reward_a_tiny_model_can_learn(tmp_path, fo
     final = []
     for temperature in (300.0, 0.0):
         flow = flow_of(folders, "sd3", lora_targets=["to_q", "to_k", "to_v", "to_out.0", "proj_out"])
-        trainer = ORWCFMTrainer(flow, config(tmp_path, batch_size=16, temperature=temperature, w2_coefficient=0.0,
-                                             seed=seed), "cpu", reward_fn=brightness)
+        trainer = ORWCFMTrainer(
+            flow,
+            config(tmp_path, batch_size=16, temperature=temperature, w2_coefficient=0.0, seed=seed),
+            "cpu",
+            reward_fn=brightness,
+        )
         history = trainer.train(3, 5, progress=False)
         assert all(math.isfinite(m["loss"]) for m in history)
         x0 = torch.randn(64, *flow.sample_shape(), generator=torch.Generator().manual_seed(99))
@@ -237,8 +266,9 @@ def test_half_precision_weights_train_a_float32_adapter(tmp_path, folders, dtype
     """Loaded in bf16/fp16: the base weights keep that dtype and stay as they are, the adapter trains in float32,
     the rollout state stays float32, and the step is finite."""
     flow = flow_of(folders, "sd3", dtype=dtype)
-    trainer = ORWCFMTrainer(flow, config(tmp_path, precision="bf16" if dtype == torch.bfloat16 else "fp32"), "cpu",
-                            reward_fn=brightness)
+    trainer = ORWCFMTrainer(
+        flow, config(tmp_path, precision="bf16" if dtype == torch.bfloat16 else "fp32"), "cpu", reward_fn=brightness
+    )
     base = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if not p.requires_grad}
     assert {p.dtype for p in base.values()} == {dtype}
     assert {p.dtype for p in trainer.weights.trainable_parameters()} == {torch.float32}
@@ -253,8 +283,9 @@ def test_prompts_are_encoded_once_and_the_text_encoders_dropped(tmp_path, folder
     flow = flow_of(folders, "sd3", prompts=PROMPTS + PROMPTS)
     calls = []
     encode = flow.pipe.encode_prompt
-    monkeypatch.setattr(flow.pipe, "encode_prompt", lambda prompts, *a, **k: calls.append(list(prompts)) or
-                        encode(prompts, *a, **k))
+    monkeypatch.setattr(
+        flow.pipe, "encode_prompt", lambda prompts, *a, **k: calls.append(list(prompts)) or encode(prompts, *a, **k)
+    )
     trainer = ORWCFMTrainer(flow, config(tmp_path), "cpu", reward_fn=brightness)
     for _ in range(2):
         trainer.train_step()
@@ -269,10 +300,14 @@ def test_rewards_get_the_prompts_of_their_images(tmp_path, folders):
         seen.append((images.shape, list(prompts)))
         return images.mean(dim=(1, 2, 3))
 
-    trainer = ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
-                            config(tmp_path), "cpu", reward_fn=reward)
+    trainer = ORWCFMTrainer(
+        flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
+        config(tmp_path),
+        "cpu",
+        reward_fn=reward,
+    )
     trainer.train_step()
-    (shape, prompts), = seen
+    ((shape, prompts),) = seen
     assert shape == (4, 3, 8, 8) and prompts[0] == prompts[1] and prompts[2] == prompts[3]
     assert set(prompts) <= set(PROMPTS)
 
@@ -293,35 +328,90 @@ def test_cli_finetune_and_sample_a_lora_run(tmp_path, folders):
     from orw_fast.cli import main
 
     (tmp_path / "prompts.txt").write_text("a red cat\n\na blue dog\n")
-    main(["finetune", "--pretrained", str(folders["sd3"]), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
-          "jpeg_compressibility", "--lora-rank", "4", "--resolution", "8", "--guidance-scale", "2", "--epochs", "1",
-          "--steps-per-epoch", "2", "--batch-size", "2", "--sampler-steps", "2", "--device", "cpu", "--quiet",
-          "--out", str(tmp_path / "run")])
+    main(
+        [
+            "finetune",
+            "--pretrained",
+            str(folders["sd3"]),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--reward",
+            "jpeg_compressibility",
+            "--lora-rank",
+            "4",
+            "--resolution",
+            "8",
+            "--guidance-scale",
+            "2",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "2",
+            "--sampler-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert (tmp_path / "run" / "last_lora" / "pytorch_lora_weights.safetensors").is_file()
-    main(["sample", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--n", "2", "--steps", "2", "--device", "cpu",
-          "--out", str(tmp_path / "grid.png")])
+    main(
+        [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "run" / "last.pt"),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as grid:  # two 32-pixel images with a caption under each
         assert grid.width > 64 and grid.height > 32
 
 
-@pytest.mark.parametrize("extra,match", [
-    ([], r"--pretrained needs --prompts FILE"),
-    (["--prompts", "PROMPTS", "--reward", "clip_score"], r"--reward clip_score needs --clip-model DIR"),
-    (["--prompts", "PROMPTS"], r"--reward classifier \(the default\) scores the digits of a --checkpoint model; "
-                               r"with --pretrained choose --reward clip_score or one of jpeg_compressibility"),
-    (["--prompts", "MISSING", "--reward", "jpeg_compressibility"], r"prompt file '.*missing.txt' does not exist"),
-    (["--prompts", "PROMPTS", "--checkpoint", "PROMPTS"], r"give one of --checkpoint .* or --pretrained"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ([], r"--pretrained needs --prompts FILE"),
+        (["--prompts", "PROMPTS", "--reward", "clip_score"], r"--reward clip_score needs --clip-model DIR"),
+        (
+            ["--prompts", "PROMPTS"],
+            r"--reward classifier \(the default\) scores the digits of a --checkpoint model; "
+            r"with --pretrained choose --reward clip_score or one of jpeg_compressibility",
+        ),
+        (["--prompts", "MISSING", "--reward", "jpeg_compressibility"], r"prompt file '.*missing.txt' does not exist"),
+        (["--prompts", "PROMPTS", "--checkpoint", "PROMPTS"], r"give one of --checkpoint .* or --pretrained"),
+    ],
+)
 def test_cli_text_to_image_mistakes_are_one_line(tmp_path, folders, extra, match):
     from orw_fast.cli import main
 
     (tmp_path / "prompts.txt").write_text("a red cat\n")
     paths = {"PROMPTS": str(tmp_path / "prompts.txt"), "MISSING": str(tmp_path / "missing.txt")}
     with pytest.raises(SystemExit, match=match):
-        main(["finetune", "--pretrained", str(folders["sd3"]), *[paths.get(a, a) for a in extra], "--device", "cpu",
-              "--out", str(tmp_path / "run")])
+        main(
+            [
+                "finetune",
+                "--pretrained",
+                str(folders["sd3"]),
+                *[paths.get(a, a) for a in extra],
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
@@ -347,14 +437,20 @@ def test_bad_input_gets_clear_errors(tmp_path, folders):
         DiffusersFlowModel(NotAFlowPipeline.__new__(NotAFlowPipeline), PROMPTS)
     with pytest.raises(ValueError, match="cannot load a diffusers pipeline from"):
         DiffusersFlowModel(tmp_path / "no_such_model", PROMPTS)
-    trainer = ORWCFMTrainer(flow_of(folders, "sd3"), config(tmp_path), "cpu", reward_fn=lambda im, p: im.mean((1, 2, 3))[:2])
+    trainer = ORWCFMTrainer(
+        flow_of(folders, "sd3"), config(tmp_path), "cpu", reward_fn=lambda im, p: im.mean((1, 2, 3))[:2]
+    )
     with pytest.raises(ValueError, match=r"the reward function returned rewards of shape \[2\] for 4 images"):
         trainer.train_step()
     with pytest.raises(ValueError, match="sampler_grid must be None for a SD3FlowModel .*scheduler's sigma"):
         ORWCFMTrainer(flow_of(folders, "sd3"), config(tmp_path, sampler_grid="uniform"), "cpu", reward_fn=brightness)
     with pytest.raises(ValueError, match=r"must be a multiple of samples_per_prompt \(3\)"):
-        ORWCFMTrainer(flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=3)), config(tmp_path),
-                      "cpu", reward_fn=brightness)
+        ORWCFMTrainer(
+            flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=3)),
+            config(tmp_path),
+            "cpu",
+            reward_fn=brightness,
+        )
 
 
 def test_an_in_memory_pipeline_object_is_used_as_it_is():

@@ -1,4 +1,5 @@
 """ORWCFMTrainer on small CPU problems: learning signal, the W2 trade-off, checkpoints, resume, errors."""
+
 import math
 import re
 
@@ -15,8 +16,13 @@ class ToyField(torch.nn.Module):
 
     def __init__(self, hidden=64):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
-                                       torch.nn.SiLU(), torch.nn.Linear(hidden, 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 2),
+        )
 
     def forward(self, t, x):
         return self.net(torch.cat([t[:, None], x], dim=1))
@@ -43,8 +49,17 @@ def right_reward(x):
 
 
 def toy_config(tmp_path, **overrides):
-    base = dict(image_shape=(2,), batch_size=64, sampler_steps=8, learning_rate=3e-3, temperature=2.0,
-                w2_coefficient=0.0, grid_size=0, savedir=str(tmp_path), seed=0)
+    base = dict(
+        image_shape=(2,),
+        batch_size=64,
+        sampler_steps=8,
+        learning_rate=3e-3,
+        temperature=2.0,
+        w2_coefficient=0.0,
+        grid_size=0,
+        savedir=str(tmp_path),
+        seed=0,
+    )
     return TrainerConfig(**{**base, **overrides})
 
 
@@ -73,8 +88,9 @@ def test_reward_rises_on_a_toy(tmp_path, base_model):
 def test_w2_regularization_keeps_diversity(tmp_path, base_model):
     results = {}
     for alpha in (0.0, 20.0):
-        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / str(alpha), w2_coefficient=alpha),
-                                "cpu", reward_fn=right_reward)
+        trainer = ORWCFMTrainer(
+            fresh(base_model), toy_config(tmp_path / str(alpha), w2_coefficient=alpha), "cpu", reward_fn=right_reward
+        )
         history = trainer.train(num_epochs=6, steps_per_epoch=10, progress=False)
         assert [m["step"] for m in history if "diversity" in m] == [1, 11, 21, 31, 41, 51]  # diversity_every=10
         results[alpha] = {**history[-1], "diversity": history[-10]["diversity"]}
@@ -87,15 +103,21 @@ def test_resume_continues_exactly(tmp_path, base_model):
     def losses(trainer, epochs):
         return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=3, progress=False)]
 
-    full = losses(ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "a", coupling="ot", ema_decay=0.9),
-                                "cpu", reward_fn=right_reward), 3)
-    first = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "b", coupling="ot", ema_decay=0.9),
-                          "cpu", reward_fn=right_reward)
+    full = losses(
+        ORWCFMTrainer(
+            fresh(base_model), toy_config(tmp_path / "a", coupling="ot", ema_decay=0.9), "cpu", reward_fn=right_reward
+        ),
+        3,
+    )
+    first = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path / "b", coupling="ot", ema_decay=0.9), "cpu", reward_fn=right_reward
+    )
     part1 = losses(first, 1)
     first.save_checkpoint(tmp_path / "b" / "interrupted.pt")
     torch.manual_seed(999)  # whatever happens in between must not matter
-    second = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "c", coupling="ot", ema_decay=0.9),
-                           "cpu", reward_fn=right_reward)
+    second = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path / "c", coupling="ot", ema_decay=0.9), "cpu", reward_fn=right_reward
+    )
     second.resume(tmp_path / "b" / "interrupted.pt")
     part2 = losses(second, 3)
     assert part1 + part2 == full
@@ -128,9 +150,15 @@ class Switchable(ToyField):
 def _training_state(trainer):
     import copy
 
-    return copy.deepcopy({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
-                          "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                          "step": trainer.step})
+    return copy.deepcopy(
+        {
+            "model": trainer.model.state_dict(),
+            "ema": trainer.ema.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "step": trainer.step,
+        }
+    )
 
 
 def _assert_same(a, b):
@@ -144,16 +172,20 @@ def _assert_same(a, b):
         assert a == b
 
 
-@pytest.mark.parametrize("case,match", [
-    ("exp_overflow", "the exp weights overflow: rewards span"),
-    ("nan_prediction", "the policy's prediction overflowed"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("exp_overflow", "the exp weights overflow: rewards span"),
+        ("nan_prediction", "the policy's prediction overflowed"),
+    ],
+)
 def test_a_non_finite_update_is_refused_and_leaves_everything_as_it_was(tmp_path, base_model, case, match):
     model = Switchable()
     model.load_state_dict(base_model.state_dict())
     scale = {"value": 1.0}
-    trainer = ORWCFMTrainer(model, toy_config(tmp_path, weighting="exp", ema_decay=0.9), "cpu",
-                            reward_fn=lambda x: x[:, 0] * scale["value"])
+    trainer = ORWCFMTrainer(
+        model, toy_config(tmp_path, weighting="exp", ema_decay=0.9), "cpu", reward_fn=lambda x: x[:, 0] * scale["value"]
+    )
     trainer.train_step()  # a good step first: the optimizer has state to keep
     before = _training_state(trainer)
     if case == "exp_overflow":
@@ -169,8 +201,9 @@ def test_a_non_finite_update_is_refused_and_leaves_everything_as_it_was(tmp_path
 
 def test_softmax_weights_train_on_rewards_beyond_float32(tmp_path, base_model):
     """temperature * reward beyond float32's range: the step runs and the weights stay finite."""
-    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path), "cpu",
-                            reward_fn=lambda x: torch.sign(x[:, 0]) * 3e38)
+    trainer = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path), "cpu", reward_fn=lambda x: torch.sign(x[:, 0]) * 3e38
+    )
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and 1 <= metrics["ess"] <= 64
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -181,16 +214,28 @@ def test_torchcfm_checkpoint_round_trip(tmp_path):
 
     def unet():
         torch.manual_seed(0)
-        return UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2],
-                                attention_resolutions="4", num_heads=1, dropout=0.0)
+        return UNetModelWrapper(
+            dim=(1, 8, 8),
+            num_channels=32,
+            num_res_blocks=1,
+            channel_mult=[1, 2],
+            attention_resolutions="4",
+            num_heads=1,
+            dropout=0.0,
+        )
 
     source = unet()
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p))
     ema = {k: v + 1 for k, v in source.state_dict().items()}
-    ckpt = {"net_model": {f"module.{k}": v for k, v in source.state_dict().items()},
-            "ema_model": {f"module.{k}": v for k, v in ema.items()}, "optim": {}, "sched": {}, "step": 7}
+    ckpt = {
+        "net_model": {f"module.{k}": v for k, v in source.state_dict().items()},
+        "ema_model": {f"module.{k}": v for k, v in ema.items()},
+        "optim": {},
+        "sched": {},
+        "step": 7,
+    }
     save_atomic(ckpt, tmp_path / "cfm.pt")
     for weights, want in (("net", source.state_dict()), ("ema", ema)):
         trainer = ORWCFMTrainer(unet(), toy_config(tmp_path, image_shape=None), "cpu", reward_fn=right_reward)
@@ -202,7 +247,9 @@ def test_torchcfm_checkpoint_round_trip(tmp_path):
     trainer.save_checkpoint(tmp_path / "ours.pt")
     other = ORWCFMTrainer(unet(), toy_config(tmp_path, image_shape=None), "cpu", reward_fn=right_reward)
     other.load_pretrained(tmp_path / "ours.pt", weights="policy")
-    assert all(torch.equal(a, b) for a, b in zip(other.model.state_dict().values(), trainer.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(other.model.state_dict().values(), trainer.model.state_dict().values())
+    )
 
 
 def test_bad_checkpoints_get_clear_errors(tmp_path, base_model):
@@ -251,22 +298,25 @@ def test_bad_config_values_are_refused(config, match, base_model):
         ORWCFMTrainer(fresh(base_model), {"image_shape": (2,), **config}, "cpu", reward_fn=right_reward)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("learning_rate", True, "config.learning_rate must be a finite number > 0, got True"),
-    ("batch_size", True, "config.batch_size must be an integer >= 1, got True"),
-    ("compile", "no", "config.compile must be True or False, got 'no'"),
-    ("channels_last", "no", "config.channels_last must be True or False"),
-    ("savedir", None, "config.savedir must be a non-empty path, got None"),
-    ("ema_decay", "0.5", "config.ema_decay must be a finite number >= 0 and < 1"),
-    ("seed", 2**70, "config.seed must be an integer >= 0 and <="),
-    ("temperature", 1e39, "config.temperature must be a finite number in float32's range"),
-    ("w2_coefficient", 10**400, "config.w2_coefficient must be a finite number >= 0"),
-    ("image_shape", (-1, 8, 8), "config.image_shape must be None or the shape of one sample"),
-    ("image_shape", "abc", "config.image_shape must be None or the shape of one sample"),
-    ("sampler_method", "leapfrog", "config.sampler_method must be one of"),
-    ("cuda_graph", 1, "config.cuda_graph must be one of"),
-    ("parallel", "yes", "config.parallel must be True or False"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("learning_rate", True, "config.learning_rate must be a finite number > 0, got True"),
+        ("batch_size", True, "config.batch_size must be an integer >= 1, got True"),
+        ("compile", "no", "config.compile must be True or False, got 'no'"),
+        ("channels_last", "no", "config.channels_last must be True or False"),
+        ("savedir", None, "config.savedir must be a non-empty path, got None"),
+        ("ema_decay", "0.5", "config.ema_decay must be a finite number >= 0 and < 1"),
+        ("seed", 2**70, "config.seed must be an integer >= 0 and <="),
+        ("temperature", 1e39, "config.temperature must be a finite number in float32's range"),
+        ("w2_coefficient", 10**400, "config.w2_coefficient must be a finite number >= 0"),
+        ("image_shape", (-1, 8, 8), "config.image_shape must be None or the shape of one sample"),
+        ("image_shape", "abc", "config.image_shape must be None or the shape of one sample"),
+        ("sampler_method", "leapfrog", "config.sampler_method must be one of"),
+        ("cuda_graph", 1, "config.cuda_graph must be one of"),
+        ("parallel", "yes", "config.parallel must be True or False"),
+    ],
+)
 def test_every_config_value_is_checked_and_named(key, value, match):
     """These ran with a coerced value, or failed later with an error that did not name the key."""
     with pytest.raises(ConfigError, match=re.escape(match)) as err:
@@ -274,10 +324,13 @@ def test_every_config_value_is_checked_and_named(key, value, match):
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("shape,match", [
-    ((1, 8), r"a sample shape the model takes \(model\(t, x\) with x of shape \[1, 1, 8\] raised"),
-    ((3, 8, 8), r"a sample shape the model takes"),  # the UNet has 1 input channel
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 8), r"a sample shape the model takes \(model\(t, x\) with x of shape \[1, 1, 8\] raised"),
+        ((3, 8, 8), r"a sample shape the model takes"),  # the UNet has 1 input channel
+    ],
+)
 def test_a_sample_shape_the_model_cannot_take_is_refused_when_the_trainer_is_made(tmp_path, shape, match):
     from orw_fast.models import make_flow_model
 
@@ -294,9 +347,12 @@ def test_a_cuda_device_without_cuda_says_so(tmp_path, base_model, monkeypatch):
 
 def test_the_official_parallel_key_is_accepted(tmp_path, base_model):
     with pytest.warns(UserWarning, match="config.parallel=True .* torchrun"):
-        trainer = ORWCFMTrainer(torch.nn.DataParallel(fresh(base_model)), {**vars(toy_config(tmp_path)),
-                                                                          "parallel": True}, "cpu",
-                                reward_fn=right_reward)
+        trainer = ORWCFMTrainer(
+            torch.nn.DataParallel(fresh(base_model)),
+            {**vars(toy_config(tmp_path)), "parallel": True},
+            "cpu",
+            reward_fn=right_reward,
+        )
     assert isinstance(trainer.model, ToyField)  # the DataParallel wrapper is taken off
 
 
@@ -313,10 +369,18 @@ def test_mixed_precision_steps(tmp_path, base_model, precision):
     from torchcfm.models.unet.unet import UNetModelWrapper
 
     torch.manual_seed(0)
-    unet = UNetModelWrapper(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, channel_mult=[1, 2],
-                            attention_resolutions="4", num_heads=1, dropout=0.0)
-    config = toy_config(tmp_path, image_shape=None, precision=precision, channels_last=True, batch_size=8,
-                        sampler_steps=2)
+    unet = UNetModelWrapper(
+        dim=(1, 8, 8),
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        attention_resolutions="4",
+        num_heads=1,
+        dropout=0.0,
+    )
+    config = toy_config(
+        tmp_path, image_shape=None, precision=precision, channels_last=True, batch_size=8, sampler_steps=2
+    )
     trainer = ORWCFMTrainer(unet, config, "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
     before = [p.detach().clone() for p in trainer.model.parameters()]
     history = [trainer.train_step() for _ in range(2)]
@@ -329,8 +393,9 @@ def test_compiled_policy_matches_eager(tmp_path, base_model):
     runs = []
     for compile_ in (False, True):
         torch._dynamo.reset()
-        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / str(compile_), compile=compile_),
-                                "cpu", reward_fn=right_reward)
+        trainer = ORWCFMTrainer(
+            fresh(base_model), toy_config(tmp_path / str(compile_), compile=compile_), "cpu", reward_fn=right_reward
+        )
         runs.append([trainer.train_step()["loss"] for _ in range(3)])
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
 
@@ -341,16 +406,21 @@ def test_rollouts_follow_the_default_sampler_and_a_named_grid(tmp_path, base_mod
     from orw_fast.sampling import sample, time_grid
 
     for grid, expected in ((None, "data_dense"), ("uniform", "uniform")):
-        trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_grid=grid, sampler_method="midpoint",
-                                                              sampler_steps=5), "cpu", reward_fn=right_reward)
+        trainer = ORWCFMTrainer(
+            fresh(base_model),
+            toy_config(tmp_path, sampler_grid=grid, sampler_method="midpoint", sampler_steps=5),
+            "cpu",
+            reward_fn=right_reward,
+        )
         torch.manual_seed(0)
         x0, x1, _ = trainer.rollout(8)
         want = sample(trainer.last_policy, x0, times=time_grid(expected, 5), method="midpoint", cuda_graph=False)
         torch.testing.assert_close(x1, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,weight_decay,kind", [("adam", 0.0, torch.optim.Adam),
-                                                    ("adamw", 0.01, torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name,weight_decay,kind", [("adam", 0.0, torch.optim.Adam), ("adamw", 0.01, torch.optim.AdamW)]
+)
 def test_the_optimizer_is_the_configured_one(tmp_path, base_model, name, weight_decay, kind):
     config = toy_config(tmp_path, optimizer=name, weight_decay=weight_decay, learning_rate=1e-3)
     trainer = ORWCFMTrainer(fresh(base_model), config, "cpu", reward_fn=right_reward)
@@ -361,11 +431,14 @@ def test_the_optimizer_is_the_configured_one(tmp_path, base_model, name, weight_
     assert TrainerConfig().optimizer == "adam" and TrainerConfig().weight_decay == 0.0
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("optimizer", "sgd", "config.optimizer must be one of ('adam', 'adamw'), got 'sgd'"),
-    ("weight_decay", -0.1, "config.weight_decay must be a finite number >= 0, got -0.1"),
-    ("weight_decay", "0.1", "config.weight_decay must be a finite number >= 0, got '0.1'"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("optimizer", "sgd", "config.optimizer must be one of ('adam', 'adamw'), got 'sgd'"),
+        ("weight_decay", -0.1, "config.weight_decay must be a finite number >= 0, got -0.1"),
+        ("weight_decay", "0.1", "config.weight_decay must be a finite number >= 0, got '0.1'"),
+    ],
+)
 def test_bad_optimizer_settings_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=re.escape(match)) as err:
         TrainerConfig(**{key: value})
@@ -376,8 +449,9 @@ def test_a_checkpoint_of_another_optimizer_is_not_resumed(tmp_path, base_model):
     adam = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8), "cpu", reward_fn=right_reward)
     adam.train_step()
     path = adam.save_checkpoint(tmp_path / "adam.pt")
-    adamw = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, batch_size=8, optimizer="adamw"), "cpu",
-                          reward_fn=right_reward)
+    adamw = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path, batch_size=8, optimizer="adamw"), "cpu", reward_fn=right_reward
+    )
     with pytest.raises(ValueError, match="was written with optimizer='adam'; resume it with the same setting"):
         adamw.resume(path)
     assert adamw.step == 0

@@ -39,6 +39,7 @@ transition variance σ²h, as the paper's closed form does (the code divides by 
 advantages use the group's std (the paper; the code's configs use the std of the whole batch: ``global_std=True``);
 no CFG, no LoRA, no EMA (a flow field is trained in full).
 """
+
 from __future__ import annotations
 
 import copy
@@ -92,8 +93,9 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: float) -> torch
     return ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std**2)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-4,
-                     global_std: bool = False) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, eps: float = 1e-4, global_std: bool = False
+) -> torch.Tensor:
     """(r − mean_group)/(std_group + eps) for rewards [B] whose groups are contiguous runs of ``group_size``;
     population std of the group, or of the whole batch with ``global_std``. Returns [B]."""
     n = rewards.shape[0]
@@ -104,8 +106,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
     return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).reshape(n)
 
 
-def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate mean_i max(−A ρ, −A clip(ρ, 1 ± clip_range)), ρ = exp(log_prob − old_log_prob);
     all [B]. Returns (loss, ρ)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -127,6 +130,7 @@ class SDERollout:
     xs, next_xs, means: [K, B, *shape] x_i, x_{i+1} and the sampling policy's mean; stds: K floats σ_i √h_i;
     log_probs: [K, B] under the sampling policy.
     """
+
     x1: torch.Tensor
     steps: list[int]
     xs: torch.Tensor
@@ -137,9 +141,16 @@ class SDERollout:
 
 
 @torch.no_grad()
-def sde_rollout(model, x0: torch.Tensor, grid: Sequence[float], noise_level: float, *,
-                sde_steps: Sequence[int] | None = None, cond=None,
-                generator: torch.Generator | None = None) -> SDERollout:
+def sde_rollout(
+    model,
+    x0: torch.Tensor,
+    grid: Sequence[float],
+    noise_level: float,
+    *,
+    sde_steps: Sequence[int] | None = None,
+    cond=None,
+    generator: torch.Generator | None = None,
+) -> SDERollout:
     """Integrate from x0 [B, *shape] at t_0 over ``grid``: Euler–Maruyama on the SDE at the steps in ``sde_steps``
     (all steps when None), Euler on the ODE dx = v dt elsewhere; records the stochastic transitions."""
     grid = check_grid(grid)
@@ -161,8 +172,15 @@ def sde_rollout(model, x0: torch.Tensor, grid: Sequence[float], noise_level: flo
         else:
             x_next = x + h * v
         x = x_next
-    return SDERollout(x1=x, steps=stochastic, xs=torch.stack(rec["xs"]), next_xs=torch.stack(rec["next_xs"]),
-                      means=torch.stack(rec["means"]), stds=rec["stds"], log_probs=torch.stack(rec["log_probs"]))
+    return SDERollout(
+        x1=x,
+        steps=stochastic,
+        xs=torch.stack(rec["xs"]),
+        next_xs=torch.stack(rec["next_xs"]),
+        means=torch.stack(rec["means"]),
+        stds=rec["stds"],
+        log_probs=torch.stack(rec["log_probs"]),
+    )
 
 
 @dataclass
@@ -186,6 +204,7 @@ class FlowGRPOConfig:
     - sde_window 0 = Flow-GRPO; 1–2 = Flow-GRPO-Fast with a window of that many SDE steps starting uniformly in
       ``sde_window_range`` (default (0, T//2): the window lies in the first half, the code's default).
     """
+
     batch_size: int = 32
     group_size: int | None = None
     steps: int = 10
@@ -231,8 +250,10 @@ class FlowGRPOConfig:
                 raise ValueError("train_timesteps: Flow-GRPO-Fast (sde_window > 0) trains its window; leave it None")
             lo, hi = self.sde_window_range or (0, self.steps // 2)
             if not (0 <= lo and lo + self.sde_window <= hi <= self.steps):
-                raise ValueError(f"sde_window_range: expected 0 <= lo, lo + sde_window <= hi <= steps {self.steps}, "
-                                 f"got {(lo, hi)} with sde_window {self.sde_window}")
+                raise ValueError(
+                    f"sde_window_range: expected 0 <= lo, lo + sde_window <= hi <= steps {self.steps}, "
+                    f"got {(lo, hi)} with sde_window {self.sde_window}"
+                )
             self.sde_window_range = (lo, hi)
         else:
             if self.train_timesteps is None:
@@ -254,14 +275,24 @@ class FlowGRPOTrainer:
         device: where to run (default: the model's); seed: seeds the noise, window and shuffling draws.
     """
 
-    def __init__(self, model: torch.nn.Module, reward_fn: Callable, *, sample_shape: Sequence[int],
-                 config: FlowGRPOConfig | None = None, condition_fn: Callable | None = None, device=None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        reward_fn: Callable,
+        *,
+        sample_shape: Sequence[int],
+        config: FlowGRPOConfig | None = None,
+        condition_fn: Callable | None = None,
+        device=None,
+        seed: int = 0,
+    ):
         self.config = config = config or FlowGRPOConfig()
         self.group_size = config.batch_size if config.group_size is None else config.group_size
         if condition_fn is None and self.group_size != config.batch_size:
-            raise ValueError(f"group_size: an unconditional model has one group, the whole batch; expected None or "
-                             f"batch_size {config.batch_size}, got {config.group_size}")
+            raise ValueError(
+                f"group_size: an unconditional model has one group, the whole batch; expected None or "
+                f"batch_size {config.batch_size}, got {config.group_size}"
+            )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.ref_model = None
@@ -270,8 +301,13 @@ class FlowGRPOTrainer:
         self.reward_fn, self.condition_fn = reward_fn, condition_fn
         self.sample_shape = tuple(sample_shape)
         self.sigmas = sde_sigmas(config.grid, config.noise_level)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay, eps=config.adam_eps)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            eps=config.adam_eps,
+        )
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed)
 
@@ -293,8 +329,9 @@ class FlowGRPOTrainer:
             cond = cond.repeat_interleave(self.group_size, dim=0)
         x0 = torch.randn((c.batch_size, *self.sample_shape), generator=self.generator, device=self.device)
         self.model.eval()
-        return sde_rollout(self.model, x0, c.grid, c.noise_level, sde_steps=self.sde_steps(), cond=cond,
-                           generator=self.generator), cond
+        return sde_rollout(
+            self.model, x0, c.grid, c.noise_level, sde_steps=self.sde_steps(), cond=cond, generator=self.generator
+        ), cond
 
     def _mean(self, model, ro: SDERollout, k: int, idx: torch.Tensor, cond) -> torch.Tensor:
         """The mean of recorded transition k under ``model`` for the samples ``idx``."""
@@ -337,15 +374,23 @@ class FlowGRPOTrainer:
                     with torch.no_grad():
                         if n_terms < len(trained):  # the first update: the policy is still the sampling policy
                             first_dev = max(first_dev, (ratio - 1).abs().max().item())
-                        for key, value in (("loss", loss), ("policy_loss", policy_loss), ("kl", kl),
-                                           ("clip_fraction", ((ratio - 1).abs() > c.clip_range).float().mean()),
-                                           ("approx_kl", 0.5 * ((log_prob - ro.log_probs[k, idx]) ** 2).mean())):
+                        for key, value in (
+                            ("loss", loss),
+                            ("policy_loss", policy_loss),
+                            ("kl", kl),
+                            ("clip_fraction", ((ratio - 1).abs() > c.clip_range).float().mean()),
+                            ("approx_kl", 0.5 * ((log_prob - ro.log_probs[k, idx]) ** 2).mean()),
+                        ):
                             sums[key] += value.item()
                     n_terms += 1
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                 self.optimizer.step()
         metrics = {key: value / n_terms for key, value in sums.items()}
-        metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(correction=0).item(),
-                       first_ratio_max_dev=first_dev, trained_steps=[ro.steps[k] for k in trained],
-                       seconds=time.perf_counter() - start)
+        metrics.update(
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std(correction=0).item(),
+            first_ratio_max_dev=first_dev,
+            trained_steps=[ro.steps[k] for k in trained],
+            seconds=time.perf_counter() - start,
+        )
         return metrics

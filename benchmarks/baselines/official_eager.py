@@ -26,10 +26,11 @@ indexes them with the same draw: the pairing is right and the cost is one extra 
 the official code's. (orw_fast's couplings keep every x1 once, with its own weight.) ``pair_weights=False`` runs the
 step exactly as published instead: the weights stay in rollout order while the matcher resamples x1.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
@@ -56,10 +57,22 @@ class OfficialEagerTrainer:
         ``pair_weights``: carry the weights through the OT resampling (True) or leave them as published (False).
     """
 
-    def __init__(self, model: torch.nn.Module, reward_fn: Callable, *, image_shape, device=None,
-                 batch_size: int = 128, learning_rate: float = 2e-4, warmup_steps: int = 5000,
-                 w2_coefficient: float = 1.0, temperature: float = 0.5, grad_clip: float = 1.0,
-                 sampler_steps: int = 100, pair_weights: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        reward_fn: Callable,
+        *,
+        image_shape,
+        device=None,
+        batch_size: int = 128,
+        learning_rate: float = 2e-4,
+        warmup_steps: int = 5000,
+        w2_coefficient: float = 1.0,
+        temperature: float = 0.5,
+        grad_clip: float = 1.0,
+        sampler_steps: int = 100,
+        pair_weights: bool = True,
+    ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.net_model = model.to(self.device).train()
         self.last_policy = copy.deepcopy(self.net_model).eval()
@@ -73,7 +86,8 @@ class OfficialEagerTrainer:
         self.fm = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
         self.optimizer = torch.optim.Adam(self.net_model.parameters(), lr=learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(step, warmup_steps) / warmup_steps if warmup_steps > 0 else 1.0)
+            self.optimizer, lambda step: min(step, warmup_steps) / warmup_steps if warmup_steps > 0 else 1.0
+        )
 
     @torch.no_grad()
     def rollout(self, batch_size: int | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 ``load_dataset(spec)`` takes one of the specs of :data:`DATASETS`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

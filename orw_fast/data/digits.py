@@ -1,4 +1,5 @@
 """The 8x8 handwritten digits of scikit-learn (1797 images, bundled with sklearn: no download)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Files are taken recursively in sorted order of their path below the root. When e
 subfolder, the immediate subfolder names are the classes (label = index in their sorted list, as in
 torchvision's ImageFolder); otherwise there are no labels.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -187,8 +188,10 @@ def load_folder_dataset(
     if backend == "auto":
         backend = "dali" if dali_available() else "pillow"
     elif backend == "dali" and not dali_available():
-        raise ValueError("backend='dali' needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130 "
-                         "(or backend='pillow')")
+        raise ValueError(
+            "backend='dali' needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130 "
+            "(or backend='pillow')"
+        )
     files, classes = list_image_files(root)
     channels = _infer_channels(files) if channels is None else channels
     decode = _decode_dali if backend == "dali" else _decode_pillow

@@ -4,6 +4,7 @@ Format: 2 zero bytes, a type byte, the number of dimensions n, n big-endian uint
 values in big-endian C order. Types: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
 0x0E float64.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -112,8 +113,10 @@ def load_idx_dataset(path: str | Path, *, split: str = "train") -> tuple[torch.T
             f"{images_path}: an images IDX file must hold uint8 [N, H, W], got {array.dtype.name} {list(array.shape)}"
         )
     if 0 in array.shape:
-        raise ValueError(f"{images_path}: holds {array.shape[0]} image(s) of {array.shape[1]}x{array.shape[2]} pixels; "
-                         "a dataset needs at least one image of at least 1x1")
+        raise ValueError(
+            f"{images_path}: holds {array.shape[0]} image(s) of {array.shape[1]}x{array.shape[2]} pixels; "
+            "a dataset needs at least one image of at least 1x1"
+        )
     images = torch.from_numpy(array).to(torch.float32).div_(127.5).sub_(1.0).unsqueeze_(1)
     labels_path = labels_path_for(images_path)
     if labels_path is None:

@@ -19,6 +19,7 @@ when the trainer prepares the model; the embeddings are cached on the device and
 (``keep_text_encoders=False``), so T5-XXL (about 9 GB in bf16) does not stay in memory. Samples are turned into
 images for the rewards by the VAE.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -60,15 +61,22 @@ class PipelineConfigs:
         if isinstance(source, DiffusionPipeline):
             transformer, vae = getattr(source, "transformer", None), getattr(source, "vae", None)
             classes = () if transformer is None else tuple(c.__name__ for c in type(transformer).__mro__)
-            return cls(type(source).__name__, classes,
-                       dict(getattr(transformer, "config", {})), dict(getattr(vae, "config", {})))
+            return cls(
+                type(source).__name__,
+                classes,
+                dict(getattr(transformer, "config", {})),
+                dict(getattr(vae, "config", {})),
+            )
         if not isinstance(source, (str, Path)):
             raise TypeError(f"pipeline must be a diffusers pipeline, a folder or a hub id, got {type(source).__name__}")
         index = _read_config(source, None, "model_index.json")
         transformer = index.get("transformer") or [None, None]
-        return cls(index.get("_class_name", "?"), (str(transformer[1]),) if transformer[1] else (),
-                   _read_config(source, "transformer", "config.json") if transformer[1] else {},
-                   _read_config(source, "vae", "config.json") if index.get("vae") else {})
+        return cls(
+            index.get("_class_name", "?"),
+            (str(transformer[1]),) if transformer[1] else (),
+            _read_config(source, "transformer", "config.json") if transformer[1] else {},
+            _read_config(source, "vae", "config.json") if index.get("vae") else {},
+        )
 
     def vae_scale(self) -> int:
         """The VAE's downsampling factor, as diffusers' pipelines compute their ``vae_scale_factor`` (8 without a
@@ -82,8 +90,11 @@ def _read_config(source, subfolder: str | None, name: str) -> dict:
     if folder.is_dir():
         path = folder / (subfolder or "") / name
         if not path.is_file():
-            raise ModelArgumentError("pipeline", f"cannot load a diffusers pipeline from {str(source)!r}: the folder "
-                                     f"has no {path.relative_to(folder)}; expected {EXPECTED_SOURCE}")
+            raise ModelArgumentError(
+                "pipeline",
+                f"cannot load a diffusers pipeline from {str(source)!r}: the folder "
+                f"has no {path.relative_to(folder)}; expected {EXPECTED_SOURCE}",
+            )
         return json.loads(path.read_text())
     from huggingface_hub import hf_hub_download
 
@@ -91,8 +102,11 @@ def _read_config(source, subfolder: str | None, name: str) -> dict:
         return json.loads(Path(hf_hub_download(str(source), name, subfolder=subfolder)).read_text())
     except Exception as err:  # noqa: BLE001 - a bad id, no network, no such file: all say the same to the user
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        raise ModelArgumentError("pipeline", f"cannot load a diffusers pipeline from {str(source)!r}: no such folder, "
-                                 f"and not a hub id that answers ({reason}); expected {EXPECTED_SOURCE}") from None
+        raise ModelArgumentError(
+            "pipeline",
+            f"cannot load a diffusers pipeline from {str(source)!r}: no such folder, "
+            f"and not a hub id that answers ({reason}); expected {EXPECTED_SOURCE}",
+        ) from None
 
 
 def family_of(source) -> type[DiffusersFlowModel]:
@@ -112,8 +126,11 @@ def _family(configs: PipelineConfigs, source) -> type[DiffusersFlowModel]:
     subject = repr(str(source)) if isinstance(source, (str, Path)) else "the pipeline object"
     classes = configs.transformer_classes
     has = f"transformer {classes[0]}" if classes else "no transformer"
-    raise ModelArgumentError("pipeline", f"{subject} ({configs.pipeline_class}, {has}) is not a supported pipeline: "
-                             f"orw_fast fine-tunes {' and '.join(f.title for f in families)}")
+    raise ModelArgumentError(
+        "pipeline",
+        f"{subject} ({configs.pipeline_class}, {has}) is not a supported pipeline: "
+        f"orw_fast fine-tunes {' and '.join(f.title for f in families)}",
+    )
 
 
 def load_pipeline(source, *, dtype: torch.dtype = torch.float32):
@@ -134,8 +151,11 @@ def load_pipeline(source, *, dtype: torch.dtype = torch.float32):
     try:
         return DiffusionPipeline.from_pretrained(str(source), dtype=dtype, **absent)
     except (OSError, ValueError, TypeError) as err:
-        raise ModelArgumentError("pipeline", f"cannot load a diffusers pipeline from {str(source)!r} "
-                                 f"({type(err).__name__}: {err}); expected {EXPECTED_SOURCE}") from None
+        raise ModelArgumentError(
+            "pipeline",
+            f"cannot load a diffusers pipeline from {str(source)!r} "
+            f"({type(err).__name__}: {err}); expected {EXPECTED_SOURCE}",
+        ) from None
 
 
 def _source_of(pipeline) -> str | None:
@@ -206,19 +226,32 @@ class DiffusersFlowModel(FlowModel):
     def __new__(cls, pipeline=None, *args, **kwargs):
         return super().__new__(family_of(pipeline) if cls is DiffusersFlowModel else cls)
 
-    def __init__(self, pipeline, prompts, *, lora_rank: int | None = 16, lora_alpha: float | None = None,
-                 lora_targets=None, resolution: int | None = None, guidance_scale: float | None = None,
-                 negative_prompt: str = "", max_sequence_length: int | None = None,
-                 dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
-                 keep_text_encoders: bool = False, eval_prompts=()):
+    def __init__(
+        self,
+        pipeline,
+        prompts,
+        *,
+        lora_rank: int | None = 16,
+        lora_alpha: float | None = None,
+        lora_targets=None,
+        resolution: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str = "",
+        max_sequence_length: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+        keep_text_encoders: bool = False,
+        eval_prompts=(),
+    ):
         resolution = _positive_int("resolution", resolution, optional=True)
         type(self).check_pipeline(pipeline, resolution)
         self.pipe = load_pipeline(pipeline, dtype=dtype)
         self.source = _source_of(pipeline)
         self.prompts = prompts if isinstance(prompts, PromptSource) else PromptSource(prompts)
         self.lora_rank = _positive_int("lora_rank", lora_rank, optional=True)
-        if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
-                                       or not lora_alpha > 0):
+        if lora_alpha is not None and (
+            isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0
+        ):
             raise ValueError(f"lora_alpha must be None or a number > 0, got {lora_alpha!r}")
         self.lora_alpha = lora_alpha
         lora_targets = self.default_lora_targets if lora_targets is None else lora_targets
@@ -234,8 +267,9 @@ class DiffusersFlowModel(FlowModel):
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
         self.negative_prompt = negative_prompt
-        self.max_sequence_length = _positive_int("max_sequence_length", max_sequence_length, optional=True) \
-            or self.default_max_sequence_length
+        self.max_sequence_length = (
+            _positive_int("max_sequence_length", max_sequence_length, optional=True) or self.default_max_sequence_length
+        )
         self.gradient_checkpointing, self.keep_text_encoders = bool(gradient_checkpointing), bool(keep_text_encoders)
         if isinstance(eval_prompts, str) or not all(isinstance(p, str) and p for p in eval_prompts):
             raise ValueError(f"eval_prompts must be a list of non-empty strings, got {eval_prompts!r}")
@@ -262,12 +296,14 @@ class DiffusersFlowModel(FlowModel):
         configs = PipelineConfigs.of(pipeline)
         family = _family(configs, pipeline)
         if not issubclass(family, cls):
-            raise ModelArgumentError("pipeline", f"{str(pipeline)!r} is a {family.title} pipeline; a {cls.__name__} "
-                                     f"fine-tunes {cls.title}")
+            raise ModelArgumentError(
+                "pipeline", f"{str(pipeline)!r} is a {family.title} pipeline; a {cls.__name__} fine-tunes {cls.title}"
+            )
         factor, why = family.resolution_factor(configs)
         if resolution is not None and resolution % factor:
-            raise ModelArgumentError("resolution", f"resolution must be a multiple of {factor} for this pipeline "
-                                     f"({why}), got {resolution}")
+            raise ModelArgumentError(
+                "resolution", f"resolution must be a multiple of {factor} for this pipeline ({why}), got {resolution}"
+            )
         return family
 
     # -- family hooks --------------------------------------------------------------------------------------
@@ -310,8 +346,14 @@ class DiffusersFlowModel(FlowModel):
         if self.lora_rank is not None:
             from peft import LoraConfig
 
-            transformer.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha or self.lora_rank,
-                                               init_lora_weights="gaussian", target_modules=self.lora_targets))
+            transformer.add_adapter(
+                LoraConfig(
+                    r=self.lora_rank,
+                    lora_alpha=self.lora_alpha or self.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=self.lora_targets,
+                )
+            )
             self.weights = LoraAdapter(transformer, ema=ema)
             for p in self.weights.trainable_parameters():  # same adapter initialisation on every rank
                 if dist_utils.is_distributed():
@@ -335,7 +377,7 @@ class DiffusersFlowModel(FlowModel):
                 getattr(pipe, name).to(device)
         embeds, pooled = [], []
         for start in range(0, len(texts), _ENCODE_CHUNK):
-            e, p = self.encode_prompts(texts[start:start + _ENCODE_CHUNK], device)
+            e, p = self.encode_prompts(texts[start : start + _ENCODE_CHUNK], device)
             embeds.append(e)
             pooled.append(p)
         self._embeds, self._pooled = torch.cat(embeds), torch.cat(pooled)
@@ -349,8 +391,10 @@ class DiffusersFlowModel(FlowModel):
         """t = 1 - sigma of the pipeline's own schedule for ``steps`` steps (float64, [steps+1]); a named ``grid`` is
         refused (the transformer was trained for its scheduler's schedule: ``rollout_grid`` is None)."""
         if grid is not None:
-            raise ValueError(f"sampler_grid must be None for a diffusers model (its rollouts follow the scheduler's "
-                             f"sigma schedule), got {grid!r}")
+            raise ValueError(
+                f"sampler_grid must be None for a diffusers model (its rollouts follow the scheduler's "
+                f"sigma schedule), got {grid!r}"
+            )
         if steps not in self._times:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -360,9 +404,13 @@ class DiffusersFlowModel(FlowModel):
             if config.get("use_dynamic_shifting", False):
                 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-                mu = calculate_shift(tokens, config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15))
+                mu = calculate_shift(
+                    tokens,
+                    config.get("base_image_seq_len", 256),
+                    config.get("max_image_seq_len", 4096),
+                    config.get("base_shift", 0.5),
+                    config.get("max_shift", 1.15),
+                )
             sigmas = self._schedule_sigmas(steps)
             scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
             self._times[steps] = 1 - scheduler.sigmas.to(torch.float64).cpu()
@@ -376,8 +424,10 @@ class DiffusersFlowModel(FlowModel):
         try:
             rows = torch.tensor([self._row[p] for p in prompts], device=self._embeds.device)
         except KeyError as err:
-            raise ValueError(f"prompt {err.args[0]!r} is not one of the model's prompts or eval_prompts (they are "
-                             "encoded when the trainer prepares the model)") from None
+            raise ValueError(
+                f"prompt {err.args[0]!r} is not one of the model's prompts or eval_prompts (they are "
+                "encoded when the trainer prepares the model)"
+            ) from None
         return self._embeds[rows], self._pooled[rows]
 
     def velocity(self, module, t, x, embeds, pooled):
@@ -392,10 +442,18 @@ class DiffusersFlowModel(FlowModel):
     def describe(self) -> dict:
         """The family, the pipeline (a local folder as an absolute path, a hub id as given; None for an object) and
         the options :meth:`from_checkpoint` rebuilds the model with."""
-        return {"family": self.family, "pipeline": self.source, "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets, "resolution": self.resolution,
-                "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt,
-                "max_sequence_length": self.max_sequence_length, "prompts": self.prompts.prompts}
+        return {
+            "family": self.family,
+            "pipeline": self.source,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": self.lora_targets,
+            "resolution": self.resolution,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+            "max_sequence_length": self.max_sequence_length,
+            "prompts": self.prompts.prompts,
+        }
 
     # -- LoRA export -----------------------------------------------------------------------------
 
@@ -425,21 +483,37 @@ class DiffusersFlowModel(FlowModel):
     # -- from a checkpoint -------------------------------------------------------------------------
 
     @classmethod
-    def _from_checkpoint(cls, path, ckpt, config, *, pipeline=None, prompts=None, device="cpu",
-                         dtype=torch.float32):
+    def _from_checkpoint(cls, path, ckpt, config, *, pipeline=None, prompts=None, device="cpu", dtype=torch.float32):
         """The fine-tuned model of a diffusers run's checkpoint, prepared on ``device`` with the checkpoint's
         policy (LoRA or full) loaded: built from ``pipeline`` (default: the one the run loaded, found by
         :func:`find_pipeline` when its folder has moved) with ``prompts`` (default: the run's) and the run's LoRA,
         resolution and guidance settings."""
         source = pipeline if pipeline is not None else config.get("pipeline")
         if source is None:
-            raise ModelArgumentError("pipeline", f"{str(path)!r} was trained on a pipeline object, not a folder or "
-                                     "hub id: give the pipeline (a local folder or a hub id)")
+            raise ModelArgumentError(
+                "pipeline",
+                f"{str(path)!r} was trained on a pipeline object, not a folder or "
+                "hub id: give the pipeline (a local folder or a hub id)",
+            )
         if pipeline is None:
             source = find_pipeline(source, path)
-        flow = cls(source, prompts if prompts is not None else config["prompts"], dtype=dtype,
-                   **{key: config[key] for key in ("lora_rank", "lora_alpha", "lora_targets", "resolution",
-                                                   "guidance_scale", "negative_prompt", "max_sequence_length")})
+        flow = cls(
+            source,
+            prompts if prompts is not None else config["prompts"],
+            dtype=dtype,
+            **{
+                key: config[key]
+                for key in (
+                    "lora_rank",
+                    "lora_alpha",
+                    "lora_targets",
+                    "resolution",
+                    "guidance_scale",
+                    "negative_prompt",
+                    "max_sequence_length",
+                )
+            },
+        )
         flow.prepare(torch.device(device), ema=False)
         flow.weights.check_states(ckpt, f"checkpoint {str(path)!r}")
         flow.weights.load_states(ckpt)

@@ -7,6 +7,7 @@ Adding a family (Qwen-Image, Wan, SANA, ...) is one new file with its subclass (
 ``orw_fast/models/sd3.py`` and ``orw_fast/models/flux.py`` do), its line in :data:`FAMILIES`, and its tests: the
 trainer, the sampler, checkpoints and the CLI find it here, and nothing else switches on the family.
 """
+
 from __future__ import annotations
 
 import importlib

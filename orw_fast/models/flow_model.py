@@ -10,6 +10,7 @@ Conventions (orw_fast's, torchcfm's): t=0 is noise, t=1 data; ``velocity(module,
 by :meth:`FlowModel.conditions` from the batch's prompts (labels for a class-conditional model) and passed to every
 call of a rollout; images for rewards are [B, C, H, W] in [-1, 1].
 """
+
 from __future__ import annotations
 
 import weakref
@@ -117,15 +118,33 @@ class FlowModel:
     def export(self, checkpoint_path: Path, states: dict) -> None:
         """Writes, next to a checkpoint, what others load without orw_fast (rank 0; nothing by default)."""
 
-    def generate(self, module, x0: torch.Tensor, prompts=None, *, steps: int = 100, method: str = "euler",
-                 grid: str | None = None, cuda_graph="auto", autocast=None) -> torch.Tensor:
+    def generate(
+        self,
+        module,
+        x0: torch.Tensor,
+        prompts=None,
+        *,
+        steps: int = 100,
+        method: str = "euler",
+        grid: str | None = None,
+        cuda_graph="auto",
+        autocast=None,
+    ) -> torch.Tensor:
         """Samples x1 of ``module`` from the noise x0 [B, *sample_shape()] for ``prompts`` (B of them, or None),
         following :meth:`guided_velocity` on :meth:`times` of ``steps`` steps and ``grid`` (no grad)."""
         from orw_fast.sampling import sample
 
         times = self.times(steps, grid)
-        return sample(self.rollout_field(module), x0, steps=steps if times is None else None, times=times,
-                      cond=self.conditions(prompts), method=method, cuda_graph=cuda_graph, autocast=autocast)
+        return sample(
+            self.rollout_field(module),
+            x0,
+            steps=steps if times is None else None,
+            times=times,
+            cond=self.conditions(prompts),
+            method=method,
+            cuda_graph=cuda_graph,
+            autocast=autocast,
+        )
 
     def rollout_field(self, module) -> torch.nn.Module:
         """A stable module ``field(t, x, *cond)`` = guided velocity of ``module``: the sampler caches its CUDA graph
@@ -159,15 +178,19 @@ class PixelFlowModel(FlowModel):
 
     family = "pixel"
 
-    def __init__(self, model: torch.nn.Module, image_shape=None, *, channels_last: bool = False,
-                 num_classes: int | None = None):
+    def __init__(
+        self, model: torch.nn.Module, image_shape=None, *, channels_last: bool = False, num_classes: int | None = None
+    ):
         if isinstance(model, torch.nn.DataParallel):  # the official code's parallel=True model
             model = model.module
         self.model, self.channels_last, self.num_classes = model, channels_last, num_classes
         self.image_shape = tuple(image_shape) if image_shape else infer_image_shape(model)
         if self.image_shape is None:
-            raise ConfigError("image_shape", "the shape [C, H, W] of one sample (it cannot be inferred from a "
-                              f"{type(model).__name__})", None)
+            raise ConfigError(
+                "image_shape",
+                f"the shape [C, H, W] of one sample (it cannot be inferred from a {type(model).__name__})",
+                None,
+            )
         if num_classes is not None:
             from orw_fast.prompts import ClassLabels
 
@@ -195,14 +218,21 @@ class PixelFlowModel(FlowModel):
             with torch.no_grad():
                 out = self.velocity(self.model.eval(), torch.zeros(1, device=device), x, *cond)
         except Exception as err:  # noqa: BLE001 - whatever the model raises, the shape is the cause to report
-            raise ConfigError("image_shape", f"a sample shape the model takes (model(t, x) with x of shape "
-                              f"{list(x.shape)} raised {type(err).__name__}: {err})", self.image_shape) from None
+            raise ConfigError(
+                "image_shape",
+                f"a sample shape the model takes (model(t, x) with x of shape "
+                f"{list(x.shape)} raised {type(err).__name__}: {err})",
+                self.image_shape,
+            ) from None
         finally:
             self.model.train(training)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError("image_shape", f"a sample shape the model maps to itself (x of shape {list(x.shape)} "
-                              f"gave {got})", self.image_shape)
+            raise ConfigError(
+                "image_shape",
+                f"a sample shape the model maps to itself (x of shape {list(x.shape)} gave {got})",
+                self.image_shape,
+            )
 
     def sample_shape(self):
         return self.image_shape
@@ -229,8 +259,11 @@ class PixelFlowModel(FlowModel):
 
         if unknown:
             name = next(iter(unknown))
-            raise ModelArgumentError(name, f"{name} is not an option of a pixel model's checkpoint ({str(path)!r} "
-                                           "is not of a text-to-image model)")
+            raise ModelArgumentError(
+                name,
+                f"{name} is not an option of a pixel model's checkpoint ({str(path)!r} "
+                "is not of a text-to-image model)",
+            )
         model, _ = load_flow_model(path, checkpoint=ckpt)
         flow = cls(model)
         flow.prepare(torch.device(device), ema=False)

@@ -7,6 +7,7 @@ packed 2x2 into a token sequence [(h/2)(w/2), 4C].
 The packing is FluxPipeline's: its static helpers ``_prepare_latent_image_ids`` and ``_unpack_latents`` (private;
 diffusers has no public API for them) are called here and nowhere else, and tests/test_model_families.py pins what
 orw_fast relies on."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ class FluxFlowModel(DiffusersFlowModel):
         return 2, "FLUX's 2x2 latent packing"
 
     def encode_prompts(self, prompts, device):
-        embeds, pooled, self._txt_ids = self.pipe.encode_prompt(prompts, None, device=device,
-                                                                max_sequence_length=self.max_sequence_length)
+        embeds, pooled, self._txt_ids = self.pipe.encode_prompt(
+            prompts, None, device=device, max_sequence_length=self.max_sequence_length
+        )
         return embeds, pooled
 
     def _prepare_family(self, device):
@@ -44,10 +46,21 @@ class FluxFlowModel(DiffusersFlowModel):
 
     def _transformer_output(self, module, t, x, embeds, pooled):
         sigma, dtype = 1 - t, self.transformer.dtype
-        guidance = (torch.full_like(sigma, self.guidance_scale, dtype=torch.float32)
-                    if self.transformer.config.guidance_embeds else None)
-        out = module(hidden_states=x.to(dtype), timestep=sigma.to(dtype), guidance=guidance, pooled_projections=pooled,
-                     encoder_hidden_states=embeds, txt_ids=self._txt_ids, img_ids=self._img_ids, return_dict=False)[0]
+        guidance = (
+            torch.full_like(sigma, self.guidance_scale, dtype=torch.float32)
+            if self.transformer.config.guidance_embeds
+            else None
+        )
+        out = module(
+            hidden_states=x.to(dtype),
+            timestep=sigma.to(dtype),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=self._txt_ids,
+            img_ids=self._img_ids,
+            return_dict=False,
+        )[0]
         return out.to(x.dtype)
 
     def _schedule_sigmas(self, steps):

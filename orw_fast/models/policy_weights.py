@@ -10,6 +10,7 @@ Both keep tensors in place (weights are copied into them, never replaced), so a 
 stays valid. ``distribute`` makes them multi-process: DDP around the training forward, or FSDP2 shards
 (``fully_shard``) of every copy. States for checkpoints are full (unsharded) tensors, keyed by parameter name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,12 @@ class FullCopies(PolicyWeights):
         self.ema_module = _frozen_copy(module) if ema else None
 
     def _named(self) -> dict:
-        return {"policy": self.module, "last_policy": self.last_policy_module, "reference": self.reference_module,
-                "ema": self.ema_module}
+        return {
+            "policy": self.module,
+            "last_policy": self.last_policy_module,
+            "reference": self.reference_module,
+            "ema": self.ema_module,
+        }
 
     def trainable_parameters(self):
         return list(self.module.parameters())
@@ -220,8 +225,12 @@ class LoraAdapter(PolicyWeights):
         return {n: dist_utils.full_tensor(t).detach().cpu() for n, t in zip(self.names, tensors)}
 
     def states(self) -> dict:
-        return {"policy": self._full(self.params), "last_policy": self._full(self._last), "reference": None,
-                "ema": None if self._ema is None else self._full(self._ema)}
+        return {
+            "policy": self._full(self.params),
+            "last_policy": self._full(self._last),
+            "reference": None,
+            "ema": None if self._ema is None else self._full(self._ema),
+        }
 
     def check_states(self, ckpt: dict, where: str) -> None:
         for key in ("policy", "last_policy", "ema"):
@@ -231,13 +240,17 @@ class LoraAdapter(PolicyWeights):
             if key == "ema" and state is None:
                 continue
             if not isinstance(state, dict):
-                raise ValueError(f"{where}, entry {key!r} is a {type(state).__name__}, not LoRA weights; nothing was "
-                                 "loaded")
-            if set(state) != set(self.names) or any(tuple(state[n].shape) != tuple(p.shape)
-                                                    for n, p in zip(self.names, self.params)):
-                raise ValueError(f"{where}, entry {key!r} holds other LoRA weights than this model's adapter "
-                                 f"({len(state)} tensors, this adapter {len(self.names)}: another rank or target "
-                                 "modules?); nothing was loaded")
+                raise ValueError(
+                    f"{where}, entry {key!r} is a {type(state).__name__}, not LoRA weights; nothing was loaded"
+                )
+            if set(state) != set(self.names) or any(
+                tuple(state[n].shape) != tuple(p.shape) for n, p in zip(self.names, self.params)
+            ):
+                raise ValueError(
+                    f"{where}, entry {key!r} holds other LoRA weights than this model's adapter "
+                    f"({len(state)} tensors, this adapter {len(self.names)}: another rank or target "
+                    "modules?); nothing was loaded"
+                )
 
     def load_states(self, ckpt: dict) -> None:
         with torch.no_grad():

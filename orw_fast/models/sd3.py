@@ -3,6 +3,7 @@
 embeddings and the pooled CLIP vector, ``timestep`` = 1000 sigma, rollouts on the scheduler's own (shifted) sigma
 schedule, classifier-free guidance against the negative prompt, latents [C, h, w] cut into the transformer's
 patches."""
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,14 @@ class SD3FlowModel(DiffusersFlowModel):
         return patch, f"the transformer's {patch}x{patch} patches"
 
     def encode_prompts(self, prompts, device):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.max_sequence_length)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts,
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return embeds, pooled
 
     def sample_shape(self):
@@ -36,8 +42,13 @@ class SD3FlowModel(DiffusersFlowModel):
         return (self.transformer.config.in_channels, side, side)
 
     def _transformer_output(self, module, t, x, embeds, pooled):
-        out = module(hidden_states=x.to(self.transformer.dtype), timestep=(1 - t) * 1000,
-                     encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        out = module(
+            hidden_states=x.to(self.transformer.dtype),
+            timestep=(1 - t) * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         return out.to(x.dtype)
 
     def guided_velocity(self, module, t, x, embeds, pooled):
@@ -47,7 +58,12 @@ class SD3FlowModel(DiffusersFlowModel):
             return self.velocity(module, t, x, embeds, pooled)
         batch = x.shape[0]
         negative = self._embeds[-1:].expand(batch, -1, -1), self._pooled[-1:].expand(batch, -1)
-        both = self._transformer_output(module, torch.cat([t, t]), torch.cat([x, x]),
-                                        torch.cat([negative[0], embeds]), torch.cat([negative[1], pooled]))
+        both = self._transformer_output(
+            module,
+            torch.cat([t, t]),
+            torch.cat([x, x]),
+            torch.cat([negative[0], embeds]),
+            torch.cat([negative[1], pooled]),
+        )
         uncond, cond = both.chunk(2)
         return -(uncond + self.guidance_scale * (cond - uncond))

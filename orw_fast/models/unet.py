@@ -3,6 +3,7 @@
 A model is described by a plain dict of constructor kwargs (ints, floats, strs, lists), stored in
 checkpoints and turned back into the model by :func:`build_flow_model`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -16,14 +17,35 @@ from torchcfm.models.unet.unet import UNetModelWrapper
 PRESETS: dict[str, dict] = {
     # 8x8 digits: 285k parameters, ~40 ms forward + backward at batch 128 on 2 CPU cores; in the same
     # training time it samples better digits than channel_mult [1, 2] (701k parameters, ~70 ms).
-    "digits": dict(num_channels=32, num_res_blocks=1, channel_mult=[1, 1], attention_resolutions="4",
-                   num_heads=1, num_head_channels=-1, dropout=0.0),
+    "digits": dict(
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 1],
+        attention_resolutions="4",
+        num_heads=1,
+        num_head_channels=-1,
+        dropout=0.0,
+    ),
     # torchcfm's MNIST example: UNetModel(dim=(1, 28, 28), num_channels=32, num_res_blocks=1).
-    "mnist": dict(num_channels=32, num_res_blocks=1, channel_mult=[1, 2, 2], attention_resolutions="16",
-                  num_heads=1, num_head_channels=-1, dropout=0.0),
+    "mnist": dict(
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=[1, 2, 2],
+        attention_resolutions="16",
+        num_heads=1,
+        num_head_channels=-1,
+        dropout=0.0,
+    ),
     # The CIFAR-10 model of the ORW-CFM-W2 paper and torchcfm's examples/images/cifar10 (35.7M parameters).
-    "cifar10": dict(num_channels=128, num_res_blocks=2, channel_mult=[1, 2, 2, 2], attention_resolutions="16",
-                    num_heads=4, num_head_channels=64, dropout=0.1),
+    "cifar10": dict(
+        num_channels=128,
+        num_res_blocks=2,
+        channel_mult=[1, 2, 2, 2],
+        attention_resolutions="16",
+        num_heads=4,
+        num_head_channels=64,
+        dropout=0.1,
+    ),
 }
 PRESET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 _KWARGS = frozenset(inspect.signature(UNetModelWrapper.__init__).parameters) - {"self"}
@@ -66,7 +88,8 @@ def build_flow_model(config: Mapping) -> UNetModelWrapper:
     if not isinstance(attention, str) or not all(r.strip().isdigit() and int(r) > 0 for r in attention.split(",")):
         raise ValueError(
             "attention_resolutions must be comma-separated positive ints such as '16' (torchcfm cannot take ''; a "
-            f"resolution the UNet never reaches, e.g. '1', leaves attention in the middle block only), got {attention!r}"
+            "resolution the UNet never reaches, e.g. '1', leaves attention in the middle block only), "
+            f"got {attention!r}"
         )
     levels = len(config.get("channel_mult") or ())
     if levels and shape[1] % 2 ** (levels - 1):

@@ -1,4 +1,5 @@
 """Training objectives, one module each, found by name (``TrainerConfig.objective``) in :data:`OBJECTIVES`."""
+
 from orw_fast.objectives.awm import AWM
 from orw_fast.objectives.base import (
     OBJECTIVES,
@@ -11,5 +12,14 @@ from orw_fast.objectives.base import (
 from orw_fast.objectives.nft import NFT
 from orw_fast.objectives.orw_cfm_w2 import ORWCFMW2
 
-__all__ = ["AWM", "NFT", "OBJECTIVES", "ORWCFMW2", "Objective", "group_ids", "grouped_advantages", "make_objective",
-           "register"]
+__all__ = [
+    "AWM",
+    "NFT",
+    "OBJECTIVES",
+    "ORWCFMW2",
+    "Objective",
+    "group_ids",
+    "grouped_advantages",
+    "make_objective",
+    "register",
+]

@@ -11,6 +11,7 @@ published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max
 The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·|v − u|², which is
 what is trained; its off-policy ratio and the "huber" weightings are not covered (docs/objectives.md).
 """
+
 from __future__ import annotations
 
 from orw_fast.objectives.base import Objective, register
@@ -36,9 +37,13 @@ class AWM(Objective):
         from orw_fast.config import ConfigError
 
         if config.awm_old_coefficient > 0 and config.ema_decay == 0:
-            raise ConfigError("ema_decay", f"> 0 with objective='awm' and awm_old_coefficient="
-                              f"{config.awm_old_coefficient:g} (the old policy is the policy's EMA; or set "
-                              "awm_old_coefficient=0)", config.ema_decay)
+            raise ConfigError(
+                "ema_decay",
+                f"> 0 with objective='awm' and awm_old_coefficient="
+                f"{config.awm_old_coefficient:g} (the old policy is the policy's EMA; or set "
+                "awm_old_coefficient=0)",
+                config.ema_decay,
+            )
 
     def sample_inputs(self, rewards, groups):
         return self.advantages(rewards, groups)
@@ -48,7 +53,15 @@ class AWM(Objective):
 
     def loss(self, v, u, frozen, inputs):
         cfg = self.config
-        loss, parts = awm_loss(v, u, frozen["reference"], inputs, alpha=cfg.w2_coefficient, v_old=frozen.get("ema"),
-                               alpha_old=cfg.awm_old_coefficient if "ema" in frozen else 0.0,
-                               return_components=True, validate=False)
+        loss, parts = awm_loss(
+            v,
+            u,
+            frozen["reference"],
+            inputs,
+            alpha=cfg.w2_coefficient,
+            v_old=frozen.get("ema"),
+            alpha_old=cfg.awm_old_coefficient if "ema" in frozen else 0.0,
+            return_components=True,
+            validate=False,
+        )
         return loss, {"policy_loss": parts.policy.mean(), "w2_loss": parts.kl.mean()}

@@ -5,6 +5,7 @@ coupling and the path, the policy's velocity (with grad) and the frozen velociti
 then ``loss``. A new objective is one new module that defines an :class:`Objective` subclass decorated with
 :func:`register` (and is imported by ``orw_fast.objectives``); it picks its settings from the TrainerConfig.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -60,8 +61,9 @@ class Objective:
         """Metrics of the whole batch's inputs [N]: name -> 0-dim tensor on their device (no host sync)."""
         return {}
 
-    def loss(self, v: torch.Tensor, u: torch.Tensor, frozen: dict[str, torch.Tensor],
-             inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, v: torch.Tensor, u: torch.Tensor, frozen: dict[str, torch.Tensor], inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, parts) of this rank's samples: v = v_theta(t, x_t) [B, ...] with grad, u the target [B, ...],
         ``frozen`` name -> velocity [B, ...] (no grad), ``inputs`` this rank's share [B]. The loss is a 0-dim mean
         over the rank's samples (the ranks' gradients are averaged); parts are 0-dim tensors logged as metrics
@@ -98,8 +100,9 @@ def make_objective(name: str, config) -> Objective:
     return OBJECTIVES[name](config)
 
 
-def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float, std: str = "group",
-                       eps: float = 1e-4) -> torch.Tensor:
+def grouped_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, clip: float, std: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """:func:`orw_fast.ops.group_advantages` (A = (r - mean_g r) / (std + eps), population std of the group (``std=
     "group"``) or of the whole batch ("batch"), 0 in a group of equal rewards, clamped to [-clip, clip]) over groups
     given by ids [N] (int64, each < N, e.g. :func:`group_ids`) instead of consecutive blocks: the groups of a batch
@@ -112,8 +115,9 @@ def grouped_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float,
 
     count = per_group(torch.ones_like(r))
     centred = r - (per_group(r) / count.clamp(min=1))[groups]
-    spread = (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups] if std == "group" else \
-        r.std(correction=0)
+    spread = (
+        (per_group(centred.square()) / count.clamp(min=1)).sqrt()[groups] if std == "group" else r.std(correction=0)
+    )
     constant = per_group(r, "amax")[groups] == per_group(r, "amin")[groups]
     adv = torch.where(constant, torch.zeros_like(r), centred / (spread + eps)).clamp(-clip, clip)
     return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)

@@ -16,6 +16,7 @@
 Where the loss differs from the paper's code (velocity form without the per-sample adaptive weight, no × adv_clip_max)
 see docs/objectives.md.
 """
+
 from __future__ import annotations
 
 from orw_fast.objectives.base import Objective, register
@@ -37,8 +38,12 @@ class NFT(Objective):
         from orw_fast.config import ConfigError
 
         if config.ema_decay != 0:
-            raise ConfigError("ema_decay", "0 with objective='nft' (its old policy is the EMA, decayed on the "
-                              "schedule of nft_decay_rate and nft_decay_max)", config.ema_decay)
+            raise ConfigError(
+                "ema_decay",
+                "0 with objective='nft' (its old policy is the EMA, decayed on the "
+                "schedule of nft_decay_rate and nft_decay_max)",
+                config.ema_decay,
+            )
 
     def ema_decay(self, step):
         return min(self.config.nft_decay_rate * step, self.config.nft_decay_max)
@@ -51,6 +56,15 @@ class NFT(Objective):
 
     def loss(self, v, u, frozen, inputs):
         cfg = self.config
-        loss, parts = nft_loss(v, u, frozen["ema"], frozen["reference"], inputs, beta=cfg.nft_beta,
-                               alpha=cfg.w2_coefficient, return_components=True, validate=False)
+        loss, parts = nft_loss(
+            v,
+            u,
+            frozen["ema"],
+            frozen["reference"],
+            inputs,
+            beta=cfg.nft_beta,
+            alpha=cfg.w2_coefficient,
+            return_components=True,
+            validate=False,
+        )
         return loss, {"policy_loss": parts.policy.mean(), "w2_loss": parts.kl.mean()}

@@ -1,5 +1,6 @@
 """ORW-CFM-W2: w_i * mean_d (v_theta - u)^2 + alpha * mean_d (v_theta - v_ref)^2, w from the rewards of the whole
 batch (config.weighting, config.temperature; alpha = config.w2_coefficient), in one fused pass."""
+
 from __future__ import annotations
 
 import torch
@@ -25,15 +26,26 @@ class ORWCFMW2(Objective):
         return {"ess": effective_sample_size(inputs)}
 
     def loss(self, v, u, frozen, inputs):
-        loss, parts = orw_cfm_w2_loss(v, u, frozen["reference"], weights=inputs, alpha=self.config.w2_coefficient,
-                                      return_components=True, validate=False)
+        loss, parts = orw_cfm_w2_loss(
+            v,
+            u,
+            frozen["reference"],
+            weights=inputs,
+            alpha=self.config.w2_coefficient,
+            return_components=True,
+            validate=False,
+        )
         return loss, {"fm_loss": parts.fm.mean(), "w2_loss": parts.w2.mean()}
 
     def non_finite_causes(self, rewards, inputs):
         cfg = self.config
         if bool(torch.isfinite(inputs).all()):
             return []
-        return [(f"the {cfg.weighting} weights overflow: rewards span [{rewards.min().item():.4g}, "
-                 f"{rewards.max().item():.4g}] with temperature {cfg.temperature:g}, and exp(temperature * reward) is "
-                 "inf above 88.7; use weighting='softmax' (finite for any rewards), a smaller temperature, or rescale "
-                 "the reward")]
+        return [
+            (
+                f"the {cfg.weighting} weights overflow: rewards span [{rewards.min().item():.4g}, "
+                f"{rewards.max().item():.4g}] with temperature {cfg.temperature:g}, and exp(temperature * reward) is "
+                "inf above 88.7; use weighting='softmax' (finite for any rewards), a smaller temperature, or rescale "
+                "the reward"
+            )
+        ]

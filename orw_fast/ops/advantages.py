@@ -15,6 +15,7 @@ The function is pure in the full reward vector: under torchrun all-gather the re
 share; this equals normalising the whole batch in one process. The gathered vector is in rank order, so each
 group must be ``group_size`` consecutive entries of it (e.g. every rank holds whole groups).
 """
+
 from __future__ import annotations
 
 import math

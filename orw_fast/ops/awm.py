@@ -28,6 +28,7 @@ mean_d (v - u)^2, a reduction over the sample (a second read of v, u would be ne
 are per-sample constants — multiply them into A.
 See docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,8 +85,9 @@ def awm_loss(
     """
     others = {} if v_old is None else {"v_old": v_old}
     _check_predictions(v, u, v_ref, **others)
-    acc = accumulation_dtype(functools.reduce(torch.promote_types, (t.dtype for t in (u, v_ref, *others.values())),
-                                              v.dtype))
+    acc = accumulation_dtype(
+        functools.reduce(torch.promote_types, (t.dtype for t in (u, v_ref, *others.values())), v.dtype)
+    )
     alpha = check_real(alpha, "alpha", acc, minimum=0)
     alpha_old = check_real(alpha_old, "alpha_old", acc, minimum=0)
     if v_old is None and alpha_old:
@@ -96,8 +98,9 @@ def awm_loss(
     if backend == "eager":
         loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old)
     elif v_old is None:
-        loss, comp = orw_cfm_w2_loss(v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True,
-                                     validate=False)
+        loss, comp = orw_cfm_w2_loss(
+            v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True, validate=False
+        )
         parts = PolicyComponents(comp.weights * comp.fm, comp.w2)
     else:
         zeros = torch.zeros_like(adv)

@@ -4,6 +4,7 @@ Each op takes its n differentiable tensors first and returns (loss, diagnostics.
 differentiable tensor) with the gradients already computed in the forward pass, so backward only scales
 them by grad_output: orw_cfm_w2 -> (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref),
 quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,7 @@ def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, 
 
 
 def _setup_context(ctx, inputs, output, num_grads):
-    ctx.save_for_backward(*output[len(output) - num_grads:])
+    ctx.save_for_backward(*output[len(output) - num_grads :])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for the unused outputs
 

@@ -30,6 +30,7 @@ Where the reference code (scripts/train_nft_sd3.py) differs, and what orw_fast d
 - Its KL weight (train.beta, 1e-4) is our α; the β above is its config.beta (1 or 0.1).
 See docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,7 +113,8 @@ def nft_loss(
     if backend == "eager":
         loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha)
     else:
-        coef = torch.stack([r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta),
-                            torch.zeros_like(r)])
+        coef = torch.stack(
+            [r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
+        )
         loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
     return (loss, parts) if return_components else loss

@@ -7,6 +7,7 @@ the C++ CPU / CUDA kernels of csrc/), "triton" (torch.ops.orw_fast.orw_cfm_w2_tr
 The native and triton ops compute the gradients during the forward pass (one read of v, u, v_ref,
 one write per gradient); their backward only scales the saved gradients by grad_output.
 """
+
 from __future__ import annotations
 
 import functools
@@ -113,8 +114,7 @@ def _resolve_backend(backend: str, device: torch.device, op: str = "orw_cfm_w2")
         )
     if backend == "triton" and not _triton_available(device):
         raise ValueError(
-            "backend='triton' needs triton and CUDA tensors (on CPU: set TRITON_INTERPRET=1 before "
-            "importing triton)"
+            "backend='triton' needs triton and CUDA tensors (on CPU: set TRITON_INTERPRET=1 before importing triton)"
         )
     if backend != "auto":
         return backend
@@ -145,7 +145,6 @@ def _kernel_layout(v, *others):
 
 
 if _native.IMPORT_ERROR is None:
-
     torch.library.register_fake("orw_fast::orw_cfm_w2", allocate_outputs)
     register_fused_autograd("orw_fast::orw_cfm_w2")
 
@@ -219,8 +218,16 @@ def orw_cfm_w2_loss(
         grad_on = torch.is_grad_enabled()
         kv, ku, kr = _kernel_layout(v, u, v_ref)
         loss, fm, w2, w, *_ = op(
-            kv, ku, kr, scores, alpha, tau, code,
-            grad_on and kv.requires_grad, grad_on and ku.requires_grad, grad_on and kr.requires_grad,
+            kv,
+            ku,
+            kr,
+            scores,
+            alpha,
+            tau,
+            code,
+            grad_on and kv.requires_grad,
+            grad_on and ku.requires_grad,
+            grad_on and kr.requires_grad,
         )
     return (loss, LossComponents(fm, w2, w)) if return_components else loss
 
@@ -241,8 +248,16 @@ class ORWCFMW2Loss(torch.nn.Module):
 
     def forward(self, v, u, v_ref, rewards=None, *, weights=None, return_components: bool = False):
         return orw_cfm_w2_loss(
-            v, u, v_ref, rewards, weights=weights, alpha=self.alpha, tau=self.tau,
-            weighting=self.weighting, backend=self.backend, return_components=return_components,
+            v,
+            u,
+            v_ref,
+            rewards,
+            weights=weights,
+            alpha=self.alpha,
+            tau=self.tau,
+            weighting=self.weighting,
+            backend=self.backend,
+            return_components=return_components,
         )
 
     def extra_repr(self) -> str:

@@ -28,6 +28,7 @@ The per-sample factors are known before the pass (they depend on rewards, not on
 needs a second read. ORW-CFM-W2 itself is this form with v_old = v (e = 0, p = w); it keeps its own 3-input op
 (orw_cfm_w2) because a fourth read would cost it a quarter more traffic.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -71,5 +72,5 @@ def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, bac
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend)."""
+    """ "eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend)."""
     return _resolve_backend(backend, device, OP)

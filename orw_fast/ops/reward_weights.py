@@ -1,5 +1,6 @@
 """Per-sample weights from rewards: the "softmax", "exp" and "none" weightings of ORW-CFM-W2, and the checks
 of the scalars and score vectors the fused loss takes."""
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _is_capturing_or_compiling() -> bool:
-    return torch.compiler.is_compiling() or (
-        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    )
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum: float | None = None) -> float:
@@ -34,8 +33,7 @@ def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum:
         number = math.inf
     limit = torch.finfo(dtype).max
     if not math.isfinite(number) or abs(number) > limit:
-        raise ValueError(f"{name} must be {expected} representable in {dtype} (|{name}| <= {limit:.4g}), "
-                         f"got {shown}")
+        raise ValueError(f"{name} must be {expected} representable in {dtype} (|{name}| <= {limit:.4g}), got {shown}")
     if minimum is not None and number < minimum:
         raise ValueError(f"{name} must be {expected}, got {shown}")
     return number
@@ -81,9 +79,11 @@ def check_exp_range(rewards: torch.Tensor, tau: float, dtype: torch.dtype) -> No
     largest = (tau * rewards.detach().double()).max().item()
     limit = math.log(torch.finfo(dtype).max)
     if largest > limit:
-        raise ValueError(f"weighting='exp' overflows: tau * reward reaches {largest:.4g}, above log(max {dtype}) = "
-                         f"{limit:.4g}, so exp(tau * r) is inf; use weighting='softmax' (B * softmax(tau * r) is "
-                         "finite for any rewards) or a smaller tau, or rescale the rewards")
+        raise ValueError(
+            f"weighting='exp' overflows: tau * reward reaches {largest:.4g}, above log(max {dtype}) = "
+            f"{limit:.4g}, so exp(tau * r) is inf; use weighting='softmax' (B * softmax(tau * r) is "
+            "finite for any rewards) or a smaller tau, or rescale the rewards"
+        )
 
 
 def softmax_logits(scores: torch.Tensor, tau: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Classifier reward: the probability (or log-probability) a classifier gives to a set of target classes."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,14 +32,20 @@ class ClassifierReward(nn.Module):
         if not callable(classifier):
             raise TypeError(f"classifier must be a callable images -> logits, got {type(classifier).__name__}")
         targets = [target_classes] if isinstance(target_classes, int) else list(target_classes)
-        if (not targets or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in targets)
-                or len(set(targets)) != len(targets)):
-            raise ValueError(f"target_classes must be a class index or a non-empty sequence of distinct class "
-                             f"indices >= 0, got {target_classes!r}")
+        if (
+            not targets
+            or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in targets)
+            or len(set(targets)) != len(targets)
+        ):
+            raise ValueError(
+                f"target_classes must be a class index or a non-empty sequence of distinct class "
+                f"indices >= 0, got {target_classes!r}"
+            )
         if mode not in CLASSIFIER_MODES:
             raise ValueError(f"mode must be one of {CLASSIFIER_MODES}, got {mode!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
         self.classifier = classifier.eval() if isinstance(classifier, nn.Module) else classifier
         self.target_classes = tuple(targets)
@@ -58,8 +65,9 @@ class ClassifierReward(nn.Module):
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"classifier must return logits [B, K] = [{x.shape[0]}, K], got {shape}")
         if max(self.target_classes) >= logits.shape[1]:
-            raise ValueError(f"target_classes {self.target_classes} out of range for a classifier with "
-                             f"K = {logits.shape[1]} classes")
+            raise ValueError(
+                f"target_classes {self.target_classes} out of range for a classifier with K = {logits.shape[1]} classes"
+            )
         targets = torch.tensor(self.target_classes, device=logits.device)
         return torch.log_softmax(logits.float(), dim=1).index_select(1, targets).logsumexp(dim=1)
 

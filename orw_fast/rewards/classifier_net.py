@@ -1,4 +1,5 @@
 """A small CNN digit classifier on model-space images, used as a reward model (e.g. "generate even digits")."""
+
 from __future__ import annotations
 
 import torch
@@ -36,10 +37,13 @@ class DigitClassifier(nn.Module):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.image_shape, self.num_classes = shape, num_classes
         self.features = nn.Sequential(
-            nn.Conv2d(shape[0], 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(shape[0], 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(4),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, num_classes))
@@ -132,8 +136,10 @@ def save_classifier(model: DigitClassifier, path):
     returns the path."""
     from orw_fast.checkpoint import save_atomic
 
-    return save_atomic({"state_dict": model.state_dict(), "image_shape": list(model.image_shape),
-                 "num_classes": model.num_classes}, path)
+    return save_atomic(
+        {"state_dict": model.state_dict(), "image_shape": list(model.image_shape), "num_classes": model.num_classes},
+        path,
+    )
 
 
 def load_classifier(path) -> DigitClassifier:

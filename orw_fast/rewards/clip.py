@@ -11,11 +11,12 @@ All share :class:`CLIPEncoder`: images (model space, [B, C, H, W], C = 1 or 3) a
 (preprocessor_config.json; OpenAI's when absent). Rewards come back float32 [B] on the images' device, without
 gradients.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,8 +50,10 @@ class CLIPEncoder(nn.Module):
         try:
             from transformers import CLIPModel, CLIPTokenizer
         except ImportError as e:
-            raise ImportError("CLIP rewards need transformers: pip install --no-deps transformers, then its "
-                              "dependencies (tokenizers, huggingface_hub, safetensors, regex, ...) without torch") from e
+            raise ImportError(
+                "CLIP rewards need transformers: pip install --no-deps transformers, then its "
+                "dependencies (tokenizers, huggingface_hub, safetensors, regex, ...) without torch"
+            ) from e
         path = Path(model_path)
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
@@ -58,10 +61,12 @@ class CLIPEncoder(nn.Module):
         pre_file = path / "preprocessor_config.json"
         pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
         dtype = self.model.dtype
-        self.register_buffer("mean", torch.tensor(pre.get("image_mean", OPENAI_CLIP_MEAN), dtype=dtype,
-                                                  device=device).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=dtype,
-                                                 device=device).view(1, 3, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(pre.get("image_mean", OPENAI_CLIP_MEAN), dtype=dtype, device=device).view(1, 3, 1, 1)
+        )
+        self.register_buffer(
+            "std", torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=dtype, device=device).view(1, 3, 1, 1)
+        )
         self.image_size = self.model.config.vision_config.image_size
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +77,7 @@ class CLIPEncoder(nn.Module):
         size = [max(self.image_size, round(s * scale)) for s in x.shape[-2:]]
         x = nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=scale < 1)
         top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        x = x[..., top:top + self.image_size, left:left + self.image_size].clamp(0, 1)
+        x = x[..., top : top + self.image_size, left : left + self.image_size].clamp(0, 1)
         return (x.to(self.mean.dtype) - self.mean) / self.std
 
     @torch.no_grad()
@@ -82,8 +87,13 @@ class CLIPEncoder(nn.Module):
 
     @torch.no_grad()
     def texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt",
-                                max_length=self.model.config.text_config.max_position_embeddings).to(self.mean.device)
+        tokens = self.tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+            max_length=self.model.config.text_config.max_position_embeddings,
+        ).to(self.mean.device)
         text = _pooled(self.model.get_text_features(**tokens)).float()
         return text / text.norm(dim=-1, keepdim=True)
 
@@ -96,8 +106,9 @@ class CLIPReward(nn.Module):
         super().__init__()
         prompts = [text_prompts] if isinstance(text_prompts, str) else list(text_prompts)
         if len(prompts) < 2 or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"text_prompts must be at least two strings (reward = p(prompt 0) - p(prompt 1)), "
-                             f"got {text_prompts!r}")
+            raise ValueError(
+                f"text_prompts must be at least two strings (reward = p(prompt 0) - p(prompt 1)), got {text_prompts!r}"
+            )
         self.clip = CLIPEncoder(model_path, device)
         self.text_prompts = tuple(prompts)
         self.register_buffer("text_embeds", self.clip.texts(prompts))
@@ -129,10 +140,16 @@ class CLIPScoreReward(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if prompts is None or isinstance(prompts, str) or len(prompts) != images.shape[0] or \
-                not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"CLIPScoreReward needs one prompt (a string) per image ({images.shape[0]}), got "
-                             f"{prompts!r:.80}: use it with a text-to-image model")
+        if (
+            prompts is None
+            or isinstance(prompts, str)
+            or len(prompts) != images.shape[0]
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise ValueError(
+                f"CLIPScoreReward needs one prompt (a string) per image ({images.shape[0]}), got "
+                f"{prompts!r:.80}: use it with a text-to-image model"
+            )
         return (self.clip.images(images) * self.text_embeddings(prompts)).sum(dim=-1).to(images.device)
 
 
@@ -141,8 +158,14 @@ class CLIPFeatureReward(nn.Module):
     aesthetic predictor (an MLP on CLIP ViT-L/14 embeddings). ``head`` maps [B, D] features (unit-norm when
     ``normalize``) to [B] or [B, 1] scores; it runs without gradients on CLIP's device."""
 
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor], model_path: str | Path | None = None,
-                 device=None, *, normalize: bool = True):
+    def __init__(
+        self,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        model_path: str | Path | None = None,
+        device=None,
+        *,
+        normalize: bool = True,
+    ):
         super().__init__()
         if not callable(head):
             raise TypeError(f"head must be a callable features [B, D] -> scores [B], got {type(head).__name__}")
@@ -160,6 +183,7 @@ class CLIPFeatureReward(nn.Module):
         scores = self.head(features)
         if not isinstance(scores, torch.Tensor) or scores.reshape(-1).shape[0] != images.shape[0]:
             got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"head must return one score per image ([{images.shape[0]}] or "
-                             f"[{images.shape[0]}, 1]), got {got}")
+            raise ValueError(
+                f"head must return one score per image ([{images.shape[0]}] or [{images.shape[0]}, 1]), got {got}"
+            )
         return scores.reshape(-1).float().to(images.device)

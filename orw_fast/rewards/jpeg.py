@@ -1,5 +1,6 @@
 """JPEG (in)compressibility rewards, DDPO's definition: the size in kB (bytes / 1000) of the uint8 image
 saved by PIL as JPEG with quality=95. Images are encoded in a thread pool (PIL releases the GIL)."""
+
 from __future__ import annotations
 
 import functools

@@ -1,8 +1,9 @@
 """Rewards by name, and any callable made into a checked reward function."""
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,14 +38,17 @@ def _as_reward_tensor(out, batch: int) -> torch.Tensor:
         except (TypeError, ValueError) as err:  # ragged nesting and the like
             raise TypeError(f"the reward function returned {type(out).__name__}, expected {expected} ({err})") from None
         if array.dtype.kind not in "biuf":
-            raise TypeError(f"the reward function returned {type(out).__name__} holding {array.dtype} values, "
-                            f"expected {expected}")
+            raise TypeError(
+                f"the reward function returned {type(out).__name__} holding {array.dtype} values, expected {expected}"
+            )
         rewards = torch.as_tensor(array.astype(np.float32, copy=False) if array.dtype.kind != "f" else array)
     if rewards.is_complex():
         raise TypeError(f"the reward function returned a {rewards.dtype} tensor, expected {expected}")
     if tuple(rewards.shape) != (batch,):
-        raise ValueError(f"the reward function returned rewards of shape {list(rewards.shape)} for {batch} images, "
-                         f"expected {expected} (shape [{batch}])")
+        raise ValueError(
+            f"the reward function returned rewards of shape {list(rewards.shape)} for {batch} images, "
+            f"expected {expected} (shape [{batch}])"
+        )
     return rewards if rewards.is_floating_point() else rewards.float()
 
 
@@ -74,8 +78,9 @@ def as_reward_fn(obj) -> RewardFn:
     if isinstance(obj, str):
         obj = get_reward(obj)
     if not callable(obj):
-        raise TypeError(f"reward must be a callable images -> [B] rewards or a name in {tuple(REWARDS)}, got "
-                        f"{type(obj).__name__}")
+        raise TypeError(
+            f"reward must be a callable images -> [B] rewards or a name in {tuple(REWARDS)}, got {type(obj).__name__}"
+        )
 
     with_prompts = takes_prompts(obj)
 

@@ -6,6 +6,7 @@ are pre-trained on the 1797 8x8 digits (cached), then the model is fine-tuned on
 before/after, reward and diversity curves, metrics.json, and the printed table (fraction of even digits
 and class entropy among generated digits).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,11 +21,10 @@ from orw_fast.checkpoint import write_text_atomic
 from orw_fast.cli_paths import prepare_output_dir
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import background_level, class_entropy, frechet_distance, mean_pairwise_distance
-from orw_fast.rewards import load_classifier, split_indices
-from orw_fast.pretrain import default_cache_dir, load_flow_model, pretrain_dataset
-from orw_fast.rewards import ClassifierReward
-from orw_fast.sampling import sample, time_grid
 from orw_fast.models.flow_model import PixelFlowModel, infer_image_shape
+from orw_fast.pretrain import default_cache_dir, load_flow_model, pretrain_dataset
+from orw_fast.rewards import ClassifierReward, load_classifier, split_indices
+from orw_fast.sampling import sample, time_grid
 from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
 EVEN_DIGITS = (0, 2, 4, 6, 8)
@@ -94,19 +94,31 @@ class DigitsQuality:
         return self.classifier.penultimate(images.clamp(-1, 1).float())
 
     def __call__(self, samples: torch.Tensor) -> dict:
-        return {"digits_fd": frechet_distance(self._features(samples), self.real_features),
-                "background": background_level(samples)}
+        return {
+            "digits_fd": frechet_distance(self._features(samples), self.real_features),
+            "background": background_level(samples),
+        }
 
 
 @torch.no_grad()
-def evaluate_digits(model, classifier, *, n: int, sampler_steps: int, method: str = "euler", grid: str = "uniform",
-                    seed: int = 1234, quality: DigitsQuality | None = None):
+def evaluate_digits(
+    model,
+    classifier,
+    *,
+    n: int,
+    sampler_steps: int,
+    method: str = "euler",
+    grid: str = "uniform",
+    seed: int = 1234,
+    quality: DigitsQuality | None = None,
+):
     """Statistics of n samples of ``model`` (``sampler_steps`` steps of ``method`` on ``grid``): fraction classified
     even, class entropy (nats, over the 10 digits), mean pairwise distance, and with ``quality`` its digits FD and
     background level; returns (stats, samples)."""
     device = next(model.parameters()).device
-    x0 = torch.randn((n, *infer_image_shape(model)), device=device,
-                     generator=torch.Generator(device=device).manual_seed(seed))
+    x0 = torch.randn(
+        (n, *infer_image_shape(model)), device=device, generator=torch.Generator(device=device).manual_seed(seed)
+    )
     model.eval()
     x1 = sample(model, x0, times=time_grid(grid, sampler_steps), method=method, cuda_graph=False)
     labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
@@ -125,25 +137,44 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, d
     """Runs the demo and writes its report into ``out_dir``; returns the metrics."""
     s = settings or DemoSettings()
     out_dir, device = prepare_output_dir(out_dir, "the report folder"), torch.device(device)
-    configs = {alpha: TrainerConfig(  # every setting is checked before the pre-training starts
-        learning_rate=s.learning_rate, w2_coefficient=alpha, temperature=s.temperature, weighting=s.weighting,
-        batch_size=s.batch_size, sampler_steps=s.sampler_steps, savedir=str(out_dir / f"alpha_{alpha:g}"),
-        seed=s.seed, grid_size=64, checkpoint_every=0,
-    ) for alpha in s.alphas}
-    base, classifier = pretrained_digits(cache_dir or default_cache_dir(), steps=s.pretrain_steps, device=device,
-                                         progress=progress, seed=s.seed)
+    configs = {
+        alpha: TrainerConfig(  # every setting is checked before the pre-training starts
+            learning_rate=s.learning_rate,
+            w2_coefficient=alpha,
+            temperature=s.temperature,
+            weighting=s.weighting,
+            batch_size=s.batch_size,
+            sampler_steps=s.sampler_steps,
+            savedir=str(out_dir / f"alpha_{alpha:g}"),
+            seed=s.seed,
+            grid_size=64,
+            checkpoint_every=0,
+        )
+        for alpha in s.alphas
+    }
+    base, classifier = pretrained_digits(
+        cache_dir or default_cache_dir(), steps=s.pretrain_steps, device=device, progress=progress, seed=s.seed
+    )
     reward, quality = ClassifierReward(classifier, EVEN_DIGITS), DigitsQuality(classifier)
     method, grid = TrainerConfig.sampler_method, PixelFlowModel.rollout_grid  # the trainer's rollouts
-    stats, x1 = evaluate_digits(base, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps, method=method,
-                                grid=grid, quality=quality)
+    stats, x1 = evaluate_digits(
+        base, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps, method=method, grid=grid, quality=quality
+    )
     save_image_grid(x1[:64], out_dir / "samples_base.png", scale=4)
     report = {"settings": dataclasses.asdict(s), "base": stats, "runs": {}}
     for alpha, config in configs.items():
         start = time.perf_counter()
         trainer = ORWCFMTrainer(copy.deepcopy(base), config, device, reward_fn=reward)  # reference = base
         history = trainer.train(s.epochs, s.steps_per_epoch, progress=progress)
-        stats, x1 = evaluate_digits(trainer.model, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps,
-                                    method=method, grid=grid, quality=quality)
+        stats, x1 = evaluate_digits(
+            trainer.model,
+            classifier,
+            n=s.eval_samples,
+            sampler_steps=s.sampler_steps,
+            method=method,
+            grid=grid,
+            quality=quality,
+        )
         save_image_grid(x1[:64], out_dir / f"samples_alpha_{alpha:g}.png", scale=4)
         stats["train_seconds"] = time.perf_counter() - start
         report["runs"][f"{alpha:g}"] = {"final": stats, "history": history}
@@ -155,10 +186,15 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, d
 
 def format_table(report: dict) -> str:
     rows = [("base model", report["base"])] + [(f"alpha = {a}", r["final"]) for a, r in report["runs"].items()]
-    lines = ["| model | even digits | class entropy (nats, max ln 10 = 2.30) | diversity | digits FD | background |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {st['even_fraction']:.1%} | {st['class_entropy']:.2f} | {st['diversity']:.2f} | "
-              f"{st['digits_fd']:.1f} | {st['background']:.0f} |" for name, st in rows]
+    lines = [
+        "| model | even digits | class entropy (nats, max ln 10 = 2.30) | diversity | digits FD | background |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {st['even_fraction']:.1%} | {st['class_entropy']:.2f} | {st['diversity']:.2f} | "
+        f"{st['digits_fd']:.1f} | {st['background']:.0f} |"
+        for name, st in rows
+    ]
     return "\n".join(lines)
 
 

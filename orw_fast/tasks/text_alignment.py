@@ -1,6 +1,6 @@
-"""Text-image alignment on the text-conditioned digits model (orw_fast.tasks.text_digits): LoRA fine-tuning by ORW-CFM-W2
-toward prompt alignment, measured after every epoch on held-out prompts. Used by ``orw-fast demo --task text`` and
-experiments/text_alignment.py.
+"""Text-image alignment on the text-conditioned digits model (orw_fast.tasks.text_digits): LoRA fine-tuning by
+ORW-CFM-W2 toward prompt alignment, measured after every epoch on held-out prompts. Used by
+``orw-fast demo --task text`` and experiments/text_alignment.py.
 
 Reward: the digit classifier's probability of the digit the prompt names (``PromptedDigitReward``, the stand-in for
 a CLIP score). Training prompts: "a handwritten <digit>" and "a thick handwritten <digit>"; held-out prompts, used
@@ -11,6 +11,7 @@ the reference model's images of the same prompt (exact OT, averaged over prompts
 other noise: the estimator's floor), and sample quality: the digits FD to the held-out real digits and the
 background level (``orw_fast.tasks.demo.DigitsQuality``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,20 +20,32 @@ from pathlib import Path
 
 import torch
 
-from orw_fast.tasks.demo import DemoSettings, DigitsQuality, pretrained_digits
-from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import mean_pairwise_distance, w2_distance
 from orw_fast.models.diffusers_flow import LORA_TARGETS
 from orw_fast.pretrain import default_cache_dir
-from orw_fast.tasks.text_digits import (MAX_SEQUENCE_LENGTH, PromptedDigitReward, digit_of, pretrained_text_digits,
-                                  prompts_for, to_grey)
+from orw_fast.tasks.demo import DemoSettings, DigitsQuality, pretrained_digits
+from orw_fast.tasks.sweeps import check_finite, sweep, sweep_config
+from orw_fast.tasks.text_digits import (
+    MAX_SEQUENCE_LENGTH,
+    PromptedDigitReward,
+    digit_of,
+    pretrained_text_digits,
+    prompts_for,
+    to_grey,
+)
 from orw_fast.trainer import ORWCFMTrainer
 
 TRAIN_PROMPTS = prompts_for(strokes=("", "thick "))
 HELD_OUT_PROMPTS = prompts_for(strokes=("thin ",))
-COLUMNS = {"alignment": "alignment", "reward": "reward", "prompt_diversity": "diversity within a prompt",
-           "w2_to_reference": "W2 to reference", "digits_fd": "digits FD", "background": "background (0-255)"}
+COLUMNS = {
+    "alignment": "alignment",
+    "reward": "reward",
+    "prompt_diversity": "diversity within a prompt",
+    "w2_to_reference": "W2 to reference",
+    "digits_fd": "digits FD",
+    "background": "background (0-255)",
+}
 
 
 @dataclasses.dataclass
@@ -82,15 +95,22 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def make_flow():
-        return DiffusersFlowModel(folder, PromptSource(TRAIN_PROMPTS, samples_per_prompt=s.samples_per_prompt),
-                                  lora_rank=s.lora_rank, lora_targets=s.lora_targets, guidance_scale=s.guidance_scale,
-                                  max_sequence_length=MAX_SEQUENCE_LENGTH, eval_prompts=HELD_OUT_PROMPTS)
+        return DiffusersFlowModel(
+            folder,
+            PromptSource(TRAIN_PROMPTS, samples_per_prompt=s.samples_per_prompt),
+            lora_rank=s.lora_rank,
+            lora_targets=s.lora_targets,
+            guidance_scale=s.guidance_scale,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            eval_prompts=HELD_OUT_PROMPTS,
+        )
 
     @torch.no_grad()
     def images_of(trainer: ORWCFMTrainer, noise_seed: int) -> torch.Tensor:
         flow = trainer.flow
-        x0 = torch.randn((len(eval_prompts), *flow.sample_shape()),
-                         generator=torch.Generator().manual_seed(noise_seed)).to(device)
+        x0 = torch.randn(
+            (len(eval_prompts), *flow.sample_shape()), generator=torch.Generator().manual_seed(noise_seed)
+        ).to(device)
         x1 = flow.generate(trainer.model, x0, eval_prompts, steps=s.sampler_steps, method="heun", cuda_graph=False)
         return to_grey(flow.to_images(x1))
 
@@ -104,23 +124,31 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
         digits = torch.tensor([digit_of(p) for p in eval_prompts], device=device)
         labels = classifier(images).argmax(dim=1)
         groups = _by_prompt(images, n)
-        return {"alignment": float((labels == digits).float().mean()),
-                "reward": float(reward_fn(images.expand(-1, 3, -1, -1), eval_prompts).mean()),
-                "prompt_diversity": float(torch.stack([mean_pairwise_distance(g) for g in groups]).mean()),
-                "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
-                **quality(images)}
+        return {
+            "alignment": float((labels == digits).float().mean()),
+            "reward": float(reward_fn(images.expand(-1, 3, -1, -1), eval_prompts).mean()),
+            "prompt_diversity": float(torch.stack([mean_pairwise_distance(g) for g in groups]).mean()),
+            "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
+            **quality(images),
+        }
 
     def make_trainer(alpha: float, seed: int, callbacks: list) -> ORWCFMTrainer:
-        return ORWCFMTrainer(make_flow(), sweep_config(s, alpha, seed), device, reward_fn=reward_fn,
-                             callbacks=callbacks)
+        return ORWCFMTrainer(
+            make_flow(), sweep_config(s, alpha, seed), device, reward_fn=reward_fn, callbacks=callbacks
+        )
 
     def save_samples(alpha: float) -> None:
         if out_dir is not None:
             _save_grid(evaluate.last, out_dir / f"samples_alpha_{alpha:g}.png", n)
 
     runs = sweep(s.alphas, s.seeds, make_trainer, s.epochs, s.steps_per_epoch, evaluate, save_samples, progress)
-    results = {"settings": dataclasses.asdict(s), "train_prompts": TRAIN_PROMPTS, "held_out_prompts": HELD_OUT_PROMPTS,
-               "runs": runs, "seconds": time.perf_counter() - start}
+    results = {
+        "settings": dataclasses.asdict(s),
+        "train_prompts": TRAIN_PROMPTS,
+        "held_out_prompts": HELD_OUT_PROMPTS,
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
+    }
     check_finite(results)
     if out_dir is not None:
         _save_grid(torch.cat(reference), out_dir / "samples_reference.png", n)
@@ -133,23 +161,28 @@ def _save_grid(images: torch.Tensor, path: Path, per_prompt: int) -> None:
     save_image_grid(torch.cat(rows), path, nrow=8, scale=4, row_captions=HELD_OUT_PROMPTS)
 
 
-
-
 def format_alignment_table(results: dict) -> str:
     """Markdown table: the reference (epoch 0) and every alpha's last epoch, mean over seeds."""
     runs = results["runs"]
     first = next(iter(next(iter(runs.values())).values()))[0]
-    lines = ["| model | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|",
-             "| reference (base model) | " + " | ".join(f"{first[k]:.3f}" for k in COLUMNS) + " |"]
+    lines = [
+        "| model | " + " | ".join(COLUMNS.values()) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+        "| reference (base model) | " + " | ".join(f"{first[k]:.3f}" for k in COLUMNS) + " |",
+    ]
     for alpha, by_seed in runs.items():
         finals = [records[-1] for records in by_seed.values()]
-        lines.append(f"| alpha = {alpha} | " + " | ".join(f"{sum(f[k] for f in finals) / len(finals):.3f}"
-                                                         for k in COLUMNS) + " |")
+        lines.append(
+            f"| alpha = {alpha} | "
+            + " | ".join(f"{sum(f[k] for f in finals) / len(finals):.3f}" for k in COLUMNS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def run_text_demo(out_dir, settings: AlignmentSettings | None = None, *, cache_dir=None, device="cpu",
-                  progress: bool = True) -> dict:
+def run_text_demo(
+    out_dir, settings: AlignmentSettings | None = None, *, cache_dir=None, device="cpu", progress: bool = True
+) -> dict:
     """``orw-fast demo --task text``: the alignment run (default: alpha 0 and 1, seed 0); writes the held-out
     prompts' sample grids (one prompt a row), curves.png (alignment and diversity within a prompt per epoch, first
     seed), metrics.json and prints the table."""

@@ -20,6 +20,7 @@ loads through the same loader as a real SD3 pipeline (``DiffusersFlowModel``, ``
 The reward of the alignment task is :class:`PromptedDigitReward`: the digit classifier's probability of the
 prompted digit, a stand-in for a CLIP score.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ _DIGIT = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b")
 
 
 def caption(digit: int, stroke: str = "") -> str:
-    """"a [thick |thin ]handwritten <digit word>"; ``stroke`` in STROKES."""
+    """ "a [thick |thin ]handwritten <digit word>"; ``stroke`` in STROKES."""
     if stroke not in STROKES:
         raise ValueError(f"stroke must be one of {STROKES}, got {stroke!r}")
     return f"a {stroke}handwritten {DIGIT_WORDS[digit]}"
@@ -104,17 +105,33 @@ def build_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_tokenizer(Path(tmp) / "clip", 8,
-                                   whole_words=("a", "thick", "thin", "handwritten", *DIGIT_WORDS))
+        tokenizer = clip_tokenizer(
+            Path(tmp) / "clip", 8, whole_words=("a", "thick", "thin", "handwritten", *DIGIT_WORDS)
+        )
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
-        pos_embed_max_size=4)
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=4,
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=tiny_vae(),
-        text_encoder=clip_text_encoder(len(tokenizer), True, 32), tokenizer=tokenizer,
-        text_encoder_2=clip_text_encoder(len(tokenizer), True, 32), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=tiny_vae(),
+        text_encoder=clip_text_encoder(len(tokenizer), True, 32),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_text_encoder(len(tokenizer), True, 32),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.default_sample_size = 8
     return pipe
 
@@ -123,8 +140,16 @@ def _rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1)
 
 
-def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-              progress: bool = True) -> float:
+def train_vae(
+    vae,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
     """Trains the VAE to reconstruct ``images`` [N, 1, 8, 8] (as grey RGB; MSE of the posterior mean's decoding plus
     1e-4 x KL), then sets its scaling and shift factors to whiten the latents; returns the final reconstruction
     RMSE (model space, all images)."""
@@ -151,14 +176,26 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int = 128, l
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt embeddings [N, 9, 64], pooled [N, 64]) of ``captions`` as the pipeline encodes them for rollouts."""
-    embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device="cpu", do_classifier_free_guidance=False,
-                                              max_sequence_length=MAX_SEQUENCE_LENGTH)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH
+    )
     return embeds, pooled
 
 
-def pretrain_transformer(pipe, images: torch.Tensor, labels: torch.Tensor, strokes: list[str], *, steps: int,
-                         wrong_caption_share: float, batch_size: int = 128, lr: float = 1e-3, uncond_share: float = 0.1,
-                         seed: int = 0, progress: bool = True) -> float:
+def pretrain_transformer(
+    pipe,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    strokes: list[str],
+    *,
+    steps: int,
+    wrong_caption_share: float,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    uncond_share: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
     """Rectified flow matching of the transformer on the VAE latents of ``images`` [N, 1, 8, 8] with their captions
     (``labels`` [N], ``strokes``: N stroke words); in each draw a share ``wrong_caption_share`` of the captions names
     a uniformly drawn other digit (same stroke) and a share ``uncond_share`` is empty. Returns the last 100 steps'
@@ -181,14 +218,23 @@ def pretrain_transformer(pipe, images: torch.Tensor, labels: torch.Tensor, strok
         wrong = torch.rand(batch_size, generator=gen) < wrong_caption_share
         digits[wrong] = (digits[wrong] + torch.randint(1, 10, (int(wrong.sum()),), generator=gen)) % 10
         uncond = torch.rand(batch_size, generator=gen) < uncond_share
-        rows = torch.tensor([row[""] if u else row[caption(int(d), strokes[i])]
-                             for d, u, i in zip(digits, uncond.tolist(), index.tolist())])
+        rows = torch.tensor(
+            [
+                row[""] if u else row[caption(int(d), strokes[i])]
+                for d, u, i in zip(digits, uncond.tolist(), index.tolist())
+            ]
+        )
         z = latents[index]
         noise = torch.randn(z.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))  # logit-normal, as SD3
         x = (1 - sigma[:, None, None, None]) * z + sigma[:, None, None, None] * noise
-        out = transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds[rows],
-                          pooled_projections=pooled[rows], return_dict=False)[0]
+        out = transformer(
+            hidden_states=x,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds[rows],
+            pooled_projections=pooled[rows],
+            return_dict=False,
+        )[0]
         loss = torch.nn.functional.mse_loss(out, noise - z)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,8 +247,15 @@ def pretrain_transformer(pipe, images: torch.Tensor, labels: torch.Tensor, strok
     return sum(losses[-100:]) / len(losses[-100:])
 
 
-def pretrain_text_digits(out_dir, *, steps: int = 3000, vae_steps: int = 1000, wrong_caption_share: float = 0.3,
-                         seed: int = 0, progress: bool = True) -> dict:
+def pretrain_text_digits(
+    out_dir,
+    *,
+    steps: int = 3000,
+    vae_steps: int = 1000,
+    wrong_caption_share: float = 0.3,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Builds and pre-trains the pipeline on all 1797 digits and saves it (``save_pretrained``) into ``out_dir``,
     written whole or not at all; returns what it measured (also in ``out_dir``/pretraining.json).
 
@@ -218,13 +271,25 @@ def pretrain_text_digits(out_dir, *, steps: int = 3000, vae_steps: int = 1000, w
     torch.set_num_threads(1)
     try:
         info = {"vae_rmse": train_vae(pipe.vae, images, steps=vae_steps, seed=seed, progress=progress)}
-        info["flow_loss"] = pretrain_transformer(pipe, images, labels, stroke_words(images, labels), steps=steps,
-                                                 wrong_caption_share=wrong_caption_share, seed=seed,
-                                                 progress=progress)
+        info["flow_loss"] = pretrain_transformer(
+            pipe,
+            images,
+            labels,
+            stroke_words(images, labels),
+            steps=steps,
+            wrong_caption_share=wrong_caption_share,
+            seed=seed,
+            progress=progress,
+        )
     finally:
         torch.set_num_threads(threads)
-    info.update(steps=steps, vae_steps=vae_steps, wrong_caption_share=wrong_caption_share, seed=seed,
-                max_sequence_length=MAX_SEQUENCE_LENGTH)
+    info.update(
+        steps=steps,
+        vae_steps=vae_steps,
+        wrong_caption_share=wrong_caption_share,
+        seed=seed,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

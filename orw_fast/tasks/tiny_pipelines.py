@@ -6,6 +6,7 @@ a small vocabulary written here. For tests, CPU benchmarks and experiments of th
 Sizes: SD3 (2 transformer layers, 2 CLIP text encoders, no T5) about 0.2M parameters; FLUX (1 + 1 layers, CLIP
 and T5 encoders) about 0.2M; a one-block VAE (latents at image resolution, 4 channels).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("a an the of photo picture image small large thick thin red blue green yellow black white cat dog bird "
-         "car house tree digit zero one two three four five six seven eight nine handwritten").split()
+WORDS = (
+    "a an the of photo picture image small large thick thin red blue green yellow black white cat dog bird "
+    "car house tree digit zero one two three four five six seven eight nine handwritten"
+).split()
 
 
 def clip_tokenizer(folder: Path, max_length: int, *, whole_words=()):
@@ -37,7 +40,7 @@ def clip_tokenizer(folder: Path, max_length: int, *, whole_words=()):
             merge = f"{''.join(symbols[:i])} {symbols[i]}"
             if merge not in merges:
                 merges.append(merge)
-            vocab.setdefault("".join(symbols[:i + 1]), len(vocab))
+            vocab.setdefault("".join(symbols[: i + 1]), len(vocab))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
@@ -52,12 +55,18 @@ def _t5_tokenizer(folder: Path, max_length: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, T5TokenizerFast
 
-    pieces = ["<pad>", "</s>", "<unk>", *dict.fromkeys(f"\u2581{w}" for w in WORDS),
-              *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces = [
+        "<pad>",
+        "</s>",
+        "<unk>",
+        *dict.fromkeys(f"\u2581{w}" for w in WORDS),
+        *"abcdefghijklmnopqrstuvwxyz0123456789",
+    ]
     tokenizer = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
     fast.save_pretrained(folder)
     return T5TokenizerFast.from_pretrained(folder), len(pieces)
 
@@ -66,26 +75,60 @@ def clip_text_encoder(vocab_size: int, projection: bool, width: int = 32, layers
     """A CLIP text encoder (``CLIPTextModelWithProjection`` with ``projection``) with random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
-                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=width)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=width,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 # The published architectures (their transformer and VAE configs; weights random): SD3.5-medium and FLUX.1-dev.
 PUBLISHED = {
     "sd3": dict(
-        transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
-                         dual_attention_layers=tuple(range(13))),
-        vae=dict(scaling_factor=1.5305, shift_factor=0.0609), scheduler=dict(shift=3.0), clip_widths=(768, 1280)),
+        transformer=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=384,
+            qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        vae=dict(scaling_factor=1.5305, shift_factor=0.0609),
+        scheduler=dict(shift=3.0),
+        clip_widths=(768, 1280),
+    ),
     "flux": dict(
-        transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                         guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        transformer=dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
         vae=dict(scaling_factor=0.3611, shift_factor=0.1159),
-        scheduler=dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0), clip_widths=(768,)),
+        scheduler=dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0),
+        clip_widths=(768,),
+    ),
 }
 
 
@@ -95,27 +138,65 @@ def tiny_vae(latent_channels: int = 4, published: dict | None = None):
     from diffusers import AutoencoderKL
 
     if published is not None:  # the SD3 / FLUX VAE (8x downsampling, 16 latent channels)
-        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                             layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                             use_post_quant_conv=False, sample_size=1024, **published)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=latent_channels,
-                         norm_num_groups=4, sample_size=8, scaling_factor=1.5, shift_factor=0.1)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            norm_num_groups=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            sample_size=1024,
+            **published,
+        )
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=8,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+    )
 
 
 def _sd3(arch, text_encoder, tokenizer, vae, tmp: Path, *, sample_size: int, layers: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    config = arch["transformer"] if arch else dict(
-        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
-        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
-        out_channels=4, pos_embed_max_size=96)
+    config = (
+        arch["transformer"]
+        if arch
+        else dict(
+            sample_size=sample_size,
+            patch_size=1,
+            in_channels=4,
+            num_layers=layers,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=64,
+            out_channels=4,
+            pos_embed_max_size=96,
+        )
+    )
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**config),
         scheduler=FlowMatchEulerDiscreteScheduler(**(arch["scheduler"] if arch else dict(shift=3.0))),
-        vae=vae, text_encoder=text_encoder(0, True), tokenizer=tokenizer,
-        text_encoder_2=text_encoder(1, True), tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        vae=vae,
+        text_encoder=text_encoder(0, True),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder(1, True),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
 
 
 def _flux(arch, text_encoder, tokenizer, vae, tmp: Path, *, sample_size: int, layers: int):
@@ -123,18 +204,38 @@ def _flux(arch, text_encoder, tokenizer, vae, tmp: Path, *, sample_size: int, la
     from transformers import T5Config, T5EncoderModel
 
     t5_tokenizer, t5_vocab = _t5_tokenizer(tmp / "t5", 512 if arch else 16)
-    t5_config = (dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64) if arch else
-                 dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    t5_config = (
+        dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64)
+        if arch
+        else dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    )
     t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, decoder_start_token_id=0, **t5_config))
-    config = arch["transformer"] if arch else dict(
-        patch_size=1, in_channels=16, num_layers=max(1, layers - 1), num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-        guidance_embeds=True)
+    config = (
+        arch["transformer"]
+        if arch
+        else dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=max(1, layers - 1),
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=(4, 4, 8),
+            guidance_embeds=True,
+        )
+    )
     scheduler = arch["scheduler"] if arch else dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     return FluxPipeline(
-        transformer=FluxTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
-        vae=vae, text_encoder=text_encoder(0, False), tokenizer=tokenizer, text_encoder_2=t5,
-        tokenizer_2=t5_tokenizer)
+        transformer=FluxTransformer2DModel(**config),
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler),
+        vae=vae,
+        text_encoder=text_encoder(0, False),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+    )
 
 
 _BUILDERS = {"sd3": _sd3, "flux": _flux}  # kind -> builder (a tiny pipeline of each diffusers family)
@@ -162,8 +263,9 @@ def tiny_pipeline(kind: str, *, seed: int = 0, sample_size: int = 8, layers: int
         def text_encoder(index: int, projection: bool):
             return clip_text_encoder(vocab, projection, widths[index], text_layers)
 
-        pipeline = _BUILDERS[kind](arch, text_encoder, tokenizer, vae, Path(tmp), sample_size=sample_size,
-                                   layers=layers)
+        pipeline = _BUILDERS[kind](
+            arch, text_encoder, tokenizer, vae, Path(tmp), sample_size=sample_size, layers=layers
+        )
     if not published:
         pipeline.default_sample_size = sample_size // pipeline.vae_scale_factor
     return pipeline

@@ -16,6 +16,7 @@ Two launches, one read of the data: the pass kernel (one program per chunk of a 
 its sample's weight, the chunk's partial sums and the gradients; the finalize kernel (one program)
 adds the partial sums in a fixed order, so results are the same bits run to run.
 """
+
 import contextlib
 import dataclasses
 import math
@@ -81,10 +82,27 @@ def _weight(scores_ptr, i, B, tau, WEIGHTING: tl.constexpr, SCORE_BLOCK: tl.cons
 # interpreter, as Python floats, without a detour through float32.
 @triton.jit
 def _pass_kernel(
-    v_ptr, u_ptr, r_ptr, gv_ptr, gu_ptr, gr_ptr, scores_ptr, weights_ptr, part_ptr,
-    B, D, nchunks, alpha: tl.float64, tau: tl.float64,
-    WEIGHTING: tl.constexpr, GRAD_V: tl.constexpr, GRAD_U: tl.constexpr, GRAD_V_REF: tl.constexpr,
-    BLOCK: tl.constexpr, TILES: tl.constexpr, SCORE_BLOCK: tl.constexpr,
+    v_ptr,
+    u_ptr,
+    r_ptr,
+    gv_ptr,
+    gu_ptr,
+    gr_ptr,
+    scores_ptr,
+    weights_ptr,
+    part_ptr,
+    B,
+    D,
+    nchunks,
+    alpha: tl.float64,
+    tau: tl.float64,
+    WEIGHTING: tl.constexpr,
+    GRAD_V: tl.constexpr,
+    GRAD_U: tl.constexpr,
+    GRAD_V_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
+    SCORE_BLOCK: tl.constexpr,
 ):
     """Program t = i * nchunks + c: chunk c of sample i. Writes w_i (from chunk 0), the gradients
     of the chunk and its sums of (v-u)^2 and (v-v_ref)^2 to part[0, i, c] and part[1, i, c]."""
@@ -127,8 +145,18 @@ def _pass_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    part_ptr, weights_ptr, fm_ptr, w2_ptr, loss_ptr, B, D, nchunks, alpha: tl.float64,
-    ROWS: tl.constexpr, COLS: tl.constexpr, WEIGHTED: tl.constexpr = True,
+    part_ptr,
+    weights_ptr,
+    fm_ptr,
+    w2_ptr,
+    loss_ptr,
+    B,
+    D,
+    nchunks,
+    alpha: tl.float64,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    WEIGHTED: tl.constexpr = True,
 ):
     """One program: fm, w2 from the partial sums [2, B, nchunks] in a fixed order, and the loss
     mean_i(w_i fm_i + alpha w2_i) (w_i = 1 when not WEIGHTED: the quadratic_fm op, whose fm is its policy term).
@@ -184,32 +212,55 @@ def _same_layout(a, b) -> bool:
 def _check_inputs(v, u, v_ref, scores, alpha, tau, weighting) -> int:
     """The checks of csrc/orw_cfm_w2.cpp (metadata only); returns D."""
     torch._check(v.dim() >= 1 and v.numel() > 0, lambda: "orw_cfm_w2: v must be a non-empty [B, ...] tensor")
-    torch._check(u.shape == v.shape and v_ref.shape == v.shape,
-                 lambda: f"orw_cfm_w2: v, u, v_ref must have one shape, got {v.shape}, {u.shape}, {v_ref.shape}")
-    torch._check(_same_layout(u, v) and _same_layout(v_ref, v),
-                 lambda: "orw_cfm_w2: v, u, v_ref must have identical strides")
-    torch._check(v.is_floating_point() and u.dtype == v.dtype and v_ref.dtype == v.dtype,
-                 lambda: "orw_cfm_w2: v, u, v_ref must share one floating dtype")
-    torch._check(u.device == v.device and v_ref.device == v.device and scores.device == v.device,
-                 lambda: "orw_cfm_w2: all tensors must be on one device")
+    torch._check(
+        u.shape == v.shape and v_ref.shape == v.shape,
+        lambda: f"orw_cfm_w2: v, u, v_ref must have one shape, got {v.shape}, {u.shape}, {v_ref.shape}",
+    )
+    torch._check(
+        _same_layout(u, v) and _same_layout(v_ref, v), lambda: "orw_cfm_w2: v, u, v_ref must have identical strides"
+    )
+    torch._check(
+        v.is_floating_point() and u.dtype == v.dtype and v_ref.dtype == v.dtype,
+        lambda: "orw_cfm_w2: v, u, v_ref must share one floating dtype",
+    )
+    torch._check(
+        u.device == v.device and v_ref.device == v.device and scores.device == v.device,
+        lambda: "orw_cfm_w2: all tensors must be on one device",
+    )
     batch = v.shape[0]
     dim = v.numel() // batch
-    torch._check(_is_dense(v) and (batch == 1 or v.stride(0) == dim),
-                 lambda: "orw_cfm_w2: v must be dense with the batch dimension outermost")
+    torch._check(
+        _is_dense(v) and (batch == 1 or v.stride(0) == dim),
+        lambda: "orw_cfm_w2: v must be dense with the batch dimension outermost",
+    )
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    torch._check(scores.dim() == 1 and scores.shape[0] == batch and scores.dtype == acc and scores.is_contiguous(),
-                 lambda: f"orw_cfm_w2: scores must be a contiguous [B] tensor of dtype {acc}")
+    torch._check(
+        scores.dim() == 1 and scores.shape[0] == batch and scores.dtype == acc and scores.is_contiguous(),
+        lambda: f"orw_cfm_w2: scores must be a contiguous [B] tensor of dtype {acc}",
+    )
     limit = torch.finfo(acc).max  # alpha and tau enter the arithmetic in the accumulation dtype
-    torch._check(math.isfinite(alpha) and 0 <= alpha <= limit,
-                 lambda: f"orw_cfm_w2: alpha must be >= 0 and finite in {acc}, got {alpha}")
-    torch._check(math.isfinite(tau) and abs(tau) <= limit, lambda: f"orw_cfm_w2: tau must be finite in {acc}, got {tau}")
+    torch._check(
+        math.isfinite(alpha) and 0 <= alpha <= limit,
+        lambda: f"orw_cfm_w2: alpha must be >= 0 and finite in {acc}, got {alpha}",
+    )
+    torch._check(
+        math.isfinite(tau) and abs(tau) <= limit, lambda: f"orw_cfm_w2: tau must be finite in {acc}, got {tau}"
+    )
     torch._check(0 <= weighting <= 3, lambda: f"orw_cfm_w2: unknown weighting {weighting}")
     return dim
 
 
 def _orw_cfm_w2_triton(
-    v: torch.Tensor, u: torch.Tensor, v_ref: torch.Tensor, scores: torch.Tensor, alpha: float, tau: float,
-    weighting: int, grad_v: bool, grad_u: bool, grad_v_ref: bool,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_ref: torch.Tensor,
+    scores: torch.Tensor,
+    alpha: float,
+    tau: float,
+    weighting: int,
+    grad_v: bool,
+    grad_u: bool,
+    grad_v_ref: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dim = _check_inputs(v, u, v_ref, scores, alpha, tau, weighting)
     batch, cfg = v.shape[0], CONFIG
@@ -221,14 +272,42 @@ def _orw_cfm_w2_triton(
     cols = _pow2_at_least(nchunks, cfg.finalize_tile)
     with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():  # launch on v's GPU
         torch.library.wrap_triton(_pass_kernel)[(batch * nchunks,)](
-            v, u, v_ref, gv, gu, gr, scores, weights, part, batch, dim, nchunks, alpha, tau,
-            WEIGHTING=weighting, GRAD_V=grad_v, GRAD_U=grad_u, GRAD_V_REF=grad_v_ref,
-            BLOCK=block, TILES=cfg.tiles, SCORE_BLOCK=_pow2_at_least(batch, cfg.score_block),
+            v,
+            u,
+            v_ref,
+            gv,
+            gu,
+            gr,
+            scores,
+            weights,
+            part,
+            batch,
+            dim,
+            nchunks,
+            alpha,
+            tau,
+            WEIGHTING=weighting,
+            GRAD_V=grad_v,
+            GRAD_U=grad_u,
+            GRAD_V_REF=grad_v_ref,
+            BLOCK=block,
+            TILES=cfg.tiles,
+            SCORE_BLOCK=_pow2_at_least(batch, cfg.score_block),
             num_warps=cfg.num_warps,
         )
         torch.library.wrap_triton(_finalize_kernel)[(1,)](
-            part, weights, fm, w2, loss, batch, dim, nchunks, alpha,
-            ROWS=cfg.finalize_tile // cols, COLS=cols, num_warps=4,
+            part,
+            weights,
+            fm,
+            w2,
+            loss,
+            batch,
+            dim,
+            nchunks,
+            alpha,
+            ROWS=cfg.finalize_tile // cols,
+            COLS=cols,
+            num_warps=4,
         )
     return outs
 

@@ -13,6 +13,7 @@ Two launches, one read of the data: the pass kernel (one program per chunk of a 
 ops/triton/orw_cfm_w2.CONFIG) computes the chunk's partial sums and gradients; the finalize kernel of
 orw_cfm_w2 (unweighted) adds them in a fixed order.
 """
+
 import contextlib
 import math
 import os
@@ -27,10 +28,26 @@ from orw_fast.ops.triton import orw_cfm_w2 as shared
 
 @triton.jit
 def _pass_kernel(
-    v_ptr, u_ptr, o_ptr, r_ptr, gv_ptr, gu_ptr, go_ptr, gr_ptr, coef_ptr, part_ptr, B, D, nchunks,
+    v_ptr,
+    u_ptr,
+    o_ptr,
+    r_ptr,
+    gv_ptr,
+    gu_ptr,
+    go_ptr,
+    gr_ptr,
+    coef_ptr,
+    part_ptr,
+    B,
+    D,
+    nchunks,
     alpha: tl.float64,
-    GRAD_V: tl.constexpr, GRAD_U: tl.constexpr, GRAD_V_OLD: tl.constexpr, GRAD_V_REF: tl.constexpr,
-    BLOCK: tl.constexpr, TILES: tl.constexpr,
+    GRAD_V: tl.constexpr,
+    GRAD_U: tl.constexpr,
+    GRAD_V_OLD: tl.constexpr,
+    GRAD_V_REF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """Program t = i * nchunks + c: chunk c of sample i. Writes the chunk's gradients and its sums of the
     quadratic form and of (v - v_ref)^2 to part[0, i, c] and part[1, i, c]."""
@@ -69,8 +86,9 @@ def _pass_kernel(
         s1 += x1 * y1 + x2 * y2 + e * y3
         s2 += kl * kl
         if GRAD_V:
-            tl.store(gv_ptr + base + offs, (coef * (m1 * y1 + m2 * y2 + y3) + ca * kl).to(gv_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(
+                gv_ptr + base + offs, (coef * (m1 * y1 + m2 * y2 + y3) + ca * kl).to(gv_ptr.dtype.element_ty), mask=mask
+            )
         if GRAD_U:
             tl.store(gu_ptr + base + offs, (-coef * (y1 + y2)).to(gu_ptr.dtype.element_ty), mask=mask)
         if GRAD_V_OLD:
@@ -86,29 +104,50 @@ def _check_inputs(v, u, v_old, v_ref, coef, alpha) -> int:
     """The checks of csrc/quadratic_fm.cpp (metadata only); returns D."""
     torch._check(v.dim() >= 1 and v.numel() > 0, lambda: "quadratic_fm: v must be a non-empty [B, ...] tensor")
     for t in (u, v_old, v_ref):
-        torch._check(t.shape == v.shape, lambda t=t: f"quadratic_fm: v, u, v_old, v_ref must have one shape, got "
-                                                     f"{v.shape} and {t.shape}")
+        torch._check(
+            t.shape == v.shape,
+            lambda t=t: f"quadratic_fm: v, u, v_old, v_ref must have one shape, got {v.shape} and {t.shape}",
+        )
         torch._check(shared._same_layout(t, v), lambda: "quadratic_fm: v, u, v_old, v_ref must have identical strides")
-        torch._check(v.is_floating_point() and t.dtype == v.dtype,
-                     lambda: "quadratic_fm: v, u, v_old, v_ref must share one floating dtype")
+        torch._check(
+            v.is_floating_point() and t.dtype == v.dtype,
+            lambda: "quadratic_fm: v, u, v_old, v_ref must share one floating dtype",
+        )
         torch._check(t.device == v.device, lambda: "quadratic_fm: all tensors must be on one device")
     torch._check(coef.device == v.device, lambda: "quadratic_fm: all tensors must be on one device")
     batch = v.shape[0]
     dim = v.numel() // batch
-    torch._check(shared._is_dense(v) and (batch == 1 or v.stride(0) == dim),
-                 lambda: "quadratic_fm: v must be dense with the batch dimension outermost")
+    torch._check(
+        shared._is_dense(v) and (batch == 1 or v.stride(0) == dim),
+        lambda: "quadratic_fm: v must be dense with the batch dimension outermost",
+    )
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    torch._check(coef.dim() == 2 and coef.shape[0] == 5 and coef.shape[1] == batch and coef.dtype == acc
-                 and coef.is_contiguous(),
-                 lambda: f"quadratic_fm: coef must be a contiguous [5, B] tensor of dtype {acc}")
-    torch._check(math.isfinite(alpha) and 0 <= alpha <= torch.finfo(acc).max,
-                 lambda: f"quadratic_fm: alpha must be >= 0 and finite in {acc}, got {alpha}")
+    torch._check(
+        coef.dim() == 2
+        and coef.shape[0] == 5
+        and coef.shape[1] == batch
+        and coef.dtype == acc
+        and coef.is_contiguous(),
+        lambda: f"quadratic_fm: coef must be a contiguous [5, B] tensor of dtype {acc}",
+    )
+    torch._check(
+        math.isfinite(alpha) and 0 <= alpha <= torch.finfo(acc).max,
+        lambda: f"quadratic_fm: alpha must be >= 0 and finite in {acc}, got {alpha}",
+    )
     return dim
 
 
 def _quadratic_fm_triton(
-    v: torch.Tensor, u: torch.Tensor, v_old: torch.Tensor, v_ref: torch.Tensor, coef: torch.Tensor, alpha: float,
-    grad_v: bool, grad_u: bool, grad_v_old: bool, grad_v_ref: bool,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    v_old: torch.Tensor,
+    v_ref: torch.Tensor,
+    coef: torch.Tensor,
+    alpha: float,
+    grad_v: bool,
+    grad_u: bool,
+    grad_v_old: bool,
+    grad_v_ref: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dim = _check_inputs(v, u, v_old, v_ref, coef, alpha)
     batch, cfg = v.shape[0], shared.CONFIG
@@ -120,13 +159,42 @@ def _quadratic_fm_triton(
     cols = shared._pow2_at_least(nchunks, cfg.finalize_tile)
     with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():  # launch on v's GPU
         torch.library.wrap_triton(_pass_kernel)[(batch * nchunks,)](
-            v, u, v_old, v_ref, gv, gu, go, gr, coef, part, batch, dim, nchunks, alpha,
-            GRAD_V=grad_v, GRAD_U=grad_u, GRAD_V_OLD=grad_v_old, GRAD_V_REF=grad_v_ref,
-            BLOCK=block, TILES=cfg.tiles, num_warps=cfg.num_warps,
+            v,
+            u,
+            v_old,
+            v_ref,
+            gv,
+            gu,
+            go,
+            gr,
+            coef,
+            part,
+            batch,
+            dim,
+            nchunks,
+            alpha,
+            GRAD_V=grad_v,
+            GRAD_U=grad_u,
+            GRAD_V_OLD=grad_v_old,
+            GRAD_V_REF=grad_v_ref,
+            BLOCK=block,
+            TILES=cfg.tiles,
+            num_warps=cfg.num_warps,
         )
         torch.library.wrap_triton(shared._finalize_kernel)[(1,)](
-            part, coef, policy, kl, loss, batch, dim, nchunks, alpha,
-            ROWS=cfg.finalize_tile // cols, COLS=cols, WEIGHTED=False, num_warps=4,
+            part,
+            coef,
+            policy,
+            kl,
+            loss,
+            batch,
+            dim,
+            nchunks,
+            alpha,
+            ROWS=cfg.finalize_tile // cols,
+            COLS=cols,
+            WEIGHTED=False,
+            num_warps=4,
         )
     return outs
 
