@@ -50,6 +50,7 @@ TORCH_LIBRARY_FRAGMENT(orw_fast, m) {
       "quadratic_fm(Tensor v, Tensor u, Tensor v_old, Tensor v_ref, Tensor coef, float alpha, "
       "bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref) -> (Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor)");
+  m.def("quadratic_fm_l1(Tensor v, Tensor u, Tensor v_old, Tensor coef) -> (Tensor, Tensor)");
 }
 
 }  // namespace orw_fast

@@ -16,6 +16,13 @@
 //   grad_v_old = c ((1 - m1) y1 + (1 - m2) y2 - y3), grad_v_ref = -c alpha k.
 //   (Two weighted squares rather than a general form p a^2 + q e^2 + 2 s a e: no cancellation, e.g.
 //   AWM's grad_v_old is exactly -c w3 e for any advantage, m1 = 1.)
+//
+// orw_fast::quadratic_fm_l1(v, u, v_old, coef) -> (l1_1 [B], l1_2 [B])
+//   Same inputs and checks (v_ref absent; only the rows m1, m2 of coef are read): the per-sample L1
+//   norms of the two squares' residuals, l1_1 = mean_d |a + m1 e|, l1_2 = mean_d |a + m2 e|, in the
+//   accumulation dtype, reduced in a fixed order. Never differentiated (no autograd: callers pass
+//   detached tensors). DiffusionNFT's adaptive weight is computed from them (orw_fast/ops/nft.py) and
+//   fed to quadratic_fm as rescaled w1, w2: a first read of v, u, v_old before the gradient pass.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
-// CPU kernel of orw_fast::quadratic_fm (contract in quadratic_fm.h): one pass over v, u, v_old, v_ref
-// that produces the per-sample sums and the gradients. As in orw_cfm_w2_cpu.cpp, work is split into
+// CPU kernels of orw_fast::quadratic_fm and quadratic_fm_l1 (contract in quadratic_fm.h): one pass over
+// v, u, v_old, v_ref that produces the per-sample sums and the gradients; one over v, u, v_old for the
+// per-sample L1 norms. As in orw_cfm_w2_cpu.cpp, work is split into
 // fixed chunks of a sample, each writing its own partial sums, added afterwards in chunk order: the
 // result does not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -9,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "quadratic_fm.h"
@@ -61,6 +64,67 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
   *out_kl = t2;
 }
 
+// Sums of |a + m1 e| and |a + m2 e| over the flat range [begin, end) inside one sample (quadratic_fm_l1).
+template <typename scalar_t>
+ORW_FAST_CPU_CLONES void chunk_l1(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
+                                  const scalar_t* __restrict__ o, int64_t begin, int64_t end,
+                                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2,
+                                  at::opmath_type<scalar_t>* out1, at::opmath_type<scalar_t>* out2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s1[kLanes] = {}, s2[kLanes] = {};
+  auto body = [&](int64_t j, int64_t lane) __attribute__((always_inline)) {
+    const acc_t oj = o[j], a = oj - acc_t(u[j]), e = acc_t(v[j]) - oj;
+    s1[lane] += std::abs(a + m1 * e);
+    s2[lane] += std::abs(a + m2 * e);
+  };
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+#pragma omp simd
+    for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
+  }
+  for (int64_t lane = 0; j < end; ++j, ++lane) body(j, lane);
+  acc_t t1 = 0, t2 = 0;
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    t1 += s1[lane];
+    t2 += s2[lane];
+  }
+  *out1 = t1;
+  *out2 = t2;
+}
+
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cpu(const at::Tensor& v, const at::Tensor& u,
+                                                       const at::Tensor& v_old, const at::Tensor& coef) {
+  const int64_t D = check_quadratic_inputs(v, u, v_old, v_old, coef, 0.0);
+  const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
+  at::Tensor l1_1 = at::empty({B}, coef.options()), l1_2 = at::empty({B}, coef.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_l1_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* cf = coef.const_data_ptr<acc_t>();
+    std::vector<acc_t> part(2 * B * nchunks);
+    at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
+        const int64_t end = std::min((i + 1) * D, begin + kChunk);
+        chunk_l1<scalar_t>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                           v_old.const_data_ptr<scalar_t>(), begin, end, cf[B + i], cf[3 * B + i], &part[t],
+                           &part[B * nchunks + t]);
+      }
+    });
+    acc_t* p1 = l1_1.data_ptr<acc_t>();
+    acc_t* p2 = l1_2.data_ptr<acc_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        s1 += part[i * nchunks + ch];
+        s2 += part[B * nchunks + i * nchunks + ch];
+      }
+      p1[i] = s1 / acc_t(D);
+      p2[i] = s2 / acc_t(D);
+    }
+  });
+  return {l1_1, l1_2};
+}
+
 QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                                   const at::Tensor& v_ref, const at::Tensor& coef, double alpha, bool grad_v,
                                   bool grad_u, bool grad_v_old, bool grad_v_ref) {
@@ -109,6 +173,9 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orw_fast, CPU, m) { m.impl("quadratic_fm", &quadratic_fm_cpu); }
+TORCH_LIBRARY_IMPL(orw_fast, CPU, m) {
+  m.impl("quadratic_fm", &quadratic_fm_cpu);
+  m.impl("quadratic_fm_l1", &quadratic_fm_l1_cpu);
+}
 
 }  // namespace orw_fast

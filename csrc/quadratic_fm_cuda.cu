@@ -2,6 +2,7 @@
 // orw_cfm_w2_cuda.cu: a grid-stride pass kernel (a task is one chunk of one sample; it reads its chunk
 // of v, u, v_old, v_ref once with 16-byte vector loads when aligned, writes the requested gradients and
 // stores its two partial sums) and a one-block finalize kernel that adds the partials in chunk order.
+// quadratic_fm_l1 runs an L1 kernel on the same tasks (v, u, v_old only) and the same finalize kernel.
 // Fixed reduction orders: bitwise reproducible. Current stream, caching allocator only: capturable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -9,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "fused_common.cuh"
 #include "quadratic_fm.h"
@@ -64,6 +67,48 @@ __global__ void __launch_bounds__(kThreads)
         if (GU) store_pack(gu + j, ou);
         if (GO) store_pack(go + j, oo);
         if (GR) store_pack(gr + j, orr);
+      }
+    }
+    s1 = block_reduce(s1, SumOp<acc_t>(), smem);
+    s2 = block_reduce(s2, SumOp<acc_t>(), smem);
+    if (threadIdx.x == 0) {
+      part[t] = s1;
+      part[ntasks + t] = s2;
+    }
+  }
+}
+
+// quadratic_fm_l1: the same tasks as the pass kernel, reading v, u, v_old only; partial sums of
+// |a + m1 e| and |a + m2 e| (added by the finalize kernel below, with alpha = 0).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    quadratic_l1_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
+                        const scalar_t* __restrict__ o, const at::opmath_type<scalar_t>* __restrict__ coef,
+                        int64_t B, int64_t D, int64_t nchunks, at::opmath_type<scalar_t>* __restrict__ part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, VEC>;
+  constexpr int64_t kChunk = int64_t(kThreads) * VEC * kIters;
+  __shared__ acc_t smem[kWarps];
+  const int64_t ntasks = B * nchunks;
+  for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x) {
+    const int64_t i = t / nchunks;
+    const int64_t begin = i * D + (t % nchunks) * kChunk;
+    const int64_t end = min((i + 1) * D, begin + kChunk);
+    const acc_t m1 = coef[B + i], m2 = coef[3 * B + i];
+    acc_t s1 = 0, s2 = 0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t j = begin + (int64_t(it) * kThreads + threadIdx.x) * VEC;
+      if (j < end) {
+        const P pv = *reinterpret_cast<const P*>(v + j);
+        const P pu = *reinterpret_cast<const P*>(u + j);
+        const P po = *reinterpret_cast<const P*>(o + j);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t ok = po.val[k], a = ok - acc_t(pu.val[k]), e = acc_t(pv.val[k]) - ok;
+          s1 += ::abs(a + m1 * e);
+          s2 += ::abs(a + m2 * e);
+        }
       }
     }
     s1 = block_reduce(s1, SumOp<acc_t>(), smem);
@@ -155,8 +200,53 @@ QuadraticOutputs quadratic_fm_cuda(const at::Tensor& v, const at::Tensor& u, con
   return outs;
 }
 
+template <typename scalar_t, int VEC>
+void launch_l1(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old, const at::Tensor& coef,
+               int64_t nchunks, at::Tensor& part, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = v.size(0), D = v.numel() / B;
+  constexpr auto kernel = &quadratic_l1_kernel<scalar_t, VEC>;
+  const int64_t grid = std::min<int64_t>(B * nchunks, resident_blocks<kernel>(v.get_device()));
+  kernel<<<grid, kThreads, 0, stream>>>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                        v_old.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), B, D,
+                                        nchunks, part.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cuda(const at::Tensor& v, const at::Tensor& u,
+                                                        const at::Tensor& v_old, const at::Tensor& coef) {
+  const int64_t D = check_quadratic_inputs(v, u, v_old, v_old, coef, 0.0);
+  const int64_t B = v.size(0);
+  const c10::cuda::CUDAGuard guard(v.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor l1_1 = at::empty({B}, coef.options()), l1_2 = at::empty({B}, coef.options());
+  at::Tensor scratch = at::empty({}, coef.options());  // the finalize kernel's loss, unused
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_l1_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = D % kVec == 0 && aligned16(v) && aligned16(u) && aligned16(v_old);
+    const int64_t chunk = int64_t(kThreads) * kIters * (vec ? kVec : 1);
+    const int64_t nchunks = (D + chunk - 1) / chunk;
+    auto part = at::empty({2 * B * nchunks}, coef.options());
+    if (vec) {
+      launch_l1<scalar_t, kVec>(v, u, v_old, coef, nchunks, part, stream);
+    } else {
+      launch_l1<scalar_t, 1>(v, u, v_old, coef, nchunks, part, stream);
+    }
+    auto finalize = nchunks >= 32 ? quadratic_finalize_kernel<acc_t, 32> : quadratic_finalize_kernel<acc_t, 1>;
+    finalize<<<1, kThreads, 0, stream>>>(part.const_data_ptr<acc_t>(), B, D, nchunks, acc_t(0),
+                                         scratch.mutable_data_ptr<acc_t>(), l1_1.mutable_data_ptr<acc_t>(),
+                                         l1_2.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {l1_1, l1_2};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(orw_fast, CUDA, m) { m.impl("quadratic_fm", &quadratic_fm_cuda); }
+TORCH_LIBRARY_IMPL(orw_fast, CUDA, m) {
+  m.impl("quadratic_fm", &quadratic_fm_cuda);
+  m.impl("quadratic_fm_l1", &quadratic_fm_l1_cuda);
+}
 
 }  // namespace orw_fast

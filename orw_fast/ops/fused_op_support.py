@@ -3,7 +3,8 @@
 Each op takes its n differentiable tensors first and returns (loss, diagnostics..., one gradient per
 differentiable tensor) with the gradients already computed in the forward pass, so backward only scales
 them by grad_output: orw_cfm_w2 -> (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref),
-quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref)."""
+quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref). quadratic_fm_l1 (NFT's adaptive weight)
+has only a fake kernel here: it is never differentiated."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, 
     wanted = (grad_v, grad_u, grad_v_old, grad_v_ref)
     grads = (torch.empty_like(v) if w else v.new_empty(0) for w in wanted)
     return (coef.new_empty(()), coef.new_empty(batch), coef.new_empty(batch), *grads)
+
+
+def allocate_l1_outputs(v, u, v_old, coef):
+    """The outputs of quadratic_fm_l1 (csrc/quadratic_fm.h), allocated, not computed: two [B] vectors in the
+    accumulation dtype (no gradients: the op has no autograd)."""
+    return coef.new_empty(v.shape[0]), coef.new_empty(v.shape[0])
 
 
 def _setup_context(ctx, inputs, output, num_grads):

@@ -12,6 +12,10 @@ loss = mean_i (policy_i + alpha kl_i).
 Two launches, one read of the data: the pass kernel (one program per chunk of a sample, launch parameters from
 ops/triton/orw_cfm_w2.CONFIG) computes the chunk's partial sums and gradients; the finalize kernel of
 orw_cfm_w2 (unweighted) adds them in a fixed order.
+
+``quadratic_fm_l1_triton(v, u, v_old, coef) -> (l1_1 [B], l1_2 [B])``, mean_d |a + m1 e| and mean_d |a + m2 e|
+(never differentiated: no autograd), runs the L1 kernel on the same chunks (v, u, v_old only) and the same
+finalize kernel.
 """
 
 import contextlib
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orw_fast.ops.fused_op_support import allocate_quadratic_outputs, register_fused_autograd
+from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs, register_fused_autograd
 from orw_fast.ops.triton import orw_cfm_w2 as shared
 
 
@@ -96,6 +100,34 @@ def _pass_kernel(
             tl.store(go_ptr + base + offs, go.to(go_ptr.dtype.element_ty), mask=mask)
         if GRAD_V_REF:
             tl.store(gr_ptr + base + offs, (-ca * kl).to(gr_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + t, tl.sum(s1, 0))
+    tl.store(part_ptr + B * nchunks + t, tl.sum(s2, 0))
+
+
+@triton.jit
+def _l1_kernel(v_ptr, u_ptr, o_ptr, coef_ptr, part_ptr, B, D, nchunks, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """quadratic_fm_l1, program t = i * nchunks + c: the sums of |a + m1 e| and |a + m2 e| over chunk c of
+    sample i, to part[0, i, c] and part[1, i, c]."""
+    t = tl.program_id(0)
+    i = t // nchunks
+    c = t - i * nchunks
+    ACC: tl.constexpr = coef_ptr.dtype.element_ty
+    CHUNK: tl.constexpr = BLOCK * TILES
+    m1 = tl.load(coef_ptr + B + i)
+    m2 = tl.load(coef_ptr + 3 * B + i)
+    start = c.to(tl.int64) * CHUNK
+    base = i.to(tl.int64) * D + start
+    n = tl.minimum(D - start, CHUNK).to(tl.int32)
+    s1 = tl.zeros([BLOCK], ACC)
+    s2 = tl.zeros([BLOCK], ACC)
+    for k0 in tl.static_range(0, CHUNK, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < n
+        oj = tl.load(o_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+        a = oj - tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+        e = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(ACC) - oj
+        s1 += tl.abs(a + m1 * e)
+        s2 += tl.abs(a + m2 * e)
     tl.store(part_ptr + t, tl.sum(s1, 0))
     tl.store(part_ptr + B * nchunks + t, tl.sum(s2, 0))
 
@@ -199,6 +231,39 @@ def _quadratic_fm_triton(
     return outs
 
 
+def _quadratic_fm_l1_triton(
+    v: torch.Tensor, u: torch.Tensor, v_old: torch.Tensor, coef: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = _check_inputs(v, u, v_old, v_old, coef, 0.0)
+    batch, cfg = v.shape[0], shared.CONFIG
+    block = shared._pow2_at_least(dim, cfg.block)
+    nchunks = triton.cdiv(dim, block * cfg.tiles)
+    l1_1, l1_2 = allocate_l1_outputs(v, u, v_old, coef)
+    scratch = coef.new_empty(())  # the finalize kernel's loss, unused
+    part = coef.new_empty((2, batch, nchunks))
+    cols = shared._pow2_at_least(nchunks, cfg.finalize_tile)
+    with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():
+        torch.library.wrap_triton(_l1_kernel)[(batch * nchunks,)](
+            v, u, v_old, coef, part, batch, dim, nchunks, BLOCK=block, TILES=cfg.tiles, num_warps=cfg.num_warps
+        )
+        torch.library.wrap_triton(shared._finalize_kernel)[(1,)](
+            part,
+            coef,
+            l1_1,
+            l1_2,
+            scratch,
+            batch,
+            dim,
+            nchunks,
+            0.0,
+            ROWS=cfg.finalize_tile // cols,
+            COLS=cols,
+            WEIGHTED=False,
+            num_warps=4,
+        )
+    return l1_1, l1_2
+
+
 _NAME = "orw_fast::quadratic_fm_triton"
 if os.environ.get("TRITON_INTERPRET") == "1":
     # As for orw_cfm_w2_triton: under the interpreter an opaque custom op with a fake kernel.
@@ -207,3 +272,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 else:
     quadratic_fm_triton = torch.library.triton_op(_NAME, _quadratic_fm_triton, mutates_args=())
 register_fused_autograd(quadratic_fm_triton, num_grads=4)
+
+_L1_NAME = "orw_fast::quadratic_fm_l1_triton"
+if os.environ.get("TRITON_INTERPRET") == "1":
+    quadratic_fm_l1_triton = torch.library.custom_op(_L1_NAME, _quadratic_fm_l1_triton, mutates_args=())
+    quadratic_fm_l1_triton.register_fake(allocate_l1_outputs)
+else:
+    quadratic_fm_l1_triton = torch.library.triton_op(_L1_NAME, _quadratic_fm_l1_triton, mutates_args=())
