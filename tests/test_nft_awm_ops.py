@@ -26,26 +26,42 @@ def skip_unless(backend, device):
         pytest.skip(f"no {backend} kernel for {device}")
 
 
-def cases():
+def cases(adaptive=None):
+    """(backend, device, shape[, adaptive]) for every backend and device; with ``adaptive`` (the NFT adaptive weight
+    on or off) fewer shapes where it is on: odd ones and one of several chunks per sample (and one on the
+    interpreter)."""
+    if adaptive is None:
+        return [
+            pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+            for b in BACKENDS
+            for d in DEVICES
+            for s in (INTERPRETER_SHAPES if b == "triton" and d == "cpu" else SHAPES)
+        ]
+    interpreter, shapes = (INTERPRETER_SHAPES, SHAPES) if not adaptive else ([(5, 7)], [(1,), (5, 7), (2, 3, 75, 75)])
     return [
-        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+        pytest.param(b, d, s, adaptive, id=f"{b}-{d}-{'x'.join(map(str, s))}{'-adaptive' if adaptive else ''}")
         for b in BACKENDS
         for d in DEVICES
-        for s in (INTERPRETER_SHAPES if b == "triton" and d == "cpu" else SHAPES)
+        for s in (interpreter if b == "triton" and d == "cpu" else shapes)
     ]
 
 
 # --- float64 references, from the formulas ------------------------------------------------------
 
 
-def nft_reference(v, u, v_old, v_ref, r, beta, alpha):
+def nft_reference(v, u, v_old, v_ref, r, beta, alpha, adaptive_scale=None):
     v, u, v_old, v_ref, r = (t.double() for t in (v, u, v_old, v_ref, r))
     B = v.shape[0]
     v_plus = (1 - beta) * v_old + beta * v
     v_minus = (1 + beta) * v_old - beta * v
-    policy = (
-        r * ((v_plus - u) ** 2).reshape(B, -1).mean(1) + (1 - r) * ((v_minus - u) ** 2).reshape(B, -1).mean(1)
-    ) / beta
+    pos, neg = ((v_plus - u) ** 2).reshape(B, -1).mean(1), ((v_minus - u) ** 2).reshape(B, -1).mean(1)
+    if adaptive_scale is not None:  # the reference code's weight, in our convention: s^2 / max(s mean|v± - u|, 1e-5)
+        s = adaptive_scale.double()
+        with torch.no_grad():
+            w_pos = s**2 / torch.clamp(s * (v_plus - u).abs().reshape(B, -1).mean(1), min=1e-5)
+            w_neg = s**2 / torch.clamp(s * (v_minus - u).abs().reshape(B, -1).mean(1), min=1e-5)
+        pos, neg = w_pos * pos, w_neg * neg
+    policy = (r * pos + (1 - r) * neg) / beta
     kl = ((v - v_ref) ** 2).reshape(B, -1).mean(1)
     return (policy + alpha * kl).mean(), policy, kl
 
@@ -132,6 +148,15 @@ def rand_r(batch, device, seed):
     return r.to(device)
 
 
+def rand_s(batch, device, seed):
+    """s = 1 - t in [0, 1] with both ends, and 1e-7 (s mean|v± - u| < 1e-5: the weight's floor)."""
+    s = torch.rand(batch, generator=torch.Generator().manual_seed(seed + 1))
+    s[0] = 0.0
+    s[1:2] = 1.0
+    s[2:3] = 1e-7
+    return s.to(device)
+
+
 def rand_adv(batch, device, seed):
     return (2 * torch.randn(batch, generator=torch.Generator().manual_seed(seed))).to(device)  # signed
 
@@ -140,13 +165,14 @@ def rand_adv(batch, device, seed):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("backend,device,shape", cases())
+@pytest.mark.parametrize("backend,device,shape,adaptive", cases(False) + cases(True))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nft_matches_float64_reference(backend, device, shape, dtype):
+def test_nft_matches_float64_reference(backend, device, shape, dtype, adaptive):
     skip_unless(backend, device)
-    seed = hash((backend, shape, str(dtype))) % 2**31
+    seed = hash((backend, shape, str(dtype), adaptive)) % 2**31
     tensors = make_inputs(shape, dtype, device, seed=seed)
-    check("nft", backend, tensors, rand_r(shape[0], device, seed), beta=0.7, alpha=0.3)
+    kw = dict(adaptive_scale=rand_s(shape[0], device, seed)) if adaptive else {}
+    check("nft", backend, tensors, rand_r(shape[0], device, seed), beta=0.7, alpha=0.3, **kw)
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -169,7 +195,9 @@ def test_awm_matches_float64_reference(backend, device, shape, dtype, with_old):
 def test_non_contiguous_inputs(backend, device, layout, dtype):
     skip_unless(backend, device)
     tensors = make_inputs((5, 3, 6, 7), dtype, device, layout=layout, seed=2)
-    check("nft", backend, tensors, rand_r(5, device, 2), beta=1.3, alpha=0.5)
+    # NFT's adaptive weight in bfloat16, the plain loss in float32: both forms in every layout at no extra cost
+    kw = dict(adaptive_scale=rand_s(5, device, 2)) if dtype == torch.bfloat16 else {}
+    check("nft", backend, tensors, rand_r(5, device, 2), beta=1.3, alpha=0.5, **kw)
     tensors = make_inputs((5, 3, 6, 7), dtype, device, layout=layout, seed=3)
     check("awm", backend, tensors, rand_adv(5, device, 3), alpha=0.5, alpha_old=0.2)
 
@@ -187,13 +215,14 @@ def test_gradient_flags(backend, device, grads):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("beta", [1e-3, 1.0, 30.0])
-def test_nft_beta_range_and_extreme_values(backend, device, beta):
+@pytest.mark.parametrize("beta,adaptive", [(1e-3, False), (1.0, False), (30.0, False), (1e-3, True), (30.0, True)])
+def test_nft_beta_range_and_extreme_values(backend, device, beta, adaptive):
     """Small and large beta, velocities of size 1e3 in bfloat16 (squares far beyond bf16's precision, accumulated
-    in float32) and r at 0 and 1."""
+    in float32) and r at 0 and 1; with the adaptive weight, s at 0, 1, at its floor (1e-9) and large (1e3)."""
     skip_unless(backend, device)
     tensors = make_inputs((4, 2, 5), torch.bfloat16, device, seed=5, scale=1e3)
-    check("nft", backend, tensors, torch.tensor([0.0, 1.0, 0.5, 1.0], device=device), beta=beta, alpha=0.1)
+    kw = dict(adaptive_scale=torch.tensor([0.0, 1.0, 1e-9, 1e3], device=device)) if adaptive else {}
+    check("nft", backend, tensors, torch.tensor([0.0, 1.0, 0.5, 1.0], device=device), beta=beta, alpha=0.1, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -328,6 +357,11 @@ def _awm(**overrides):
         (_nft(v_old=torch.randn(4, 4)), ValueError, "v_old must have the shape of v"),
         (_nft(v_old=torch.ones(4, 3, dtype=torch.int64)), TypeError, "v_old must be a floating tensor"),
         (_nft(backend="cuda"), ValueError, "backend must be one of"),
+        (_nft(adaptive_scale=torch.ones(5)), ValueError, r"adaptive_scale must have shape \[B\] = \[4\]"),
+        (_nft(adaptive_scale=torch.ones(4, 1)), ValueError, r"adaptive_scale must have shape \[B\] = \[4\]"),
+        (_nft(adaptive_scale=torch.tensor([0.5, -0.1, 0.0, 1.0])), ValueError, "adaptive_scale must be >= 0"),
+        (_nft(adaptive_scale=torch.tensor([0.5, float("nan"), 0.0, 1.0])), ValueError, "adaptive_scale has 1 non-fin"),
+        (_nft(adaptive_scale=[1.0] * 4), TypeError, "adaptive_scale must be a torch.Tensor"),
         (_awm(advantages=torch.tensor([0.0, float("inf"), 1.0, 2.0])), ValueError, "advantages has 1 non-finite"),
         (_awm(advantages=torch.ones(4, dtype=torch.int64)), TypeError, "advantages must be a floating tensor"),
         (_awm(alpha_old=0.5), ValueError, "alpha_old > 0 needs v_old"),
@@ -367,19 +401,38 @@ def test_opcheck(backend, device, flags, dtype):
     torch.library.opcheck(_op(backend), (*tensors, coef, 0.5, *flags))
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_l1(backend, device):
+    """The L1 op behind NFT's adaptive weight (no autograd: its inputs never require grad)."""
+    skip_unless(backend, device)
+    v, u, v_old, _ = make_inputs((3, 2, 5), torch.bfloat16, device, grads=(False,) * 4, seed=15)
+    if backend == "native":
+        op = torch.ops.orw_fast.quadratic_fm_l1.default
+    else:
+        from orw_fast.ops.triton.quadratic_fm import quadratic_fm_l1_triton as op
+    coef = torch.randn(5, 3, device=device)
+    torch.library.opcheck(op, (v, u, v_old, coef))
+    a, e = v_old.double() - u.double(), v.double() - v_old.double()
+    for got, m in zip(op(v, u, v_old, coef), (coef[1], coef[3])):
+        want = (a + m.double()[:, None, None] * e).abs().reshape(3, -1).mean(1)
+        assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["nft", "awm"])
+@pytest.mark.parametrize("kind", ["nft", "nft_adaptive", "awm"])
 def test_torch_compile_fullgraph(backend, device, kind):
     """A training-step-like function compiles into one graph and matches eager execution."""
     skip_unless(backend, device)
     torch._dynamo.reset()
     lin = torch.nn.Linear(6, 6).to(device)
     x, u, v_old, v_ref = make_inputs((5, 6), torch.float32, device, grads=(False,) * 4, seed=16)
-    per_sample = rand_r(5, device, 16) if kind == "nft" else rand_adv(5, device, 16)
+    per_sample = rand_adv(5, device, 16) if kind == "awm" else rand_r(5, device, 16)
+    adaptive = dict(adaptive_scale=rand_s(5, device, 16)) if kind == "nft_adaptive" else {}
 
     def step(x, u, v_old, v_ref, per_sample):
-        if kind == "nft":
+        if kind != "awm":
             loss, comp = orw_fast.nft_loss(
                 lin(x),
                 u,
@@ -391,6 +444,7 @@ def test_torch_compile_fullgraph(backend, device, kind):
                 backend=backend,
                 return_components=True,
                 validate=False,
+                **adaptive,
             )
         else:
             loss, comp = orw_fast.awm_loss(

@@ -17,17 +17,33 @@ means); the kernel (ops/quadratic_fm.py) takes it as the two squares w1 = r/β, 
 m2 = -β. The 1/β keeps the gradient at v = v_old equal to 2 (2r - 1)(v_old - u) / D for every β (r = 1: plain
 flow matching toward u). ORW-CFM-W2 is the r = 1, β = 1 case (v+ = v, v_old drops out) with its reward weights in front.
 
-Where the reference code (scripts/train_nft_sd3.py) differs, and what orw_fast does instead:
-- It divides each branch's squared x̂-error by an *adaptive weight*, computed per sample from the same branch:
-  ω± = max(mean_d |x̂±(x_σ) - x_data|, 1e-5), in float64 under no_grad (detached: a constant per sample). In our
-  convention ω± = max((1 - t) mean_d |v± - u|, 1e-5), so its positive term is
-  (1 - t) mean_d (v+ - u)^2 / max(mean_d |v+ - u|, 1e-5 / (1 - t)). orw_fast does not apply it: it depends on an
-  L1 reduction over the sample's own elements, so the gradient could be written only after that reduction — a
-  second read of v, u, v_old (a pass computing the two L1 sums, then the gradient pass: 7 tensor reads instead of
-  4, ~1.6x the traffic of the one-pass op). The plain velocity form above is the paper's loss before that
-  reweighting; a caller wanting a per-time weight scales the loss.
+The adaptive weight (``adaptive_scale``, the reference code's recipe; the nft objective passes it by default).
+scripts/train_nft_sd3.py divides each branch's squared x̂-error by a weight from the same branch,
+ω± = max(mean_d |x̂± - x_data|, 1e-5), computed in float64 under no_grad (a constant per sample). In our convention,
+with s = 1 - t: x̂± - x1 = s (v± - u), so the branch term (1 - t)^2 mean_d (v± - u)^2 / ω± is
+
+    policy_i = (1/β) [ r_i f+_i mean_d (v+ - u)^2 + (1 - r_i) f-_i mean_d (v- - u)^2 ],
+    f±_i = s_i^2 / max(s_i mean_d |v± - u|, 1e-5)       (no gradient through f±)
+
+computed as s / max(mean_d |v± - u|, 1e-5 / s): no s^2 is formed, and at s = 0 (t = 1, the data end) 1e-5 / s is
+inf and f = 0 exactly — the branch has no x̂-error there (x̂1 = x_t = x1 whatever v is), so the sample gives the
+policy term nothing (its KL term stays). Where s mean_d |v± - u| < 1e-5 the floor gives f = s^2 / 1e-5: a near
+exact branch is not blown up. The weights need an L1 reduction over each sample's own elements before its
+gradient can be written, so the fused backends make two passes: the ``quadratic_fm_l1`` op (ops/quadratic_fm.py)
+reads v, u, v_old once for mean_d |a + m1 e| and mean_d |a + m2 e| (= mean_d |v± - u|), the factors rescale the
+coefficients w1, w2 (a few [B]-sized operations), then the unchanged quadratic_fm op reads v, u, v_old, v_ref and
+writes the gradients: 7 tensor reads instead of 4, i.e. 1.6x the memory traffic of the plain loss when v alone
+requires grad (8 tensor passes instead of 5; 1.4x with all four gradients). A separate L1 op rather than a flag
+on quadratic_fm: the two passes are separate launches either way (every chunk of a sample must be summed before
+any of its gradients is written), the plain op stays exactly as it was (no adaptive_scale: bit-identical), and the
+L1 op needs no autograd (its inputs are detached). Its sums accumulate in float32 for fp16/bf16/fp32 inputs
+(float64 for float64), not float64 as the reference's.
+
+Where the reference code still differs, and what orw_fast does instead:
 - It multiplies the policy term by adv_clip_max (5); here that constant is left to the learning rate.
 - Its KL weight (train.beta, 1e-4) is our α; the β above is its config.beta (1 or 0.1).
+- Without ``adaptive_scale`` the loss is the plain velocity form above (no (1 - t)^2 and no ω: the paper's loss
+  before that reweighting).
 See docs/objectives.md.
 """
 
@@ -40,7 +56,7 @@ import numbers
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions
-from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
+from orw_fast.ops.quadratic_fm import PolicyComponents, fused_branch_l1, fused_quadratic_fm, resolve_backend
 from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
 
 
@@ -53,7 +69,16 @@ def nft_optimality(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
     return advantages.detach().clamp(-clip, clip) / (2 * clip) + 0.5
 
 
-def _eager(v, u, v_old, v_ref, r, beta, alpha):
+ADAPTIVE_FLOOR = 1e-5  # the reference code's lower bound of the adaptive weight ω
+
+
+def adaptive_factor(l1: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s^2 / max(s l1, 1e-5) per sample (s = 1 - t >= 0, l1 = mean_d |v± - u|), as s / max(l1, 1e-5 / s): no s^2
+    formed, and exactly 0 at s = 0 (1e-5 / 0 = inf)."""
+    return s / torch.maximum(l1, ADAPTIVE_FLOOR / s)
+
+
+def _eager(v, u, v_old, v_ref, r, beta, alpha, s=None):
     """The formula as written, accumulating in float32 (float64 for float64 inputs)."""
     acc = r.dtype
     v, u, v_old, v_ref = (t.to(acc) for t in (v, u, v_old, v_ref))
@@ -62,6 +87,11 @@ def _eager(v, u, v_old, v_ref, r, beta, alpha):
     negative = (1 + beta) * v_old - beta * v
     pos = (positive - u).reshape(batch, -1).pow(2).mean(1)
     neg = (negative - u).reshape(batch, -1).pow(2).mean(1)
+    if s is not None:  # the adaptive weights, constants per sample
+        with torch.no_grad():
+            f_pos = adaptive_factor((positive - u).reshape(batch, -1).abs().mean(1), s)
+            f_neg = adaptive_factor((negative - u).reshape(batch, -1).abs().mean(1), s)
+        pos, neg = pos * f_pos, neg * f_neg
     policy = (r * pos + (1 - r) * neg) / beta
     kl = (v - v_ref).reshape(batch, -1).pow(2).mean(1)
     return (policy + alpha * kl).mean(), PolicyComponents(policy.detach(), kl.detach())
@@ -79,9 +109,11 @@ def nft_loss(
     backend: str = "auto",
     return_components: bool = False,
     validate: bool = True,
+    adaptive_scale: torch.Tensor | None = None,
 ):
     """DiffusionNFT loss ``mean_i (1/β)[r_i |v+ - u|^2 + (1-r_i) |v- - u|^2] + α mean_i |v - v_ref|^2``
-    (per-dimension means; v+ = (1-β) v_old + β v, v- = (1+β) v_old - β v).
+    (per-dimension means; v+ = (1-β) v_old + β v, v- = (1+β) v_old - β v), with each branch's square optionally
+    scaled by the reference code's detached adaptive weight (``adaptive_scale``).
 
     Args:
         v: policy prediction v_θ(t, x_t), [B, ...], floating (fp16/bf16/fp32/fp64).
@@ -91,9 +123,14 @@ def nft_loss(
             differentiated.
         beta: β > 0, finite.  alpha: KL coefficient α >= 0.
         backend: "auto" | "eager" | "native" | "triton".
-        return_components: also return :class:`PolicyComponents` (policy_i, kl_i) from the same pass.
-        validate: check that r is finite and in [0, 1] (one device sync on CUDA; skipped while torch.compile
-            traces or a CUDA graph is captured).
+        return_components: also return :class:`PolicyComponents` (policy_i, kl_i) from the same pass (policy_i with
+            the adaptive weights when given).
+        validate: check that r is finite and in [0, 1] and adaptive_scale finite and >= 0 (one device sync on CUDA;
+            skipped while torch.compile traces or a CUDA graph is captured).
+        adaptive_scale: None (the plain loss above), or s = 1 - t [B] >= 0 (the path times' distance to the data
+            end), never differentiated: each branch's mean square is multiplied by the detached
+            s^2 / max(s mean_d |v± - u|, 1e-5), the reference code's adaptive weight (0 where s = 0; module
+            docstring). The fused backends then read v, u, v_old once more (the quadratic_fm_l1 op).
 
     Returns:
         the loss, 0-dim, in float32 (float64 for float64 inputs); with ``return_components`` a tuple
@@ -109,12 +146,23 @@ def nft_loss(
     r = r.detach().to(acc)
     if validate and not _is_capturing_or_compiling() and bool(((r < 0) | (r > 1)).any()):
         raise ValueError("r must lie in [0, 1] (optimality probabilities; see nft_optimality)")
-    backend = resolve_backend(backend, v.device)
+    s = None
+    if adaptive_scale is not None:
+        check_scores(adaptive_scale, "adaptive_scale", v.shape[0], v.device, validate)
+        s = adaptive_scale.detach().to(acc)
+        if validate and not _is_capturing_or_compiling() and bool((s < 0).any()):
+            raise ValueError("adaptive_scale must be >= 0 (s = 1 - t, the path time's distance to the data end)")
+    backend = resolve_backend(backend, v.device, l1=s is not None)
     if backend == "eager":
-        loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha)
+        loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha, s)
     else:
         coef = torch.stack(
             [r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
         )
+        if s is not None:  # a first read for the per-sample L1 norms of v+ - u, v- - u
+            l1_pos, l1_neg = fused_branch_l1(v, u, v_old, coef, backend)
+            coef = torch.stack(
+                [coef[0] * adaptive_factor(l1_pos, s), coef[1], coef[2] * adaptive_factor(l1_neg, s), coef[3], coef[4]]
+            )
         loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
     return (loss, parts) if return_components else loss
