@@ -245,6 +245,12 @@ class TrainerConfig:
         "nft: at each last-policy refresh the old policy (an EMA) decays by min(rate * steps, nft_decay_max)",
     )
     nft_decay_max: float = option(0.5, _real(0, below=1), "nft: the largest decay of the old policy's EMA")
+    nft_adaptive_weight: bool = option(
+        True,
+        _boolean,
+        "nft: the reference code's adaptive weight, each branch's x-prediction error divided by its detached "
+        "mean |error| per sample (false: the plain velocity-form loss)",
+    )
     awm_old_coefficient: float = option(
         1.0, _real(0), "awm: pull toward the policy's EMA (needs ema_decay > 0; 0: none)"
     )

@@ -278,7 +278,7 @@ class ORWCFMTrainer:
                 with torch.no_grad(), getattr(self.weights, name)() as module:
                     frozen[name] = self.flow.velocity(module, t, xt, *cond)
             v = self.flow.velocity(self.forward, t, xt, *cond)
-        loss, parts = self.objective.loss(v, ut, frozen, inputs)
+        loss, parts = self.objective.loss(v, ut, frozen, inputs, t=t)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP / FSDP average the ranks' gradients: the whole batch's mean
         self.scaler.unscale_(self.optimizer)

@@ -98,7 +98,7 @@ class GroupCentred(Objective):
         sums = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, rewards)
         return rewards - (sums / torch.bincount(groups))[groups]
 
-    def loss(self, v, u, frozen, inputs):
+    def loss(self, v, u, frozen, inputs, t=None):
         self.seen.append(("frozen", sorted(frozen), frozen["last_policy"].requires_grad))
         fm = ((v - u) ** 2).flatten(1).mean(1)
         pull = ((v - frozen["last_policy"]) ** 2).flatten(1).mean(1)
@@ -214,9 +214,20 @@ def test_nft_turns_advantages_into_optimality_and_calls_the_fused_op():
     torch.testing.assert_close(r, nft_optimality(grouped_advantages(rewards, groups, 2.0), 2.0))
     assert 0 <= r.min() < 0.5 < r.max() <= 1
     v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
-    loss, parts = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, r)
-    torch.testing.assert_close(loss, nft_loss(v, u, v_old, v_ref, r, beta=0.3, alpha=0.2, backend="eager"))
+    t, frozen = torch.rand(8, generator=g), {"reference": v_ref, "ema": v_old}
+    loss, parts = objective.loss(v, u, frozen, r, t=t)  # the paper's adaptive weight by default, from s = 1 - t
+    want = nft_loss(v, u, v_old, v_ref, r, beta=0.3, alpha=0.2, backend="eager", adaptive_scale=1 - t)
+    torch.testing.assert_close(loss, want)
     assert list(parts) == ["policy_loss", "w2_loss"]
+    with pytest.raises(ValueError, match="nft_adaptive_weight needs the path times t"):
+        objective.loss(v, u, frozen, r)
+    plain_config = TrainerConfig(
+        objective="nft", nft_beta=0.3, w2_coefficient=0.2, advantage_clip=2.0, nft_adaptive_weight=False
+    )
+    plain = make_objective("nft", plain_config)
+    torch.testing.assert_close(
+        plain.loss(v, u, frozen, r, t=t)[0], nft_loss(v, u, v_old, v_ref, r, beta=0.3, alpha=0.2, backend="eager")
+    )
     # the old policy's EMA decay: the reference code's schedule min(rate * step, max)
     assert [objective.ema_decay(s) for s in (0, 100, 499, 500, 10**6)] == pytest.approx([0, 0.1, 0.499, 0.5, 0.5])
 

@@ -51,7 +51,7 @@ class AWM(Objective):
     def input_metrics(self, inputs):
         return {"positive_fraction": (inputs > 0).float().mean()}
 
-    def loss(self, v, u, frozen, inputs):
+    def loss(self, v, u, frozen, inputs, t=None):
         cfg = self.config
         loss, parts = awm_loss(
             v,

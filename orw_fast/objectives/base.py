@@ -62,10 +62,17 @@ class Objective:
         return {}
 
     def loss(
-        self, v: torch.Tensor, u: torch.Tensor, frozen: dict[str, torch.Tensor], inputs: torch.Tensor
+        self,
+        v: torch.Tensor,
+        u: torch.Tensor,
+        frozen: dict[str, torch.Tensor],
+        inputs: torch.Tensor,
+        t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, parts) of this rank's samples: v = v_theta(t, x_t) [B, ...] with grad, u the target [B, ...],
-        ``frozen`` name -> velocity [B, ...] (no grad), ``inputs`` this rank's share [B]. The loss is a 0-dim mean
+        ``frozen`` name -> velocity [B, ...] (no grad), ``inputs`` this rank's share [B], ``t`` the samples' path
+        times [B] at which v was taken (the trainer passes them, by keyword, to every objective; None from a
+        caller without them: an objective that needs them raises). The loss is a 0-dim mean
         over the rank's samples (the ranks' gradients are averaged); parts are 0-dim tensors logged as metrics
         (averaged over the ranks)."""
         raise NotImplementedError

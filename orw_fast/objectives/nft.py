@@ -11,10 +11,13 @@
 - β = ``nft_beta`` (the paper's config.beta, 1 for SD3.5; > 0);
 - α = ``w2_coefficient``: the velocity penalty to the reference is the same term as ORW-CFM-W2's W2 penalty, so it
   keeps its name and its flag. Its default (1) is ORW-CFM-W2's; the paper's train.beta is 1e-4
-  (``--w2-coefficient 1e-4``).
+  (``--w2-coefficient 1e-4``);
+- the reference code's adaptive weight when ``nft_adaptive_weight`` (default): each branch's squared x̂-error
+  (1 - t)^2 mean (v± - u)^2 divided by its detached max((1 - t) mean |v± - u|, 1e-5), i.e. ``adaptive_scale = 1 - t``
+  from the path times the trainer passes (orw_fast/ops/nft.py; one more read of v, u, v_old per step). Off: the
+  plain velocity form.
 
-Where the loss differs from the paper's code (velocity form without the per-sample adaptive weight, no × adv_clip_max)
-see docs/objectives.md.
+Where the loss differs from the paper's code (no × adv_clip_max, float32 weights) see docs/objectives.md.
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ class NFT(Objective):
     def input_metrics(self, inputs):
         return {"positive_fraction": (inputs > 0.5).float().mean()}
 
-    def loss(self, v, u, frozen, inputs):
+    def loss(self, v, u, frozen, inputs, t=None):
         cfg = self.config
+        adaptive_scale = None
+        if cfg.nft_adaptive_weight:
+            if t is None:
+                raise ValueError("nft_adaptive_weight needs the path times t of the samples (pass t=...)")
+            adaptive_scale = 1 - t.detach().reshape(-1)
         loss, parts = nft_loss(
             v,
             u,
@@ -66,5 +74,6 @@ class NFT(Objective):
             alpha=cfg.w2_coefficient,
             return_components=True,
             validate=False,
+            adaptive_scale=adaptive_scale,
         )
         return loss, {"policy_loss": parts.policy.mean(), "w2_loss": parts.kl.mean()}

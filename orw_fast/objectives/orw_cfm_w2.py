@@ -25,7 +25,7 @@ class ORWCFMW2(Objective):
     def input_metrics(self, inputs):
         return {"ess": effective_sample_size(inputs)}
 
-    def loss(self, v, u, frozen, inputs):
+    def loss(self, v, u, frozen, inputs, t=None):
         loss, parts = orw_cfm_w2_loss(
             v,
             u,
