@@ -1,9 +1,9 @@
 """Benchmark of the fused losses, forward + backward, across backends.
 
-Ops (--ops): orw_cfm_w2 (default), nft, awm. One timed step is the op's loss with validate=False and
+Ops (--ops): orw_cfm_w2 (default), nft, nft_adaptive, awm. One timed step is the op's loss with validate=False and
 backend=..., ``loss.backward()``, ``v.grad = None`` (v requires grad, the other inputs do not):
 ``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax")``,
-``nft_loss(v, u, v_old, v_ref, r, beta=1, alpha=1)`` and
+``nft_loss(v, u, v_old, v_ref, r, beta=1, alpha=1)`` (nft_adaptive: with ``adaptive_scale=r``) and
 ``awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1, alpha_old=1)`` (the published configs' EMA penalty).
 Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA kernels) and triton (CUDA
 only). GB/s counts the bytes the fused pass must move (read each input once, write grad_v) and is compared
@@ -44,8 +44,13 @@ from benchmarks import common, hardware
 from orw_fast import _native, awm_loss, nft_loss, orw_cfm_w2_loss
 
 BACKENDS = ("eager", "compile", "native", "triton")
-# op -> (native kernel it runs on, predictions it reads; grad_v is the one write)
-OPS = {"orw_cfm_w2": ("orw_cfm_w2", 3), "nft": ("quadratic_fm", 4), "awm": ("quadratic_fm", 4)}
+# op -> (native kernel it needs, predictions it reads, tensor passes its fused step must make: reads + the grad_v write)
+OPS = {
+    "orw_cfm_w2": ("orw_cfm_w2", 3, 4),
+    "nft": ("quadratic_fm", 4, 5),
+    "nft_adaptive": ("quadratic_fm_l1", 4, 8),  # + the L1 pass over v, u, v_old of the adaptive weight
+    "awm": ("quadratic_fm", 4, 5),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
     "cpu": ((64, 3, 32, 32), (8, 4, 64, 64), (256, 3, 32, 32)),
@@ -57,11 +62,12 @@ QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = (
     "(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
-    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref)"
+    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive (+ v, u, v_old read by the L1 pass)"
 )
 SETTINGS = (
     "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
-    "[0, 1]; awm signed advantages, alpha_old=1 with v_old; validate=False for every backend"
+    "[0, 1] (nft_adaptive: adaptive_scale = r); awm signed advantages, alpha_old=1 with v_old; validate=False for "
+    "every backend"
 )
 
 
@@ -92,7 +98,7 @@ def make_inputs(size, dtype: torch.dtype, device: torch.device, op: str = "orw_c
     tensors = [torch.randn(size, dtype=dtype, device=device, generator=gen) for _ in range(OPS[op][1])]
     per_sample = (
         torch.rand(size[0], device=device, generator=gen)
-        if op == "nft"
+        if op.startswith("nft")
         else torch.randn(size[0], device=device, generator=gen)
     )
     return tensors[0].requires_grad_(), *tensors[1:], per_sample
@@ -106,11 +112,15 @@ def _nft(v, u, v_old, v_ref, r, backend: str = "eager"):
     return nft_loss(v, u, v_old, v_ref, r, beta=1.0, alpha=1.0, backend=backend, validate=False)
 
 
+def _nft_adaptive(v, u, v_old, v_ref, r, backend: str = "eager"):
+    return nft_loss(v, u, v_old, v_ref, r, beta=1.0, alpha=1.0, backend=backend, validate=False, adaptive_scale=r)
+
+
 def _awm(v, u, v_old, v_ref, advantages, backend: str = "eager"):
     return awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1.0, alpha_old=1.0, backend=backend, validate=False)
 
 
-LOSSES = {"orw_cfm_w2": _orw_cfm_w2, "nft": _nft, "awm": _awm}
+LOSSES = {"orw_cfm_w2": _orw_cfm_w2, "nft": _nft, "nft_adaptive": _nft_adaptive, "awm": _awm}
 
 
 def make_step(backend: str, *inputs, op: str = "orw_cfm_w2"):
@@ -157,7 +167,7 @@ def run_case(
         peak = common.peak_extra_bytes(step, device)
     except Exception as err:  # reported in the table
         return {**row, "status": common.error_status(err)}
-    bytes_moved = (OPS[op][1] + 1) * numel * itemsize
+    bytes_moved = OPS[op][2] * numel * itemsize
     return {
         **row,
         "status": "ok",

@@ -84,7 +84,8 @@ def test_loss_benchmark(tmp_path):
 
 
 def test_loss_benchmark_nft_awm(tmp_path):
-    """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element, ratios within each op."""
+    """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element (NFT's adaptive weight: 3 reads more),
+    ratios within each op."""
     code = bench_loss.main(
         [
             "--device",
@@ -95,7 +96,7 @@ def test_loss_benchmark_nft_awm(tmp_path):
             "--sizes",
             "2x3x8x8",
             "--ops",
-            "nft,awm",
+            "nft,nft_adaptive,awm",
             "--dtypes",
             "fp32",
             "--backends",
@@ -107,11 +108,11 @@ def test_loss_benchmark_nft_awm(tmp_path):
     rows = check_results(tmp_path, "loss", plot=True)
     native = bench_loss.skip_reason("native", torch.device("cpu"), "nft") is None
     assert code == 0 and [(r["op"], r["backend"]) for r in rows] == [
-        (op, b) for op in ("nft", "awm") for b in ("eager", "native")[: 1 + native]
+        (op, b) for op in ("nft", "nft_adaptive", "awm") for b in ("eager", "native")[: 1 + native]
     ]
     for r in rows:
         assert r["status"] == "ok" and r["speedup_vs_eager"] > 0
-        assert r["bytes_per_step"] == 5 * r["numel"] * 4
+        assert r["bytes_per_step"] == (8 if r["op"] == "nft_adaptive" else 5) * r["numel"] * 4
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["backend"] == "eager")
 
 
