@@ -266,15 +266,17 @@ def test_nft_optimality():
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_bitwise_deterministic(backend, device):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_bitwise_deterministic(backend, device, adaptive):
     skip_unless(backend, device)
     shape = (3, 5, 7, 3) if device == "cpu" and backend == "triton" else (16, 3, 40, 41)
     v, u, v_old, v_ref = make_inputs(shape, torch.float32, device, grads=(True, False, False, False), seed=9)
     r = rand_r(shape[0], device, 9)
+    kw = dict(adaptive_scale=rand_s(shape[0], device, 9)) if adaptive else {}
     runs = []
     for _ in range(2):
         loss, comp = orw_fast.nft_loss(
-            v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, return_components=True
+            v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, return_components=True, **kw
         )
         runs.append((loss, *comp, *torch.autograd.grad(loss, v)))
     for a, b in zip(*runs):
@@ -475,15 +477,17 @@ def test_torch_compile_fullgraph(backend, device, kind):
 @requires_gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_graph_capture(backend, dtype):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
+def test_cuda_graph_capture(backend, dtype, adaptive):
     skip_unless(backend, "cuda")
     shape = (16, 3, 32, 32)
     v, u, v_old, v_ref = (t.detach() for t in make_inputs(shape, dtype, "cuda", seed=17))
-    r = rand_r(16, "cuda", 17)
+    r, s = rand_r(16, "cuda", 17), rand_s(16, "cuda", 17)
+    kw = dict(adaptive_scale=s) if adaptive else {}
     v.requires_grad_()
 
     def step():
-        loss = orw_fast.nft_loss(v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend)
+        loss = orw_fast.nft_loss(v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, **kw)
         return loss, *torch.autograd.grad(loss, v)
 
     stream = torch.cuda.Stream()
@@ -500,6 +504,7 @@ def test_cuda_graph_capture(backend, dtype):
         for dst, src in zip((v, u, v_old, v_ref), fresh):
             dst.copy_(src)
         r.copy_(rand_r(16, "cuda", 18))
+        s.copy_(rand_s(16, "cuda", 18).flip(0))
     graph.replay()
     torch.cuda.synchronize()
     want_loss, want_grad = step()
