@@ -319,43 +319,6 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
     TrainerConfig(nft_beta=0.0 + 1e-3, ema_decay=0.9)  # nft's settings do not concern the other objectives
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
-def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffusers(tmp_path, objective):
-    from test_text_to_image import PROMPTS, brightness, config, flow_of
-
-    from orw_fast.models.diffusers_flow import load_pipeline
-    from orw_fast.prompts import PromptSource
-    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
-
-    folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
-    flow = flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2))
-    trainer = ORWCFMTrainer(
-        flow,
-        config(tmp_path / "run", objective=objective, **PAPER_OBJECTIVES[objective]),
-        "cpu",
-        reward_fn=brightness,
-        callbacks=[],
-    )
-    base = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if "lora" not in n}
-    lora = [p.detach().clone() for p in trainer.weights.trainable_parameters()]
-    history = [trainer.train_step() for _ in range(2)]
-    assert all(math.isfinite(m["loss"]) and m["w2_loss"] >= 0 for m in history), history
-    assert all(torch.equal(p, base[n]) for n, p in flow.transformer.named_parameters() if "lora" not in n)
-    assert any(not torch.equal(a, b) for a, b in zip(lora, trainer.weights.trainable_parameters()))
-    trainer.save_checkpoint(tmp_path / "run" / "last.pt")
-    pipe = load_pipeline(folders["sd3"])
-    pipe.load_lora_weights(tmp_path / "run" / "last_lora")
-    x = torch.randn(2, *flow.sample_shape(), generator=torch.Generator().manual_seed(6))
-    t, cond = torch.tensor([0.3, 0.7]), flow.conditions(PROMPTS[:2])
-    with torch.no_grad():
-        torch.testing.assert_close(
-            flow.velocity(pipe.transformer, t, x, *cond),
-            flow.velocity(flow.transformer, t, x, *cond),
-            rtol=0,
-            atol=1e-5,
-        )
-
-
 def test_an_nft_lora_run_resumes_exactly(tmp_path):
     """The old policy of a LoRA policy (its EMA tensors) is in the checkpoint: 2 + resume + 2 steps = 4 steps."""
     from test_text_to_image import PROMPTS, brightness, config, flow_of
