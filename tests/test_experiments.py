@@ -53,6 +53,24 @@ def test_w2_holds_the_masses_back(toy_results):
     assert prior < held < free - 0.05, (prior, held, free)
 
 
+def test_the_sweep_command_line_takes_the_objective(monkeypatch):
+    import experiments.digits as digits
+
+    seen = []
+    monkeypatch.setattr(digits, "format_table", lambda results, columns: "")
+
+    def run(settings, out, progress):
+        seen.append(settings)
+
+    digits.sweep_cli(
+        ["--objective", "awm", "--alphas", "0,2", "--seeds", "1"], "", digits.SweepSettings(), "o", run, {}
+    )
+    assert [(s.objective, s.alphas, s.seeds) for s in seen] == [("awm", (0.0, 2.0), (0,))]
+    assert digits.SweepSettings().objective == "orw_cfm_w2"
+    with pytest.raises(SystemExit):
+        digits.sweep_cli(["--objective", "dpo"], "", digits.SweepSettings(), "o", run, {})
+
+
 @pytest.fixture(scope="module")
 def even_digits_results(digits_cache):
     """The even-digits sweep of experiments/ (same tau, weighting and learning rate) at reduced scale: a
