@@ -270,10 +270,14 @@ class TrainerConfig:
         0.001,
         _real(0),
         "awm with ema_decay unset: at each last-policy refresh the old policy (an EMA) decays by "
-        "min(rate * steps, awm_decay_max) (the AWM code's linear kl_ema_decay schedule)",
+        "min(rate * steps, awm_decay_max) (scxue/advantage_weighted_matching's kl_ema_decay_type 'linear', "
+        "0.001 * global_step)",
     )
     awm_decay_max: float = option(
-        0.3, _real(0, below=1), "awm: the largest decay of the old policy's EMA (the AWM code's kl_ema_decay)"
+        0.3,
+        _real(0, below=1),
+        "awm: the largest decay of the old policy's EMA (kl_ema_decay in scxue/advantage_weighted_matching's "
+        "config/dgx_awm.py)",
     )
 
     @classmethod
