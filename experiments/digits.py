@@ -22,6 +22,7 @@ import torch
 from experiments.common import pyplot, write_results
 from orw_fast.images import save_image_grid
 from orw_fast.metrics import w2_distance
+from orw_fast.objectives import OBJECTIVES
 from orw_fast.pretrain import default_cache_dir
 from orw_fast.sampling import sample
 from orw_fast.tasks.demo import DigitsQuality, evaluate_digits, pretrained_digits
@@ -47,6 +48,9 @@ class SweepSettings:
     sampler_grid: str = "uniform"
     eval_samples: int = 300
     pretrain_steps: int = 3000
+    # the loss of a step (orw_fast.objectives): nft and awm with their TrainerConfig defaults (the papers' values);
+    # alpha is the w2_coefficient of each, and tau/weighting concern only orw_cfm_w2
+    objective: str = "orw_cfm_w2"
 
 
 def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Callable, columns: dict) -> None:
@@ -64,6 +68,9 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
     parser.add_argument("--seeds", type=int, default=len(defaults.seeds), help="number of seeds (%(default)s)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="(%(default)s)")
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch, help="(%(default)s)")
+    parser.add_argument(
+        "--objective", default=defaults.objective, choices=tuple(OBJECTIVES), help="the loss of a step (%(default)s)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
@@ -78,6 +85,7 @@ def sweep_cli(argv, description: str, defaults: SweepSettings, out: str, run: Ca
         seeds=tuple(range(args.seeds)),
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
+        objective=args.objective,
     )
     print(format_table(run(settings, args.out, progress=not args.quiet), columns))
 
@@ -120,7 +128,9 @@ def run_sweep(
         return {**record, **derive(record)} if derive is not None else record
 
     def make_trainer(alpha: float, seed: int, callbacks: list) -> ORWCFMTrainer:
-        config = sweep_config(s, alpha, seed, sampler_method=s.sampler_method, sampler_grid=s.sampler_grid)
+        config = sweep_config(
+            s, alpha, seed, sampler_method=s.sampler_method, sampler_grid=s.sampler_grid, objective=s.objective
+        )
         return ORWCFMTrainer(copy.deepcopy(base), config, "cpu", reward_fn=reward_fn, callbacks=callbacks)
 
     def save_samples(alpha: float) -> None:

@@ -52,6 +52,16 @@ def _real(minimum=None, *, above=False, below=None):
     return check
 
 
+def _optional(check):
+    """``check``, or None (a setting left to a default that depends on others, resolved in __post_init__)."""
+
+    def optional(key, value):
+        return None if value is None else check(key, value)
+
+    optional.limits = check.limits
+    return optional
+
+
 def _integer(minimum, maximum=None):
     def check(key, value):
         if (
@@ -204,7 +214,12 @@ class TrainerConfig:
     precision: str = option("fp32", _choice(tuple(PRECISIONS)), "autocast dtype (fp16 with a GradScaler)")
     compile: bool = option(False, _boolean, "torch.compile the policy's forward")
     channels_last: bool = option(False, _boolean, "channels-last memory format for the policy")
-    ema_decay: float = option(0.0, _real(0, below=1), "decay of an EMA of the policy (0: none)")
+    ema_decay: float | None = option(
+        None,
+        _optional(_real(0, below=1)),
+        "decay of an EMA of the policy, updated after every step (0: none; unset: the objective's default, none but "
+        "for awm, whose old policy is then an EMA on the AWM code's schedule: awm_decay_rate, awm_decay_max)",
+    )
     seed: int = option(0, _integer(0, 2**63 - 2**16), "random seed (rank r draws from seed + r)")
     fsdp: bool = option(
         False, _boolean, "under torchrun: shard the policy and its frozen copies with FSDP2 instead of DDP replicas"
@@ -252,7 +267,23 @@ class TrainerConfig:
         "mean |error| per sample (false: the plain velocity-form loss)",
     )
     awm_old_coefficient: float = option(
-        1.0, _real(0), "awm: pull toward the policy's EMA (needs ema_decay > 0; 0: none)"
+        1.0, _real(0), "awm: pull toward the policy's EMA, its old policy (the paper's ema_beta; 0: none)"
+    )
+    # scxue/advantage_weighted_matching scripts/train_sd3_awm.py: its "ema" adapter, the one ema_beta pulls toward,
+    # decays once per sampling epoch by min(0.001 * global_step, kl_ema_decay) (kl_ema_decay_type "linear",
+    # kl_ema_decay 0.3 in config/dgx_awm.py); its train.ema_decay (0.99) is another EMA, kept for evaluation only
+    awm_decay_rate: float = option(
+        0.001,
+        _real(0),
+        "awm with ema_decay unset: at each last-policy refresh the old policy (an EMA) decays by "
+        "min(rate * steps, awm_decay_max) (scxue/advantage_weighted_matching's kl_ema_decay_type 'linear', "
+        "0.001 * global_step)",
+    )
+    awm_decay_max: float = option(
+        0.3,
+        _real(0, below=1),
+        "awm: the largest decay of the old policy's EMA (kl_ema_decay in scxue/advantage_weighted_matching's "
+        "config/dgx_awm.py)",
     )
 
     @classmethod
@@ -273,6 +304,8 @@ class TrainerConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             setattr(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+        if self.ema_decay is None:
+            self.ema_decay = OBJECTIVES[self.objective].default_ema_decay(self)
         OBJECTIVES[self.objective].check_config(self)
         if self.fsdp:  # every rank must make the same number of (collective) model calls
             if self.sampler_method not in FIXED_STEP_METHODS:

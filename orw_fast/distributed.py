@@ -185,6 +185,13 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Registers an FSDP2 module's sharded parameters again (a no-op otherwise): a root module keeps its whole,
+    plain parameters after a forward that no backward follows (a frozen copy's), until its next reshard."""
+    if is_sharded(module):
+        module.reshard()
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or for an FSDP2 DTensor (collective) the whole tensor it is a shard of."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

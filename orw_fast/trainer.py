@@ -122,7 +122,7 @@ class ORWCFMTrainer:
         self.flow = flow
         self.objective = make_objective(cfg.objective, cfg)
         torch.manual_seed(cfg.seed)  # a LoRA adapter's initial weights: the same for a seed, whatever ran before
-        flow.prepare(self.device, ema=cfg.ema_decay > 0 or "ema" in self.objective.frozen)
+        flow.prepare(self.device, ema=(cfg.ema_decay or 0) > 0 or "ema" in self.objective.frozen)
         if flow.prompts is not None:
             flow.prompts.sample(self.local_batch_size, torch.Generator())  # a batch it cannot split is an error now
         self.image_shape = flow.sample_shape()

@@ -84,10 +84,19 @@ def full(tensors) -> list:
     return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
 
 
-def _make(kind, folder, savedir):
+# per objective: nft and awm keep their old policy as an EMA updated at last-policy refreshes, here by a large decay
+OBJECTIVES = {
+    "orw_cfm_w2": {},
+    "nft": {"ema_decay": None, "nft_decay_rate": 0.3},
+    "awm": {"ema_decay": None, "awm_decay_rate": 0.3, "awm_old_coefficient": 0.7},
+}
+
+
+def _make(kind, folder, savedir, objective="orw_cfm_w2"):
     """(trainer inputs) for a kind of model: the 2-D toy field, or a tiny SD3 pipeline with LoRA."""
+    settings = {"objective": objective, **OBJECTIVES[objective]}
     if kind == "toy":
-        return ToyField(), config(savedir), right_reward
+        return ToyField(), config(savedir, **settings), right_reward
     from orw_fast.models.diffusers_flow import DiffusersFlowModel
 
     flow = DiffusersFlowModel(
@@ -98,13 +107,15 @@ def _make(kind, folder, savedir):
         guidance_scale=2.0,
         max_sequence_length=16,
     )
-    return flow, config(savedir, sampler_steps=2, ema_decay=0.0), lambda images, prompts: images.mean(dim=(1, 2, 3))
+    cfg = config(savedir, sampler_steps=2, **{"ema_decay": 0.0, **settings})
+    return flow, cfg, lambda images, prompts: images.mean(dim=(1, 2, 3))
 
 
-def _one_step(rank, kind, fsdp, folder):
-    """One step, recording this rank's random draws: rollout (x0, x1, prompts), coupling noise and t."""
+def _one_step(rank, kind, fsdp, folder, objective):
+    """One step, recording this rank's random draws: rollout (x0, x1, prompts), coupling noise and t; then a
+    last-policy refresh (where nft's and awm's EMA moves)."""
     torch.manual_seed(rank)  # different weights on each rank: the trainer must start all from rank 0's
-    model, cfg, reward = _make(kind, folder, "unused")
+    model, cfg, reward = _make(kind, folder, "unused", objective)
     trainer = ORWCFMTrainer(model, dataclasses.replace(cfg, fsdp=fsdp), "cpu", reward_fn=reward)
     drawn = {}
 
@@ -121,6 +132,7 @@ def _one_step(rank, kind, fsdp, folder):
         mock.patch.object(trainer_module, "sample_path", recorded("path", sample_path)),
     ):
         metrics = trainer.train_step()
+    trainer.refresh_last_policy()
     params = trainer.weights.trainable_parameters()
     return {
         "x0": drawn["rollout"][0],
@@ -136,12 +148,18 @@ def _one_step(rank, kind, fsdp, folder):
 
 
 def _one_step_each(rank, folder):
-    return {
-        (kind, variant): _one_step(rank, kind, fsdp, folder) for kind in KINDS for variant, fsdp in VARIANTS.items()
-    }
+    return {case: _one_step(rank, case[0], VARIANTS[case[1]], folder, case[2]) for case in CASES}
 
 
 KINDS = ("toy", "sd3")
+# (kind, variant, objective): every objective on the toy under DDP and FSDP2, nft and awm once each on SD3 (loading
+# the pipeline is the costly part of a case); the default objective on both
+CASES = [
+    *((kind, variant, "orw_cfm_w2") for kind in KINDS for variant in VARIANTS),
+    *(("toy", variant, objective) for objective in ("nft", "awm") for variant in VARIANTS),
+    ("sd3", "fsdp2", "nft"),
+    ("sd3", "ddp", "awm"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +171,14 @@ def one_step_runs(tmp_path_factory):
     return folder, run_ranks(root, _one_step_each, folder)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch, one_step_runs, kind, variant):
-    """For a fully trained toy field and for a LoRA adapter on SD3 (prompts drawn per rank)."""
+@pytest.mark.parametrize("kind,variant,objective", CASES)
+def test_step_equals_one_process_on_the_concatenated_batch(
+    tmp_path, monkeypatch, one_step_runs, kind, variant, objective
+):
+    """For a fully trained toy field and for a LoRA adapter on SD3 (prompts drawn per rank, so nft's and awm's
+    advantages are normalised over prompt groups gathered from both ranks), for every objective."""
     folder, runs = one_step_runs
-    ranks = [run[kind, variant] for run in runs]
+    ranks = [run[kind, variant, objective] for run in runs]
     for key in ("x1", "noise", "t"):  # each rank drew its own share
         assert not torch.equal(ranks[0][key], ranks[1][key])
     for key in ("params", "ema"):  # the ranks stay in sync
@@ -167,7 +187,7 @@ def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch
 
     # one process, batch 16, fed the same x0, x1 (rollout), prompts, coupling noise and t as the two ranks
     torch.manual_seed(0)
-    model, cfg, reward = _make(kind, folder, tmp_path / "single")
+    model, cfg, reward = _make(kind, folder, tmp_path / "single", objective)
     single = ORWCFMTrainer(model, cfg, "cpu", reward_fn=reward)
     x0, x1, noise, t = (torch.cat([r[key] for r in ranks]) for key in ("x0", "x1", "noise", "t"))
     prompts = None if ranks[0]["prompts"] is None else ranks[0]["prompts"] + ranks[1]["prompts"]
@@ -175,6 +195,7 @@ def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch
     monkeypatch.setattr(trainer_module, "couple", lambda x1_, weights, **kwargs: (noise, x1_, weights))
     monkeypatch.setattr(trainer_module, "sample_path", lambda a, b, **kwargs: sample_path(a, b, t, **kwargs))
     metrics = single.train_step()
+    single.refresh_last_policy()
 
     params = single.weights.trainable_parameters()
     for rank in ranks:
@@ -182,8 +203,12 @@ def test_step_equals_one_process_on_the_concatenated_batch(tmp_path, monkeypatch
         torch.testing.assert_close(rank["params"], list(params))
         if rank["ema"] is not None:
             torch.testing.assert_close(rank["ema"], list(single.ema.parameters()))
-        for key in ("loss", "fm_loss", "w2_loss", "reward_mean", "reward_std", "ess", "diversity", "grad_norm"):
-            assert rank["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
+        assert rank["metrics"].keys() == metrics.keys()
+        common = ("loss", "w2_loss", "reward_mean", "reward_std", "reward_max", "diversity")
+        for key in (*common, "fm_loss", "ess", "policy_loss", "positive_fraction"):  # orw_cfm_w2's, nft's and awm's
+            if key in metrics:
+                assert rank["metrics"][key] == pytest.approx(metrics[key], rel=1e-5), key
+        assert rank["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
 
 
 # -- resume -------------------------------------------------------------------------------------------

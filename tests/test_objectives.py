@@ -133,7 +133,7 @@ def test_a_new_objective_trains_through_the_same_step(tmp_path, base_model, grou
 
 # -- DiffusionNFT and AWM ------------------------------------------------------------------------------------------
 
-PAPER_OBJECTIVES = {"nft": {}, "awm": {"ema_decay": 0.9}}  # awm's old policy is the EMA of ema_decay
+PAPER_OBJECTIVES = {"nft": {}, "awm": {}}  # their defaults: the old policy an EMA on the reference code's schedule
 
 
 def paper_trainer(tmp_path, base_model, objective, reward_fn=right_reward, **overrides):
@@ -248,16 +248,21 @@ def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema
     v, u, v_old, v_ref = (torch.randn(8, 3, generator=g) for _ in range(4))
     loss, _ = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, adv)
     torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7, backend="eager"))
-    assert objective.ema_decay(7) == 0.9
+    assert objective.ema_updates == "step" and objective.ema_decay(7) == 0.9  # a given ema_decay: every step
+    default = make_objective("awm", TrainerConfig(objective="awm", awm_decay_rate=0.01))
+    assert default.config.ema_decay is None and default.ema_updates == "refresh"  # the AWM code's schedule
+    assert [default.ema_decay(s) for s in (0, 10, 29, 30, 10**6)] == pytest.approx([0, 0.1, 0.29, 0.3, 0.3])
     without = make_objective("awm", TrainerConfig(objective="awm", awm_old_coefficient=0.0, w2_coefficient=0.2))
     assert without.frozen == ("reference",)  # no old policy: no EMA needed
     loss, _ = without.loss(v, u, {"reference": v_ref}, adv)
     torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, backend="eager"))
 
 
-def test_the_nft_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(tmp_path, base_model):
-    trainer = paper_trainer(tmp_path, base_model, "nft", nft_decay_rate=0.25, nft_decay_max=0.6)
-    assert trainer.ema is not None  # made for the objective although ema_decay = 0
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_the_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(tmp_path, base_model, objective):
+    schedule = {f"{objective}_decay_rate": 0.25, f"{objective}_decay_max": 0.6}
+    trainer = paper_trainer(tmp_path, base_model, objective, **schedule)
+    assert trainer.ema is not None  # made for the objective although ema_decay is 0 / unset
     for decay in (0.5, 0.6):  # min(0.25 * steps, 0.6) after 2 and 4 steps
         ema = [e.detach().double().clone() for e in trainer.ema.parameters()]
         trainer.train_step()
@@ -275,7 +280,7 @@ def test_resume_continues_exactly(tmp_path, base_model, objective):
     def losses(trainer, epochs):
         return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=3, progress=False)]
 
-    settings = dict(batch_size=16, nft_decay_rate=0.2)
+    settings = dict(batch_size=16, nft_decay_rate=0.2, awm_decay_rate=0.2)
     full_run = paper_trainer(tmp_path / "a", base_model, objective, **settings)
     full = losses(full_run, 4)
     first = paper_trainer(tmp_path / "b", base_model, objective, **settings)
@@ -306,57 +311,23 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
             "EMA",
         ),
         (
-            dict(objective="awm"),
+            dict(objective="awm", ema_decay=0),
             "ema_decay",
-            r"config.ema_decay must be > 0 with objective='awm' and "
+            r"config.ema_decay must be unset \(the AWM code's schedule\) or > 0 with objective='awm' and "
             r"awm_old_coefficient=1 \(the old policy is the policy's EMA; or set "
             r"awm_old_coefficient=0\), got 0.0",
         ),
+        (dict(objective="awm", awm_decay_max=1.0), "awm_decay_max", "a finite number >= 0 and < 1"),
         (dict(objective="awm", ema_decay=0.9, awm_old_coefficient=-1.0), "awm_old_coefficient", ">= 0"),
     ]
     for settings, key, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             TrainerConfig(**settings)
         assert err.value.key == key
-    TrainerConfig(objective="awm", awm_old_coefficient=0.0)  # no old policy, no EMA needed
+    assert TrainerConfig(objective="awm", awm_old_coefficient=0.0).ema_decay == 0.0  # no old policy, no EMA
+    assert TrainerConfig(objective="awm").ema_decay is None  # unset: the reference code's schedule
+    assert TrainerConfig().ema_decay == TrainerConfig(objective="nft").ema_decay == 0.0  # unset: no EMA of its own
     TrainerConfig(nft_beta=0.0 + 1e-3, ema_decay=0.9)  # nft's settings do not concern the other objectives
-
-
-@pytest.mark.parametrize("objective", ["nft", "awm"])
-def test_a_lora_on_the_tiny_sd3_pipeline_trains_and_its_export_loads_in_diffusers(tmp_path, objective):
-    from test_text_to_image import PROMPTS, brightness, config, flow_of
-
-    from orw_fast.models.diffusers_flow import load_pipeline
-    from orw_fast.prompts import PromptSource
-    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
-
-    folders = {"sd3": save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)}
-    flow = flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2))
-    trainer = ORWCFMTrainer(
-        flow,
-        config(tmp_path / "run", objective=objective, **PAPER_OBJECTIVES[objective]),
-        "cpu",
-        reward_fn=brightness,
-        callbacks=[],
-    )
-    base = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if "lora" not in n}
-    lora = [p.detach().clone() for p in trainer.weights.trainable_parameters()]
-    history = [trainer.train_step() for _ in range(2)]
-    assert all(math.isfinite(m["loss"]) and m["w2_loss"] >= 0 for m in history), history
-    assert all(torch.equal(p, base[n]) for n, p in flow.transformer.named_parameters() if "lora" not in n)
-    assert any(not torch.equal(a, b) for a, b in zip(lora, trainer.weights.trainable_parameters()))
-    trainer.save_checkpoint(tmp_path / "run" / "last.pt")
-    pipe = load_pipeline(folders["sd3"])
-    pipe.load_lora_weights(tmp_path / "run" / "last_lora")
-    x = torch.randn(2, *flow.sample_shape(), generator=torch.Generator().manual_seed(6))
-    t, cond = torch.tensor([0.3, 0.7]), flow.conditions(PROMPTS[:2])
-    with torch.no_grad():
-        torch.testing.assert_close(
-            flow.velocity(pipe.transformer, t, x, *cond),
-            flow.velocity(flow.transformer, t, x, *cond),
-            rtol=0,
-            atol=1e-5,
-        )
 
 
 def test_an_nft_lora_run_resumes_exactly(tmp_path):

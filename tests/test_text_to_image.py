@@ -193,22 +193,30 @@ def test_the_lora_adapter_starts_from_the_seed_whatever_ran_before(tmp_path, fol
     assert not all(torch.equal(a, b) for a, b in zip(adapters[0], adapters[2]))
 
 
+@pytest.mark.parametrize("objective", ["orw_cfm_w2", "nft", "awm"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_saved_lora_reproduces_the_fine_tuned_model_in_a_fresh_pipeline(tmp_path, folders, kind):
-    flow = flow_of(folders, kind)
-    trainer = ORWCFMTrainer(flow, config(tmp_path), "cpu", reward_fn=brightness)
+def test_the_saved_lora_reproduces_the_fine_tuned_model_in_a_fresh_pipeline(tmp_path, folders, kind, objective):
+    """For every objective (nft and awm with their defaults: the old policy an EMA of the adapter), on two samples
+    per prompt (a group with a spread of rewards): a step moves only the adapter, and its export is the policy."""
+    flow = flow_of(folders, kind, prompts=PromptSource(PROMPTS, samples_per_prompt=2))
+    trainer = ORWCFMTrainer(flow, config(tmp_path, objective=objective), "cpu", reward_fn=brightness)
     perturb_lora(flow)
-    trainer.train_step()
+    frozen = {n: p.detach().clone() for n, p in flow.transformer.named_parameters() if "lora" not in n}
+    lora = [p.detach().clone() for p in trainer.weights.trainable_parameters()]
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and metrics["w2_loss"] >= 0, metrics
+    assert all(torch.equal(p, frozen[n]) for n, p in flow.transformer.named_parameters() if "lora" not in n)
+    assert any(not torch.equal(a, b) for a, b in zip(lora, trainer.weights.trainable_parameters()))
     trainer.save_checkpoint(tmp_path / "last.pt")
     assert (tmp_path / "last_lora" / "pytorch_lora_weights.safetensors").is_file()
     pipe = load_pipeline(folders[kind])
-    pipe.load_lora_weights(tmp_path / "last_lora")
     x = torch.randn(2, *flow.sample_shape(), generator=torch.Generator().manual_seed(6))
     t, cond = torch.tensor([0.3, 0.7]), flow.conditions(PROMPTS[:2])
     with torch.no_grad():
         ours = flow.velocity(flow.transformer, t, x, *cond)
+        base = flow.velocity(pipe.transformer, t, x, *cond)  # the fresh pipeline, before the export is loaded
+        pipe.load_lora_weights(tmp_path / "last_lora")
         theirs = flow.velocity(pipe.transformer, t, x, *cond)
-        base = flow.velocity(load_pipeline(folders[kind]).transformer, t, x, *cond)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     assert not torch.allclose(base, ours, atol=1e-3)
 

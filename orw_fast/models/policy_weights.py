@@ -122,6 +122,8 @@ class FullCopies(PolicyWeights):
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         if self.ema_module is not None:
+            for module in (self.ema_module, self.module):  # shard with shard under FSDP2, even after a no-grad forward
+                dist_utils.reshard(module)
             for e, p in zip(self.ema_module.parameters(), self.module.parameters()):
                 e.lerp_(p.detach(), 1 - decay)
 

@@ -6,7 +6,12 @@ published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max
 - the penalty to the reference with α = ``w2_coefficient`` (the same term as ORW-CFM-W2's W2 penalty; the paper's
   train.beta, kl_weight "Uniform");
 - the pull toward the old policy, the policy's EMA, with coefficient ``awm_old_coefficient`` (the paper's ema_beta,
-  1); the EMA decays by ``ema_decay``, which must then be > 0. ``awm_old_coefficient=0`` drops it (no EMA needed).
+  1). By default (``ema_decay`` unset) the EMA is updated as the reference code (scxue/advantage_weighted_matching,
+  scripts/train_sd3_awm.py) updates its "ema" adapter: once per sampling epoch, i.e. at every last-policy refresh,
+  EMA <- d EMA + (1 - d) policy with d = min(``awm_decay_rate`` * s, ``awm_decay_max``) (0.001, 0.3: its
+  kl_ema_decay_type "linear" and kl_ema_decay) after s updates of the policy. A given ``ema_decay`` > 0 replaces
+  that with an update after every step by that decay; 0 is an error while the pull is on.
+  ``awm_old_coefficient=0`` drops the pull (no EMA needed).
 
 The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·|v − u|², which is
 what is trained; its off-policy ratio and the "huber" weightings are not covered (docs/objectives.md).
@@ -31,6 +36,11 @@ class AWM(Objective):
     def __init__(self, config):
         super().__init__(config)
         self.frozen = ("reference", "ema") if config.awm_old_coefficient > 0 else ("reference",)
+        self.ema_updates = "refresh" if config.ema_decay is None else "step"  # None: the reference code's schedule
+
+    @classmethod
+    def default_ema_decay(cls, config):
+        return None if config.awm_old_coefficient > 0 else 0.0
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -39,11 +49,16 @@ class AWM(Objective):
         if config.awm_old_coefficient > 0 and config.ema_decay == 0:
             raise ConfigError(
                 "ema_decay",
-                f"> 0 with objective='awm' and awm_old_coefficient="
+                f"unset (the AWM code's schedule) or > 0 with objective='awm' and awm_old_coefficient="
                 f"{config.awm_old_coefficient:g} (the old policy is the policy's EMA; or set "
                 "awm_old_coefficient=0)",
                 config.ema_decay,
             )
+
+    def ema_decay(self, step):
+        if self.config.ema_decay is None:
+            return min(self.config.awm_decay_rate * step, self.config.awm_decay_max)
+        return self.config.ema_decay
 
     def sample_inputs(self, rewards, groups):
         return self.advantages(rewards, groups)

@@ -35,6 +35,13 @@ class Objective:
         self.config = config
 
     @classmethod
+    def default_ema_decay(cls, config) -> float | None:
+        """``config.ema_decay`` when it is left unset (None), resolved before :meth:`check_config`: 0, no EMA
+        besides the one the objective's frozen velocities need. An objective may keep None, meaning the decay
+        schedule of its own that its :meth:`ema_decay` then gives."""
+        return 0.0
+
+    @classmethod
     def check_config(cls, config) -> None:
         """Raises ConfigError naming the key when ``config``'s settings do not fit this objective (called by
         TrainerConfig once every field is checked)."""
