@@ -136,3 +136,25 @@ def test_on_the_digits_the_velocity_penalty_holds_nft_and_awm_nearer_the_referen
         with torch.no_grad():
             gaps[alpha] = (trainer.model(t, x) - trainer.reference(t, x)).pow(2).mean().item()
     assert 0 < gaps[5.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_toy_objectives_reports_each_objective_against_the_pre_trained_model(tmp_path):
+    """The toy comparison of the objectives at toy size: every (objective, α) run starts from the same model, whose
+    TV to itself is 0; the table has one row per run; a bad flag is one line naming it."""
+    from experiments import toy_objectives
+
+    s = ToySettings(alphas=(0.0, 5.0), epochs=1, steps_per_epoch=2, pretrain_steps=20, eval_samples=300)
+    results = toy_objectives.run(s, out_dir=tmp_path, progress=False)
+    starts = [records[0] for by_alpha in results["runs"].values() for records in by_alpha.values()]
+    assert len(starts) == 6 and all(r == starts[0] for r in starts) and starts[0]["tv_to_reference"] == 0
+    assert starts[0]["velocity_gap"] == 0 and starts[0]["reward"] == pytest.approx(
+        sum(m * r for m, r in zip(starts[0]["masses"], s.mode_rewards))
+    )
+    final = results["runs"]["awm"]["5"][-1]
+    assert final["tv_to_reference"] == pytest.approx(
+        0.5 * sum(abs(m - p) for m, p in zip(final["masses"], starts[0]["masses"]))
+    )
+    table = (tmp_path / "toy_objectives.md").read_text()
+    assert table.count("\n| ") == 7 and (tmp_path / "toy_objectives.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        toy_objectives.main(["--objectives", "nft,grpo"])
