@@ -44,7 +44,8 @@ background <= 110 % of the base's (text). A run ends at the target or the cap, s
 at that point (a run is not continued past the target).
 
 Per run: steps, model forward calls and forward samples (every call of the model's class: policy, reference, old
-policy, last policy, rollouts; counted by a forward hook) and backward calls (forwards whose output got a gradient),
+policy, last policy, rollouts; counted by a forward hook, orw_fast's rollouts from its solver's calls per rollout as
+a CUDA graph replay calls no Python forward) and backward calls (forwards whose output got a gradient),
 wall-clock to the end (the step loop, rollouts and rewards included, evaluation excluded), and at that point, from a
 fixed noise: class entropy, even entropy, diversity, digits FD, background, W2 to the base model's samples of the same
 noise (digits), or alignment, diversity within a prompt, W2 to the reference, digits FD, background (text, held-out
@@ -60,7 +61,8 @@ points per method, 3 seeds only for the best points (the sweep's seed reused, so
 (digits) and 10 s (text) per run, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper; FD is
 biased by N, so compare at equal N only) and 24 a prompt on text. Worst case (every run to its cap, every method a
 best point): digits 36 runs x ~29 s = ~17 min, text 30 runs x ~13 s = ~6.5 min, with set-up and the base models'
-evaluation about 24 min; runs that reach the target stop early and methods without a best point run no finals.
+evaluation about 24 min; runs that reach the target stop early and methods without a best point run no finals. Not
+counted: the one-time pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
 The caps mean that on this CPU most digits runs stop before 0.95 (the issue measured 56-125 steps at B = 64 there):
 the curves and the quality-bounded front then carry the comparison, and the time-to-target table fills on a GPU,
 where --device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps
@@ -186,11 +188,15 @@ class CallCounter:
     forwards whose output receives a gradient."""
 
     def __init__(self, model_type: type):
-        self.model_type = model_type
+        self.model_type, self.paused = model_type, False
         self.forward_calls = self.forward_samples = self.backward_calls = 0
 
+    def add(self, calls: int, batch: int) -> None:
+        self.forward_calls += calls
+        self.forward_samples += calls * batch
+
     def _hook(self, module, args, output):
-        if not isinstance(module, self.model_type):
+        if self.paused or not isinstance(module, self.model_type):
             return
         self.forward_calls += 1
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
@@ -441,8 +447,27 @@ class PromptedVelocity(torch.nn.Module):
 # One run
 
 
-def make_runner(task, method: str, values: dict, seed: int, reward):
-    """(step(), refresh() or None, evaluate()) of one method's run."""
+def count_rollouts(trainer, counter: CallCounter) -> None:
+    """An ORWCFMTrainer's rollouts counted from its solver (sampling.calls) instead of hooked: on CUDA they replay a
+    captured graph, which calls no Python forward."""
+    from orw_fast.sampling import calls
+
+    rollout, cfg = trainer.rollout, trainer.config
+
+    def counted(batch_size):
+        counter.paused = True
+        try:
+            out = rollout(batch_size)
+        finally:
+            counter.paused = False
+        counter.add(calls(cfg.sampler_method, cfg.sampler_steps), batch_size)
+        return out
+
+    trainer.rollout = counted
+
+
+def make_runner(task, method: str, values: dict, seed: int, reward, counter: CallCounter):
+    """(step(), refresh() or None, evaluate()) of one method's run, its model calls counted by ``counter``."""
     s, device = task.sizes, task.device
     if method == "official_orw":
         if task.name == "text":
@@ -489,6 +514,7 @@ def make_runner(task, method: str, values: dict, seed: int, reward):
             **extra,
         )
         trainer = ORWCFMTrainer(task.orw_fast_flow(), config, device, reward_fn=reward, callbacks=[])
+        count_rollouts(trainer, counter)
         if task.name == "text":
             evaluate = lambda: task.evaluate_flow(trainer.flow, trainer.model)  # noqa: E731
         else:
@@ -522,10 +548,10 @@ def run_one(task, method: str, point: int, seed: int, *, target: float) -> tuple
     row = {"task": task.name, "method": method, "point": point, "knobs": point_label(values), "seed": seed}
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact-OT matcher draws its pairs from numpy's global RNG
-    reward = task.reward()
-    step, refresh, evaluate = make_runner(task, method, values, seed, reward)
+    reward, counter = task.reward(), CallCounter(task.model_type)
+    step, refresh, evaluate = make_runner(task, method, values, seed, reward, counter)
     s, device = task.sizes, task.device
-    counter, memory = CallCounter(task.model_type), PeakMemory(device)
+    memory = PeakMemory(device)
     seconds, steps, reached, curve = 0.0, 0, False, {"seconds": [], "reward": []}
     window_len = min(WINDOW, s.max_steps)  # a step cap under the window (toy runs) shortens it
     with counter.active():
@@ -765,12 +791,17 @@ def format_report(meta: dict, rows: list[dict]) -> str:
 
 
 def plot(meta: dict, rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     tasks = list(meta["tasks"])
-    fig, axes = common.new_figure(3 * len(tasks), f"methods, {meta['device_name']}")
+    fig, grid = plt.subplots(len(tasks), 3, figsize=(18, 4.5 * len(tasks)), squeeze=False)
+    fig.suptitle(f"methods, {meta['device_name']}")
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    for i, task in enumerate(tasks):
+    for task, (curves_ax, front_ax, fd_ax) in zip(tasks, grid):
         t = meta["tasks"][task]
-        curves_ax, front_ax, fd_ax = axes[3 * i : 3 * i + 3]
         for method in dict.fromkeys(r["method"] for r in _ok(rows, task)):
             point = t["best_points"].get(method, 0)
             runs = [r for r in _ok(rows, task, method) if r["point"] == point]
@@ -794,6 +825,7 @@ def plot(meta: dict, rows: list[dict]):
         fd_ax.set(xlabel="digits FD", ylabel="eval reward", title=f"{task}: reward vs FD")
         for ax in (curves_ax, front_ax, fd_ax):
             ax.legend(fontsize="small")
+    fig.tight_layout()
     return fig
 
 

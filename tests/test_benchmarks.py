@@ -531,6 +531,14 @@ def test_methods_benchmark(tmp_path, monkeypatch):
                 assert 0 < r["backward_calls"] < r["forward_calls"] and r["peak_memory_mb"] >= 0
                 assert r["seconds"] > 0 and r["w2_to_reference"] >= 0 and r["digits_fd"] >= 0
                 assert r["run_id"] in meta["curves"] and len(meta["curves"][r["run_id"]]["reward"]) == 2
+        if task == "digits":  # 2 steps of: rollout calls (2 Euler, 4 Heun, 2 SDE) + the loss's policy and frozen calls
+            calls = {
+                (r["method"], r["seed"]): (r["forward_calls"], r["backward_calls"]) for r in mine if r["status"] == "ok"
+            }
+            assert calls["official_orw", 0] == (2 * (2 + 2), 2)  # + policy, reference
+            assert calls["orw_cfm_w2", 0] == (2 * (4 + 2), 2)
+            assert calls["awm", 0] == (2 * (4 + 3), 2)  # + policy, reference, EMA
+            assert calls["flow_grpo", 0] == (2 * (2 + 2 * 2), 2 * 2)  # 2 minibatches x 1 trained step x (policy, ref)
         diversity = bench_methods.DIVERSITY[task]
         assert all(r[diversity] >= 0 for r in mine if r["status"] == "ok")
         report = files[".md"].read_text()
