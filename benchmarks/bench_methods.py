@@ -38,10 +38,11 @@ Best point at equal diversity: the diversity floor is the lowest, over the metho
 method's most diverse reaching point (class entropy on digits, diversity within a prompt on text), so every such
 method has a point at or above it; each method's best point is its fastest (median wall-clock) point whose every run
 reached the target with median diversity >= the floor; it is then run with --seeds seeds (the sweep's seeds reused).
-Quality-bounded reward front: each method's best evaluated reward over all its runs whose samples at the end keep
-digits FD <= 3x the base's and background <= 2x the base's (digits), or diversity within a prompt >= 90 % and
-background <= 110 % of the base's (text). A run ends at the target or the cap, so the front's rewards are those held
-at that point (a run is not continued past the target).
+Every run trains to its cap: the time-to-target numbers and an evaluation are taken when it first reaches the
+target, and it is evaluated again at the cap. Quality-bounded reward front: each method's best evaluated reward over
+all its runs' evaluation points (at the target and at the cap) whose samples keep digits FD <= 3x the base's and
+background <= 2x the base's (digits), or diversity within a prompt >= 90 % and background <= 110 % of the base's
+(text): the best reward it holds within the same budget at that quality.
 
 Per run: steps, model forward calls and forward samples (every call of the model's class: policy, reference, old
 policy, last policy, rollouts; counted by a forward hook, orw_fast's rollouts from its solver's calls per rollout as
@@ -59,17 +60,17 @@ step at B = 32 takes 0.75-2.1 s on digits (flow_grpo_fast 0.75, official_orw 1.2
 midpoint steps, 2.5-3.3 s on text. The protocol is cut to: batch 32 (the issue's runs used 64), one sweep seed, 4
 points per method, 3 seeds only for the best points (the sweep's seed reused, so 2 more runs), a cap of 25 s
 (digits) and 10 s (text) per run, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper; FD is
-biased by N, so compare at equal N only) and 24 a prompt on text. Worst case (every run to its cap, every method a
-best point): digits 36 runs x ~29 s = ~17 min, text 30 runs x ~13 s = ~6.5 min, with set-up and the base models'
-evaluation about 24 min; runs that reach the target stop early and methods without a best point run no finals. Not
+biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap; with every method a
+best point (the most runs): digits 36 runs x ~31 s (cap + two evaluations + set-up) = ~18.5 min, text 30 runs x
+~15 s = ~7.5 min, with the base models' evaluation about 27 min; methods without a best point run no finals. Not
 counted: the one-time pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
 The caps mean that on this CPU most digits runs stop before 0.95 (the issue measured 56-125 steps at B = 64 there):
 the curves and the quality-bounded front then carry the comparison, and the time-to-target table fills on a GPU,
 where --device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps
-and a cap of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: at most
-66 runs x (30 s + evaluation)).
+and a cap of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: 66 runs
+x (30 s + two evaluations + set-up), about 35-40 min).
 
-    python benchmarks/bench_methods.py                                    # both tasks, at most ~24-30 min, 2 CPU cores
+    python benchmarks/bench_methods.py                                    # both tasks, at most ~27 min, 2 CPU cores
     python benchmarks/bench_methods.py --device cuda
     python benchmarks/bench_methods.py --tasks digits --methods orw_cfm_w2,flow_grpo --seeds 5
     python benchmarks/bench_methods.py --quick                            # toy sizes, seconds
@@ -543,7 +544,10 @@ def make_runner(task, method: str, values: dict, seed: int, reward, counter: Cal
 
 
 def run_one(task, method: str, point: int, seed: int, *, target: float) -> tuple[dict, dict]:
-    """(row, curve) of one run: train until the rolling reward reaches ``target`` or the cap, then evaluate."""
+    """(row, curve) of one run, trained to its cap. The row's main fields are taken, and the policy evaluated, when
+    the rolling reward first reaches ``target`` (at the cap if never); the "end_" fields are the evaluation at the cap
+    (the same values when the target was reached on the last step or never). The evaluations are not timed and their
+    model calls not counted."""
     values = knobs(task.name, method, point)
     row = {"task": task.name, "method": method, "point": point, "knobs": point_label(values), "seed": seed}
     torch.manual_seed(seed)
@@ -552,10 +556,28 @@ def run_one(task, method: str, point: int, seed: int, *, target: float) -> tuple
     step, refresh, evaluate = make_runner(task, method, values, seed, reward, counter)
     s, device = task.sizes, task.device
     memory = PeakMemory(device)
-    seconds, steps, reached, curve = 0.0, 0, False, {"seconds": [], "reward": []}
+    seconds, steps, curve, at_target = 0.0, 0, {"seconds": [], "reward": []}, None
     window_len = min(WINDOW, s.max_steps)  # a step cap under the window (toy runs) shortens it
+
+    def snapshot() -> dict:
+        state = dict(
+            steps=steps,
+            seconds=seconds,
+            ms_per_step=1e3 * seconds / steps,
+            rolling_reward=rolling,
+            forward_calls=counter.forward_calls,
+            forward_samples=counter.forward_samples,
+            backward_calls=counter.backward_calls,
+            peak_memory_mb=memory.mb(),
+        )
+        counter.paused = True
+        try:
+            return {**state, **evaluate()}
+        finally:
+            counter.paused = False
+
     with counter.active():
-        while steps < s.max_steps and seconds < s.cap_s and not reached:
+        while steps < s.max_steps and seconds < s.cap_s:
             common.synchronize(device)
             start = time.perf_counter()
             step()
@@ -568,22 +590,25 @@ def run_one(task, method: str, point: int, seed: int, *, target: float) -> tuple
             rolling = sum(window) / len(window)
             curve["seconds"].append(round(seconds, 4))
             curve["reward"].append(rolling)
-            reached = len(window) == window_len and rolling >= target
-    peak = memory.mb()
-    row.update(
-        status="ok",
-        reached=reached,
-        steps=steps,
-        seconds=seconds,
-        ms_per_step=1e3 * seconds / steps,
-        rolling_reward=rolling,
-        forward_calls=counter.forward_calls,
-        forward_samples=counter.forward_samples,
-        backward_calls=counter.backward_calls,
-        peak_memory_mb=peak,
-        **evaluate(),
-    )
+            if at_target is None and len(window) == window_len and rolling >= target:
+                at_target = snapshot()
+        end = at_target if at_target is not None and at_target["steps"] == steps else snapshot()
+    row.update(status="ok", reached=at_target is not None, **(at_target or end))
+    row.update({f"end_{k}": end[k] for k in END_KEYS if k in end})
     return row, curve
+
+
+END_KEYS = (
+    "steps",
+    "seconds",
+    "rolling_reward",
+    "eval_reward",
+    "class_entropy",
+    "prompt_diversity",
+    "digits_fd",
+    "background",
+    "w2_to_reference",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,16 +668,28 @@ def within_quality(row: dict, base: dict, task: str) -> bool:
     return row["prompt_diversity"] >= 0.9 * base["prompt_diversity"] and row["background"] <= 1.1 * base["background"]
 
 
+def front_candidates(row: dict) -> list[dict]:
+    """The evaluated points of a run: at the target (or the cap, if never reached) and, after a target, at the cap."""
+    keep = ("task", "method", "point", "knobs", "seed")
+    first = {k: row.get(k) for k in keep} | {"at": "target" if row["reached"] else "cap"}
+    points = [first | {k: row[k] for k in END_KEYS if k in row}]
+    if row["reached"] and "end_eval_reward" in row:
+        points.append(first | {"at": "cap"} | {k: row[f"end_{k}"] for k in END_KEYS if f"end_{k}" in row})
+    return points
+
+
 def quality_front(rows: list[dict], base: dict, task: str) -> dict[str, dict | None]:
-    """{method: its run with the highest evaluated reward among those within the quality bounds (ties: the sooner),
-    or None} for every method with an ok run on the task."""
+    """{method: its evaluated point (:func:`front_candidates`) with the highest evaluated reward among those within
+    the quality bounds (ties: the sooner), or None} for every method with an ok run on the task."""
     front: dict[str, dict | None] = {}
     for r in _ok(rows, task):
         front.setdefault(r["method"], None)
-        if within_quality(r, base, task):
+        for c in front_candidates(r):
             held = front[r["method"]]
-            if held is None or (-r["eval_reward"], r["seconds"]) < (-held["eval_reward"], held["seconds"]):
-                front[r["method"]] = r
+            if within_quality(c, base, task) and (
+                held is None or (-c["eval_reward"], c["seconds"]) < (-held["eval_reward"], held["seconds"])
+            ):
+                front[r["method"]] = c
     return front
 
 
@@ -753,15 +790,16 @@ def format_report(meta: dict, rows: list[dict]) -> str:
             f"### Quality-bounded reward front ({QUALITY_BOUNDS[task]})",
             "",
             common.markdown_table(
-                ["method", "best eval reward", "point", "seed", "wall-clock s", "digits FD", "background"],
+                ["method", "best eval reward", "point", "seed", "at", "wall-clock s", "digits FD", "background"],
                 [
-                    [m, "none within the bounds", "", "", "", "", ""]
+                    [m, "none within the bounds", "", "", "", "", "", ""]
                     if r is None
                     else [
                         m,
                         f"{r['eval_reward']:.3f}",
                         r["knobs"],
                         str(r["seed"]),
+                        r["at"],
                         f"{r['seconds']:.1f}",
                         f"{r['digits_fd']:.1f}",
                         f"{r['background']:.1f}",

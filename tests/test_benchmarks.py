@@ -531,6 +531,7 @@ def test_methods_benchmark(tmp_path, monkeypatch):
                 assert 0 < r["backward_calls"] < r["forward_calls"] and r["peak_memory_mb"] >= 0
                 assert r["seconds"] > 0 and r["w2_to_reference"] >= 0 and r["digits_fd"] >= 0
                 assert r["run_id"] in meta["curves"] and len(meta["curves"][r["run_id"]]["reward"]) == 2
+                assert r["end_steps"] == 2 and r["end_eval_reward"] == r["eval_reward"]  # reached on the last step
         if task == "digits":  # 2 steps of: rollout calls (2 Euler, 4 Heun, 2 SDE) + the loss's policy and frozen calls
             calls = {
                 (r["method"], r["seed"]): (r["forward_calls"], r["backward_calls"]) for r in mine if r["status"] == "ok"
@@ -610,11 +611,24 @@ def test_methods_best_points_and_quality_front():
         _row("b", 0, 0, 10.0, 1.0, fd=100.0, reward=1.0),  # b has runs, none within the bounds
     ]
     front = bench_methods.quality_front(front_rows, base, "digits")
-    assert front["a"]["point"] == 3 and front["b"] is None
-    text = {"task": "text", "status": "ok", "method": "t", "seconds": 1.0}
+    assert (front["a"]["point"], front["a"]["at"]) == (3, "target") and front["b"] is None
+    # a run that went on to its cap after the target: its evaluation there counts too, if within the bounds
+    later = {"end_seconds": 25.0, "end_eval_reward": 0.97, "end_digits_fd": 20.0, "end_background": 6.0}
+    front = bench_methods.quality_front([*front_rows, _row("a", 4, 1, 9.0, 1.0, reward=0.5) | later], base, "digits")
+    assert (front["a"]["point"], front["a"]["at"], front["a"]["eval_reward"], front["a"]["seconds"]) == (
+        4,
+        "cap",
+        0.97,
+        25,
+    )
+    greyed = later | {"end_background": 9.0}
+    front = bench_methods.quality_front([*front_rows, _row("a", 4, 1, 9.0, 1.0, reward=0.5) | greyed], base, "digits")
+    assert (front["a"]["point"], front["a"]["at"]) == (3, "target")
+    text = {"task": "text", "status": "ok", "method": "t", "seconds": 1.0, "reached": False}
     inside = text | {"point": 0, "prompt_diversity": 1.8, "background": 4.4, "eval_reward": 0.6}
     low_diversity = text | {"point": 1, "prompt_diversity": 1.79, "background": 4.0, "eval_reward": 0.9}
-    assert bench_methods.quality_front([inside, low_diversity], base, "text") == {"t": inside}
+    (kept,) = bench_methods.quality_front([inside, low_diversity], base, "text").values()
+    assert (kept["point"], kept["at"], kept["eval_reward"]) == (0, "cap", 0.6)
 
 
 def test_methods_dry_run_lists_the_runs(capsys):
