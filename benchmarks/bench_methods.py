@@ -60,17 +60,19 @@ step at B = 32 takes 0.75-2.1 s on digits (flow_grpo_fast 0.75, official_orw 1.2
 midpoint steps, 2.5-3.3 s on text. The protocol is cut to: batch 32 (the issue's runs used 64), one sweep seed, 4
 points per method, 3 seeds only for the best points (the sweep's seed reused, so 2 more runs), a cap of 25 s
 (digits) and 10 s (text) per run, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper; FD is
-biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap; with every method a
-best point (the most runs): digits 36 runs x ~31 s (cap + two evaluations + set-up) = ~18.5 min, text 30 runs x
-~15 s = ~7.5 min, with the base models' evaluation about 27 min; methods without a best point run no finals. Not
-counted: the one-time pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
+biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap; a whole run at these
+sizes, measured (orw_cfm_w2 and flow_grpo, load average 5): 27-29 s on digits (26 and 16 steps in the 25 s) and
+13 s on text (18 and 9 steps in the 10 s). With every method a best point (the most runs): digits 36 runs x 29 s =
+17.4 min, text 30 runs x 13 s = 6.5 min, with the set-up and the base models' evaluation about 24 min (27 min at the
+per-run estimate above); methods without a best point run no finals. Not counted: the one-time pre-training of the
+cached models when they are missing (about 4 min digits, 6 min text).
 The caps mean that on this CPU most digits runs stop before 0.95 (the issue measured 56-125 steps at B = 64 there):
 the curves and the quality-bounded front then carry the comparison, and the time-to-target table fills on a GPU,
 where --device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps
 and a cap of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: 66 runs
 x (30 s + two evaluations + set-up), about 35-40 min).
 
-    python benchmarks/bench_methods.py                                    # both tasks, at most ~27 min, 2 CPU cores
+    python benchmarks/bench_methods.py                                    # both tasks, ~24 min on 2 CPU cores
     python benchmarks/bench_methods.py --device cuda
     python benchmarks/bench_methods.py --tasks digits --methods orw_cfm_w2,flow_grpo --seeds 5
     python benchmarks/bench_methods.py --quick                            # toy sizes, seconds
