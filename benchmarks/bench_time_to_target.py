@@ -153,9 +153,12 @@ def make_trainer(
 
 
 @torch.no_grad()
-def evaluate(model, classifier, quality, shape, device: torch.device, n: int, steps: int = 50) -> dict:
+def evaluate(
+    model, classifier, quality, shape, device: torch.device, n: int, steps: int = 50, *, samples: bool = False
+):
     """Even fraction, class entropy, diversity, digits FD and background level (``quality``: a
-    orw_fast.tasks.demo.DigitsQuality) of n samples of ``model`` from a fixed noise (midpoint, ``steps`` steps)."""
+    orw_fast.tasks.demo.DigitsQuality) of n samples of ``model`` from a fixed noise (midpoint, ``steps`` steps);
+    with ``samples`` (that dict, the samples)."""
     from orw_fast.metrics import class_entropy, mean_pairwise_distance
     from orw_fast.sampling import sample
 
@@ -165,13 +168,14 @@ def evaluate(model, classifier, quality, shape, device: torch.device, n: int, st
     model.train(training)
     labels = classifier(x1.clamp(-1, 1)).argmax(dim=1)
     even = torch.isin(labels, torch.tensor(EVEN_DIGITS, device=device))
-    return {
+    stats = {
         "eval_even_fraction": float(even.float().mean()),
         "class_entropy": class_entropy(labels, 10) + 0.0,
         "even_entropy": class_entropy(labels[even], 10) + 0.0,
         "diversity": float(mean_pairwise_distance(x1)),
         **quality(x1),
     }
+    return (stats, x1) if samples else stats
 
 
 def run_one(

@@ -387,6 +387,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def number_in(low: float, high: float = math.inf, *, open_low: bool = False, what: str = "a number"):
+    """argparse type: a float in [low, high] ((low, high] with ``open_low``); the error names the range."""
+    if high < math.inf:
+        span = f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+    else:
+        span = f"{'>' if open_low else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ((value > low if open_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {what} {span}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, plot: bool = True, dry_run: bool = True) -> None:
     """--device, --out, --quick, and --no-plot (with ``plot``) and --dry-run (with ``dry_run``: the script then
     returns :func:`dry_run` once its cases are known)."""

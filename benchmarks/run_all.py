@@ -2,7 +2,7 @@
 failed stage is recorded and the next one runs; a summary (with the issue's targets on GPU) comes last.
 
 Stages (default on cuda: all of them; on cpu: hardware, loss, sampler, train_step, t2i; rollout_error and
-time_to_target take 25 and 12 minutes on a 2-core CPU, so they run on the CPU only when named):
+time_to_target take 25 and 12 minutes on a 2-core CPU, methods about 30, so they run on the CPU only when named):
   build       pip install --no-build-isolation --no-deps --no-index -e . for the GPU's architecture
               (TORCH_CUDA_ARCH_LIST, e.g. 9.0), `python setup.py build_ext --inplace` if pip fails; skipped
               when orw_fast._C already has a CUDA kernel newer than every source
@@ -15,6 +15,8 @@ time_to_target take 25 and 12 minutes on a 2-core CPU, so they run on the CPU on
   t2i         benchmarks/bench_t2i.py (text-to-image: SD3.5-medium and FLUX.1-dev sizes on cuda, tiny on cpu)
   rollout_error   benchmarks/bench_rollout_error.py (rollout accuracy against model calls)
   time_to_target  benchmarks/bench_time_to_target.py (wall-clock to a reward: official algorithm vs orw_fast)
+  methods     benchmarks/bench_methods.py (time to a reward and the quality-bounded reward front: ORW-CFM-W2
+              official and orw_fast, NFT, AWM, Flow-GRPO, Flow-GRPO-Fast; even digits and text alignment)
 Results, logs and the summary run_<date>_<commit>_<stages>.md go to OUT/<device-slug>/ (default
 benchmarks/results/); --archive also packs the files this run wrote into one .tar.gz after every stage (so a
 run cut short still leaves its results); --report sums up a folder filled by several runs.
@@ -32,6 +34,7 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -59,6 +62,7 @@ STAGES = (
     "t2i",
     "rollout_error",
     "time_to_target",
+    "methods",
 )
 DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
 BENCH_SCRIPTS = {
@@ -69,6 +73,7 @@ BENCH_SCRIPTS = {
     "t2i": "bench_t2i.py",
     "rollout_error": "bench_rollout_error.py",
     "time_to_target": "bench_time_to_target.py",
+    "methods": "bench_methods.py",
 }
 TIMEOUT_S = {
     "build": 900,
@@ -81,6 +86,7 @@ TIMEOUT_S = {
     "t2i": 1500,
     "rollout_error": 1800,
     "time_to_target": 1800,
+    "methods": 3600,
 }
 # Named plans: stage -> (extra arguments, time limit in s), run in this order. "proof" (run_gpu.sh --quick) shows on
 # one GPU, in one 10-minute call (about 6-8 min on an H100/H200), that the CUDA and Triton paths work and how fast
@@ -365,6 +371,7 @@ STAGE_FUNCTIONS = {
     "t2i": stage_bench,
     "rollout_error": stage_bench,
     "time_to_target": stage_bench,
+    "methods": stage_bench,
 }
 
 
@@ -490,6 +497,20 @@ def summarize_time_to_target(data: dict) -> str:
     return "; ".join(parts) + _failed(data)
 
 
+def summarize_methods(data: dict) -> str:
+    """Per task: each method's best point's median wall-clock to the target, or that none reached it."""
+    rows, parts = data["results"], []
+    for task, t in data["metadata"]["tasks"].items():
+        times = []
+        for method, point in t["best_points"].items():
+            runs = [r for r in rows if (r["task"], r["method"], r.get("point")) == (task, method, point)]
+            runs = [r for r in runs if r["status"] == "ok"]
+            times.append(f"{method} {statistics.median(r['seconds'] for r in runs):.0f} s")
+        parts.append(f"{task}: " + (", ".join(times) if times else "no method reached the target"))
+    failed = sum(not r["status"].startswith(("ok", "skipped")) for r in rows)
+    return "; ".join(parts) + (f"; {failed} runs failed" if failed else "")
+
+
 RESULT_NAMES = {
     "nvcc": "nvcc",
     "hardware": "hardware",
@@ -499,6 +520,7 @@ RESULT_NAMES = {
     "t2i": "t2i",
     "rollout_error": "rollout_error",
     "time_to_target": "time_to_target",
+    "methods": "methods",
 }
 SUMMARIES = {
     "nvcc": summarize_nvcc,
@@ -509,6 +531,7 @@ SUMMARIES = {
     "t2i": summarize_t2i,
     "rollout_error": summarize_rollout_error,
     "time_to_target": summarize_time_to_target,
+    "methods": summarize_methods,
 }
 
 

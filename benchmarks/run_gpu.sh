@@ -23,6 +23,9 @@
 #                                                                       the official algorithm (estimated 5-10 min)
 #   bash benchmarks/run_gpu.sh --stages t2i                           # text-to-image: SD3.5-medium and FLUX.1-dev
 #                                                                       sizes, random weights (estimated 5-10 min)
+#   bash benchmarks/run_gpu.sh --stages methods                       # time to a reward across methods (ORW-CFM-W2,
+#                                                                       NFT, AWM, Flow-GRPO): not yet timed, about
+#                                                                       66 runs x (30 s cap + evaluations), 35-40 min
 #   bash benchmarks/run_gpu.sh --smoke                                # every stage, benchmarks at toy sizes
 # Each part writes run_<date>_<commit>_<stages>.md; `python benchmarks/run_all.py --report benchmarks/results/<gpu>`
 # (no GPU needed) sums the parts up into summary_<date>_<commit>.md with the targets.

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import (
     bench_loss,
+    bench_methods,
     bench_rollout_error,
     bench_sampler,
     bench_t2i,
@@ -210,6 +211,10 @@ def test_hardware_script(tmp_path, capsys):
         (bench_sampler, ["--variants", "eager,ours"], "choose from"),
         (bench_train_step, ["--repeats", "x"], "expected an integer"),
         (bench_loss, ["--sizes", "64x3xx"], "is not like 64x3x32x32"),
+        (bench_methods, ["--methods", "orw,grpo"], "choose from"),
+        (bench_methods, ["--target", "1.5"], "expected a reward target in [0, 1], got '1.5'"),
+        (bench_methods, ["--points", "5"], "at most 4 sweep points"),
+        (bench_methods, ["--cap-s", "x"], "expected seconds > 0, got 'x'"),
     ],
 )
 def test_bad_arguments_are_named(module, argv, message, capsys):
@@ -479,3 +484,156 @@ def test_rollout_error_benchmark(tmp_path):
         f"cheapest as accurate as 100 Euler steps: {chosen['method']}, {chosen['grid']} grid, {chosen['steps']} steps "
         f"({chosen['model_calls']} model calls)"
     )
+
+
+def test_methods_benchmark(tmp_path, monkeypatch):
+    """Both tasks at toy size with every method, one sweep point and 2 seeds for the best points (target 0: every run
+    reaches it once its window is full, so the best-point and final phases run too): one row per (method, run), the
+    official code skipped on the prompted task, a failing method recorded while the others go on."""
+    make_runner = bench_methods.make_runner
+
+    def failing_nft(task, method, *args):
+        if method == "nft":
+            raise RuntimeError("boom")
+        return make_runner(task, method, *args)
+
+    monkeypatch.setattr(bench_methods, "make_runner", failing_nft)
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--points", "1", "--seeds", "2"]
+    code = bench_methods.main([*argv, "--target", "0", "--text-target", "0"])
+    assert code == 1  # nft failed
+    files = result_files(tmp_path, "methods")
+    data = json.loads(files[".json"].read_text())
+    meta, rows = data["metadata"], data["results"]
+    assert meta["git_commit"] and meta["date_utc"] and meta["hardware"]["copy_gbs"] > 0
+    with open(files[".csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keys = [(r["task"], r["method"], r["phase"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    for task in ("digits", "text"):
+        ok = {"orw_cfm_w2", "awm", "flow_grpo", "flow_grpo_fast"}
+        mine = [r for r in rows if r["task"] == task]
+        assert {r["method"] for r in mine} == set(bench_methods.METHODS)
+        (nft,) = [r for r in mine if r["method"] == "nft"]
+        assert nft["status"] == "failed: RuntimeError: boom"
+        official = [r for r in mine if r["method"] == "official_orw"]
+        if task == "text":
+            assert len(official) == 1 and official[0]["status"].startswith("skipped: the official")
+        else:
+            ok.add("official_orw")
+        best = meta["tasks"][task]["best_points"]
+        assert set(best) == ok  # every method that ran reached the target at its one point
+        for method in ok:
+            runs = [r for r in mine if r["method"] == method]
+            assert [(r["phase"], r["seed"]) for r in runs] == [("sweep", 0), ("final", 1)]
+            for r in runs:
+                assert r["status"] == "ok" and r["reached"] and r["steps"] == 2, r
+                assert r["forward_calls"] > 0 and r["forward_samples"] >= r["forward_calls"]
+                assert 0 < r["backward_calls"] < r["forward_calls"] and r["peak_memory_mb"] >= 0
+                assert r["seconds"] > 0 and r["w2_to_reference"] >= 0 and r["digits_fd"] >= 0
+                assert r["run_id"] in meta["curves"] and len(meta["curves"][r["run_id"]]["reward"]) == 2
+                assert r["end_steps"] == 2 and r["end_eval_reward"] == r["eval_reward"]  # reached on the last step
+        if task == "digits":  # 2 steps of: rollout calls (2 Euler, 4 Heun, 2 SDE) + the loss's policy and frozen calls
+            calls = {
+                (r["method"], r["seed"]): (r["forward_calls"], r["backward_calls"]) for r in mine if r["status"] == "ok"
+            }
+            assert calls["official_orw", 0] == (2 * (2 + 2), 2)  # + policy, reference
+            assert calls["orw_cfm_w2", 0] == (2 * (4 + 2), 2)
+            assert calls["awm", 0] == (2 * (4 + 3), 2)  # + policy, reference, EMA
+            assert calls["flow_grpo", 0] == (2 * (2 + 2 * 2), 2 * 2)  # 2 minibatches x 1 trained step x (policy, ref)
+        diversity = bench_methods.DIVERSITY[task]
+        assert all(r[diversity] >= 0 for r in mine if r["status"] == "ok")
+        report = files[".md"].read_text()
+        assert f"## {task}: target 0.0" in report and "Quality-bounded reward front" in report
+    # both tables per task: a row for each method with a best point / with a run
+    lines = files[".md"].read_text().splitlines()
+    assert sum(line.startswith("| flow_grpo_fast ") for line in lines) == 4
+    assert run_all.summarize_methods(data).startswith("digits: official_orw ")
+    assert run_all.summarize_methods(data).endswith("; 2 runs failed")
+
+
+def _row(method, point, seed, seconds, entropy, *, reached=True, fd=10.0, background=5.0, reward=0.9):
+    return {
+        "task": "digits",
+        "method": method,
+        "point": point,
+        "seed": seed,
+        "status": "ok",
+        "reached": reached,
+        "seconds": seconds,
+        "class_entropy": entropy,
+        "digits_fd": fd,
+        "background": background,
+        "eval_reward": reward,
+    }
+
+
+def test_methods_best_points_and_quality_front():
+    """The selection logic on hand-made rows: the diversity floor is the lowest of the methods' most diverse reaching
+    points; each method's best point is its fastest point that always reached with median diversity at the floor or
+    above; the front keeps the highest reward within the quality bounds."""
+    rows = [
+        # a: point 0 fast but collapsed, point 1 slower and diverse, point 2 diverse but one seed missed
+        _row("a", 0, 0, 10.0, 1.0),
+        _row("a", 1, 0, 30.0, 2.0),
+        _row("a", 1, 1, 50.0, 1.5),  # median 40 s, median entropy 1.75
+        _row("a", 2, 0, 5.0, 2.0),
+        _row("a", 2, 1, 5.0, 2.0, reached=False),
+        # b: its most diverse reaching point has 1.5: the floor
+        _row("b", 0, 0, 20.0, 1.5),
+        _row("b", 1, 0, 15.0, 1.2),
+        # c: never reaches: no say in the floor, no best point
+        _row("c", 0, 0, 99.0, 2.2, reached=False),
+        {"task": "digits", "method": "d", "point": 0, "seed": 0, "status": "failed: RuntimeError: x"},
+        _row("a", 0, 0, 1.0, 2.3) | {"task": "text"},  # another task's row
+    ]
+    summaries = bench_methods.point_summaries(rows, "digits", "class_entropy")
+    by = {(p["method"], p["point"]): p for p in summaries}
+    assert by["a", 1] == {"method": "a", "point": 1, "runs": 2, "reached": 2, "seconds": 40.0, "diversity": 1.75}
+    assert by["a", 2]["reached"] == 1 and ("d", 0) not in by
+    floor = bench_methods.diversity_floor(summaries)
+    assert floor == 1.5
+    assert bench_methods.best_points(summaries, floor) == {"a": 1, "b": 0}
+    assert bench_methods.best_points(summaries, 1.0) == {"a": 0, "b": 1}  # a lower floor lets the fast points in
+    assert bench_methods.best_points(summaries, None) == {}
+    assert bench_methods.diversity_floor([by["c", 0]]) is None
+    # equal times: the lower point (the defaults) wins
+    tie = bench_methods.point_summaries(
+        [_row("e", 1, 0, 7.0, 1.0), _row("e", 0, 0, 7.0, 1.0)], "digits", "class_entropy"
+    )
+    assert bench_methods.best_points(tie, 1.0) == {"e": 0}
+
+    base = {"digits_fd": 10.0, "background": 4.0, "prompt_diversity": 2.0}
+    front_rows = [
+        _row("a", 0, 0, 10.0, 1.0, fd=31.0, reward=0.99),  # FD over 3x the base's: out
+        _row("a", 1, 0, 10.0, 1.0, fd=30.0, background=8.0, reward=0.9),  # on the bounds: in
+        _row("a", 2, 0, 5.0, 1.0, background=8.1, reward=0.95),  # background over 2x: out
+        _row("a", 3, 0, 8.0, 1.0, reward=0.9),  # same reward, sooner: the one kept
+        _row("b", 0, 0, 10.0, 1.0, fd=100.0, reward=1.0),  # b has runs, none within the bounds
+    ]
+    front = bench_methods.quality_front(front_rows, base, "digits")
+    assert (front["a"]["point"], front["a"]["at"]) == (3, "target") and front["b"] is None
+    # a run that went on to its cap after the target: its evaluation there counts too, if within the bounds
+    later = {"end_seconds": 25.0, "end_eval_reward": 0.97, "end_digits_fd": 20.0, "end_background": 6.0}
+    front = bench_methods.quality_front([*front_rows, _row("a", 4, 1, 9.0, 1.0, reward=0.5) | later], base, "digits")
+    assert (front["a"]["point"], front["a"]["at"], front["a"]["eval_reward"], front["a"]["seconds"]) == (
+        4,
+        "cap",
+        0.97,
+        25,
+    )
+    greyed = later | {"end_background": 9.0}
+    front = bench_methods.quality_front([*front_rows, _row("a", 4, 1, 9.0, 1.0, reward=0.5) | greyed], base, "digits")
+    assert (front["a"]["point"], front["a"]["at"]) == (3, "target")
+    text = {"task": "text", "status": "ok", "method": "t", "seconds": 1.0, "reached": False}
+    inside = text | {"point": 0, "prompt_diversity": 1.8, "background": 4.4, "eval_reward": 0.6}
+    low_diversity = text | {"point": 1, "prompt_diversity": 1.79, "background": 4.0, "eval_reward": 0.9}
+    (kept,) = bench_methods.quality_front([inside, low_diversity], base, "text").values()
+    assert (kept["point"], kept["at"], kept["eval_reward"]) == (0, "cap", 0.6)
+
+
+def test_methods_dry_run_lists_the_runs(capsys):
+    code = bench_methods.main(["--device", "cpu", "--dry-run", "--tasks", "digits", "--methods", "nft,flow_grpo"])
+    out = capsys.readouterr().out
+    assert code == 0 and "dry run of methods on cpu: 10 case(s)" in out
+    assert "digits nft point 3 seed 0" in out and "digits flow_grpo best point seeds 0-2" in out

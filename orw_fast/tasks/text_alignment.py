@@ -75,6 +75,34 @@ def _by_prompt(images: torch.Tensor, n: int) -> list[torch.Tensor]:
     return list(images.split(n))
 
 
+@torch.no_grad()
+def held_out_images(flow, module, per_prompt: int, noise_seed: int, sampler_steps: int, device) -> torch.Tensor:
+    """Grey images [P * per_prompt, 1, 8, 8] of ``module`` (the transformer, LoRA in place) for every held-out prompt,
+    ``per_prompt`` each in prompt order, from the fixed noise of ``noise_seed`` (Heun, ``sampler_steps`` steps)."""
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(per_prompt)]
+    x0 = torch.randn((len(prompts), *flow.sample_shape()), generator=torch.Generator().manual_seed(noise_seed))
+    x1 = flow.generate(module, x0.to(device), prompts, steps=sampler_steps, method="heun", cuda_graph=False)
+    return to_grey(flow.to_images(x1))
+
+
+def alignment_metrics(images: torch.Tensor, reference: list[torch.Tensor], classifier, reward_fn, quality) -> dict:
+    """The held-out evaluation of :func:`held_out_images`' ``images`` (``reference``: the base model's images of each
+    held-out prompt, one tensor a prompt): alignment, reward, diversity within a prompt, W2 to the reference (exact
+    OT, averaged over prompts), digits FD and background (``quality``: a DigitsQuality)."""
+    n = images.shape[0] // len(HELD_OUT_PROMPTS)
+    prompts = [p for p in HELD_OUT_PROMPTS for _ in range(n)]
+    digits = torch.tensor([digit_of(p) for p in prompts], device=images.device)
+    labels = classifier(images).argmax(dim=1)
+    groups = _by_prompt(images, n)
+    return {
+        "alignment": float((labels == digits).float().mean()),
+        "reward": float(reward_fn(images.expand(-1, 3, -1, -1), prompts).mean()),
+        "prompt_diversity": float(torch.stack([mean_pairwise_distance(g) for g in groups]).mean()),
+        "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
+        **quality(images),
+    }
+
+
 def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device="cpu", progress: bool = True) -> dict:
     """Runs every (alpha, seed) of ``s`` and returns ``{"settings", "train_prompts", "held_out_prompts", "runs":
     {alpha: {seed: [per-epoch records]}}, "seconds"}``; with ``out_dir`` the held-out prompts' images of the
@@ -89,7 +117,6 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
     folder = pretrained_text_digits(cache, steps=s.pretrain_steps, progress=progress)
     reward_fn, quality = PromptedDigitReward(classifier), DigitsQuality(classifier)
     n = s.eval_per_prompt
-    eval_prompts = [p for p in HELD_OUT_PROMPTS for _ in range(n)]
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,14 +132,8 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
             eval_prompts=HELD_OUT_PROMPTS,
         )
 
-    @torch.no_grad()
     def images_of(trainer: ORWCFMTrainer, noise_seed: int) -> torch.Tensor:
-        flow = trainer.flow
-        x0 = torch.randn(
-            (len(eval_prompts), *flow.sample_shape()), generator=torch.Generator().manual_seed(noise_seed)
-        ).to(device)
-        x1 = flow.generate(trainer.model, x0, eval_prompts, steps=s.sampler_steps, method="heun", cuda_graph=False)
-        return to_grey(flow.to_images(x1))
+        return held_out_images(trainer.flow, trainer.model, n, noise_seed, s.sampler_steps, device)
 
     reference: list[torch.Tensor] = []
 
@@ -121,16 +142,7 @@ def run_alignment(s: AlignmentSettings, out_dir=None, *, cache_dir=None, device=
         if not reference:  # the base model's images of every held-out prompt, from other noise
             reference.extend(_by_prompt(images_of(trainer, 1234), n))
         evaluate.last = images
-        digits = torch.tensor([digit_of(p) for p in eval_prompts], device=device)
-        labels = classifier(images).argmax(dim=1)
-        groups = _by_prompt(images, n)
-        return {
-            "alignment": float((labels == digits).float().mean()),
-            "reward": float(reward_fn(images.expand(-1, 3, -1, -1), eval_prompts).mean()),
-            "prompt_diversity": float(torch.stack([mean_pairwise_distance(g) for g in groups]).mean()),
-            "w2_to_reference": sum(w2_distance(g, r) for g, r in zip(groups, reference)) / len(groups),
-            **quality(images),
-        }
+        return alignment_metrics(images, reference, classifier, reward_fn, quality)
 
     def make_trainer(alpha: float, seed: int, callbacks: list) -> ORWCFMTrainer:
         return ORWCFMTrainer(
