@@ -13,8 +13,10 @@ published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max
   that with an update after every step by that decay; 0 is an error while the pull is on.
   ``awm_old_coefficient=0`` drops the pull (no EMA needed).
 
-The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·|v − u|², which is
-what is trained; its off-policy ratio and the "huber" weightings are not covered (docs/objectives.md).
+The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·|v − u|² under the
+"Uniform" weighting, which is what is trained. Not covered yet (docs/objectives.md): the published configs' "ghuber"
+weighting, the off-policy ratio, the reference's choice of trained times (6 strata of the sampler's grid) and its
+advantage rescaling to [−1, 1].
 """
 
 from __future__ import annotations
