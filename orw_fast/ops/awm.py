@@ -20,9 +20,9 @@ with the two penalties (α = β, α_old = ema_beta, v_old = v_ema):
 
     loss = mean_i [ A_i mean_d (v - u)^2 + α_old mean_d (v - v_old)^2 ] + α mean_i mean_d (v - v_ref)^2
 
-Its gradients equal the reference's on-policy loss with the "Uniform" weighting; its value differs by a constant (the reference's
-policy term is -mean A there). Without v_old it is ORW-CFM-W2 with the signed advantages as given weights (the
-3-input orw_cfm_w2 op); with v_old it is ops/quadratic_fm.py with w1 = A, m1 = 1, w2 = m2 = 0, w3 = α_old.
+Its gradients equal the reference's on-policy loss with the "Uniform" weighting; its value differs by a constant
+(the reference's policy term is -mean A there). Without v_old it is ORW-CFM-W2 with the signed advantages as given
+weights (the 3-input orw_cfm_w2 op); with v_old it is ops/quadratic_fm.py with w1 = A, m1 = 1, w2 = m2 = 0, w3 = α_old.
 Not covered: the published configs' weighting is "ghuber" (power 0.25: ℓ_i = -((mse_i + 1e-10)^p - 1e-10^p) σ/p),
 and it, the other "huber" weighting and the off-policy ratio make the per-sample factor a function of
 mse_i = mean_d (v - u)^2, a reduction over the sample (a first pass over v, u would be needed, as nft_loss's adaptive
