@@ -306,7 +306,7 @@ class ORWCFMTrainer:
         if not math.isfinite(metrics["loss"]) or not (math.isfinite(metrics["grad_norm"]) or self.scaler.is_enabled()):
             # (fp16: a non-finite gradient is the GradScaler's business, it skips the step and lowers the scale)
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(self._non_finite_report(metrics, all_rewards, all_inputs, v, frozen))
+            raise FloatingPointError(self._non_finite_report(metrics, all_rewards, all_inputs, x1, v, frozen))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -331,16 +331,22 @@ class ORWCFMTrainer:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
 
-    def _non_finite_report(self, metrics, rewards, inputs, v, frozen) -> str:
+    def _non_finite_report(self, metrics, rewards, inputs, x1, v, frozen) -> str:
         """Why a step's loss or gradient norm is not finite, for the error that stops training (slow path; this
-        rank's tensors only, no collectives)."""
+        rank's tensors only, no collectives). ``x1``: the step's rollout samples."""
         cfg = self.config
 
         def finite(tensors) -> bool:
             return all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
 
         causes = self.objective.non_finite_causes(rewards, inputs)
-        if not finite(self.weights.trainable_parameters()):
+        if not finite([x1]):  # then every prediction on the path is non-finite too: name the source alone
+            causes.append(
+                "the rollouts are non-finite: the last policy's samples overflowed (its velocity field diverged; "
+                "a lower learning rate or a larger w2_coefficient keeps it near the reference)"
+            )
+            frozen = {}
+        elif not finite(self.weights.trainable_parameters()):
             causes.append("the policy's weights were non-finite before this step (were they loaded that way?)")
         elif not finite([v]):
             causes.append(f"the policy's prediction overflowed (precision='{cfg.precision}')")

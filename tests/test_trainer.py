@@ -177,6 +177,7 @@ def _assert_same(a, b):
     [
         ("exp_overflow", "the exp weights overflow: rewards span"),
         ("nan_prediction", "the policy's prediction overflowed"),
+        ("nan_rollouts", r"Likely cause\(s\): the rollouts are non-finite: the last policy's samples overflowed"),
     ],
 )
 def test_a_non_finite_update_is_refused_and_leaves_everything_as_it_was(tmp_path, base_model, case, match):
@@ -184,17 +185,24 @@ def test_a_non_finite_update_is_refused_and_leaves_everything_as_it_was(tmp_path
     model.load_state_dict(base_model.state_dict())
     scale = {"value": 1.0}
     trainer = ORWCFMTrainer(
-        model, toy_config(tmp_path, weighting="exp", ema_decay=0.9), "cpu", reward_fn=lambda x: x[:, 0] * scale["value"]
+        model,
+        toy_config(tmp_path, weighting="exp", ema_decay=0.9),
+        "cpu",
+        reward_fn=lambda x: x[:, 0].nan_to_num() * scale["value"],  # finite for non-finite samples
     )
     trainer.train_step()  # a good step first: the optimizer has state to keep
     before = _training_state(trainer)
     if case == "exp_overflow":
         scale["value"] = 1e3  # exp(2 * 1e3 * x) is inf in float32
+    elif case == "nan_rollouts":  # a diverged last policy: its samples overflow, and the predictions on them with it
+        trainer.generate = lambda module, x0, prompts: torch.full_like(x0, float("nan"))
     else:
         model.poisoned = True
     with pytest.raises(FloatingPointError, match=match) as err:
         trainer.train_step()
     assert "step 2: the loss is" in str(err.value) and "the update was not applied" in str(err.value)
+    if case == "nan_rollouts":  # named alone, not as non-finite predictions (the consequence)
+        assert "prediction" not in str(err.value)
     _assert_same(_training_state(trainer), before)
     assert all(p.grad is None for p in trainer.model.parameters())
 
