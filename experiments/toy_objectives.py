@@ -6,7 +6,8 @@ MLP flow and schedule for every objective (``ToySettings``; objective settings a
 toy's exp weights at τ = 1, nft β = 1 with the adaptive weight, awm with its EMA schedule). Measured before training
 and after every epoch on samples from a fixed noise: the mean reward Σ_k m_k r_k of the mode masses m_k, the total
 variation ½ Σ_k |m_k − π_k| to the reference model's masses, and the mean squared velocity gap to the reference on fixed
-points (t, x). Writes ``toy_objectives.json``, a Markdown table and a plot into ``--out``.
+points (t, x). A run whose step the trainer refuses as non-finite stops there and is reported as diverged, with its
+last evaluation. Writes ``toy_objectives.json``, a Markdown table and a plot into ``--out``.
 
     python -m experiments.toy_objectives --out experiments/results/toy_objectives
 """
@@ -38,7 +39,8 @@ def velocity_gap(trainer: ORWCFMTrainer, points: int = 2048, seed: int = 1) -> f
 
 def run(s: ToySettings, objectives=OBJECTIVES, out_dir=None, *, progress: bool = True) -> dict:
     """Fine-tunes the pre-trained toy flow once per (objective, α in ``s.alphas``); returns (and, with ``out_dir``,
-    writes) the records per epoch: "reward", "tv_to_reference", "velocity_gap", "masses"."""
+    writes) the records per epoch: "reward", "tv_to_reference", "velocity_gap", "masses" (and in a diverged run's
+    last record "diverged", the trainer's message)."""
     base = pretrain(s, progress)
     masses = make_evaluator(s)
     rewards = torch.tensor(s.mode_rewards)
@@ -75,6 +77,7 @@ def run(s: ToySettings, objectives=OBJECTIVES, out_dir=None, *, progress: bool =
             s.steps_per_epoch,
             evaluate,
             progress,
+            stop_if_diverged=True,
         )
 
     runs = {objective: {f"{alpha:g}": fine_tune(objective, alpha) for alpha in s.alphas} for objective in objectives}
@@ -104,8 +107,10 @@ def format_table(results: dict) -> str:
     for objective, by_alpha in runs.items():
         for alpha, records in by_alpha.items():
             r = records[-1]
+            note = f" (diverged after epoch {r['epoch']}: {r['diverged'].split(':')[0]})" if "diverged" in r else ""
             lines.append(
-                f"| {objective} | {alpha} | {r['reward']:.3f} | {r['tv_to_reference']:.3f} | {r['velocity_gap']:.3f} |"
+                f"| {objective} | {alpha}{note} | {r['reward']:.3f} | {r['tv_to_reference']:.3f} | "
+                f"{r['velocity_gap']:.3f} |"
             )
     return "\n".join(lines)
 

@@ -165,3 +165,28 @@ def test_the_experiments_runs_honour_refresh_interval_and_write_nothing(tmp_path
     assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 2), (2, 4), (3, 6), (4, 8)]
     assert made[1] == [4, 8]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_stops_with_its_records_when_asked(tmp_path, base_model):
+    """evaluated_run(stop_if_diverged=True): the trainer's refusal of a non-finite step ends the run, the records so far
+    come back with the message on the last; without it the error propagates."""
+
+    def make(callbacks):
+        trainer = ORWCFMTrainer(
+            fresh(base_model),
+            toy_config(tmp_path, batch_size=8),
+            "cpu",
+            reward_fn=lambda x: x[:, 0].nan_to_num(),
+            callbacks=callbacks,
+        )
+        generate = trainer.generate
+        # from the 5th step on (epoch 2 of 2-step epochs) the rollouts overflow, as a diverged policy's do
+        trainer.generate = lambda *a: generate(*a) * (float("nan") if trainer.step >= 4 else 1.0)
+        return trainer
+
+    evaluate = lambda trainer: {"step": trainer.step}
+    records = evaluated_run(make, 4, 2, evaluate, progress=False, stop_if_diverged=True)
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 0), (1, 2), (2, 4)]
+    assert records[-1]["diverged"].startswith("step 5: the loss is nan") and "diverged" not in records[-2]
+    with pytest.raises(FloatingPointError, match="the rollouts are non-finite"):
+        evaluated_run(make, 4, 2, evaluate, progress=False)

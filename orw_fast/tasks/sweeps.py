@@ -17,14 +17,24 @@ def evaluated_run(
     steps_per_epoch: int,
     evaluate: Callable[[ORWCFMTrainer], dict],
     progress: bool = True,
+    *,
+    stop_if_diverged: bool = False,
 ) -> list[dict]:
     """Trains ``make_trainer(callbacks)`` (a new trainer with these callbacks: the evaluation and, with ``progress``,
     a progress bar; it writes no files) for ``epochs`` epochs of ``steps_per_epoch`` steps and returns the records of
     :class:`~orw_fast.callbacks.Evaluation`: ``evaluate(trainer)`` before training and after every epoch, with
-    "epoch", the epoch's mean training reward ("train_reward") and its wall time ("seconds")."""
+    "epoch", the epoch's mean training reward ("train_reward") and its wall time ("seconds").
+
+    ``stop_if_diverged``: a step the trainer refuses as non-finite (FloatingPointError) ends the run instead of
+    raising; the records so far are returned, the last one with "diverged": the trainer's message."""
     evaluation = Evaluation(evaluate)
     trainer = make_trainer([ProgressBar(leave=False)] * progress + [evaluation])
-    trainer.train(epochs, steps_per_epoch, progress=False)
+    try:
+        trainer.train(epochs, steps_per_epoch, progress=False)
+    except FloatingPointError as err:
+        if not stop_if_diverged:
+            raise
+        evaluation.records[-1]["diverged"] = str(err)
     return evaluation.records
 
 
