@@ -23,7 +23,8 @@ batch per step; "x10 lr" on text: a LoRA, at ten times the full fine-tuning rate
   | nft            | ORWCFMTrainer, nft            | DiffusionNFT: beta 1, alpha 1e-4 (train.beta), adv clip 5,    |
   |                |                               | old policy = EMA decayed min(0.001 s, 0.5) at refreshes,      |
   |                |                               | lr 1e-3 (x10 text)                                            |
-  | awm            | ORWCFMTrainer, awm            | AWM: alpha 1e-4 (train.beta), ema_beta 1 with ema_decay 0.9,  |
+  | awm            | ORWCFMTrainer, awm            | AWM: alpha 1e-4 (train.beta), ema_beta 1 toward the EMA       |
+  |                |                               | decayed min(0.001 s, 0.3) at refreshes (its default),         |
   |                |                               | batch-std advantages clipped at 5, lr 1e-3 (x10 text)         |
   | flow_grpo      | baselines/flow_grpo.py        | T = 10 SDE steps, noise 0.7, beta 0.04, clip 1e-4, AdamW lr   |
   |                |                               | 1e-4 (x10 text), 2 minibatches, groups: the batch (digits),   |
@@ -500,8 +501,6 @@ def make_runner(task, method: str, values: dict, seed: int, reward, counter: Cal
             extra = dict(weighting=weighting, temperature=values["tau"])
         elif method == "nft":
             extra = dict(nft_beta=values["beta"])
-        else:
-            extra = dict(ema_decay=0.9)
         config = TrainerConfig(
             objective=ORW_FAST_OBJECTIVES[method],
             learning_rate=values["lr"],
