@@ -13,7 +13,7 @@ from orw_fast.couplings import COUPLINGS
 from orw_fast.objectives import OBJECTIVES
 from orw_fast.ops import WEIGHTINGS
 from orw_fast.ops.reward_weights import check_real
-from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, check_method
+from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, check_method, min_steps
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adam", "adamw")
@@ -307,6 +307,13 @@ class TrainerConfig:
         if self.ema_decay is None:
             self.ema_decay = OBJECTIVES[self.objective].default_ema_decay(self)
         OBJECTIVES[self.objective].check_config(self)
+        if self.sampler_method in FIXED_STEP_METHODS and self.sampler_steps < min_steps(self.sampler_method):
+            raise ConfigError(  # refused here, not at the first rollout after the models are loaded
+                "sampler_steps",
+                f">= {min_steps(self.sampler_method)} with sampler_method={self.sampler_method!r} (a multistep method "
+                "needs a step of its own order between its lower-order first and last steps)",
+                self.sampler_steps,
+            )
         if self.fsdp:  # every rank must make the same number of (collective) model calls
             if self.sampler_method not in FIXED_STEP_METHODS:
                 raise ConfigError(

@@ -332,6 +332,16 @@ def test_every_config_value_is_checked_and_named(key, value, match):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize("method,fewest", [("ab2", 2), ("ab3", 4), ("unipc", 4), ("euler", 1)])
+def test_too_few_sampler_steps_for_the_method_are_refused_with_the_config(method, fewest):
+    """Refused when the config is made (it used to fail at the first rollout, after the models were loaded)."""
+    assert TrainerConfig(sampler_method=method, sampler_steps=fewest).sampler_steps == fewest
+    if fewest > 1:
+        with pytest.raises(ConfigError, match=re.escape(f">= {fewest} with sampler_method='{method}'")) as err:
+            TrainerConfig(sampler_method=method, sampler_steps=fewest - 1)
+        assert err.value.key == "sampler_steps"
+
+
 @pytest.mark.parametrize(
     "shape,match",
     [
