@@ -64,6 +64,9 @@ STAGES = (
     "time_to_target",
     "methods",
 )
+# the tests stage runs pytest in one process, without the suite's addopts (pyproject.toml), which start pytest-xdist
+# workers: the GPU machine has no pytest-xdist, and its GPU tests share one device
+NO_XDIST = ("-o", "addopts=")
 DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
 BENCH_SCRIPTS = {
     "hardware": "hardware.py",
@@ -298,7 +301,7 @@ def stage_tests(run: Run, result: StageResult) -> None:
     if run.args.dry_run:  # collect what the plan selects: the GPU tests exist here but skip
         rc = run.command(
             result,
-            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests", *selection],
+            [sys.executable, "-m", "pytest", *NO_XDIST, "--collect-only", "-q", "-p", "no:cacheprovider", "tests", *selection],
             run.timeout("tests"),
         )
         counts = re.search(r"(\d+(?:/\d+)? tests? collected)", run.dry_run_output)
@@ -316,6 +319,7 @@ def stage_tests(run: Run, result: StageResult) -> None:
             sys.executable,
             "-m",
             "pytest",
+            *NO_XDIST,
             "-q",
             "-rfEs",
             "-p",
