@@ -301,7 +301,18 @@ def stage_tests(run: Run, result: StageResult) -> None:
     if run.args.dry_run:  # collect what the plan selects: the GPU tests exist here but skip
         rc = run.command(
             result,
-            [sys.executable, "-m", "pytest", *NO_XDIST, "--collect-only", "-q", "-p", "no:cacheprovider", "tests", *selection],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                *NO_XDIST,
+                "--collect-only",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests",
+                *selection,
+            ],
             run.timeout("tests"),
         )
         counts = re.search(r"(\d+(?:/\d+)? tests? collected)", run.dry_run_output)

@@ -15,16 +15,14 @@ last evaluation. Writes ``toy_objectives.json``, a Markdown table and a plot int
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 from pathlib import Path
 
 import torch
 
 from experiments.common import pyplot, write_results
-from experiments.toy_theory import ToySettings, make_evaluator, pretrain, reward_fn
-from orw_fast.tasks.sweeps import evaluated_run
-from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
+from experiments.toy_theory import ToySettings, fine_tune, make_evaluator, pretrain
+from orw_fast.trainer import ORWCFMTrainer
 
 OBJECTIVES = ("orw_cfm_w2", "nft", "awm")
 
@@ -53,34 +51,13 @@ def run(s: ToySettings, objectives=OBJECTIVES, out_dir=None, *, progress: bool =
             "velocity_gap": velocity_gap(trainer),
         }
 
-    def fine_tune(objective: str, alpha: float) -> list[dict]:
-        config = TrainerConfig(
-            image_shape=(2,),
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            temperature=s.tau,
-            weighting="exp",
-            w2_coefficient=alpha,
-            grad_clip=0.0,
-            sampler_steps=s.sampler_steps,
-            sampler_method="euler",
-            sampler_grid="uniform",
-            grid_size=0,
-            seed=s.seed,
-            objective=objective,
-        )
-        return evaluated_run(
-            lambda callbacks: ORWCFMTrainer(
-                copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s), callbacks=callbacks
-            ),
-            s.epochs,
-            s.steps_per_epoch,
-            evaluate,
-            progress,
-            stop_if_diverged=True,
-        )
-
-    runs = {objective: {f"{alpha:g}": fine_tune(objective, alpha) for alpha in s.alphas} for objective in objectives}
+    runs = {
+        objective: {
+            f"{alpha:g}": fine_tune(s, base, evaluate, alpha, progress, stop_if_diverged=True, objective=objective)
+            for alpha in s.alphas
+        }
+        for objective in objectives
+    }
     reference = next(iter(next(iter(runs.values())).values()))[0]["masses"]  # epoch 0: the pre-trained model
     for by_alpha in runs.values():
         for records in by_alpha.values():

@@ -138,6 +138,39 @@ def reward_fn(s: ToySettings):
     return lambda x: rewards[nearest_mode(s, x)]
 
 
+def fine_tune(
+    s: ToySettings, base, evaluate, alpha: float, progress: bool = True, *, stop_if_diverged=False, **overrides
+) -> list[dict]:
+    """One online fine-tuning of a copy of the pre-trained toy flow ``base`` with the toy's schedule, exp weights at
+    τ and W2 coefficient ``alpha`` (``overrides``: other TrainerConfig values, e.g. the objective); the records of
+    :func:`~orw_fast.tasks.sweeps.evaluated_run` with ``evaluate``."""
+    config = TrainerConfig(
+        image_shape=(2,),
+        batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        temperature=s.tau,
+        weighting="exp",
+        w2_coefficient=alpha,
+        grad_clip=0.0,
+        sampler_steps=s.sampler_steps,
+        sampler_method="euler",
+        sampler_grid="uniform",
+        grid_size=0,
+        seed=s.seed,
+        **overrides,
+    )
+    return evaluated_run(
+        lambda callbacks: ORWCFMTrainer(
+            copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s), callbacks=callbacks
+        ),
+        s.epochs,
+        s.steps_per_epoch,
+        evaluate,
+        progress,
+        stop_if_diverged=stop_if_diverged,
+    )
+
+
 def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
     """Pre-trains, fine-tunes once per alpha and returns (and, with ``out_dir``, writes) the masses per
     epoch with the prediction and the largest |measured − predicted| of the alpha = 0 run."""
@@ -145,35 +178,8 @@ def run(s: ToySettings, out_dir=None, *, progress: bool = True) -> dict:
         raise ValueError("prior and mode_rewards must have one entry per mode and the prior must sum to 1")
     base = pretrain(s, progress)
     evaluate = make_evaluator(s)
-
-    def fine_tune(alpha: float, reuse: int = 1) -> list[dict]:
-        config = TrainerConfig(
-            image_shape=(2,),
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            temperature=s.tau,
-            weighting="exp",
-            w2_coefficient=alpha,
-            grad_clip=0.0,
-            sampler_steps=s.sampler_steps,
-            sampler_method="euler",
-            sampler_grid="uniform",
-            grid_size=0,
-            seed=s.seed,
-            rollout_reuse=reuse,
-        )
-        return evaluated_run(
-            lambda callbacks: ORWCFMTrainer(
-                copy.deepcopy(base), config, "cpu", reward_fn=reward_fn(s), callbacks=callbacks
-            ),
-            s.epochs,
-            s.steps_per_epoch,
-            evaluate,
-            progress,
-        )
-
-    runs = {f"{alpha:g}": fine_tune(alpha) for alpha in s.alphas}
-    reuse_runs = {str(r): fine_tune(0.0, r) for r in s.reuse_factors}
+    runs = {f"{alpha:g}": fine_tune(s, base, evaluate, alpha, progress) for alpha in s.alphas}
+    reuse_runs = {str(r): fine_tune(s, base, evaluate, 0.0, progress, rollout_reuse=r) for r in s.reuse_factors}
     prediction = [predicted_masses(s, n) for n in range(s.epochs + 1)]
 
     def errors(records):  # q_N ∝ w^N q_0: the largest |measured - predicted| mass per epoch
