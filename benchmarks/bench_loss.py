@@ -19,7 +19,7 @@ As a script: prints a table and writes benchmarks/results/<device>/loss_<date>_<
 
 With pytest-benchmark (the plain ``pytest`` run only collects tests/):
 
-    pytest -n0 benchmarks/bench_loss.py --benchmark-only
+    pytest benchmarks/bench_loss.py --benchmark-only
 """
 
 from __future__ import annotations

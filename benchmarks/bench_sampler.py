@@ -19,7 +19,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 steps, batch 16, 64, 256. CPU defau
     python benchmarks/bench_sampler.py                 # cuda if available, else cpu
     python benchmarks/bench_sampler.py --batches 64 --variants eager_fp32_loop,ours_graph_bf16
     python benchmarks/bench_sampler.py --quick         # smoke run
-    pytest -n0 benchmarks/bench_sampler.py --benchmark-only
+    pytest benchmarks/bench_sampler.py --benchmark-only
 """
 
 from __future__ import annotations

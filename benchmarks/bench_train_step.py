@@ -18,7 +18,7 @@ GPU defaults: the paper's CIFAR-10 UNet, 100 Euler steps, batch 64 and 128. CPU 
     python benchmarks/bench_train_step.py             # cuda if available, else cpu
     python benchmarks/bench_train_step.py --batches 128 --variants official_eager,ours
     python benchmarks/bench_train_step.py --quick     # smoke run
-    pytest -n0 benchmarks/bench_train_step.py --benchmark-only
+    pytest benchmarks/bench_train_step.py --benchmark-only
 """
 
 from __future__ import annotations

@@ -64,9 +64,6 @@ STAGES = (
     "time_to_target",
     "methods",
 )
-# the tests stage runs pytest in one process, without the suite's addopts (pyproject.toml), which start pytest-xdist
-# workers: the GPU machine has no pytest-xdist, and its GPU tests share one device
-NO_XDIST = ("-o", "addopts=")
 DEFAULT_STAGES = {"cuda": STAGES, "cpu": ("hardware", "loss", "sampler", "train_step", "t2i")}
 BENCH_SCRIPTS = {
     "hardware": "hardware.py",
@@ -305,7 +302,6 @@ def stage_tests(run: Run, result: StageResult) -> None:
                 sys.executable,
                 "-m",
                 "pytest",
-                *NO_XDIST,
                 "--collect-only",
                 "-q",
                 "-p",
@@ -330,7 +326,6 @@ def stage_tests(run: Run, result: StageResult) -> None:
             sys.executable,
             "-m",
             "pytest",
-            *NO_XDIST,
             "-q",
             "-rfEs",
             "-p",

@@ -53,38 +53,11 @@ def _needs_gpu(item) -> bool:
     return bool(skips) or any(_is_cuda(v) for v in params.values())
 
 
-def _shared_fixture_group(item) -> str | None:
-    """The xdist group of a test that uses one of our session- or module-scoped fixtures (a pre-trained cache, built
-    pipelines): the session fixture's name, else the test's module; None for a test that shares nothing."""
-    ours = [
-        fixture
-        for fixtures in item._fixtureinfo.name2fixturedefs.values()
-        for fixture in fixtures
-        if fixture.baseid  # defined in tests/ (pytest's own, like tmp_path_factory, have an empty baseid)
-    ]
-    sessions = sorted(f.argname for f in ours if f.scope == "session")
-    if sessions:
-        return sessions[0]
-    return item.module.__name__ if any(f.scope in ("package", "module", "class") for f in ours) else None
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Marks the GPU tests ``gpu``: ``pytest -m gpu`` runs just them (benchmarks/run_gpu.sh --quick).
-
-    Groups for pytest-xdist (``--dist loadgroup`` in pyproject.toml): the tests sharing an expensive fixture run on one
-    worker, so it is built once, and they come first (session groups, then module groups, then the single tests), so
-    the longest chain (the pre-trained caches: about 10 of the suite's minutes on 2 cores) starts at once while the
-    other worker takes the rest."""
-    rank = {}
+    """Marks the GPU tests ``gpu``: ``pytest -m gpu`` runs just them (benchmarks/run_gpu.sh --quick)."""
     for item in items:
         if _needs_gpu(item):
             item.add_marker(pytest.mark.gpu)
-        group = _shared_fixture_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-        rank[item.nodeid] = 2 if group is None else 1 if group == item.module.__name__ else 0
-    items.sort(key=lambda item: rank[item.nodeid])
 
 
 @pytest.hookimpl(hookwrapper=True)
