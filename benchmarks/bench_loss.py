@@ -1,10 +1,11 @@
 """Benchmark of the fused losses, forward + backward, across backends.
 
-Ops (--ops): orw_cfm_w2 (default), nft, nft_adaptive, awm. One timed step is the op's loss with validate=False and
-backend=..., ``loss.backward()``, ``v.grad = None`` (v requires grad, the other inputs do not):
+Ops (--ops): orw_cfm_w2 (default), nft, nft_adaptive, awm, awm_ghuber. One timed step is the op's loss with
+validate=False and backend=..., ``loss.backward()``, ``v.grad = None`` (v requires grad, the other inputs do not):
 ``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax")``,
 ``nft_loss(v, u, v_old, v_ref, r, beta=1, alpha=1)`` (nft_adaptive: with ``adaptive_scale=r``) and
-``awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1, alpha_old=1)`` (the published configs' EMA penalty).
+``awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1, alpha_old=1)`` (the published configs' EMA penalty;
+awm_ghuber: with their ``weighting="ghuber"``, sigma = |advantages| clamped to [0, 1]).
 Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA kernels) and triton (CUDA
 only). GB/s counts the bytes the fused pass must move (read each input once, write grad_v) and is compared
 with the copy bandwidth measured in the same run (benchmarks/hardware.py).
@@ -50,6 +51,7 @@ OPS = {
     "nft": ("quadratic_fm", 4, 5),
     "nft_adaptive": ("quadratic_fm_l1", 4, 8),  # + the L1 pass over v, u, v_old of the adaptive weight
     "awm": ("quadratic_fm", 4, 5),
+    "awm_ghuber": ("quadratic_fm", 4, 8),  # + the orw_cfm_w2 pass over v, u, v_ref for each sample's mse
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
@@ -62,12 +64,13 @@ QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = (
     "(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
-    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive (+ v, u, v_old read by the L1 pass)"
+    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive (+ v, u, v_old read by the L1 pass) and "
+    "awm_ghuber (+ v, u, v_ref read by the mse pass)"
 )
 SETTINGS = (
     "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
-    "[0, 1] (nft_adaptive: adaptive_scale = r); awm signed advantages, alpha_old=1 with v_old; validate=False for "
-    "every backend"
+    "[0, 1] (nft_adaptive: adaptive_scale = r); awm signed advantages, alpha_old=1 with v_old (awm_ghuber: "
+    "ghuber p 0.25, sigma = |A| clamped to [0, 1]); validate=False for every backend"
 )
 
 
@@ -120,7 +123,24 @@ def _awm(v, u, v_old, v_ref, advantages, backend: str = "eager"):
     return awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1.0, alpha_old=1.0, backend=backend, validate=False)
 
 
-LOSSES = {"orw_cfm_w2": _orw_cfm_w2, "nft": _nft, "nft_adaptive": _nft_adaptive, "awm": _awm}
+def _awm_ghuber(v, u, v_old, v_ref, advantages, backend: str = "eager"):
+    sigma = advantages.abs().clamp(max=1)
+    return awm_loss(
+        v,
+        u,
+        v_ref,
+        advantages,
+        v_old=v_old,
+        alpha=1.0,
+        alpha_old=1.0,
+        weighting="ghuber",
+        sigma=sigma,
+        backend=backend,
+        validate=False,
+    )
+
+
+LOSSES = {"orw_cfm_w2": _orw_cfm_w2, "nft": _nft, "nft_adaptive": _nft_adaptive, "awm": _awm, "awm_ghuber": _awm_ghuber}
 
 
 def make_step(backend: str, *inputs, op: str = "orw_cfm_w2"):

@@ -12,6 +12,7 @@ import torch
 from orw_fast.couplings import COUPLINGS
 from orw_fast.objectives import OBJECTIVES
 from orw_fast.ops import WEIGHTINGS
+from orw_fast.ops.awm import WEIGHTINGS as AWM_WEIGHTINGS
 from orw_fast.ops.reward_weights import check_real
 from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, check_method, min_steps
 
@@ -268,6 +269,21 @@ class TrainerConfig:
     )
     awm_old_coefficient: float = option(
         1.0, _real(0), "awm: pull toward the policy's EMA, its old policy (the paper's ema_beta; 0: none)"
+    )
+    awm_weighting: str = option(
+        "uniform",
+        _choice(AWM_WEIGHTINGS),
+        "awm: the reference code's weighting of each sample's flow-matching term by its mse and noise level 1 - t "
+        "(orw_fast.ops.awm; its published configs: ghuber)",
+    )
+    awm_ghuber_power: float = option(
+        0.25, _real(0, above=True), "awm with awm_weighting='ghuber': its power p in (0, 1] (published: 0.25)"
+    )
+    awm_advantage_max: float | None = option(
+        None,
+        _optional(_real(0, above=True)),
+        "awm: rescale the clipped advantages to [-max, max], i.e. by max / advantage_clip (the published configs' "
+        "advantage_max: 1; None: not rescaled)",
     )
     # scxue/advantage_weighted_matching scripts/train_sd3_awm.py: its "ema" adapter, the one ema_beta pulls toward,
     # decays once per sampling epoch by min(0.001 * global_step, kl_ema_decay) (kl_ema_decay_type "linear",

@@ -97,7 +97,7 @@ def test_loss_benchmark_nft_awm(tmp_path):
             "--sizes",
             "2x3x8x8",
             "--ops",
-            "nft,nft_adaptive,awm",
+            "nft,nft_adaptive,awm,awm_ghuber",
             "--dtypes",
             "fp32",
             "--backends",
@@ -109,11 +109,11 @@ def test_loss_benchmark_nft_awm(tmp_path):
     rows = check_results(tmp_path, "loss", plot=True)
     native = bench_loss.skip_reason("native", torch.device("cpu"), "nft") is None
     assert code == 0 and [(r["op"], r["backend"]) for r in rows] == [
-        (op, b) for op in ("nft", "nft_adaptive", "awm") for b in ("eager", "native")[: 1 + native]
+        (op, b) for op in ("nft", "nft_adaptive", "awm", "awm_ghuber") for b in ("eager", "native")[: 1 + native]
     ]
     for r in rows:
         assert r["status"] == "ok" and r["speedup_vs_eager"] > 0
-        assert r["bytes_per_step"] == (8 if r["op"] == "nft_adaptive" else 5) * r["numel"] * 4
+        assert r["bytes_per_step"] == (8 if r["op"] in ("nft_adaptive", "awm_ghuber") else 5) * r["numel"] * 4
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["backend"] == "eager")
 
 

@@ -66,10 +66,26 @@ def nft_reference(v, u, v_old, v_ref, r, beta, alpha, adaptive_scale=None):
     return (policy + alpha * kl).mean(), policy, kl
 
 
-def awm_reference(v, u, v_ref, adv, alpha, v_old=None, alpha_old=0.0):
+def awm_reference(
+    v, u, v_ref, adv, alpha, v_old=None, alpha_old=0.0, weighting="uniform", sigma=None, ghuber_power=0.25
+):
+    """The loss's value is mean_i [A_i f_i mse_i + α_old ...] + α kl (f_i the weighting's detached factor, written
+    from its table); its gradient is the reference code's on-policy PPO term's, -mean_i A_i exp(ℓ_i - sg ℓ_i), with ℓ
+    the reference's weighted "log-probability" (scxue/advantage_weighted_matching compute_log_prob_awm)."""
     v, u, v_ref, adv = (t.double() for t in (v, u, v_ref, adv))
     B = v.shape[0]
-    policy = adv * ((v - u) ** 2).reshape(B, -1).mean(1)
+    mse = ((v - u) ** 2).reshape(B, -1).mean(1)
+    s = None if sigma is None else sigma.double()
+    p, eps = ghuber_power, 1e-10
+    ell, factor = {
+        "uniform": lambda m: (-m, torch.ones_like(m)),
+        "t": lambda m: (-m * s, s),
+        "t**2": lambda m: (-m * s**2, s**2),
+        "huber": lambda m: (-(torch.sqrt(m + eps) - 1e-5) * s, s / (2 * torch.sqrt(m + eps))),
+        "ghuber": lambda m: (-((m + eps) ** p - eps**p) * s / p, s * (m + eps) ** (p - 1)),
+    }[weighting](mse)
+    ppo = -adv * torch.exp(ell - ell.detach())  # value -A, gradient -A grad(ell)
+    policy = adv * factor.detach() * mse.detach() + (ppo - ppo.detach())
     if v_old is not None:
         policy = policy + alpha_old * ((v - v_old.double()) ** 2).reshape(B, -1).mean(1)
     kl = ((v - v_ref) ** 2).reshape(B, -1).mean(1)
@@ -185,6 +201,77 @@ def test_awm_matches_float64_reference(backend, device, shape, dtype, with_old):
     v, u, v_old, v_ref = make_inputs(shape, dtype, device, seed=seed)
     kw = dict(alpha_old=0.6) if with_old else {}
     check("awm", backend, [v, u, v_old if with_old else None, v_ref], rand_adv(shape[0], device, seed), alpha=0.4, **kw)
+
+
+def rand_sigma(batch, device, seed):
+    """σ = 1 - t in [0, 1] with both ends."""
+    sigma = torch.rand(batch, generator=torch.Generator().manual_seed(seed + 2))
+    sigma[0] = 1.0
+    sigma[1:2] = 0.0
+    return sigma.to(device)
+
+
+def weighting_cases():
+    """(backend, device, shape, weighting): every weighting on odd shapes and one of several chunks per sample; on
+    the Triton interpreter one shape and the two kinds (a per-sample constant; one needing the first pass)."""
+    return [
+        pytest.param(b, d, s, w, id=f"{b}-{d}-{'x'.join(map(str, s))}-{w}")
+        for b in BACKENDS
+        for d in DEVICES
+        for w in (("t", "ghuber") if b == "triton" and d == "cpu" else ("t", "t**2", "huber", "ghuber"))
+        for s in ([(5, 7)] if b == "triton" and d == "cpu" else [(1,), (5, 7), (2, 3, 75, 75)])
+    ]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend,device,shape,weighting", weighting_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_awm_weightings_match_the_reference_codes_gradient(backend, device, shape, dtype, weighting):
+    """Each weighting's loss against the float64 reference, whose gradient is the AWM code's on-policy PPO term
+    with that weighting's ℓ: the detached factor f = -dℓ/dmse is the right one. One sample has v = u (mse 0: ghuber's
+    factor is 1e-10^(p-1), ~3e7), and σ takes both ends."""
+    skip_unless(backend, device)
+    seed = hash((backend, shape, str(dtype), weighting)) % 2**31
+    v, u, v_old, v_ref = make_inputs(shape, dtype, device, seed=seed)
+    if shape[0] > 2:
+        with torch.no_grad():
+            u[2] = v[2]
+    kw = dict(weighting=weighting, sigma=rand_sigma(shape[0], device, seed), alpha_old=0.6)
+    if weighting == "ghuber":
+        kw["ghuber_power"] = 0.25 if shape[0] != 5 else 0.6
+    check("awm", backend, [v, u, v_old, v_ref], rand_adv(shape[0], device, seed), alpha=0.4, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_awm_ghuber_without_old_policy(backend):
+    skip_unless(backend, "cpu")
+    v, u, _, v_ref = make_inputs((6, 4, 3), torch.float32, "cpu", seed=21)
+    kw = dict(weighting="ghuber", sigma=rand_sigma(6, "cpu", 21))
+    check("awm", backend, [v, u, None, v_ref], rand_adv(6, "cpu", 21), alpha=0.4, **kw)
+
+
+def test_awm_weighting_uniform_is_the_plain_loss_bit_for_bit():
+    v, u, v_old, v_ref = make_inputs((6, 4, 3), torch.float32, "cpu", grads=(False,) * 4, seed=22)
+    adv, sigma = rand_adv(6, "cpu", 22), rand_sigma(6, "cpu", 22)
+    for backend in BACKENDS:
+        plain = orw_fast.awm_loss(v, u, v_ref, adv, v_old=v_old, alpha=0.4, alpha_old=0.6, backend=backend)
+        same = orw_fast.awm_loss(
+            v, u, v_ref, adv, v_old=v_old, alpha=0.4, alpha_old=0.6, weighting="uniform", sigma=sigma, backend=backend
+        )
+        assert torch.equal(plain, same)
+        t_one = orw_fast.awm_loss(
+            v,
+            u,
+            v_ref,
+            adv,
+            v_old=v_old,
+            alpha=0.4,
+            alpha_old=0.6,
+            weighting="t",
+            sigma=torch.ones(6),
+            backend=backend,
+        )
+        torch.testing.assert_close(t_one, plain, rtol=1e-6, atol=0)
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -370,6 +457,21 @@ def _awm(**overrides):
         (_awm(alpha_old=-1.0, v_old=torch.randn(4, 3)), ValueError, "alpha_old must be a finite number >= 0"),
         (_awm(v_old=torch.randn(3, 3)), ValueError, "v_old must have the shape of v"),
         (_awm(v_ref=torch.randn(4, 3, device="meta")), ValueError, "v_ref is on meta but v is on cpu"),
+        (_awm(weighting="Uniform"), ValueError, "weighting must be one of"),
+        (_awm(weighting="ghuber"), ValueError, "weighting='ghuber' needs sigma"),
+        (_awm(weighting="t", sigma=torch.tensor([0.5, 1.5, 0.0, 0.2])), ValueError, r"sigma must lie in \[0, 1\]"),
+        (_awm(weighting="t", sigma=torch.tensor([0.5, float("nan"), 0.0, 0.2])), ValueError, "sigma has 1 non-fin"),
+        (_awm(weighting="huber", sigma=torch.ones(3)), ValueError, r"sigma must have shape \[B\] = \[4\]"),
+        (
+            _awm(weighting="ghuber", sigma=torch.ones(4), ghuber_power=0.0),
+            ValueError,
+            r"ghuber_power must be .* \(0, 1\]",
+        ),
+        (
+            _awm(weighting="ghuber", sigma=torch.ones(4), ghuber_power=1.5),
+            ValueError,
+            r"ghuber_power must be .* \(0, 1\]",
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
@@ -423,18 +525,19 @@ def test_opcheck_l1(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["nft", "nft_adaptive", "awm"])
+@pytest.mark.parametrize("kind", ["nft", "nft_adaptive", "awm", "awm_ghuber"])
 def test_torch_compile_fullgraph(backend, device, kind):
     """A training-step-like function compiles into one graph and matches eager execution."""
     skip_unless(backend, device)
     torch._dynamo.reset()
     lin = torch.nn.Linear(6, 6).to(device)
     x, u, v_old, v_ref = make_inputs((5, 6), torch.float32, device, grads=(False,) * 4, seed=16)
-    per_sample = rand_adv(5, device, 16) if kind == "awm" else rand_r(5, device, 16)
+    per_sample = rand_adv(5, device, 16) if kind.startswith("awm") else rand_r(5, device, 16)
     adaptive = dict(adaptive_scale=rand_s(5, device, 16)) if kind == "nft_adaptive" else {}
+    weighting = dict(weighting="ghuber", sigma=rand_sigma(5, device, 16)) if kind == "awm_ghuber" else {}
 
     def step(x, u, v_old, v_ref, per_sample):
-        if kind != "awm":
+        if kind.startswith("nft"):
             loss, comp = orw_fast.nft_loss(
                 lin(x),
                 u,
@@ -460,6 +563,7 @@ def test_torch_compile_fullgraph(backend, device, kind):
                 backend=backend,
                 return_components=True,
                 validate=False,
+                **weighting,
             )
         return loss, comp.policy.sum()
 
@@ -477,17 +581,32 @@ def test_torch_compile_fullgraph(backend, device, kind):
 @requires_gpu
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["plain", "adaptive"])
-def test_cuda_graph_capture(backend, dtype, adaptive):
+@pytest.mark.parametrize("kind", ["nft", "nft_adaptive", "awm_ghuber"])
+def test_cuda_graph_capture(backend, dtype, kind):
+    """Two-pass losses too (the first pass's per-sample reduction feeds the second's weights on the device)."""
     skip_unless(backend, "cuda")
     shape = (16, 3, 32, 32)
     v, u, v_old, v_ref = (t.detach() for t in make_inputs(shape, dtype, "cuda", seed=17))
     r, s = rand_r(16, "cuda", 17), rand_s(16, "cuda", 17)
-    kw = dict(adaptive_scale=s) if adaptive else {}
     v.requires_grad_()
 
     def step():
-        loss = orw_fast.nft_loss(v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, **kw)
+        if kind == "awm_ghuber":
+            loss = orw_fast.awm_loss(
+                v,
+                u,
+                v_ref,
+                2 * r - 1,
+                v_old=v_old,
+                alpha=0.1,
+                alpha_old=1.0,
+                weighting="ghuber",
+                sigma=s,
+                backend=backend,
+            )
+        else:
+            kw = dict(adaptive_scale=s) if kind == "nft_adaptive" else {}
+            loss = orw_fast.nft_loss(v, u, v_old, v_ref, r, beta=0.5, alpha=0.1, backend=backend, **kw)
         return loss, *torch.autograd.grad(loss, v)
 
     stream = torch.cuda.Stream()

@@ -13,10 +13,14 @@ published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max
   that with an update after every step by that decay; 0 is an error while the pull is on.
   ``awm_old_coefficient=0`` drops the pull (no EMA needed).
 
-The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·|v − u|² under the
-"Uniform" weighting, which is what is trained. Not covered yet (docs/objectives.md): the published configs' "ghuber"
-weighting, the off-policy ratio, the reference's choice of trained times (6 strata of the sampler's grid) and its
-advantage rescaling to [−1, 1].
+- ``awm_weighting`` (the reference's train.weighting; default "uniform"; its published configs: "ghuber" with
+  ``awm_ghuber_power`` 0.25): each sample's flow-matching term weighted by the detached factor of that weighting,
+  from its mse and noise level σ = 1 − t (orw_fast/ops/awm.py);
+- ``awm_advantage_max`` (None; the published configs: 1): the clipped advantages rescaled by max / advantage_clip.
+
+The ratio: on-policy (the published configs) the PPO-clipped term's gradient is exactly that of A·f·|v − u|² with
+the weighting's factor f, which is what is trained. Not covered (docs/objectives.md): the off-policy ratio and the
+reference's choice of trained times (6 strata of the sampler's grid).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class AWM(Objective):
     def check_config(cls, config) -> None:
         from orw_fast.config import ConfigError
 
+        if config.awm_ghuber_power > 1:
+            raise ConfigError("awm_ghuber_power", "a number in (0, 1] (ghuber's power p)", config.awm_ghuber_power)
         if config.awm_old_coefficient > 0 and config.ema_decay == 0:
             raise ConfigError(
                 "ema_decay",
@@ -63,13 +69,23 @@ class AWM(Objective):
         return self.config.ema_decay
 
     def sample_inputs(self, rewards, groups):
-        return self.advantages(rewards, groups)
+        advantages = self.advantages(rewards, groups)
+        if self.config.awm_advantage_max is not None:
+            advantages = advantages * (self.config.awm_advantage_max / self.config.advantage_clip)
+        return advantages
 
     def input_metrics(self, inputs):
         return {"positive_fraction": (inputs > 0).float().mean()}
 
     def loss(self, v, u, frozen, inputs, t=None):
         cfg = self.config
+        sigma = None
+        if cfg.awm_weighting != "uniform":
+            if t is None:
+                raise ValueError(
+                    f"awm_weighting={cfg.awm_weighting!r} needs the path times t of the samples (pass t=...)"
+                )
+            sigma = 1 - t.detach().reshape(-1)
         loss, parts = awm_loss(
             v,
             u,
@@ -78,6 +94,9 @@ class AWM(Objective):
             alpha=cfg.w2_coefficient,
             v_old=frozen.get("ema"),
             alpha_old=cfg.awm_old_coefficient if "ema" in frozen else 0.0,
+            weighting=cfg.awm_weighting,
+            sigma=sigma,
+            ghuber_power=cfg.awm_ghuber_power,
             return_components=True,
             validate=False,
         )

@@ -22,32 +22,67 @@ with the two penalties (α = β, α_old = ema_beta, v_old = v_ema):
 
 Its gradients equal the reference's on-policy loss with the "Uniform" weighting; its value differs by a constant
 (the reference's policy term is -mean A there). Without v_old it is ORW-CFM-W2 with the signed advantages as given
-weights (the 3-input orw_cfm_w2 op); with v_old it is ops/quadratic_fm.py with w1 = A, m1 = 1, w2 = m2 = 0, w3 = α_old.
-Not covered: the published configs' weighting is "ghuber" (power 0.25: ℓ_i = -((mse_i + 1e-10)^p - 1e-10^p) σ/p),
-and it, the other "huber" weighting and the off-policy ratio make the per-sample factor a function of
-mse_i = mean_d (v - u)^2, a reduction over the sample (a first pass over v, u would be needed, as nft_loss's adaptive
-weight has); the "t"/"t**2" weightings are per-sample constants — multiply them into A. docs/objectives.md lists the
-other differences (trained times, advantage scale).
-See docs/objectives.md.
+weights (the 3-input orw_cfm_w2 op); with v_old it is ops/quadratic_fm.py with w1 = A, m1 = 1, w2 = 0, m2 = 0,
+w3 = α_old.
+
+The reference's other weightings (``weighting``; the published configs use "ghuber" with power 0.25) make ℓ_i a
+function g of mse_i = mean_d (v - u)^2 and of the sample's noise level σ_i = 1 - t_i. On-policy the PPO term's
+gradient is then -A_i ∇ℓ_i = A_i f_i ∇mse_i with the per-sample factor f_i = -dℓ_i/dmse_i:
+
+    weighting   ℓ_i                                      f_i
+    uniform     -mse                                     1
+    t           -σ mse                                   σ
+    t**2        -σ^2 mse                                 σ^2
+    huber       -(sqrt(mse + 1e-10) - 1e-5) σ            σ / (2 sqrt(mse + 1e-10))
+    ghuber      -((mse + 1e-10)^p - 1e-10^p) σ / p       σ (mse + 1e-10)^(p - 1)
+
+so the loss trained is the one above with A_i replaced by the detached weight A_i f_i (its value is
+mean_i A_i f_i mse_i + the penalties: the reference's gradient, not its value, which is the constant -mean A).
+"huber" and "ghuber" need mse_i before any gradient of the sample can be written: the fused backends first run the
+orw_cfm_w2 op without gradients (weights 1, α 0: one read of v, u, v_ref, its per-sample mse as a by-product), then
+the gradient pass: 7 tensor reads instead of 4 with v_old (6 instead of 3 without). The op is reused rather than a
+new "sum of squares" op: its per-sample fm output is exactly mse_i (fp32 accumulation for fp16/bf16) and it needs
+no new kernel on three backends; the cost is one read of v_ref that the first pass does not need.
+Not covered: the off-policy ratio (its factor exp(ℓ - ℓ_old) needs the same first pass, with the EMA's ℓ_old).
+docs/objectives.md lists the other differences (trained times, advantage scale).
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions, orw_cfm_w2_loss
 from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
-from orw_fast.ops.reward_weights import accumulation_dtype, check_real, check_scores
+from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
+
+WEIGHTINGS = ("uniform", "t", "t**2", "huber", "ghuber")  # the reference code's config.train.weighting, lower-cased
+MSE_EPS = 1e-10  # the reference's offset of mse inside the huber and ghuber weightings
 
 
-def _eager(v, u, v_ref, adv, alpha, v_old, alpha_old):
+def weighting_factor(weighting: str, mse: torch.Tensor, sigma: torch.Tensor | None, power: float) -> torch.Tensor:
+    """f_i = -dℓ_i/dmse_i of the reference's ``weighting`` (module docstring) per sample, from mse [B] and the
+    noise levels σ = 1 - t [B] (unused by "uniform"), in their dtype; ``power`` is ghuber's p."""
+    if weighting == "uniform":
+        return torch.ones_like(mse)
+    if weighting == "t":
+        return sigma
+    if weighting == "t**2":
+        return sigma.square()
+    if weighting == "huber":
+        return sigma / (2 * (mse + MSE_EPS).sqrt())
+    return sigma * (mse + MSE_EPS).pow(power - 1)
+
+
+def _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting="uniform", sigma=None, power=0.25):
     """The formula as written, accumulating in float32 (float64 for float64 inputs)."""
     acc = adv.dtype
     batch = v.shape[0]
     v = v.to(acc)
-    policy = adv * (v - u.to(acc)).reshape(batch, -1).pow(2).mean(1)
+    mse = (v - u.to(acc)).reshape(batch, -1).pow(2).mean(1)
+    policy = adv * weighting_factor(weighting, mse.detach(), sigma, power) * mse
     if v_old is not None:
         policy = policy + alpha_old * (v - v_old.to(acc)).reshape(batch, -1).pow(2).mean(1)
     kl = (v - v_ref.to(acc)).reshape(batch, -1).pow(2).mean(1)
@@ -63,11 +98,15 @@ def awm_loss(
     alpha: float = 0.0,
     v_old: torch.Tensor | None = None,
     alpha_old: float = 0.0,
+    weighting: str = "uniform",
+    sigma: torch.Tensor | None = None,
+    ghuber_power: float = 0.25,
     backend: str = "auto",
     return_components: bool = False,
     validate: bool = True,
 ):
-    """AWM loss ``mean_i [A_i |v - u|^2 + α_old |v - v_old|^2] + α mean_i |v - v_ref|^2`` (per-dimension means).
+    """AWM loss ``mean_i [A_i f_i |v - u|^2 + α_old |v - v_old|^2] + α mean_i |v - v_ref|^2`` (per-dimension means;
+    f_i = 1 with the default weighting, else the detached factor of the reference's ``weighting``).
 
     Args:
         v: policy prediction v_θ(t, x_t), [B, ...], floating (fp16/bf16/fp32/fp64).
@@ -76,10 +115,13 @@ def awm_loss(
         advantages: [B] signed advantages (:func:`orw_fast.ops.advantages.group_advantages`), finite; never
             differentiated.
         alpha: α >= 0, the KL coefficient to v_ref.  alpha_old: α_old >= 0, the coefficient to v_old (needs v_old).
+        weighting: one of :data:`WEIGHTINGS`, the reference code's ``train.weighting`` (module docstring).
+        sigma: [B] noise levels σ = 1 - t of the samples' path times, in [0, 1], never differentiated: needed by
+            every weighting but "uniform".  ghuber_power: ghuber's p, in (0, 1] (the published configs: 0.25).
         backend: "auto" | "eager" | "native" | "triton".
         return_components: also return :class:`PolicyComponents` (policy_i, kl_i) from the same pass.
-        validate: check that the advantages are finite (one device sync on CUDA; skipped while torch.compile
-            traces or a CUDA graph is captured).
+        validate: check that the advantages and sigma are finite and sigma in [0, 1] (one device sync on CUDA;
+            skipped while torch.compile traces or a CUDA graph is captured).
 
     Returns:
         the loss, 0-dim, in float32 (float64 for float64 inputs); with ``return_components`` a tuple
@@ -96,10 +138,37 @@ def awm_loss(
         raise ValueError("alpha_old > 0 needs v_old (the EMA policy's prediction)")
     check_scores(advantages, "advantages", v.shape[0], v.device, validate)
     adv = advantages.detach().to(acc)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "ghuber" and not (isinstance(ghuber_power, numbers.Real) and 0 < ghuber_power <= 1):
+        raise ValueError(f"ghuber_power must be a number in (0, 1], got {ghuber_power!r}")
+    if weighting != "uniform":
+        if sigma is None:
+            raise ValueError(f"weighting={weighting!r} needs sigma, the samples' noise levels 1 - t [B]")
+        check_scores(sigma, "sigma", v.shape[0], v.device, validate)
+        sigma = sigma.detach().to(acc)
+        if validate and not _is_capturing_or_compiling() and bool(((sigma < 0) | (sigma > 1)).any()):
+            raise ValueError("sigma must lie in [0, 1] (the noise levels 1 - t of the path times)")
     backend = resolve_backend(backend, v.device)
     if backend == "eager":
-        loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old)
-    elif v_old is None:
+        loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting, sigma, ghuber_power)
+        return (loss, parts) if return_components else loss
+    if weighting in ("huber", "ghuber"):  # a first pass for each sample's mse (module docstring)
+        with torch.no_grad():
+            _, first = orw_cfm_w2_loss(
+                v,
+                u,
+                v_ref,
+                weights=torch.ones_like(adv),
+                alpha=0.0,
+                backend=backend,
+                return_components=True,
+                validate=False,
+            )
+        adv = adv * weighting_factor(weighting, first.fm.to(acc), sigma, ghuber_power)
+    elif weighting != "uniform":
+        adv = adv * weighting_factor(weighting, None, sigma, ghuber_power)
+    if v_old is None:
         loss, comp = orw_cfm_w2_loss(
             v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True, validate=False
         )
