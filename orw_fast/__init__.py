@@ -2,19 +2,8 @@
 
 import importlib
 
-from orw_fast.ops import (
-    BACKENDS,
-    WEIGHTINGS,
-    LossComponents,
-    ORWCFMW2Loss,
-    PolicyComponents,
-    awm_loss,
-    group_advantages,
-    nft_loss,
-    nft_optimality,
-    orw_cfm_w2_loss,
-    reward_weights,
-)
+from orw_fast import ops
+from orw_fast.ops import *  # noqa: F403 - the fused losses are the package's top-level API (ops.__all__)
 
 __version__ = "0.1.0"
 
@@ -26,20 +15,7 @@ _LAZY = {
     "ConfigError": "orw_fast.config",
 }
 
-__all__ = [
-    "BACKENDS",
-    "WEIGHTINGS",
-    "LossComponents",
-    "ORWCFMW2Loss",
-    "PolicyComponents",
-    "awm_loss",
-    "group_advantages",
-    "nft_loss",
-    "nft_optimality",
-    "orw_cfm_w2_loss",
-    "reward_weights",
-    *_LAZY,
-]
+__all__ = [*ops.__all__, *_LAZY]
 
 
 def __getattr__(name):
