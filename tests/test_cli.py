@@ -487,71 +487,30 @@ def test_a_refused_finetune_leaves_no_out_folder(flow_checkpoint, pipeline_folde
         assert not (tmp_path / "out").exists(), argv
 
 
-def test_a_bad_resolution_leaves_no_out_folder(tmp_path):
+def tiny_finetune(tmp_path, family):
+    """``finetune`` arguments for one step of a tiny ``family`` pipeline (saved under tmp_path) on one prompt, on
+    the CPU (no --out)."""
     from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
 
-    pipeline = save_tiny_pipeline("flux", tmp_path / "flux", sample_size=8)  # FLUX packs 2x2: an even side
+    pipeline = save_tiny_pipeline(family, tmp_path / family, sample_size=8)
     (tmp_path / "prompts.txt").write_text("a red cat\n")
+    one_step = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--sampler-steps", "1"]
+    return [
+        "finetune",
+        *("--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt")),
+        *("--reward", "jpeg_compressibility", *one_step, "--grid-size", "0", "--device", "cpu"),
+    ]
+
+
+def test_a_bad_resolution_leaves_no_out_folder(tmp_path):
+    run = tiny_finetune(tmp_path, "flux")  # FLUX packs 2x2: an even side
     with pytest.raises(SystemExit, match="resolution must be a multiple of 2"):  # a short run if it were accepted
-        main(
-            [
-                "finetune",
-                "--pretrained",
-                str(pipeline),
-                "--prompts",
-                str(tmp_path / "prompts.txt"),
-                "--reward",
-                "jpeg_compressibility",
-                "--resolution",
-                "7",
-                "--epochs",
-                "1",
-                "--steps-per-epoch",
-                "1",
-                "--batch-size",
-                "1",
-                "--sampler-steps",
-                "1",
-                "--grid-size",
-                "0",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--out",
-                str(tmp_path / "run"),
-            ]
-        )
+        main([*run, "--resolution", "7", "--quiet", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
 def test_quiet_silences_the_loading_bars_and_warnings_of_diffusers_and_transformers(tmp_path):
-    from orw_fast.tasks.tiny_pipelines import save_tiny_pipeline
-
-    pipeline = save_tiny_pipeline("sd3", tmp_path / "sd3", sample_size=8)
-    (tmp_path / "prompts.txt").write_text("a red cat\n")
-    run = [
-        "finetune",
-        "--pretrained",
-        str(pipeline),
-        "--prompts",
-        str(tmp_path / "prompts.txt"),
-        "--reward",
-        "jpeg_compressibility",
-        "--lora-rank",
-        "2",
-        "--epochs",
-        "1",
-        "--steps-per-epoch",
-        "1",
-        "--batch-size",
-        "1",
-        "--sampler-steps",
-        "1",
-        "--grid-size",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    run = [*tiny_finetune(tmp_path, "sd3"), "--lora-rank", "2"]
     noise = ("Loading pipeline components", "Loading weights", "requires torchvision")
     loud = run_cli(*run, "--out", str(tmp_path / "loud"))
     assert loud.returncode == 0 and all(line in loud.stderr for line in noise), loud.stderr  # what --quiet hides
