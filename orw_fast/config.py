@@ -197,6 +197,12 @@ class TrainerConfig:
         "independent", _choice(COUPLINGS), "noise paired with each rollout: fresh, OT-permuted, or the rollout's own"
     )
     sigma: float = option(0.0, _real(0), "path noise")
+    times_per_sample: int = option(
+        1,
+        _integer(1),
+        "path times each sample is trained at in one update, stratified over [0, 1) (1: one t ~ U(0, 1); the AWM "
+        "code trains 6, the DiffusionNFT code 9, on their samplers' grids)",
+    )
     # Heun, 20 steps on the model's rollout grid: 40 model calls, as accurate as the official 100 uniform Euler steps
     # (median RMS error and W2 to a tight dopri5 solution, benchmarks/bench_rollout_error.py)
     sampler_steps: int = option(

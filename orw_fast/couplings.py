@@ -90,6 +90,24 @@ def couple(
     return noise, x1, weights
 
 
+def stratified_times(
+    batch: int,
+    times: int,
+    *,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``times`` path times for each of ``batch`` samples, stratified over [0, 1): [batch * times], sample-major (the
+    rows of ``x.repeat_interleave(times, 0)``), sample i's j-th time (j < times) t[i * times + j] = (j + U) / times
+    with U ~ U(0, 1) drawn afresh for every entry (AWM's trained-time draw over its strata). With times = 1 exactly
+    ``torch.rand(batch)`` from the same generator."""
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be an integer >= 1, got {times!r}")
+    u = torch.rand(times * batch, generator=generator, device=device, dtype=dtype)
+    return (torch.arange(times, device=device, dtype=dtype).repeat(batch) + u) / times
+
+
 def sample_path(
     x0: torch.Tensor,
     x1: torch.Tensor,

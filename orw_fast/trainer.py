@@ -55,7 +55,7 @@ from orw_fast.checkpoint import (
     training_state,
 )
 from orw_fast.config import PRECISIONS, ConfigError, TrainerConfig
-from orw_fast.couplings import couple, sample_path
+from orw_fast.couplings import couple, sample_path, stratified_times
 from orw_fast.metrics import mean_pairwise_distance
 from orw_fast.models.flow_model import FlowModel, PixelFlowModel
 from orw_fast.models.policy_weights import FullCopies
@@ -262,13 +262,18 @@ class ORWCFMTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         x0, x1, prompts, rewards = self._next_rollouts()
-        cond = self.flow.conditions(prompts)
         all_rewards = dist_utils.all_gather_cat(rewards)
         all_inputs = self.objective.sample_inputs(all_rewards, self._prompt_groups(prompts))
         share = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
         rollout_x0 = x0 if cfg.coupling == "rollout" else None
         x0, x1c, inputs = couple(x1, all_inputs[share], coupling=cfg.coupling, x0=rollout_x0, generator=self.generator)
-        t, xt, ut = sample_path(x0, x1c, sigma=cfg.sigma, generator=self.generator)
+        t, k = None, cfg.times_per_sample
+        if k > 1:  # every sample at k stratified times: the batch's rows repeated k times, one loss mean over all
+            x0, x1c, inputs = x0.repeat_interleave(k, 0), x1c.repeat_interleave(k, 0), inputs.repeat_interleave(k)
+            prompts = None if prompts is None else [p for p in prompts for _ in range(k)]
+            t = stratified_times(len(inputs) // k, k, generator=self.generator, device=x0.device, dtype=x0.dtype)
+        cond = self.flow.conditions(prompts)
+        t, xt, ut = sample_path(x0, x1c, t, sigma=cfg.sigma, generator=self.generator)
         self.model.train()
         frozen = {}
         with self._autocast():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
 
-from orw_fast.couplings import COUPLINGS, couple, ot_permutation, sample_path
+from orw_fast.couplings import COUPLINGS, couple, ot_permutation, sample_path, stratified_times
 
 
 def _cost(x0, x1, perm):
@@ -101,6 +101,19 @@ def test_sample_path_same_draws_as_torchcfm_with_one_seed():
     t, xt, ut = sample_path(x0, x1, sigma=0.3, generator=torch.Generator().manual_seed(11))
     assert torch.equal(t, t_ref) and torch.equal(xt, xt_ref) and torch.equal(ut, ut_ref)
     assert t.shape == (8,) and bool(((t >= 0) & (t < 1)).all())
+
+
+def test_stratified_times_give_each_sample_one_time_per_stratum():
+    t = stratified_times(500, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    per_sample = t.reshape(500, 4)  # sample-major: sample i's times are t[4i : 4i + 4]
+    for j in range(4):
+        assert ((per_sample[:, j] >= j / 4) & (per_sample[:, j] < (j + 1) / 4)).all()
+        assert abs(per_sample[:, j].mean().item() - (j + 0.5) / 4) < 0.02  # uniform within its stratum
+    one = stratified_times(7, 1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one, torch.rand(7, generator=torch.Generator().manual_seed(3)))  # times = 1: plain U(0, 1)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="times must be an integer >= 1"):
+            stratified_times(3, bad)
 
 
 def test_bad_inputs():

@@ -131,6 +131,29 @@ def test_a_new_objective_trains_through_the_same_step(tmp_path, base_model, grou
     assert trainer._prompt_groups(list("abcabcab")).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
 
 
+def test_times_per_sample_trains_every_sample_at_stratified_times(tmp_path, base_model, group_centred):
+    """times_per_sample = k: each rollout's row is repeated k times (the same x0, x1 and input) at one path time from
+    each stratum [j/k, (j+1)/k), and the objective's loss is one mean over the k x B rows."""
+    seen = []
+
+    class Recording(group_centred):
+        def loss(self, v, u, frozen, inputs, t=None):
+            seen.append((u.detach().clone(), inputs.clone(), t.clone()))
+            return super().loss(v, u, frozen, inputs, t)
+
+    config = toy_config(tmp_path, batch_size=8, objective=group_centred.name, times_per_sample=3)
+    trainer = ORWCFMTrainer(fresh(base_model), config, "cpu", reward_fn=right_reward, callbacks=[])
+    trainer.objective = Recording(trainer.config)
+    assert math.isfinite(trainer.train_step()["loss"])
+    ((u, inputs, t),) = seen
+    assert u.shape == (24, 2) and inputs.shape == t.shape == (24,)
+    u, inputs, t = u.reshape(8, 3, 2), inputs.reshape(8, 3), t.reshape(8, 3)
+    assert torch.equal(u, u[:, :1].expand_as(u)) and torch.equal(inputs, inputs[:, :1].expand_as(inputs))
+    assert len(set(u[:, 0, 0].tolist())) == 8  # 8 different samples
+    strata = torch.arange(3) / 3
+    assert ((t >= strata) & (t < strata + 1 / 3)).all()
+
+
 # -- DiffusionNFT and AWM ------------------------------------------------------------------------------------------
 
 PAPER_OBJECTIVES = {"nft": {}, "awm": {}}  # their defaults: the old policy an EMA on the reference code's schedule
@@ -168,7 +191,8 @@ def test_the_reward_rises_on_the_toy(tmp_path, base_model, objective):
     # 5 steps per sampling epoch: nft's old policy moves once per epoch, and the policy at most a bounded way from it
     # the published AWM configs' ghuber weighting and advantages in [-1, 1] (a fifth of the default's) rise more
     # slowly here: 1.0 in 40 steps against 3.2 with the defaults (a higher learning rate does not help): 80 steps
-    overrides = dict(awm_weighting="ghuber", awm_advantage_max=1.0) if objective == "awm_published" else {}
+    published = dict(awm_weighting="ghuber", awm_advantage_max=1.0, times_per_sample=6)  # + its 6 trained times
+    overrides = published if objective == "awm_published" else {}
     trainer = paper_trainer(tmp_path, base_model, objective.removesuffix("_published"), **overrides)
     history = trainer.train(num_epochs=16 if overrides else 8, steps_per_epoch=5, progress=False)
     first = sum(m["reward_mean"] for m in history[:5]) / 5
