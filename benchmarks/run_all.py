@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and this che
 import torch
 
 from benchmarks import common
+from benchmarks.bench_loss import OPS as LOSS_OPS
 
 ROOT = common.REPO_ROOT
 STAGES = (
@@ -360,8 +361,8 @@ def stage_bench(run: Run, result: StageResult) -> None:
         + (["--quick"] if run.args.quick else [])
         + run.stage_args(result.stage)
     )
-    if result.stage == "loss" and run.device.type == "cuda" and not run.plan:
-        cmd.append("--triton-sweep")
+    if result.stage == "loss" and run.device.type == "cuda" and not run.plan:  # the whole GPU run: every fused op
+        cmd += ["--triton-sweep", "--ops", ",".join(LOSS_OPS)]
     rc = run.command(result, cmd + (["--dry-run"] if run.args.dry_run else []), run.timeout(result.stage))
     result.status = "ok" if rc == 0 else ("timeout" if rc == 124 else "failed")
     result.detail = (
