@@ -73,10 +73,31 @@ def ptxas_spill_stores(log):
     return spills
 
 
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_sources_compile(source, tmp_path):
+@pytest.fixture(scope="module")
+def nvcc_logs(tmp_path_factory):
+    """source -> (exit code, nvcc's output) of every .cu file compiled at once, one nvcc process each: on the 2-core
+    CI machine the compiles, bound by parsing torch's headers, take the time of one. Output goes to files, not pipes,
+    so that no process waits on a full pipe while another is read."""
     nvcc = require("nvcc", find_nvcc(), "ORW_FAST_REQUIRE_NVCC")
-    log = run(nvcc_command(nvcc, source, tmp_path / "out.o", "-Xptxas", "-v")).stderr
+    folder = tmp_path_factory.mktemp("nvcc")
+    running = {}
+    for source in CUDA_SOURCES:
+        log = open(folder / f"{source.stem}.log", "w+")  # closed below, once nvcc is done
+        cmd = nvcc_command(nvcc, source, folder / f"{source.stem}.o", "-Xptxas", "-v")
+        running[source] = (subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT), log, cmd)
+    logs = {}
+    for source, (proc, log, cmd) in running.items():
+        with log:
+            code = proc.wait(timeout=900)
+            log.seek(0)
+            logs[source] = (code, f"{' '.join(map(str, cmd))}\n{log.read()}")
+    return logs
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_sources_compile(source, nvcc_logs):
+    code, log = nvcc_logs[source]
+    assert code == 0, f"exit {code}\n{log}"
     spills = ptxas_spill_stores(log)
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     print(f"{source.name}: {len(spills)} functions, {min(registers, default=0)}-{max(registers, default=0)} registers")
