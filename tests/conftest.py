@@ -4,9 +4,18 @@
   imported, which happens here, before any test module imports orw_fast.
 - In CI (CI=true) a test may skip only because there is no GPU (reason GPU_SKIP_REASON): any other skip, a
   missing package or tool, is turned into a failure, so a missing install step cannot pass as green.
+- When a selected test needs the text-digits model (fixture ``text_digits_model``), its pre-training (3000 steps,
+  about 8 min, on one thread by design) starts in a background process as soon as the tests are collected, and the
+  suite runs on one torch thread until it ends: on a 2-core machine the pre-training takes the core that the
+  suite's single-threaded tests (imports, subprocesses, compiles) leave idle, instead of 8 min of its own at the end.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +103,66 @@ def digits_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     pretrained_digits(folder, steps=1000, device="cpu", progress=False)
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_background: dict = {}  # the text-digits pre-training: "process", "folder", "log", and "threads" until it ends
+
+
+def pytest_collection_finish(session):
+    if not any("text_digits_model" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    from orw_fast.tasks.text_alignment import AlignmentSettings
+
+    folder = Path(tempfile.mkdtemp(prefix="orw_fast_text_digits_"))
+    log = open(folder / "pretrain.log", "w+")  # closed by text_digits_model or at the session's end
+    code = (
+        "import sys; from orw_fast.tasks.text_digits import pretrained_text_digits; "
+        "pretrained_text_digits(sys.argv[1], steps=int(sys.argv[2]), progress=False)"
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder), str(AlignmentSettings.pretrain_steps)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )
+    _background.update(process=process, folder=folder, log=log, threads=torch.get_num_threads())
+    torch.set_num_threads(1)
+
+
+def _restore_threads_once_done():
+    if "threads" in _background and _background["process"].poll() is not None:
+        torch.set_num_threads(_background.pop("threads"))
+
+
+def pytest_runtest_setup(item):
+    _restore_threads_once_done()
+
+
+def pytest_sessionfinish(session):
+    if "process" in _background:
+        if _background["process"].poll() is None:  # the session ended first (-x, -k, Ctrl-C)
+            _background["process"].kill()
+            _background["process"].wait()
+        _background["log"].close()
+        shutil.rmtree(_background["folder"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def text_digits_model():
+    """The folder of the text-digits pipeline (orw_fast.tasks.text_digits) pre-trained as the text-alignment
+    experiment's (AlignmentSettings.pretrain_steps) by the background process started at collection: waits for it."""
+    process, log = _background["process"], _background["log"]
+    code = process.wait()
+    _restore_threads_once_done()
+    log.seek(0)
+    output = log.read()
+    if code != 0:
+        pytest.fail(f"pre-training the text-digits model in the background failed (exit {code}):\n{output[-4000:]}")
+    return _background["folder"] / "text_digits"

@@ -2,10 +2,12 @@
 loader reads) and the text demo's report."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
+from orw_fast.tasks.text_alignment import AlignmentSettings
 from orw_fast.tasks.text_digits import (
     DIGIT_WORDS,
     PromptedDigitReward,
@@ -58,13 +60,12 @@ def test_prompted_digit_reward_is_the_probability_of_the_prompted_digit():
 
 
 @pytest.fixture(scope="module")
-def cache(digits_cache):
-    """The shared digits cache with the text-digits pipeline added, pre-trained as the experiment's (3000 steps,
-    about 5.5 min on 2 cores): the alignment claims are asserted on the model they are reported for."""
-    from orw_fast.tasks.text_alignment import AlignmentSettings
-    from orw_fast.tasks.text_digits import pretrained_text_digits
-
-    pretrained_text_digits(digits_cache, steps=AlignmentSettings.pretrain_steps, progress=False)
+def cache(digits_cache, text_digits_model):
+    """The shared digits cache with the text-digits pipeline added, pre-trained as the experiment's (3000 steps, in
+    the background from the session's start: tests/conftest.py): the alignment claims are asserted on the model
+    they are reported for."""
+    if not (digits_cache / "text_digits").exists():
+        shutil.copytree(text_digits_model, digits_cache / "text_digits")
     return digits_cache
 
 
@@ -76,6 +77,7 @@ def test_the_text_digits_model_is_a_diffusers_sd3_folder(cache):
     folder = cache / "text_digits"
     info = json.loads((folder / "pretraining.json").read_text())
     assert info["wrong_caption_share"] == 0.3 and info["vae_rmse"] < 0.25, info  # pixel values span 2
+    assert info["steps"] == AlignmentSettings.pretrain_steps and info["vae_steps"] == info["steps"] // 3
     pipe = load_pipeline(folder)
     assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is None
     flow = DiffusersFlowModel(folder, prompts_for(), lora_rank=None, guidance_scale=1.0, max_sequence_length=1)
@@ -129,7 +131,7 @@ def test_alignment_rises_and_alpha_0_drifts_furthest(cache):
     1.5 min): alignment rises for both; alpha = 0 gains the most and loses the most within-prompt diversity and
     background quality, and its samples sit further from the reference's (W2). Epoch-to-epoch alignment moves by
     about 0.02 here, so the gains are compared as means over the last three epochs."""
-    from orw_fast.tasks.text_alignment import AlignmentSettings, run_alignment
+    from orw_fast.tasks.text_alignment import run_alignment
 
     runs = run_alignment(AlignmentSettings(alphas=(0.0, 1.0), seeds=(0,)), cache_dir=cache, progress=False)["runs"]
     r0, r1 = runs["0"]["0"], runs["1"]["0"]
