@@ -26,14 +26,23 @@ int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const a
   TORCH_CHECK(v.is_non_overlapping_and_dense() && (B == 1 || v.stride(0) == D),
               "quadratic_fm: v must be dense with the batch dimension outermost");
   const auto acc = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 5 && coef.size(1) == B &&
+  TORCH_CHECK(coef.dim() == 2 && (coef.size(0) == 5 || coef.size(0) == 6) && coef.size(1) == B &&
                   coef.scalar_type() == acc && coef.is_contiguous(),
-              "quadratic_fm: coef must be a contiguous [5, B] tensor of dtype ", acc);
+              "quadratic_fm: coef must be a contiguous [5, B] or [6, B] tensor of dtype ", acc);
   const double limit = acc == at::kDouble ? std::numeric_limits<double>::max()
                                           : double(std::numeric_limits<float>::max());
   TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && alpha <= limit,
               "quadratic_fm: alpha must be >= 0 and finite in ", acc, ", got ", alpha);
   return D;
+}
+
+at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& l1_1, const at::Tensor& l1_2) {
+  const at::Tensor s = coef[5];
+  const at::Tensor floor = at::full_like(s, kAdaptiveFloor) / s;  // inf where s = 0: the factor is 0 there
+  at::Tensor out = coef.narrow(0, 0, 5).clone();
+  out[0].mul_(s / at::maximum(l1_1, floor));
+  out[2].mul_(s / at::maximum(l1_2, floor));
+  return out;
 }
 
 QuadraticOutputs allocate_quadratic_outputs(const at::Tensor& v, const at::Tensor& coef, bool grad_v,

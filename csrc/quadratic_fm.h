@@ -16,13 +16,16 @@
 //   grad_v_old = c ((1 - m1) y1 + (1 - m2) y2 - y3), grad_v_ref = -c alpha k.
 //   (Two weighted squares rather than a general form p a^2 + q e^2 + 2 s a e: no cancellation, e.g.
 //   AWM's grad_v_old is exactly -c w3 e for any advantage, m1 = 1.)
+//   coef may also be [6, B], row 5 = s >= 0 (DiffusionNFT's adaptive weight, orw_fast/ops/nft.py): w1 and w2
+//   are then first multiplied by s / max(l1_1, 1e-5 / s) and s / max(l1_2, 1e-5 / s), with l1_1, l1_2 the
+//   sample's quadratic_fm_l1 norms below (0 where s = 0), all in the same call. The CPU kernel reads each
+//   sample for both sums in one task while it is in the cache; the CUDA kernel runs quadratic_fm_l1 first.
 //
 // orw_fast::quadratic_fm_l1(v, u, v_old, coef) -> (l1_1 [B], l1_2 [B])
 //   Same inputs and checks (v_ref absent; only the rows m1, m2 of coef are read): the per-sample L1
 //   norms of the two squares' residuals, l1_1 = mean_d |a + m1 e|, l1_2 = mean_d |a + m2 e|, in the
 //   accumulation dtype, reduced in a fixed order. Never differentiated (no autograd: callers pass
-//   detached tensors). DiffusionNFT's adaptive weight is computed from them (orw_fast/ops/nft.py) and
-//   fed to quadratic_fm as rescaled w1, w2: a first read of v, u, v_old before the gradient pass.
+//   detached tensors): what quadratic_fm's [6, B] form computes first on a GPU.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,6 +42,12 @@ using QuadraticOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
 // Validates the contract above (TORCH_CHECK) and returns D.
 int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                                const at::Tensor& v_ref, const at::Tensor& coef, double alpha);
+
+// The adaptive weight's floor (the reference code's max(mean |x̂ - x|, 1e-5)).
+constexpr double kAdaptiveFloor = 1e-5;
+
+// The [5, B] coef of the [6, B] adaptive form: w1, w2 rescaled from the L1 norms (ATen ops, any device).
+at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& l1_1, const at::Tensor& l1_2);
 
 // Allocates the seven outputs (uninitialised) on v's device.
 QuadraticOutputs allocate_quadratic_outputs(const at::Tensor& v, const at::Tensor& coef, bool grad_v,

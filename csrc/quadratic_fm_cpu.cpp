@@ -1,6 +1,7 @@
 // CPU kernels of orw_fast::quadratic_fm and quadratic_fm_l1 (contract in quadratic_fm.h): one pass over
 // v, u, v_old, v_ref that produces the per-sample sums and the gradients; one over v, u, v_old for the
-// per-sample L1 norms. As in orw_cfm_w2_cpu.cpp, work is split into
+// per-sample L1 norms; with the adaptive [6, B] coef, both for one sample in one task (its second read hits
+// the cache). As in orw_cfm_w2_cpu.cpp, work is split into
 // fixed chunks of a sample, each writing its own partial sums, added afterwards in chunk order: the
 // result does not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -130,6 +131,7 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
                                   bool grad_u, bool grad_v_old, bool grad_v_ref) {
   const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha);
   const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
+  const bool adaptive = coef.size(0) == 6;
   auto outs = allocate_quadratic_outputs(v, coef, grad_v, grad_u, grad_v_old, grad_v_ref);
   at::Tensor &loss = std::get<0>(outs), &policy = std::get<1>(outs), &kl = std::get<2>(outs);
   at::Tensor &gv = std::get<3>(outs), &gu = std::get<4>(outs), &go = std::get<5>(outs), &gr = std::get<6>(outs);
@@ -138,18 +140,43 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
     const acc_t* cf = coef.const_data_ptr<acc_t>();
     const acc_t c = acc_t(2) / (acc_t(B) * acc_t(D));
     std::vector<acc_t> part(2 * B * nchunks);
+    const scalar_t *pv = v.const_data_ptr<scalar_t>(), *pu = u.const_data_ptr<scalar_t>();
+    const scalar_t *po = v_old.const_data_ptr<scalar_t>(), *pr = v_ref.const_data_ptr<scalar_t>();
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
     dispatch_grad_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
-      at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
-          const int64_t end = std::min((i + 1) * D, begin + kChunk);
-          const Coef<acc_t> k{cf[i], cf[B + i], cf[2 * B + i], cf[3 * B + i], cf[4 * B + i], c, c * acc_t(alpha)};
-          chunk_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(go_t)::value,
-                     decltype(gr_t)::value>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                                            v_old.const_data_ptr<scalar_t>(), v_ref.const_data_ptr<scalar_t>(),
-                                            ptr(gv), ptr(gu), ptr(go), ptr(gr), begin, end, k, &part[t],
-                                            &part[B * nchunks + t]);
+      auto pass = [&](int64_t t, const Coef<acc_t>& k) {  // chunk t = i * nchunks + (chunk of sample i)
+        const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
+        const int64_t end = std::min((i + 1) * D, begin + kChunk);
+        chunk_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(go_t)::value,
+                   decltype(gr_t)::value>(pv, pu, po, pr, ptr(gv), ptr(gu), ptr(go), ptr(gr), begin, end, k,
+                                          &part[t], &part[B * nchunks + t]);
+      };
+      auto coef_of = [&](int64_t i) {
+        return Coef<acc_t>{cf[i], cf[B + i], cf[2 * B + i], cf[3 * B + i], cf[4 * B + i], c, c * acc_t(alpha)};
+      };
+      if (!adaptive) {
+        at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) pass(t, coef_of(t / nchunks));
+        });
+        return;
+      }
+      // One task per sample: its L1 sums (the chunks and order of quadratic_fm_l1), then its gradient pass
+      // while its inputs are still in the cache.
+      at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          acc_t l1[2] = {0, 0};
+          for (int64_t ch = 0; ch < nchunks; ++ch) {
+            const int64_t begin = i * D + ch * kChunk, end = std::min((i + 1) * D, begin + kChunk);
+            acc_t s1, s2;
+            chunk_l1<scalar_t>(pv, pu, po, begin, end, cf[B + i], cf[3 * B + i], &s1, &s2);
+            l1[0] += s1;
+            l1[1] += s2;
+          }
+          Coef<acc_t> k = coef_of(i);
+          const acc_t s = cf[5 * B + i];
+          k.w1 *= s / std::max(l1[0] / acc_t(D), acc_t(kAdaptiveFloor) / s);
+          k.w2 *= s / std::max(l1[1] / acc_t(D), acc_t(kAdaptiveFloor) / s);
+          for (int64_t ch = 0; ch < nchunks; ++ch) pass(i * nchunks + ch, k);
         }
       });
     }, grad_v, grad_u, grad_v_old, grad_v_ref);

@@ -168,10 +168,18 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cuda(const at::Tensor& v, const at::Tensor& u,
+                                                        const at::Tensor& v_old, const at::Tensor& coef);
+
 QuadraticOutputs quadratic_fm_cuda(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                                    const at::Tensor& v_ref, const at::Tensor& coef, double alpha, bool grad_v,
                                    bool grad_u, bool grad_v_old, bool grad_v_ref) {
   const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha);
+  if (coef.size(0) == 6) {  // the adaptive weight: its L1 pass, then this op with w1, w2 rescaled
+    const auto [l1_1, l1_2] = quadratic_fm_l1_cuda(v, u, v_old, coef);
+    return quadratic_fm_cuda(v, u, v_old, v_ref, adaptive_coef(coef, l1_1, l1_2), alpha, grad_v, grad_u,
+                             grad_v_old, grad_v_ref);
+  }
   const int64_t B = v.size(0);
   const c10::cuda::CUDAGuard guard(v.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -491,6 +491,14 @@ def _op(backend):
     return quadratic_fm_triton
 
 
+def _l1_op(backend):
+    if backend == "native":
+        return torch.ops.orw_fast.quadratic_fm_l1.default
+    from orw_fast.ops.triton.quadratic_fm import quadratic_fm_l1_triton
+
+    return quadratic_fm_l1_triton
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("flags", [(True,) * 4, (True, False, False, False), (False,) * 4])
@@ -503,6 +511,8 @@ def test_opcheck(backend, device, flags, dtype):
     # buffer: fused_op_support._backward), which opcheck would see as the raw outputs changing.
     coef = torch.randn(5, 3, device=device).abs()
     torch.library.opcheck(_op(backend), (*tensors, coef, 0.5, *flags))
+    adaptive = torch.cat([coef, torch.rand(1, 3, device=device)])  # row 5: s, NFT's adaptive weight
+    torch.library.opcheck(_op(backend), (*tensors, adaptive, 0.5, *flags))
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
@@ -511,16 +521,44 @@ def test_opcheck_l1(backend, device):
     """The L1 op behind NFT's adaptive weight (no autograd: its inputs never require grad)."""
     skip_unless(backend, device)
     v, u, v_old, _ = make_inputs((3, 2, 5), torch.bfloat16, device, grads=(False,) * 4, seed=15)
-    if backend == "native":
-        op = torch.ops.orw_fast.quadratic_fm_l1.default
-    else:
-        from orw_fast.ops.triton.quadratic_fm import quadratic_fm_l1_triton as op
+    op = _l1_op(backend)
     coef = torch.randn(5, 3, device=device)
     torch.library.opcheck(op, (v, u, v_old, coef))
     a, e = v_old.double() - u.double(), v.double() - v_old.double()
     for got, m in zip(op(v, u, v_old, coef), (coef[1], coef[3])):
         want = (a + m.double()[:, None, None] * e).abs().reshape(3, -1).mean(1)
         assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "backend,device,shape",
+    [
+        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+        for b in ("native", "triton")
+        for d in DEVICES
+        for s in ([(7, 3, 5)] if b == "triton" and d == "cpu" else [(7, 3, 5), (2, 3, 75, 75)])  # two chunks a sample
+    ],
+)
+def test_adaptive_form_is_the_l1_op_then_the_plain_op_bit_for_bit(backend, device, shape):
+    """coef [6, B] (row 5 = s): the same loss, components and gradients, bit for bit, as quadratic_fm_l1, the
+    factors s / max(l1, 1e-5 / s) on w1 and w2 (adaptive_coef), and the plain [5, B] op. s takes 0, 1, a floor case."""
+    skip_unless(backend, device)
+    from orw_fast.ops.nft import adaptive_coef
+
+    tensors = [t.detach() for t in make_inputs(shape, torch.float32, device, grads=(False,) * 4, seed=31)]
+    b = shape[0]
+    rows = [
+        rand_r(b, device, 31),
+        torch.full((b,), 0.7, device=device),
+        rand_r(b, device, 32),
+        torch.zeros(b, device=device),
+    ]
+    coef6 = torch.stack([*rows, torch.full((b,), 0.2, device=device), rand_s(b, device, 31)]).contiguous()
+    op, l1_op = _op(backend), _l1_op(backend)
+    fused = op(*tensors, coef6, 0.3, True, True, True, True)
+    plain = op(*tensors, adaptive_coef(coef6, *l1_op(*tensors[:3], coef6)).contiguous(), 0.3, True, True, True, True)
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

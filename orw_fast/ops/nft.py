@@ -29,15 +29,11 @@ computed as s / max(mean_d |v± - u|, 1e-5 / s): no s^2 is formed, and at s = 0 
 inf and f = 0 exactly — the branch has no x̂-error there (x̂1 = x_t = x1 whatever v is), so the sample gives the
 policy term nothing (its KL term stays). Where s mean_d |v± - u| < 1e-5 the floor gives f = s^2 / 1e-5: a near
 exact branch is not blown up. The weights need an L1 reduction over each sample's own elements before its
-gradient can be written, so the fused backends make two passes: the ``quadratic_fm_l1`` op (ops/quadratic_fm.py)
-reads v, u, v_old once for mean_d |a + m1 e| and mean_d |a + m2 e| (= mean_d |v± - u|), the factors rescale the
-coefficients w1, w2 (a few [B]-sized operations), then the unchanged quadratic_fm op reads v, u, v_old, v_ref and
-writes the gradients: 7 tensor reads instead of 4, i.e. 1.6x the memory traffic of the plain loss when v alone
-requires grad (8 tensor passes instead of 5; 1.4x with all four gradients). A separate L1 op rather than a flag
-on quadratic_fm: the two passes are separate launches either way (every chunk of a sample must be summed before
-any of its gradients is written), the plain op stays exactly as it was (no adaptive_scale: bit-identical), and the
-L1 op needs no autograd (its inputs are detached). Its sums accumulate in float32 for fp16/bf16/fp32 inputs
-(float64 for float64), not float64 as the reference's.
+gradient can be written: the fused backends pass s as a sixth row of the quadratic_fm op's coefficients, and the op
+computes mean_d |a + m1 e| and mean_d |a + m2 e| (= mean_d |v± - u|) first, then the gradient pass with w1, w2
+rescaled (ops/quadratic_fm.py: on the CPU per sample while its inputs are in the cache; on a GPU a separate
+quadratic_fm_l1 launch, 7 tensor reads instead of 4). Without s the op is exactly the plain loss (bit-identical).
+Its L1 sums accumulate in float32 for fp16/bf16/fp32 inputs (float64 for float64), not float64 as the reference's.
 
 Where the reference code still differs, and what orw_fast does instead:
 - It multiplies the policy term by adv_clip_max (5); here that constant is left to the learning rate.
@@ -56,7 +52,7 @@ import numbers
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions
-from orw_fast.ops.quadratic_fm import PolicyComponents, fused_branch_l1, fused_quadratic_fm, resolve_backend
+from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
 from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
 
 
@@ -75,7 +71,15 @@ ADAPTIVE_FLOOR = 1e-5  # the reference code's lower bound of the adaptive weight
 def adaptive_factor(l1: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """s^2 / max(s l1, 1e-5) per sample (s = 1 - t >= 0, l1 = mean_d |v± - u|), as s / max(l1, 1e-5 / s): no s^2
     formed, and exactly 0 at s = 0 (1e-5 / 0 = inf)."""
-    return s / torch.maximum(l1, ADAPTIVE_FLOOR / s)
+    return s / torch.maximum(l1, torch.full_like(s, ADAPTIVE_FLOOR) / s)  # a division, as the kernels compute it
+
+
+def adaptive_coef(coef: torch.Tensor, l1_pos: torch.Tensor, l1_neg: torch.Tensor) -> torch.Tensor:
+    """The [5, B] coefficients of quadratic_fm's adaptive form ([6, B], row 5 = s; csrc/quadratic_fm.h): w1 and w2
+    times :func:`adaptive_factor` of their branches' L1 norms (what the Triton op computes after its L1 pass)."""
+    s = coef[5]
+    factors = (adaptive_factor(l1_pos, s), adaptive_factor(l1_neg, s))
+    return torch.stack([coef[0] * factors[0], coef[1], coef[2] * factors[1], coef[3], coef[4]])
 
 
 def _eager(v, u, v_old, v_ref, r, beta, alpha, s=None):
@@ -130,7 +134,7 @@ def nft_loss(
         adaptive_scale: None (the plain loss above), or s = 1 - t [B] >= 0 (the path times' distance to the data
             end), never differentiated: each branch's mean square is multiplied by the detached
             s^2 / max(s mean_d |v± - u|, 1e-5), the reference code's adaptive weight (0 where s = 0; module
-            docstring). The fused backends then read v, u, v_old once more (the quadratic_fm_l1 op).
+            docstring), computed by the fused op in the same call (its coefficients' sixth row).
 
     Returns:
         the loss, 0-dim, in float32 (float64 for float64 inputs); with ``return_components`` a tuple
@@ -156,13 +160,8 @@ def nft_loss(
     if backend == "eager":
         loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha, s)
     else:
-        coef = torch.stack(
-            [r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
-        )
-        if s is not None:  # a first read for the per-sample L1 norms of v+ - u, v- - u
-            l1_pos, l1_neg = fused_branch_l1(v, u, v_old, coef, backend)
-            coef = torch.stack(
-                [coef[0] * adaptive_factor(l1_pos, s), coef[1], coef[2] * adaptive_factor(l1_neg, s), coef[3], coef[4]]
-            )
+        rows = [r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
+        # with s, the op's adaptive form: the L1 norms of v+ - u, v- - u first, in the same call
+        coef = torch.stack(rows if s is None else [*rows, s])
         loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
     return (loss, parts) if return_components else loss

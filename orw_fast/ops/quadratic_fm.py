@@ -29,11 +29,14 @@ needs a second read. ORW-CFM-W2 itself is this form with v_old = v (e = 0, p = w
 (orw_cfm_w2) because a fourth read would cost it a quarter more traffic.
 
 The exception is DiffusionNFT's adaptive weight (ops/nft.py): it depends on each sample's mean_d |a + m e| of both
-squares. ``torch.ops.orw_fast.quadratic_fm_l1(v, u, v_old, coef) -> (l1_1, l1_2)`` computes them in one read of
-v, u, v_old (same chunks, fixed-order reduction; no autograd, inputs detached); the caller rescales w1, w2 and runs
-this op. A separate op, not a flag of this one: the reduction must be complete for the whole sample before any of
-its gradients is written, so the two passes are two launches either way; this op stays unchanged and the L1 op
-serves any pair of residuals of the form.
+squares, a reduction over the sample that must be complete before any of its gradients is written. The op takes it
+as coef [6, B] (row 5 = s = 1 - t): w1, w2 are first multiplied by s / max(mean_d |x1|, 1e-5 / s) and
+s / max(mean_d |x2|, 1e-5 / s) in the same call. The CPU kernel then runs one task per sample, its L1 sums and then
+its gradient pass while the sample's inputs are still in the cache (a separate L1 op read everything twice from
+memory and was slower than torch.compile); the CUDA and Triton kernels launch
+``torch.ops.orw_fast.quadratic_fm_l1(v, u, v_old, coef) -> (l1_1, l1_2)`` (one read of v, u, v_old, fixed-order
+reduction, no autograd) and then the gradient pass with the rescaled coefficients. With coef [5, B] the op is
+unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import torch
 from orw_fast import _native
 from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs, register_fused_autograd
 from orw_fast.ops.orw_cfm_w2 import _kernel_layout, _resolve_backend
-from orw_fast.ops.reward_weights import accumulation_dtype
 
 OP = "quadratic_fm"
 L1_OP = "quadratic_fm_l1"  # the per-sample L1 norms of the two squares' residuals (DiffusionNFT's adaptive weight)
@@ -65,12 +67,6 @@ def _triton_op():
     return quadratic_fm_triton
 
 
-def _triton_l1_op():
-    from orw_fast.ops.triton.quadratic_fm import quadratic_fm_l1_triton
-
-    return quadratic_fm_l1_triton
-
-
 if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, OP):  # absent from a stale build
     torch.library.register_fake(f"orw_fast::{OP}", allocate_quadratic_outputs)
     register_fused_autograd(f"orw_fast::{OP}", num_grads=4)
@@ -80,7 +76,8 @@ if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, L1_OP):
 
 def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, backend: str):
     """(loss, PolicyComponents) from the native or triton op. ``coef``: [5, B] rows w1, m1, w2, m2, w3 in the
-    accumulation dtype; inputs already checked by the caller; ``backend`` already resolved (not "eager" or "auto")."""
+    accumulation dtype, or [6, B] with s as row 5 (the adaptive form, module docstring); inputs already checked by
+    the caller; ``backend`` already resolved (not "eager" or "auto")."""
     op = getattr(torch.ops.orw_fast, OP) if backend == "native" else _triton_op()
     tensors = _kernel_layout(v, u, v_old, v_ref)
     grad_on = torch.is_grad_enabled()
@@ -88,17 +85,7 @@ def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, bac
     return loss, PolicyComponents(policy, kl)
 
 
-def fused_branch_l1(v, u, v_old, coef: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean_d |a + m1 e|, mean_d |a + m2 e|), each [B] in the accumulation dtype, from the native or triton
-    ``quadratic_fm_l1`` op: one read of v, u, v_old, no gradient (the inputs are detached). Same arguments as
-    :func:`fused_quadratic_fm` (only the rows m1, m2 of ``coef`` are read)."""
-    op = getattr(torch.ops.orw_fast, L1_OP) if backend == "native" else _triton_l1_op()
-    tensors = _kernel_layout(v.detach(), u.detach(), v_old.detach())
-    l1 = op(*tensors, coef.to(accumulation_dtype(tensors[0].dtype)).contiguous())  # (v_ref may have promoted coef)
-    return tuple(x.to(coef.dtype) for x in l1)
-
-
 def resolve_backend(backend: str, device: torch.device, l1: bool = False) -> str:
     """ "eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend); ``l1``: the
-    caller needs the quadratic_fm_l1 op too (built from the same sources: a build with it has both)."""
+    caller uses the adaptive [6, B] form (a build with the quadratic_fm_l1 op, built from the same sources, has it)."""
     return _resolve_backend(backend, device, L1_OP if l1 else OP)

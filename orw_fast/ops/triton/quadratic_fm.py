@@ -156,11 +156,11 @@ def _check_inputs(v, u, v_old, v_ref, coef, alpha) -> int:
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     torch._check(
         coef.dim() == 2
-        and coef.shape[0] == 5
+        and coef.shape[0] in (5, 6)
         and coef.shape[1] == batch
         and coef.dtype == acc
         and coef.is_contiguous(),
-        lambda: f"quadratic_fm: coef must be a contiguous [5, B] tensor of dtype {acc}",
+        lambda: f"quadratic_fm: coef must be a contiguous [5, B] or [6, B] tensor of dtype {acc}",
     )
     torch._check(
         math.isfinite(alpha) and 0 <= alpha <= torch.finfo(acc).max,
@@ -182,6 +182,10 @@ def _quadratic_fm_triton(
     grad_v_ref: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dim = _check_inputs(v, u, v_old, v_ref, coef, alpha)
+    if coef.shape[0] == 6:  # the adaptive weight: its L1 pass, then the plain kernels with w1, w2 rescaled
+        from orw_fast.ops.nft import adaptive_coef
+
+        coef = adaptive_coef(coef, *_quadratic_fm_l1_triton(v, u, v_old, coef))
     batch, cfg = v.shape[0], shared.CONFIG
     block = shared._pow2_at_least(dim, cfg.block)
     nchunks = triton.cdiv(dim, block * cfg.tiles)
