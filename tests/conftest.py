@@ -4,10 +4,11 @@
   imported, which happens here, before any test module imports orw_fast.
 - In CI (CI=true) a test may skip only because there is no GPU (reason GPU_SKIP_REASON): any other skip, a
   missing package or tool, is turned into a failure, so a missing install step cannot pass as green.
-- When a selected test needs the text-digits model (fixture ``text_digits_model``), its pre-training (3000 steps,
-  about 8 min, on one thread by design) starts in a background process as soon as the tests are collected, and the
-  suite runs on one torch thread until it ends: on a 2-core machine the pre-training takes the core that the
-  suite's single-threaded tests (imports, subprocesses, compiles) leave idle, instead of 8 min of its own at the end.
+- The model caches of the slowest fixtures (``digits_cache``, 1000 steps; ``text_digits_model``, 3000 steps, about
+  8 min) are pre-trained in one background process (tests/pretrain_in_background.py, one thread) started as soon as
+  the tests are collected, when a selected test needs them; the suite runs on one torch thread until it ends. On a
+  2-core machine the pre-training takes the core that the suite's single-threaded tests (imports, subprocesses,
+  compiles) leave idle, instead of 10 min of its own; the fixtures wait for their job.
 """
 
 import os
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -94,43 +96,34 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    """A model cache (what ``$ORW_FAST_CACHE`` points to) holding the digits flow model and classifier, pre-trained
-    briefly (1000 flow-matching steps): shared by the reduced experiments."""
-    from orw_fast.tasks.demo import pretrained_digits
-
-    folder = tmp_path_factory.mktemp("cache")
-    pretrained_digits(folder, steps=1000, device="cpu", progress=False)
-    return folder
-
-
 ROOT = Path(__file__).resolve().parents[1]
-_background: dict = {}  # the text-digits pre-training: "process", "folder", "log", and "threads" until it ends
+_background: dict = {}  # the pre-training process: "process", "folder", "log", and "threads" until it ends
 
 
 def pytest_collection_finish(session):
-    if not any("text_digits_model" in getattr(item, "fixturenames", ()) for item in session.items):
-        return
-    from orw_fast.tasks.text_alignment import AlignmentSettings
+    """Starts the background pre-training of the model caches the selected tests need (pretrain_in_background.py)
+    and runs the suite on one torch thread until it ends."""
+    from pretrain_in_background import JOBS
 
-    folder = Path(tempfile.mkdtemp(prefix="orw_fast_text_digits_"))
-    log = open(folder / "pretrain.log", "w+")  # closed by text_digits_model or at the session's end
-    code = (
-        "import sys; from orw_fast.tasks.text_digits import pretrained_text_digits; "
-        "pretrained_text_digits(sys.argv[1], steps=int(sys.argv[2]), progress=False)"
-    )
+    if session.config.option.collectonly:
+        return
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    jobs = [job for job in JOBS if job in needed]
+    if jobs:
+        _start_background(jobs)
+
+
+def _start_background(jobs):
+    folder = Path(tempfile.mkdtemp(prefix="orw_fast_test_cache_"))
+    log = open(folder / "pretrain.log", "w+")  # closed at the session's end
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    script = Path(__file__).with_name("pretrain_in_background.py")
     process = subprocess.Popen(
-        [sys.executable, "-c", code, str(folder), str(AlignmentSettings.pretrain_steps)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env=env,
+        [sys.executable, str(script), str(folder), *jobs], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
     )
     _background.update(process=process, folder=folder, log=log, threads=torch.get_num_threads())
     torch.set_num_threads(1)
@@ -139,6 +132,21 @@ def pytest_collection_finish(session):
 def _restore_threads_once_done():
     if "threads" in _background and _background["process"].poll() is not None:
         torch.set_num_threads(_background.pop("threads"))
+
+
+def _wait_for(job: str) -> Path:
+    """The cache folder once the background process has done ``job`` (started now if no collected test asked)."""
+    if "process" not in _background:
+        _start_background([job])
+    process, folder = _background["process"], _background["folder"]
+    while not (folder / f"{job}.done").exists():
+        if process.poll() is not None and not (folder / f"{job}.done").exists():
+            _background["log"].seek(0)
+            output = _background["log"].read()
+            pytest.fail(f"the background pre-training ({job}) failed (exit {process.returncode}):\n{output[-4000:]}")
+        time.sleep(0.2)
+    _restore_threads_once_done()
+    return folder
 
 
 def pytest_runtest_setup(item):
@@ -155,14 +163,14 @@ def pytest_sessionfinish(session):
 
 
 @pytest.fixture(scope="session")
-def text_digits_model():
-    """The folder of the text-digits pipeline (orw_fast.tasks.text_digits) pre-trained as the text-alignment
-    experiment's (AlignmentSettings.pretrain_steps) by the background process started at collection: waits for it."""
-    process, log = _background["process"], _background["log"]
-    code = process.wait()
-    _restore_threads_once_done()
-    log.seek(0)
-    output = log.read()
-    if code != 0:
-        pytest.fail(f"pre-training the text-digits model in the background failed (exit {code}):\n{output[-4000:]}")
-    return _background["folder"] / "text_digits"
+def digits_cache():
+    """A model cache (what ``$ORW_FAST_CACHE`` points to) holding the digits flow model and classifier, pre-trained
+    briefly (1000 flow-matching steps, on one thread, in the background): shared by the reduced experiments."""
+    return _wait_for("digits_cache")
+
+
+@pytest.fixture(scope="session")
+def text_digits_model(digits_cache):
+    """The digits cache with the text-digits pipeline (orw_fast.tasks.text_digits) added, pre-trained as the
+    text-alignment experiment's (AlignmentSettings.pretrain_steps, on one thread, in the background)."""
+    return _wait_for("text_digits_model")

@@ -2,7 +2,6 @@
 loader reads) and the text demo's report."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -60,13 +59,11 @@ def test_prompted_digit_reward_is_the_probability_of_the_prompted_digit():
 
 
 @pytest.fixture(scope="module")
-def cache(digits_cache, text_digits_model):
+def cache(text_digits_model):
     """The shared digits cache with the text-digits pipeline added, pre-trained as the experiment's (3000 steps, in
     the background from the session's start: tests/conftest.py): the alignment claims are asserted on the model
     they are reported for."""
-    if not (digits_cache / "text_digits").exists():
-        shutil.copytree(text_digits_model, digits_cache / "text_digits")
-    return digits_cache
+    return text_digits_model
 
 
 def test_the_text_digits_model_is_a_diffusers_sd3_folder(cache):
