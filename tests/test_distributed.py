@@ -193,7 +193,8 @@ def test_step_equals_one_process_on_the_concatenated_batch(
     prompts = None if ranks[0]["prompts"] is None else ranks[0]["prompts"] + ranks[1]["prompts"]
     monkeypatch.setattr(single, "rollout", lambda batch: (x0, x1, prompts) if batch == 16 else pytest.fail(f"{batch}"))
     monkeypatch.setattr(trainer_module, "couple", lambda x1_, weights, **kwargs: (noise, x1_, weights))
-    monkeypatch.setattr(trainer_module, "sample_path", lambda a, b, **kwargs: sample_path(a, b, t, **kwargs))
+    # the trainer's own t is None (one path time per sample): replaced by the test's
+    monkeypatch.setattr(trainer_module, "sample_path", lambda a, b, _t, **kwargs: sample_path(a, b, t, **kwargs))
     metrics = single.train_step()
     single.refresh_last_policy()
 
