@@ -9,7 +9,8 @@ awm_ghuber: with their ``weighting="ghuber"``, sigma = |advantages| clamped to [
 Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA kernels) and triton (CUDA
 only). GB/s counts the bytes the fused pass must move (read each input once, write grad_v) and is compared
 with the copy bandwidth measured in the same run (benchmarks/hardware.py).
-On CUDA every timed call starts with a cold L2 (--l2 flush, the default there).
+On CUDA every timed call starts with a cold L2 (--l2 flush, the default there); on the CPU calls run back to back on
+a warm cache unless --l2 flush (then the L3 is flushed before each, as in a training step).
 
 As a script: prints a table and writes benchmarks/results/<device>/loss_<date>_<commit>.{json,csv,md,png}
 
@@ -303,7 +304,8 @@ def format_sweep(rows: list[dict]) -> str:
 
 def format_report(meta: dict, rows: list[dict]) -> str:
     timing = (
-        "one call per sample, after an L2 flush (a 256 MB buffer zeroed outside the timed region)"
+        "one call per sample, after a last-level cache flush (a buffer of >= 256 MB and 4x the cache zeroed outside "
+        "the timed region)"
         if meta["l2"] == "flush"
         else "each sample the mean of back-to-back calls lasting >= 2 ms"
     )
@@ -408,7 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--l2",
         choices=("flush", "hot"),
-        help="CUDA: flush L2 before every timed call (default) or time back-to-back calls on a warm cache",
+        help="flush the last-level cache (CUDA: L2, the default there; CPU: L3) before every timed call, as a "
+        "training step's forward and backward do, or time back-to-back calls on a warm cache (the CPU's default)",
     )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 2:
@@ -422,7 +425,7 @@ def main(argv=None) -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES[device.type])
     repeats = args.repeats or (10 if args.quick else 50)
     warmup_s = 0.05 if args.quick else 0.2
-    l2 = "n/a" if device.type != "cuda" else (args.l2 or "flush")
+    l2 = args.l2 or ("flush" if device.type == "cuda" else "hot")
     if args.dry_run:
         return common.dry_run(
             "loss",

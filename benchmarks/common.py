@@ -125,10 +125,19 @@ class Timing:
 _FLUSH_BUFFERS: dict = {}
 
 
+def _last_level_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2, or the CPU's L3 as the OS reports it (0 when it does not)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    try:
+        return max(0, int(os.sysconf("SC_LEVEL3_CACHE_SIZE")))
+    except (ValueError, OSError):
+        return 0
+
+
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     if device not in _FLUSH_BUFFERS:
-        props = torch.cuda.get_device_properties(device)
-        nbytes = max(L2_FLUSH_BYTES, 4 * getattr(props, "L2_cache_size", 0))
+        nbytes = max(L2_FLUSH_BYTES, 4 * _last_level_cache_bytes(device))
         _FLUSH_BUFFERS[device] = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
     return _FLUSH_BUFFERS[device]
 
@@ -144,10 +153,11 @@ def time_ms(
     flush_l2: bool = False,
 ) -> Timing:
     """Times ``fn()``: at least ``warmup_calls`` calls and ``warmup_s`` seconds of warm-up, then
-    ``repeats`` samples. CUDA: events around the calls on the current stream. ``flush_l2`` (CUDA):
-    every sample is one call after an L2 flush (the flush is outside the events). Otherwise a sample
-    is the mean of as many back-to-back calls as last ``min_sample_s`` (timer resolution, launch gaps)."""
-    flush_l2 = flush_l2 and device.type == "cuda"
+    ``repeats`` samples. CUDA: events around the calls on the current stream. ``flush_l2``: every sample
+    is one call after the last-level cache is flushed (the GPU's L2, the CPU's L3: a buffer of >= 4x its
+    size zeroed outside the timed region), as in a training step, where the model's forward and backward
+    evict the loss's inputs. Otherwise a sample is the mean of as many back-to-back calls as last
+    ``min_sample_s`` (timer resolution, launch gaps)."""
     calls, start = 0, time.perf_counter()
     while calls < warmup_calls or time.perf_counter() - start < warmup_s:
         fn()
@@ -168,8 +178,11 @@ def time_ms(
         synchronize(device)
         samples = [begin.elapsed_time(end) / number for begin, end in events]
     else:
+        flush = _l2_flush_buffer(device) if flush_l2 else None
         samples = []
         for _ in range(repeats):
+            if flush is not None:
+                flush.zero_()
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
