@@ -64,11 +64,17 @@ def _needs_gpu(item) -> bool:
     return bool(skips) or any(_is_cuda(v) for v in params.values())
 
 
+COMPILE_HEAVY = ("test_build.py",)  # nvcc and CMake builds: run last, once the background pre-training is done
+
+
 def pytest_collection_modifyitems(config, items):
-    """Marks the GPU tests ``gpu``: ``pytest -m gpu`` runs just them (benchmarks/run_gpu.sh --quick)."""
+    """Marks the GPU tests ``gpu``: ``pytest -m gpu`` runs just them (benchmarks/run_gpu.sh --quick). Moves the
+    compile-heavy tests to the end (otherwise in order): their compilers would share the two cores with the
+    background pre-training below."""
     for item in items:
         if _needs_gpu(item):
             item.add_marker(pytest.mark.gpu)
+    items.sort(key=lambda item: item.path.name in COMPILE_HEAVY)
 
 
 @pytest.hookimpl(hookwrapper=True)
