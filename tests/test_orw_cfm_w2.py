@@ -1,5 +1,7 @@
 """The fused loss on every backend against an independent float64 reference."""
 
+import zlib
+
 import pytest
 import torch
 from conftest import DEVICES, GPU_SKIP_REASON, requires_gpu
@@ -113,7 +115,7 @@ def check_against_reference(backend, v, u, v_ref, rewards=None, weights=None, **
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_float64_reference(backend, device, shape, dtype):
     skip_unless(backend, device)
-    torch.manual_seed(hash((backend, shape)) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((backend, shape)).encode()))  # hash() of a str is salted per process
     v, u, v_ref, rewards = make_inputs(shape, dtype, device)
     check_against_reference(backend, v, u, v_ref, rewards, alpha=0.7, tau=1.3)
 
