@@ -13,6 +13,7 @@ until --max-steps. Variants:
   orw_fast            ORWCFMTrainer at its defaults (sampler, coupling, fused loss, ...) with the method settings
                       above; bf16 autocast on CUDA
   orw_fast_reuse2     the same with rollout_reuse=2 (each rollout serves two updates; an option, not a default)
+  orw_fast@M/G/N      (--rollouts M/G/N,...) orw_fast with another rollout: solver M, grid G, N steps
 Reported per run and as the median over seeds: steps and wall-clock to the target (training only: the step loop,
 rollouts and rewards included, evaluation excluded), and at that point the class entropy, the even entropy (the
 class entropy of the samples called even, max ln 5: unlike the class entropy it does not grow with the odd digits
@@ -30,6 +31,8 @@ settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)
+    python benchmarks/bench_time_to_target.py --temperature 2.5 --refresh-every 15  # the demo's settings
+    python benchmarks/bench_time_to_target.py --variants orw_fast --rollouts ab3/both_dense/15,ab3/both_dense/9
 """
 
 from __future__ import annotations
@@ -61,8 +64,7 @@ METHOD = dict(
     grad_clip=1.0,
     warmup_steps=0,
 )
-METHOD_OFFICIAL = {k: v for k, v in METHOD.items() if k != "weighting"}  # the official step always uses exp weights
-STEPS_PER_EPOCH = 5
+REFRESH_EVERY = 5
 WINDOW = 10
 PHASES = ("rollout", "reward", "loss_backward", "optimizer")
 
@@ -117,11 +119,49 @@ class PhaseTimer:
         optimizer.register_step_post_hook(post)
 
 
+def parse_rollouts(text: str) -> list[str]:
+    """argparse type: comma-separated rollouts METHOD/GRID/STEPS (a fixed-step solver of orw_fast.sampling, one of
+    its grids, at least the solver's minimum steps); returns their variant names ``orw_fast@METHOD/GRID/STEPS``."""
+    from orw_fast.sampling import FIXED_STEP_METHODS, GRIDS, min_steps
+
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        method, grid, steps = (item.split("/") + ["", "", ""])[:3]
+        if method not in FIXED_STEP_METHODS or grid not in GRIDS or not steps.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected METHOD/GRID/STEPS with METHOD in {', '.join(FIXED_STEP_METHODS)} and GRID in "
+                f"{', '.join(GRIDS)}, e.g. ab3/both_dense/15; got {item!r}"
+            )
+        if int(steps) < min_steps(method):
+            raise argparse.ArgumentTypeError(f"{method} needs at least {min_steps(method)} steps, got {item!r}")
+        variants.append(f"orw_fast@{method}/{grid}/{int(steps)}")
+    if not variants:
+        raise argparse.ArgumentTypeError(f"expected METHOD/GRID/STEPS,..., got {text!r}")
+    return variants
+
+
+def rollout_overrides(variant: str) -> dict:
+    """The TrainerConfig values of a variant ``orw_fast@METHOD/GRID/STEPS`` (none for the others)."""
+    if "@" not in variant:
+        return {}
+    method, grid, steps = variant.split("@", 1)[1].split("/")
+    return {"sampler_method": method, "sampler_grid": grid, "sampler_steps": int(steps)}
+
+
 def make_trainer(
-    variant: str, model, shape, reward: EvenReward, device: torch.device, seed: int, sampler_steps: int, overrides: dict
+    variant: str,
+    model,
+    shape,
+    reward: EvenReward,
+    device: torch.device,
+    seed: int,
+    sampler_steps: int,
+    overrides: dict,
+    temperature: float,
 ):
     """(trainer, refresh) for a variant; ``refresh()`` makes the last policy the policy. ``sampler_steps``: the
     official rollout's; ``overrides``: TrainerConfig values of orw_fast's (none: its defaults)."""
+    method = {**METHOD, "temperature": temperature}
     if variant.startswith("official"):
         from benchmarks.baselines.official_eager import OfficialEagerTrainer
 
@@ -132,14 +172,14 @@ def make_trainer(
             device=device,
             sampler_steps=sampler_steps,
             pair_weights=variant == "official_paired",
-            **METHOD_OFFICIAL,
+            **{k: v for k, v in method.items() if k != "weighting"},  # the official step always uses exp weights
         )
         return trainer, trainer.update_last_policy
     from orw_fast.trainer import ORWCFMTrainer, TrainerConfig
 
-    extra = {"rollout_reuse": 2} if variant == "orw_fast_reuse2" else {}
+    extra = {"rollout_reuse": 2} if variant == "orw_fast_reuse2" else rollout_overrides(variant)
     config = TrainerConfig(
-        **METHOD,
+        **method,
         seed=seed,
         grid_size=0,
         checkpoint_every=0,
@@ -192,6 +232,8 @@ def run_one(
     eval_steps: int,
     sampler_steps: int,
     overrides: dict,
+    temperature: float,
+    refresh_every: int,
 ) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)  # torchcfm's exact-OT matcher draws its pairs from numpy's global RNG
@@ -199,7 +241,7 @@ def run_one(
 
     model, shape = copy.deepcopy(base).train(), infer_image_shape(base)
     reward = EvenReward(classifier)
-    trainer, refresh = make_trainer(variant, model, shape, reward, device, seed, sampler_steps, overrides)
+    trainer, refresh = make_trainer(variant, model, shape, reward, device, seed, sampler_steps, overrides, temperature)
     timer = PhaseTimer(device)
     trainer.rollout = timer.wrap("rollout", trainer.rollout)
     trainer.reward_fn = timer.wrap("reward", trainer.reward_fn)
@@ -210,7 +252,7 @@ def run_one(
         start = time.perf_counter()
         trainer.train_step()
         steps += 1
-        if steps % STEPS_PER_EPOCH == 0:
+        if steps % refresh_every == 0:
             refresh()
         common.synchronize(device)
         seconds += time.perf_counter() - start
@@ -359,9 +401,9 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"rollouts >= {meta['target']} over {WINDOW} steps; at most {meta['max_steps']} steps "
         f"({meta['published_max_steps']} for official_published)",
         "- method settings (every variant): "
-        + ", ".join(f"{k} {v}" for k, v in METHOD.items())
-        + f", last policy refreshed every {STEPS_PER_EPOCH} steps; official rollouts: {meta['sampler_steps']} Euler "
-        f"steps; orw_fast: {meta['orw_fast_sampler']}",
+        + ", ".join(f"{k} {v}" for k, v in {**METHOD, "temperature": meta["temperature"]}.items())
+        + f", last policy refreshed every {meta['refresh_every']} steps; official rollouts: "
+        f"{meta['sampler_steps']} Euler steps; orw_fast: {meta['orw_fast_sampler']}",
         "- wall-clock: the step loop until the target (rollouts and rewards included, evaluation excluded); "
         "medians over seeds; class entropy (nats, max 2.30), even entropy (the class entropy of the samples called "
         "even: how evenly they spread over the five even digits, max 1.61; unlike the class entropy it does not grow "
@@ -399,6 +441,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser, dry_run=False)
     add = parser.add_argument
     add("--variants", type=common.parse_list(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    add(
+        "--rollouts",
+        type=parse_rollouts,
+        default=[],
+        help="more orw_fast variants with other rollouts: comma-separated METHOD/GRID/STEPS, e.g. ab3/both_dense/15",
+    )
+    add(
+        "--temperature",
+        type=common.number_in(0, open_low=True, what="a temperature"),
+        default=METHOD["temperature"],
+        help=f"tau of the exp weights, every variant (default {METHOD['temperature']}; the demo's 2.5)",
+    )
+    add(
+        "--refresh-every",
+        type=common.positive_int,
+        default=REFRESH_EVERY,
+        help=f"refresh the last policy every N steps, every variant (default {REFRESH_EVERY}; the demo's 15)",
+    )
     add("--seeds", type=common.positive_int, default=3, help="seeds per variant (default 3)")
     add(
         "--published-seeds",
@@ -446,7 +506,7 @@ def main(argv=None) -> int:
     base, classifier = load_models(device, args.quick)
     quality = DigitsQuality(classifier)
     eval_samples, eval_steps = (16, 2) if args.quick else (args.eval_samples, 50)
-    variants = args.variants or list(VARIANTS)
+    variants = (args.variants or ([] if args.rollouts else list(VARIANTS))) + args.rollouts
     max_steps = 3 if args.quick else args.max_steps
     published_max = 3 if args.quick else args.published_max_steps
     defaults = TrainerConfig()
@@ -458,6 +518,8 @@ def main(argv=None) -> int:
         max_steps=max_steps,
         published_max_steps=published_max,
         sampler_steps=args.sampler_steps,
+        temperature=args.temperature,
+        refresh_every=args.refresh_every,
         orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
         f"{PixelFlowModel.rollout_grid} grid",
     )
@@ -482,14 +544,18 @@ def main(argv=None) -> int:
                         eval_samples=eval_samples,
                         eval_steps=eval_steps,
                         sampler_steps=2 if args.quick else args.sampler_steps,
-                        overrides={"sampler_steps": 2} if args.quick else {},
+                        overrides={"sampler_steps": 2} if args.quick and "@" not in variant else {},
+                        temperature=args.temperature,
+                        refresh_every=args.refresh_every,
                     )
                 )
             except Exception as err:  # reported in the table
                 rows.append({"variant": variant, "seed": seed, "status": common.error_status(err)})
             common.free_memory(device)
     meta["summary"] = summarize(rows)
-    return common.finish_run(args, "time_to_target", meta, rows, format_report, plot)
+    default_protocol = (args.temperature, args.refresh_every) == (METHOD["temperature"], REFRESH_EVERY)
+    name = "time_to_target" + ("" if default_protocol else f"_tau{args.temperature:g}_refresh{args.refresh_every}")
+    return common.finish_run(args, name, meta, rows, format_report, plot)
 
 
 if __name__ == "__main__":
