@@ -62,9 +62,12 @@ WEIGHTINGS = ("uniform", "t", "t**2", "huber", "ghuber")  # the reference code's
 MSE_EPS = 1e-10  # the reference's offset of mse inside the huber and ghuber weightings
 
 
-def weighting_factor(weighting: str, mse: torch.Tensor, sigma: torch.Tensor | None, power: float) -> torch.Tensor:
-    """f_i = -dℓ_i/dmse_i of the reference's ``weighting`` (module docstring) per sample, from mse [B] and the
-    noise levels σ = 1 - t [B] (unused by "uniform"), in their dtype; ``power`` is ghuber's p."""
+def weighting_factor(
+    weighting: str, mse: torch.Tensor | None, sigma: torch.Tensor | None, power: float
+) -> torch.Tensor:
+    """f_i = -dℓ_i/dmse_i of the reference's ``weighting`` (module docstring) per sample, from mse [B] (read by
+    "uniform", "huber" and "ghuber" only) and the noise levels σ = 1 - t [B] (unused by "uniform"), in their dtype;
+    ``power`` is ghuber's p."""
     if weighting == "uniform":
         return torch.ones_like(mse)
     if weighting == "t":
@@ -153,21 +156,22 @@ def awm_loss(
     if backend == "eager":
         loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting, sigma, ghuber_power)
         return (loss, parts) if return_components else loss
-    if weighting in ("huber", "ghuber"):  # a first pass for each sample's mse (module docstring)
-        with torch.no_grad():
-            _, first = orw_cfm_w2_loss(
-                v,
-                u,
-                v_ref,
-                weights=torch.ones_like(adv),
-                alpha=0.0,
-                backend=backend,
-                return_components=True,
-                validate=False,
-            )
-        adv = adv * weighting_factor(weighting, first.fm.to(acc), sigma, ghuber_power)
-    elif weighting != "uniform":
-        adv = adv * weighting_factor(weighting, None, sigma, ghuber_power)
+    if weighting != "uniform":
+        mse = None  # only huber and ghuber read it: a first pass for each sample's mse (module docstring)
+        if weighting in ("huber", "ghuber"):
+            with torch.no_grad():
+                _, first = orw_cfm_w2_loss(
+                    v,
+                    u,
+                    v_ref,
+                    weights=torch.ones_like(adv),
+                    alpha=0.0,
+                    backend=backend,
+                    return_components=True,
+                    validate=False,
+                )
+            mse = first.fm.to(acc)
+        adv = adv * weighting_factor(weighting, mse, sigma, ghuber_power)
     if v_old is None:
         loss, comp = orw_cfm_w2_loss(
             v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True, validate=False

@@ -156,7 +156,7 @@ def nft_loss(
         s = adaptive_scale.detach().to(acc)
         if validate and not _is_capturing_or_compiling() and bool((s < 0).any()):
             raise ValueError("adaptive_scale must be >= 0 (s = 1 - t, the path time's distance to the data end)")
-    backend = resolve_backend(backend, v.device, l1=s is not None)
+    backend = resolve_backend(backend, v.device, adaptive=s is not None)
     if backend == "eager":
         loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha, s)
     else:

@@ -85,7 +85,8 @@ def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, bac
     return loss, PolicyComponents(policy, kl)
 
 
-def resolve_backend(backend: str, device: torch.device, l1: bool = False) -> str:
-    """ "eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend); ``l1``: the
-    caller uses the adaptive [6, B] form (a build with the quadratic_fm_l1 op, built from the same sources, has it)."""
-    return _resolve_backend(backend, device, L1_OP if l1 else OP)
+def resolve_backend(backend: str, device: torch.device, adaptive: bool = False) -> str:
+    """ "eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend); ``adaptive``:
+    the caller uses the adaptive [6, B] form (a build with the quadratic_fm_l1 op, built from the same sources, has
+    it)."""
+    return _resolve_backend(backend, device, L1_OP if adaptive else OP)
