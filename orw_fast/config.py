@@ -224,8 +224,8 @@ class TrainerConfig:
     ema_decay: float | None = option(
         None,
         _optional(_real(0, below=1)),
-        "decay of an EMA of the policy, updated after every step (0: none; unset: the objective's default, none but "
-        "for awm, whose old policy is then an EMA on the AWM code's schedule: awm_decay_rate, awm_decay_max)",
+        "decay of an EMA of the policy, updated after every step (0 or unset: none; nft and awm keep their old "
+        "policy's EMA on their papers' schedule, old_policy_decay_rate/max, awm with ema_decay unset only)",
     )
     seed: int = option(0, _integer(0, 2**63 - 2**16), "random seed (rank r draws from seed + r)")
     fsdp: bool = option(
@@ -261,12 +261,6 @@ class TrainerConfig:
     nft_beta: float = option(
         1.0, _real(0, above=True), "nft: beta > 0, how far the implicit policies sit from the old policy"
     )
-    nft_decay_rate: float = option(
-        0.001,
-        _real(0),
-        "nft: at each last-policy refresh the old policy (an EMA) decays by min(rate * steps, nft_decay_max)",
-    )
-    nft_decay_max: float = option(0.5, _real(0, below=1), "nft: the largest decay of the old policy's EMA")
     nft_adaptive_weight: bool = option(
         True,
         _boolean,
@@ -291,21 +285,20 @@ class TrainerConfig:
         "awm: rescale the clipped advantages to [-max, max], i.e. by max / advantage_clip (the published configs' "
         "advantage_max: 1; None: not rescaled)",
     )
-    # scxue/advantage_weighted_matching scripts/train_sd3_awm.py: its "ema" adapter, the one ema_beta pulls toward,
-    # decays once per sampling epoch by min(0.001 * global_step, kl_ema_decay) (kl_ema_decay_type "linear",
-    # kl_ema_decay 0.3 in config/dgx_awm.py); its train.ema_decay (0.99) is another EMA, kept for evaluation only
-    awm_decay_rate: float = option(
+    # the old policy of nft and awm: an EMA of the policy decayed at each last-policy refresh by
+    # min(rate * steps, max), as NVlabs/DiffusionNFT (decay_type 1: 0.001 * step, at most 0.5) and
+    # scxue/advantage_weighted_matching (its "ema" adapter: kl_ema_decay_type "linear", kl_ema_decay 0.3 in
+    # config/dgx_awm.py; its train.ema_decay 0.99 is another EMA, kept for evaluation only)
+    old_policy_decay_rate: float = option(
         0.001,
         _real(0),
-        "awm with ema_decay unset: at each last-policy refresh the old policy (an EMA) decays by "
-        "min(rate * steps, awm_decay_max) (scxue/advantage_weighted_matching's kl_ema_decay_type 'linear', "
-        "0.001 * global_step)",
+        "nft/awm: at each last-policy refresh the old policy (an EMA) decays by "
+        "min(rate * steps, old_policy_decay_max) (both papers' codes: 0.001 * step)",
     )
-    awm_decay_max: float = option(
-        0.3,
-        _real(0, below=1),
-        "awm: the largest decay of the old policy's EMA (kl_ema_decay in scxue/advantage_weighted_matching's "
-        "config/dgx_awm.py)",
+    old_policy_decay_max: float | None = option(
+        None,
+        _optional(_real(0, below=1)),
+        "nft/awm: the largest decay of the old policy's EMA (None: the paper's, nft 0.5, awm 0.3)",
     )
 
     @classmethod
@@ -326,8 +319,6 @@ class TrainerConfig:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             setattr(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
-        if self.ema_decay is None:
-            self.ema_decay = OBJECTIVES[self.objective].default_ema_decay(self)
         OBJECTIVES[self.objective].check_config(self)
         if self.sampler_method in FIXED_STEP_METHODS and self.sampler_steps < min_steps(self.sampler_method):
             raise ConfigError(  # refused here, not at the first rollout after the models are loaded

@@ -87,8 +87,8 @@ def full(tensors) -> list:
 # per objective: nft and awm keep their old policy as an EMA updated at last-policy refreshes, here by a large decay
 OBJECTIVES = {
     "orw_cfm_w2": {},
-    "nft": {"ema_decay": None, "nft_decay_rate": 0.3},
-    "awm": {"ema_decay": None, "awm_decay_rate": 0.3, "awm_old_coefficient": 0.7},
+    "nft": {"ema_decay": None, "old_policy_decay_rate": 0.3},
+    "awm": {"ema_decay": None, "old_policy_decay_rate": 0.3, "awm_old_coefficient": 0.7},
 }
 
 

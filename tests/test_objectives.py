@@ -1,6 +1,7 @@
 """The Objective seam: the registry, ORW-CFM-W2 as the default objective, and a new objective (other frozen
 velocities, per-prompt-group inputs) trained by the unchanged train_step."""
 
+import dataclasses
 import math
 
 import pytest
@@ -277,7 +278,7 @@ def test_awm_weights_flow_matching_by_signed_advantages_and_pulls_toward_the_ema
     loss, _ = objective.loss(v, u, {"reference": v_ref, "ema": v_old}, adv)
     torch.testing.assert_close(loss, awm_loss(v, u, v_ref, adv, alpha=0.2, v_old=v_old, alpha_old=0.7, backend="eager"))
     assert objective.ema_updates == "step" and objective.ema_decay(7) == 0.9  # a given ema_decay: every step
-    default = make_objective("awm", TrainerConfig(objective="awm", awm_decay_rate=0.01))
+    default = make_objective("awm", TrainerConfig(objective="awm", old_policy_decay_rate=0.01))
     assert default.config.ema_decay is None and default.ema_updates == "refresh"  # the AWM code's schedule
     assert [default.ema_decay(s) for s in (0, 10, 29, 30, 10**6)] == pytest.approx([0, 0.1, 0.29, 0.3, 0.3])
     without = make_objective("awm", TrainerConfig(objective="awm", awm_old_coefficient=0.0, w2_coefficient=0.2))
@@ -322,7 +323,7 @@ def test_awm_published_weighting_and_advantage_scale():
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
 def test_the_old_policy_is_the_ema_updated_at_each_refresh_on_its_schedule(tmp_path, base_model, objective):
-    schedule = {f"{objective}_decay_rate": 0.25, f"{objective}_decay_max": 0.6}
+    schedule = {"old_policy_decay_rate": 0.25, "old_policy_decay_max": 0.6}
     trainer = paper_trainer(tmp_path, base_model, objective, **schedule)
     assert trainer.ema is not None  # made for the objective although ema_decay is 0 / unset
     for decay in (0.5, 0.6):  # min(0.25 * steps, 0.6) after 2 and 4 steps
@@ -342,7 +343,7 @@ def test_resume_continues_exactly(tmp_path, base_model, objective):
     def losses(trainer, epochs):
         return [m["loss"] for m in trainer.train(num_epochs=epochs, steps_per_epoch=3, progress=False)]
 
-    settings = dict(batch_size=16, nft_decay_rate=0.2, awm_decay_rate=0.2)
+    settings = dict(batch_size=16, old_policy_decay_rate=0.2)
     full_run = paper_trainer(tmp_path / "a", base_model, objective, **settings)
     full = losses(full_run, 4)
     first = paper_trainer(tmp_path / "b", base_model, objective, **settings)
@@ -365,11 +366,11 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
         (dict(objective="nft", nft_beta=-1.0), "nft_beta", "a finite number > 0"),
         (dict(objective="nft", advantage_clip=0.0), "advantage_clip", "a finite number > 0"),
         (dict(objective="awm", advantage_std="prompt"), "advantage_std", r"None or one of \('group', 'batch'\)"),
-        (dict(objective="nft", nft_decay_max=1.0), "nft_decay_max", "a finite number >= 0 and < 1"),
+        (dict(objective="nft", old_policy_decay_max=1.0), "old_policy_decay_max", "a finite number >= 0 and < 1"),
         (
             dict(objective="nft", ema_decay=0.9),
             "ema_decay",
-            r"must be 0 with objective='nft' \(its old policy is the "
+            r"must be unset or 0 with objective='nft' \(its old policy is the "
             "EMA",
         ),
         (
@@ -379,7 +380,6 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
             r"awm_old_coefficient=1 \(the old policy is the policy's EMA; or set "
             r"awm_old_coefficient=0\), got 0.0",
         ),
-        (dict(objective="awm", awm_decay_max=1.0), "awm_decay_max", "a finite number >= 0 and < 1"),
         (dict(objective="awm", awm_weighting="Uniform"), "awm_weighting", r"one of \('uniform', 't', "),
         (dict(objective="awm", awm_ghuber_power=1.5), "awm_ghuber_power", r"a number in \(0, 1\]"),
         (dict(objective="awm", awm_ghuber_power=0.0), "awm_ghuber_power", "a finite number > 0"),
@@ -390,9 +390,11 @@ def test_settings_an_objective_cannot_use_are_config_errors_naming_the_key():
         with pytest.raises(ConfigError, match=message) as err:
             TrainerConfig(**settings)
         assert err.value.key == key
-    assert TrainerConfig(objective="awm", awm_old_coefficient=0.0).ema_decay == 0.0  # no old policy, no EMA
-    assert TrainerConfig(objective="awm").ema_decay is None  # unset: the reference code's schedule
-    assert TrainerConfig().ema_decay == TrainerConfig(objective="nft").ema_decay == 0.0  # unset: no EMA of its own
+    for objective in OBJECTIVES:  # an unset ema_decay stays unset, so any objective can be swapped in
+        assert dataclasses.replace(TrainerConfig(), objective=objective).ema_decay is None
+    no_old = make_objective("awm", TrainerConfig(objective="awm", awm_old_coefficient=0.0))
+    assert no_old.frozen == ("reference",)  # no old policy, no EMA
+    assert make_objective("orw_cfm_w2", TrainerConfig()).ema_decay(5) == 0.0  # unset: no EMA of its own
     TrainerConfig(nft_beta=0.0 + 1e-3, ema_decay=0.9)  # nft's settings do not concern the other objectives
 
 
@@ -408,7 +410,7 @@ def test_an_nft_lora_run_resumes_exactly(tmp_path):
     def run(folder, epochs, resume=None):
         trainer = ORWCFMTrainer(
             flow_of(folders, "sd3", prompts=PromptSource(PROMPTS, samples_per_prompt=2)),
-            config(folder, objective="nft", nft_decay_rate=0.3),
+            config(folder, objective="nft", old_policy_decay_rate=0.3),
             "cpu",
             reward_fn=brightness,
         )

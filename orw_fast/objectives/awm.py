@@ -8,7 +8,7 @@ published configs' global_std) and clipped to ±``advantage_clip`` (adv_clip_max
 - the pull toward the old policy, the policy's EMA, with coefficient ``awm_old_coefficient`` (the paper's ema_beta,
   1). By default (``ema_decay`` unset) the EMA is updated as the reference code (scxue/advantage_weighted_matching,
   scripts/train_sd3_awm.py) updates its "ema" adapter: once per sampling epoch, i.e. at every last-policy refresh,
-  EMA <- d EMA + (1 - d) policy with d = min(``awm_decay_rate`` * s, ``awm_decay_max``) (0.001, 0.3: its
+  EMA <- d EMA + (1 - d) policy with d = min(``old_policy_decay_rate`` * s, ``old_policy_decay_max``) (0.001, 0.3: its
   kl_ema_decay_type "linear" and kl_ema_decay) after s updates of the policy. A given ``ema_decay`` > 0 replaces
   that with an update after every step by that decay; 0 is an error while the pull is on.
   ``awm_old_coefficient=0`` drops the pull (no EMA needed).
@@ -38,15 +38,12 @@ class AWM(Objective):
     frozen = ("reference", "ema")
     grouped = True
     advantage_std = "batch"
+    old_policy_decay_max = 0.3  # kl_ema_decay of scxue/advantage_weighted_matching's config/dgx_awm.py
 
     def __init__(self, config):
         super().__init__(config)
         self.frozen = ("reference", "ema") if config.awm_old_coefficient > 0 else ("reference",)
         self.ema_updates = "refresh" if config.ema_decay is None else "step"  # None: the reference code's schedule
-
-    @classmethod
-    def default_ema_decay(cls, config):
-        return None if config.awm_old_coefficient > 0 else 0.0
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -65,7 +62,7 @@ class AWM(Objective):
 
     def ema_decay(self, step):
         if self.config.ema_decay is None:
-            return min(self.config.awm_decay_rate * step, self.config.awm_decay_max)
+            return self.old_policy_decay(step)
         return self.config.ema_decay
 
     def sample_inputs(self, rewards, groups):

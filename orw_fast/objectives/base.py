@@ -28,18 +28,12 @@ class Objective:
     frozen: ClassVar[tuple[str, ...]] = ()
     grouped: ClassVar[bool] = False
     ema_updates: ClassVar[str] = "step"  # when the EMA is updated: after every "step", or at every "refresh"
+    old_policy_decay_max: ClassVar[float] = 0.0  # the paper's largest decay of an EMA old policy (old_policy_decay)
     advantage_std: ClassVar[str] = "group"  # the normaliser of :meth:`advantages` when config.advantage_std is None
 
     def __init__(self, config):
         """``config``: the trainer's TrainerConfig (already checked, :meth:`check_config` included)."""
         self.config = config
-
-    @classmethod
-    def default_ema_decay(cls, config) -> float | None:
-        """``config.ema_decay`` when it is left unset (None), resolved before :meth:`check_config`: 0, no EMA
-        besides the one the objective's frozen velocities need. An objective may keep None, meaning the decay
-        schedule of its own that its :meth:`ema_decay` then gives."""
-        return 0.0
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -48,8 +42,16 @@ class Objective:
 
     def ema_decay(self, step: int) -> float:
         """The decay of an EMA update made after ``step`` updates of the policy (1 after the first):
-        ``config.ema_decay`` unless the objective schedules its own (its EMA is then its old policy)."""
-        return self.config.ema_decay
+        ``config.ema_decay`` (unset: 0, no EMA) unless the objective schedules its own (its EMA is then its old
+        policy, :meth:`old_policy_decay`)."""
+        return self.config.ema_decay or 0.0
+
+    def old_policy_decay(self, step: int) -> float:
+        """The schedule of an EMA old policy, as NFT's and AWM's codes decay it once per sampling epoch:
+        min(``config.old_policy_decay_rate`` * step, ``config.old_policy_decay_max`` or the objective's
+        :attr:`old_policy_decay_max`), so it follows the policy closely at first and lags more as training goes on."""
+        ceiling = self.config.old_policy_decay_max
+        return min(self.config.old_policy_decay_rate * step, self.old_policy_decay_max if ceiling is None else ceiling)
 
     def sample_inputs(self, rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """Per-sample inputs [N] (weights, advantages...) of the whole batch from its rewards [N] (every rank's,

@@ -5,9 +5,9 @@
   paper's adv_clip_max, 5);
 - v_old the old policy: the policy's EMA, which this objective owns and updates as the reference code updates its
   old adapter (``return_decay``, decay_type 1): once per sampling epoch, i.e. whenever the trainer refreshes the last
-  policy (every ``refresh_interval`` epochs), EMA <- d EMA + (1 - d) policy with d = min(``nft_decay_rate`` * s,
-  ``nft_decay_max``) (0.001, 0.5) after s updates of the policy, so it follows the policy closely at first and lags
-  more as training goes on;
+  policy (every ``refresh_interval`` epochs), EMA <- d EMA + (1 - d) policy with d =
+  min(``old_policy_decay_rate`` * s, ``old_policy_decay_max``) (0.001, 0.5) after s updates of the policy, so it
+  follows the policy closely at first and lags more as training goes on;
 - β = ``nft_beta`` (the paper's config.beta, 1 for SD3.5; > 0);
 - α = ``w2_coefficient``: the velocity penalty to the reference is the same term as ORW-CFM-W2's W2 penalty, so it
   keeps its name and its flag. Its default (1) is ORW-CFM-W2's; the paper's train.beta is 1e-4
@@ -29,27 +29,29 @@ from orw_fast.ops import nft_loss, nft_optimality
 @register
 class NFT(Objective):
     """Inputs: r [N] in [0, 1]; metrics: "positive_fraction" (of r > 1/2); parts: "policy_loss" and "w2_loss"
-    (batch means). The trainer's EMA is the old policy: ``ema_decay`` must be 0 (the objective schedules the EMA)."""
+    (batch means). The trainer's EMA is the old policy: ``ema_decay`` must stay unset or 0 (the objective schedules
+    the EMA)."""
 
     name = "nft"
     frozen = ("reference", "ema")
     grouped = True
     ema_updates = "refresh"
+    old_policy_decay_max = 0.5  # NVlabs/DiffusionNFT's return_decay, decay_type 1
 
     @classmethod
     def check_config(cls, config) -> None:
         from orw_fast.config import ConfigError
 
-        if config.ema_decay != 0:
+        if config.ema_decay:
             raise ConfigError(
                 "ema_decay",
-                "0 with objective='nft' (its old policy is the EMA, decayed on the "
-                "schedule of nft_decay_rate and nft_decay_max)",
+                "unset or 0 with objective='nft' (its old policy is the EMA, decayed on the "
+                "schedule of old_policy_decay_rate and old_policy_decay_max)",
                 config.ema_decay,
             )
 
     def ema_decay(self, step):
-        return min(self.config.nft_decay_rate * step, self.config.nft_decay_max)
+        return self.old_policy_decay(step)
 
     def sample_inputs(self, rewards, groups):
         return nft_optimality(self.advantages(rewards, groups), self.config.advantage_clip)
