@@ -138,12 +138,13 @@ QUALITY_BOUNDS = {
 
 @dataclass
 class Sizes:
-    """What a run of a task costs: batch, the official rollout's Euler steps, orw_fast's sampler steps, cap per run in
+    """What a run of a task costs: batch, the official rollout's Euler steps, orw_fast's sampler steps (with the model's
+    rollout method), cap per run in
     seconds and in steps, evaluation samples (digits: in all; text: per held-out prompt) and evaluation steps."""
 
     batch: int = 32
     official_steps: int = 20
-    sampler_steps: int = 20
+    sampler_steps: int | None = None  # None: the trainer's default rollout of the model
     grpo_steps: int = 10
     cap_s: float = 20.0
     max_steps: int = 1000
@@ -155,7 +156,7 @@ class Sizes:
 def task_sizes(task: str, device: torch.device, quick: bool) -> Sizes:
     if quick:
         small = {"batch": 8 if task == "digits" else 16, "eval_samples": 8 if task == "digits" else 2}
-        return Sizes(official_steps=2, sampler_steps=2, grpo_steps=2, cap_s=60.0, max_steps=2, eval_steps=2, **small)
+        return Sizes(official_steps=2, sampler_steps=4, grpo_steps=2, cap_s=60.0, max_steps=2, eval_steps=2, **small)
     cap = 30.0 if device.type == "cuda" else (25.0 if task == "digits" else 10.0)
     if task == "text":  # the experiments' text settings: Heun 10 steps (20 transformer calls), 24 samples a prompt
         return Sizes(sampler_steps=10, cap_s=cap, eval_samples=24, eval_steps=10)
@@ -456,7 +457,7 @@ def count_rollouts(trainer, counter: CallCounter) -> None:
     captured graph, which calls no Python forward."""
     from orw_fast.sampling import calls
 
-    rollout, cfg = trainer.rollout, trainer.config
+    rollout = trainer.rollout
 
     def counted(batch_size):
         counter.paused = True
@@ -464,7 +465,7 @@ def count_rollouts(trainer, counter: CallCounter) -> None:
             out = rollout(batch_size)
         finally:
             counter.paused = False
-        counter.add(calls(cfg.sampler_method, cfg.sampler_steps), batch_size)
+        counter.add(calls(trainer.rollout_method, trainer.rollout_steps), batch_size)
         return out
 
     trainer.rollout = counted

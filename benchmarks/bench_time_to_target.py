@@ -499,7 +499,6 @@ def main(argv=None) -> int:
     device = args.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from orw_fast.config import TrainerConfig
     from orw_fast.models.flow_model import PixelFlowModel, infer_image_shape
     from orw_fast.tasks.demo import DigitsQuality
 
@@ -509,7 +508,6 @@ def main(argv=None) -> int:
     variants = (args.variants or ([] if args.rollouts else list(VARIANTS))) + args.rollouts
     max_steps = 3 if args.quick else args.max_steps
     published_max = 3 if args.quick else args.published_max_steps
-    defaults = TrainerConfig()
     meta = common.run_metadata(
         device,
         "time to target",
@@ -520,7 +518,7 @@ def main(argv=None) -> int:
         sampler_steps=args.sampler_steps,
         temperature=args.temperature,
         refresh_every=args.refresh_every,
-        orw_fast_sampler=f"{defaults.sampler_method}, {defaults.sampler_steps} steps on the "
+        orw_fast_sampler=f"{PixelFlowModel.rollout_method}, {PixelFlowModel.rollout_steps} steps on the "
         f"{PixelFlowModel.rollout_grid} grid",
     )
     meta["base"] = evaluate(base, classifier, quality, infer_image_shape(base), device, eval_samples, eval_steps)
@@ -544,7 +542,7 @@ def main(argv=None) -> int:
                         eval_samples=eval_samples,
                         eval_steps=eval_steps,
                         sampler_steps=2 if args.quick else args.sampler_steps,
-                        overrides={"sampler_steps": 2} if args.quick and "@" not in variant else {},
+                        overrides={"sampler_steps": 4} if args.quick and "@" not in variant else {},
                         temperature=args.temperature,
                         refresh_every=args.refresh_every,
                     )

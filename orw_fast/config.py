@@ -59,7 +59,8 @@ def _optional(check):
     def optional(key, value):
         return None if value is None else check(key, value)
 
-    optional.limits = check.limits
+    if hasattr(check, "limits"):
+        optional.limits = check.limits
     return optional
 
 
@@ -203,15 +204,19 @@ class TrainerConfig:
         "path times each sample is trained at in one update, stratified over [0, 1) (1: one t ~ U(0, 1); the AWM "
         "code trains 6, the DiffusionNFT code 9, on their samplers' grids)",
     )
-    # Heun, 20 steps on the model's rollout grid: 40 model calls, as accurate as the official 100 uniform Euler steps
-    # (median RMS error and W2 to a tight dopri5 solution, benchmarks/bench_rollout_error.py)
-    sampler_steps: int = option(
-        20, _integer(1), "rollout steps (with the default method and grid as accurate as 100 Euler steps)"
+    # Unset: the model family's rollout (FlowModel.rollout_method / rollout_steps / rollout_grid), chosen end to end
+    # by benchmarks/bench_time_to_target.py (pixel models: ab3, 9 steps on the both_dense grid, 10 model calls)
+    sampler_steps: int | None = option(
+        None,
+        _optional(_integer(1)),
+        "rollout steps (unset: the model's; set it whenever sampler_method is set)",
     )
-    sampler_method: str = option(
-        "heun", _sampler_method, f"rollout solver: one of {', '.join(FIXED_STEP_METHODS)} or a torchdiffeq method"
+    sampler_method: str | None = option(
+        None,
+        _optional(_sampler_method),
+        f"rollout solver: one of {', '.join(FIXED_STEP_METHODS)} or a torchdiffeq method (unset: the model's)",
     )
-    sampler_grid: str | None = option(None, _optional_choice(GRIDS), "rollout time grid (default: the model's)")
+    sampler_grid: str | None = option(None, _optional_choice(GRIDS), "rollout time grid (unset: the model's)")
     cuda_graph: str | bool = option("auto", _choice(("auto", True, False)), "capture the rollouts in CUDA graphs")
     refresh_interval: int = option(1, _integer(1), "epochs between last-policy refreshes")
     rollout_batches: int = option(1, _integer(1), "make the rollouts of this many steps in one sampler call")
@@ -220,6 +225,13 @@ class TrainerConfig:
     )
     precision: str = option("fp32", _choice(tuple(PRECISIONS)), "autocast dtype (fp16 with a GradScaler)")
     compile: bool = option(False, _boolean, "torch.compile the policy's forward")
+    rollout_compile: bool = option(
+        False,
+        _boolean,
+        "torch.compile the last policy's forward for the rollouts: compiled once, not again at refreshes (the "
+        "weights are copied in place); pays on the CPU once the compile time is spent (benchmarks/"
+        "bench_frozen_policy.py)",
+    )
     channels_last: bool = option(False, _boolean, "channels-last memory format for the policy")
     ema_decay: float | None = option(
         None,
@@ -320,6 +332,12 @@ class TrainerConfig:
         for field in dataclasses.fields(self):
             setattr(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
         OBJECTIVES[self.objective].check_config(self)
+        if self.sampler_method is not None and self.sampler_steps is None:
+            raise ConfigError(
+                "sampler_steps",
+                f"set with sampler_method={self.sampler_method!r} (the model's default steps belong to its own solver)",
+                self.sampler_steps,
+            )
         if self.sampler_method in FIXED_STEP_METHODS and self.sampler_steps < min_steps(self.sampler_method):
             raise ConfigError(  # refused here, not at the first rollout after the models are loaded
                 "sampler_steps",
@@ -328,7 +346,7 @@ class TrainerConfig:
                 self.sampler_steps,
             )
         if self.fsdp:  # every rank must make the same number of (collective) model calls
-            if self.sampler_method not in FIXED_STEP_METHODS:
+            if self.sampler_method not in (None, *FIXED_STEP_METHODS):
                 raise ConfigError(
                     "sampler_method", f"a fixed-step method {FIXED_STEP_METHODS} with fsdp=True", self.sampler_method
                 )

@@ -100,12 +100,9 @@ class ORWCFMTrainer:
                 "fsdp", "False in one process (fsdp=True needs several processes: launch with torchrun)", cfg.fsdp
             )
         self.local_batch_size = cfg.batch_size // self.world_size
-        if cfg.sampler_grid is not None and flow.rollout_grid is None:
-            raise ConfigError(
-                "sampler_grid",
-                f"None for a {type(flow).__name__} (its rollouts follow its scheduler's sigma schedule)",
-                cfg.sampler_grid,
-            )
+        self.rollout_method, self.rollout_steps, self.rollout_grid = flow.rollout_settings(
+            cfg.sampler_method, cfg.sampler_steps, cfg.sampler_grid
+        )
         if cfg.parallel:
             warnings.warn(
                 "config.parallel=True (the official code's DataParallel) is not used: orw_fast trains on one "
@@ -131,6 +128,7 @@ class ORWCFMTrainer:
         self.weights = flow.weights
         self.weights.distribute(self.world_size, cfg.fsdp, self.device)
         self.forward = torch.compile(self.weights.forward) if cfg.compile else self.weights.forward
+        self._compiled_rollout_modules = {}  # with rollout_compile: module -> its torch.compile'd wrapper
         self.optimizer = _OPTIMIZER_CLASSES[cfg.optimizer](
             self.weights.trainable_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -211,13 +209,17 @@ class ORWCFMTrainer:
         """Samples of ``module`` from noise x0 [N, *sample_shape] (and N prompts, or None) with the trainer's rollout
         solver (no grad)."""
         cfg = self.config
+        if cfg.rollout_compile:
+            if module not in self._compiled_rollout_modules:
+                self._compiled_rollout_modules[module] = torch.compile(module)
+            module = self._compiled_rollout_modules[module]
         return self.flow.generate(
             module,
             x0,
             prompts,
-            steps=cfg.sampler_steps,
-            method=cfg.sampler_method,
-            grid=cfg.sampler_grid or self.flow.rollout_grid,
+            steps=self.rollout_steps,
+            method=self.rollout_method,
+            grid=self.rollout_grid,
             cuda_graph=False if cfg.fsdp else cfg.cuda_graph,
             autocast=self.autocast_dtype,
         )

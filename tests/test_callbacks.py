@@ -69,7 +69,13 @@ def test_the_default_callbacks_write_the_runs_files(tmp_path):
     torch.manual_seed(0)
     model, _ = make_flow_model((1, 8, 8), preset="digits", num_channels=32)
     config = toy_config(
-        tmp_path / "run", image_shape=None, batch_size=4, sampler_steps=2, grid_size=4, checkpoint_every=1
+        tmp_path / "run",
+        image_shape=None,
+        batch_size=4,
+        sampler_method="euler",
+        sampler_steps=2,
+        grid_size=4,
+        checkpoint_every=1,
     )
     trainer = ORWCFMTrainer(model, config, "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
     assert [type(c).__name__ for c in trainer.callbacks] == ["MetricsLog", "SampleGrids", "Checkpoints"]

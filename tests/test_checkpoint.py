@@ -26,7 +26,13 @@ def unet(channels=32, seed=0):
 
 def trainer_for(tmp_path, model=None, **overrides):
     config = dict(
-        batch_size=4, sampler_steps=2, grid_size=0, savedir=str(tmp_path / "run"), ema_decay=0.9, learning_rate=1e-3
+        batch_size=4,
+        sampler_method="euler",
+        sampler_steps=2,
+        grid_size=0,
+        savedir=str(tmp_path / "run"),
+        ema_decay=0.9,
+        learning_rate=1e-3,
     )
     return ORWCFMTrainer(
         model or unet(), TrainerConfig(**{**config, **overrides}), "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3))

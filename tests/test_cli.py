@@ -204,7 +204,7 @@ def test_demo_runs_and_writes_its_report(tmp_path):
     from orw_fast.tasks.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=2, eval_samples=16, pretrain_steps=2
+        epochs=1, steps_per_epoch=2, batch_size=8, sampler_steps=4, eval_samples=16, pretrain_steps=2
     )
     report = run_demo(tmp_path / "report", settings, cache_dir=tmp_path / "cache", progress=False)
     assert set(report["runs"]) == {"0", "1"}
@@ -356,7 +356,7 @@ def test_python_and_cli_runs_are_the_same_run_and_a_run_file_repeats_it(flow_che
     model, model_config = load_flow_model(flow_checkpoint)
     config = TrainerConfig(
         batch_size=4,
-        sampler_steps=2,
+        sampler_steps=4,
         grid_size=4,
         diversity_every=1,
         savedir=str(tmp_path / "py"),
@@ -383,7 +383,7 @@ def test_python_and_cli_runs_are_the_same_run_and_a_run_file_repeats_it(flow_che
             "--batch-size",
             "4",
             "--sampler-steps",
-            "2",
+            "4",
             "--grid-size",
             "4",
             "--diversity-every",

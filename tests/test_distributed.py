@@ -107,7 +107,7 @@ def _make(kind, folder, savedir, objective="orw_cfm_w2"):
         guidance_scale=2.0,
         max_sequence_length=16,
     )
-    cfg = config(savedir, sampler_steps=2, **{"ema_decay": 0.0, **settings})
+    cfg = config(savedir, sampler_method="euler", sampler_steps=2, **{"ema_decay": 0.0, **settings})
     return flow, cfg, lambda images, prompts: images.mean(dim=(1, 2, 3))
 
 
@@ -324,7 +324,7 @@ def test_nan_rewards_on_one_rank_stop_every_rank_with_a_clear_error(tmp_path):
     [
         ({}, "needs several processes"),
         ({"precision": "fp16"}, "precision"),
-        ({"sampler_method": "dopri5"}, "sampler_method"),
+        ({"sampler_method": "dopri5", "sampler_steps": 4}, "sampler_method"),
         ({"cuda_graph": True}, "cuda_graph"),
     ],
 )
@@ -393,7 +393,7 @@ sys.path.insert(0, sys.argv[1])
 atexit.register(lambda: os.write(1, f"group destroyed before exit: {not dist.is_initialized()}\\n".encode()))
 from test_trainer import ToyField, right_reward, toy_config
 from orw_fast.trainer import ORWCFMTrainer
-config = toy_config(sys.argv[2], batch_size=4, sampler_steps=2)
+config = toy_config(sys.argv[2], batch_size=4, sampler_method="euler", sampler_steps=2)
 trainer = ORWCFMTrainer(ToyField(), config, "cpu", reward_fn=right_reward)
 trainer.train_step()
 """

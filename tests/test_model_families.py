@@ -42,7 +42,9 @@ def brightness(images, prompts=None):
 
 def trained_checkpoint(flow, folder):
     """A checkpoint of ``flow`` after one step from a perturbed adapter (or full weights), and the trainer."""
-    config = TrainerConfig(batch_size=2, sampler_steps=2, learning_rate=1e-2, grid_size=0, savedir=str(folder))
+    config = TrainerConfig(
+        batch_size=2, sampler_method="euler", sampler_steps=2, learning_rate=1e-2, grid_size=0, savedir=str(folder)
+    )
     trainer = ORWCFMTrainer(flow, config, "cpu", reward_fn=brightness)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

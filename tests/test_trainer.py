@@ -332,6 +332,27 @@ def test_every_config_value_is_checked_and_named(key, value, match):
     assert err.value.key == key
 
 
+def test_unset_rollout_settings_are_the_models_and_a_method_needs_its_steps(tmp_path, base_model):
+    """sampler_method / sampler_steps / sampler_grid left unset take the model family's rollout; steps alone keep
+    the model's method (refused when too few for it); a method alone is refused (the default steps are another
+    solver's)."""
+    from orw_fast.models.diffusers_flow import DiffusersFlowModel
+    from orw_fast.models.flow_model import PixelFlowModel
+
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_steps=None), "cpu", reward_fn=right_reward)
+    pixel = (PixelFlowModel.rollout_method, PixelFlowModel.rollout_steps, PixelFlowModel.rollout_grid)
+    assert (trainer.rollout_method, trainer.rollout_steps, trainer.rollout_grid) == pixel
+    assert (DiffusersFlowModel.rollout_method, DiffusersFlowModel.rollout_steps) == ("heun", 20)
+    trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_steps=6), "cpu", reward_fn=right_reward)
+    assert (trainer.rollout_method, trainer.rollout_steps) == (PixelFlowModel.rollout_method, 6)
+    with pytest.raises(ConfigError, match="sampler_steps must be >= 4 with the model's rollout method 'ab3'") as err:
+        ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_steps=3), "cpu", reward_fn=right_reward)
+    assert err.value.key == "sampler_steps"
+    with pytest.raises(ConfigError, match=r"sampler_steps must be set with sampler_method='euler'") as err:
+        TrainerConfig(sampler_method="euler")
+    assert err.value.key == "sampler_steps"
+
+
 @pytest.mark.parametrize("method,fewest", [("ab2", 2), ("ab3", 4), ("unipc", 4), ("euler", 1)])
 def test_too_few_sampler_steps_for_the_method_are_refused_with_the_config(method, fewest):
     """Refused when the config is made (it used to fail at the first rollout, after the models were loaded)."""
@@ -397,7 +418,13 @@ def test_mixed_precision_steps(tmp_path, base_model, precision):
         dropout=0.0,
     )
     config = toy_config(
-        tmp_path, image_shape=None, precision=precision, channels_last=True, batch_size=8, sampler_steps=2
+        tmp_path,
+        image_shape=None,
+        precision=precision,
+        channels_last=True,
+        batch_size=8,
+        sampler_method="euler",
+        sampler_steps=2,
     )
     trainer = ORWCFMTrainer(unet, config, "cpu", reward_fn=lambda x: x.mean(dim=(1, 2, 3)))
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -473,3 +500,25 @@ def test_a_checkpoint_of_another_optimizer_is_not_resumed(tmp_path, base_model):
     with pytest.raises(ValueError, match="was written with optimizer='adam'; resume it with the same setting"):
         adamw.resume(path)
     assert adamw.step == 0
+
+
+def test_compiled_rollouts_equal_eager_ones_and_follow_refreshes_without_recompiling(tmp_path, base_model):
+    """rollout_compile: the last policy's compiled forward makes the eager rollouts, and a refresh (weights copied in
+    place) reaches it without compiling again."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path / "a"), "cpu", reward_fn=right_reward)
+    trainer = ORWCFMTrainer(
+        fresh(base_model), toy_config(tmp_path / "b", rollout_compile=True), "cpu", reward_fn=right_reward
+    )
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))  # the rollouts' batch: one shape
+    graphs = []
+    for _ in range(3):
+        with trainer.weights.last_policy() as module:
+            torch.testing.assert_close(trainer.generate(module, x0, None), eager.generate(module, x0, None))
+        graphs.append(counters["stats"]["unique_graphs"])
+        trainer.train_step()
+        trainer.refresh_last_policy()
+    assert graphs[0] >= 1 and graphs == graphs[:1] * 3  # compiled once, refreshes included
+    assert list(trainer._compiled_rollout_modules) == [trainer.weights.last_policy_module]

@@ -215,6 +215,7 @@ class DiffusersFlowModel(FlowModel):
             held-out prompts of an evaluation.
     """
 
+    rollout_method, rollout_steps = "heun", 20  # not chosen end to end yet: 40 transformer calls
     rollout_grid = None  # the scheduler's sigma schedule
     # -- family: what a subclass declares ---------------------------------------------------------------
     transformer_class: str  # the diffusers transformer class (by name) whose pipelines the family fine-tunes

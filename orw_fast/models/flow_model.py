@@ -34,15 +34,37 @@ class ModelArgumentError(ValueError):
 class FlowModel:
     """The interface. ``family`` is the family's name in :data:`orw_fast.models.families.FAMILIES`; ``weights``
     holds the policy and its frozen companions (:mod:`orw_fast.models.policy_weights`); ``prompts`` is the prompt
-    source (None: the model takes no prompts); ``rollout_grid`` the grid the trainer's rollouts use unless its
-    config names one."""
+    source (None: the model takes no prompts); ``rollout_method``, ``rollout_steps`` and ``rollout_grid`` the
+    trainer's rollouts where its config leaves them unset (:meth:`rollout_settings`)."""
 
     family: str
     weights: PolicyWeights
     prompts = None
-    # With the trainer's default sampler (Heun, 20 steps = 40 model calls) as accurate as 100 uniform Euler steps on
-    # the digits model and the CIFAR-10 UNet (benchmarks/bench_rollout_error.py).
-    rollout_grid: str | None = "data_dense"
+    # Pixel models: AB3, 9 steps on the grid dense at both ends, 10 model calls, the rollout that reached the
+    # even-digits target soonest at no loss of quality, end to end at two protocols (bench_time_to_target.py; README)
+    rollout_method: str = "ab3"
+    rollout_steps: int = 9
+    rollout_grid: str | None = "both_dense"
+
+    def rollout_settings(self, method: str | None, steps: int | None, grid: str | None) -> tuple[str, int, str | None]:
+        """(method, steps, grid) of the trainer's rollouts from its config's sampler_method, sampler_steps and
+        sampler_grid, each None taking this model's; raises ConfigError naming the key when they do not fit."""
+        from orw_fast.sampling import FIXED_STEP_METHODS, min_steps
+
+        if grid is not None and self.rollout_grid is None:
+            raise ConfigError(
+                "sampler_grid",
+                f"None for a {type(self).__name__} (its rollouts follow its scheduler's sigma schedule)",
+                grid,
+            )
+        method, steps = method or self.rollout_method, steps or self.rollout_steps
+        if method in FIXED_STEP_METHODS and steps < min_steps(method):
+            raise ConfigError(
+                "sampler_steps",
+                f">= {min_steps(method)} with the model's rollout method {method!r} (or set sampler_method)",
+                steps,
+            )
+        return method, steps, grid or self.rollout_grid
 
     def default_device(self) -> torch.device:
         """Where the model is (the trainer's device when none is given)."""

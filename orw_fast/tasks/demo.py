@@ -44,7 +44,7 @@ class DemoSettings:
     temperature: float = 2.5
     weighting: str = "exp"
     learning_rate: float = 1e-3
-    sampler_steps: int = 20  # with the trainer's default method (Heun) and grid: as accurate as 100 Euler steps
+    sampler_steps: int | None = None  # None: the trainer's default rollout (PixelFlowModel's), else its steps
     eval_samples: int = 500
     seed: int = 0
     pretrain_steps: int = 3000
@@ -144,7 +144,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, d
             temperature=s.temperature,
             weighting=s.weighting,
             batch_size=s.batch_size,
-            sampler_steps=s.sampler_steps,
+            sampler_steps=s.sampler_steps,  # with the model's own rollout method and grid
             savedir=str(out_dir / f"alpha_{alpha:g}"),
             seed=s.seed,
             grid_size=64,
@@ -156,9 +156,10 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, d
         cache_dir or default_cache_dir(), steps=s.pretrain_steps, device=device, progress=progress, seed=s.seed
     )
     reward, quality = ClassifierReward(classifier, EVEN_DIGITS), DigitsQuality(classifier)
-    method, grid = TrainerConfig.sampler_method, PixelFlowModel.rollout_grid  # the trainer's rollouts
+    method, grid = PixelFlowModel.rollout_method, PixelFlowModel.rollout_grid  # the trainer's rollouts
+    steps = s.sampler_steps or PixelFlowModel.rollout_steps
     stats, x1 = evaluate_digits(
-        base, classifier, n=s.eval_samples, sampler_steps=s.sampler_steps, method=method, grid=grid, quality=quality
+        base, classifier, n=s.eval_samples, sampler_steps=steps, method=method, grid=grid, quality=quality
     )
     save_image_grid(x1[:64], out_dir / "samples_base.png", scale=4)
     report = {"settings": dataclasses.asdict(s), "base": stats, "runs": {}}
@@ -170,7 +171,7 @@ def run_demo(out_dir, settings: DemoSettings | None = None, *, cache_dir=None, d
             trainer.model,
             classifier,
             n=s.eval_samples,
-            sampler_steps=s.sampler_steps,
+            sampler_steps=steps,
             method=method,
             grid=grid,
             quality=quality,
