@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from benchmarks import (
+    bench_frozen_policy,
     bench_loss,
     bench_methods,
     bench_rollout_error,
@@ -465,6 +466,32 @@ def test_time_to_target_benchmark(tmp_path):
     assert run_all.summarize_time_to_target(data).startswith("official_paired: 0/1 reached")
 
 
+def test_time_to_target_other_rollouts_and_protocol(tmp_path, capsys):
+    """--rollouts adds orw_fast variants with other solvers; --temperature/--refresh-every name the results file."""
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--seeds", "1", "--no-plot"]
+    code = bench_time_to_target.main(
+        [*argv, "--rollouts", "ab2/uniform/3", "--temperature", "2.5", "--refresh-every", "2"]
+    )
+    rows = check_results(tmp_path, "time_to_target_tau2.5_refresh2", plot=False, other_table_lines=1 + 1 + 2)
+    assert code == 0 and [r["variant"] for r in rows] == ["orw_fast@ab2/uniform/3"] and rows[0]["status"] == "ok"
+    meta = json.loads(result_files(tmp_path, "time_to_target_tau2.5_refresh2")[".json"].read_text())["metadata"]
+    assert (meta["temperature"], meta["refresh_every"]) == (2.5, 2)
+    for bad, message in (("ab4/uniform/3", "expected METHOD/GRID/STEPS"), ("ab3/uniform/3", "ab3 needs at least 4")):
+        with pytest.raises(SystemExit):
+            bench_time_to_target.parse_args(["--rollouts", bad])
+        assert message in capsys.readouterr().err
+
+
+def test_frozen_policy_benchmark(tmp_path):
+    variants = "no_grad,inference_mode,channels_last,jit_freeze"
+    code = bench_frozen_policy.main(["--quick", "--out", str(tmp_path), "--batch", "8", "--variants", variants])
+    rows = check_results(tmp_path, "frozen_policy", plot=True, other_table_lines=12 + 2)  # the profile's table
+    assert code == 0 and [r["variant"] for r in rows] == variants.split(",")
+    for r in rows:
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["max_abs_deviation"] < 1e-4
+    assert [r["follows_refresh"] for r in rows] == [True, True, True, False]  # jit.freeze folds the weights in
+
+
 def test_rollout_error_benchmark(tmp_path):
     code = bench_rollout_error.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--calls", "8,16"])
     rows = check_results(tmp_path, "rollout_error", plot=True)
@@ -533,13 +560,14 @@ def test_methods_benchmark(tmp_path, monkeypatch):
                 assert r["seconds"] > 0 and r["w2_to_reference"] >= 0 and r["digits_fd"] >= 0
                 assert r["run_id"] in meta["curves"] and len(meta["curves"][r["run_id"]]["reward"]) == 2
                 assert r["end_steps"] == 2 and r["end_eval_reward"] == r["eval_reward"]  # reached on the last step
-        if task == "digits":  # 2 steps of: rollout calls (2 Euler, 4 Heun, 2 SDE) + the loss's policy and frozen calls
+        if task == "digits":  # 2 steps of: rollout calls (2 Euler; AB3, 4 steps and its Heun start: 5; 2 SDE) + the
+            # loss's policy and frozen calls
             calls = {
                 (r["method"], r["seed"]): (r["forward_calls"], r["backward_calls"]) for r in mine if r["status"] == "ok"
             }
             assert calls["official_orw", 0] == (2 * (2 + 2), 2)  # + policy, reference
-            assert calls["orw_cfm_w2", 0] == (2 * (4 + 2), 2)
-            assert calls["awm", 0] == (2 * (4 + 3), 2)  # + policy, reference, EMA
+            assert calls["orw_cfm_w2", 0] == (2 * (5 + 2), 2)
+            assert calls["awm", 0] == (2 * (5 + 3), 2)  # + policy, reference, EMA
             assert calls["flow_grpo", 0] == (2 * (2 + 2 * 2), 2 * 2)  # 2 minibatches x 1 trained step x (policy, ref)
         diversity = bench_methods.DIVERSITY[task]
         assert all(r[diversity] >= 0 for r in mine if r["status"] == "ok")

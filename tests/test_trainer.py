@@ -446,11 +446,11 @@ def test_compiled_policy_matches_eager(tmp_path, base_model):
 
 
 def test_rollouts_follow_the_default_sampler_and_a_named_grid(tmp_path, base_model):
-    """By default the trainer's rollouts are the configured method on the model's rollout grid (data_dense for
+    """By default the trainer's rollouts are the configured method on the model's rollout grid (both_dense for
     pixel models); sampler_grid names another."""
     from orw_fast.sampling import sample, time_grid
 
-    for grid, expected in ((None, "data_dense"), ("uniform", "uniform")):
+    for grid, expected in ((None, "both_dense"), ("uniform", "uniform")):
         trainer = ORWCFMTrainer(
             fresh(base_model),
             toy_config(tmp_path, sampler_grid=grid, sampler_method="midpoint", sampler_steps=5),
