@@ -24,10 +24,11 @@ loss + backward / optimizer. A run that reaches the reward with less diversity o
 compare the columns.
 
 The method settings are the demo's but tau 5 (not 2.5) and a refresh every 5 steps (not 15), so that the default
-run fits in 15 minutes on 2 CPU cores: there a step of official_paired takes about 1.7-2.3 s, and with the demo's
-settings it needed 150 steps to the target (tau 5, refresh 15) or over 400 (tau 2.5); with these, about 75.
+run fits in 12-25 minutes on 2 CPU cores: there a step of official_paired takes about 1.7-3.3 s, and with the demo's
+settings (--temperature 2.5 --refresh-every 15; about an hour) it needed 190 steps or more than the 300-step cap;
+with these, about 75.
 
-    python benchmarks/bench_time_to_target.py                     # 2-core CPU: about 12 minutes
+    python benchmarks/bench_time_to_target.py                     # 2-core CPU: 12-25 minutes
     python benchmarks/bench_time_to_target.py --device cuda
     python benchmarks/bench_time_to_target.py --variants official_paired,orw_fast --seeds 5
     python benchmarks/bench_time_to_target.py --quick             # toy sizes (a tiny model, a few steps)

@@ -363,6 +363,8 @@ def test_torchrun_finetune_end_to_end(tmp_path):
             "2",
             "--batch-size",
             "4",
+            "--sampler-method",
+            "euler",
             "--sampler-steps",
             "2",
             "--device",

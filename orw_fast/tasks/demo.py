@@ -32,7 +32,7 @@ EVEN_DIGITS = (0, 2, 4, 6, 8)
 
 @dataclasses.dataclass
 class DemoSettings:
-    """Settings of the demo; the defaults take about 7 minutes on 2 CPU cores. The method settings are those of
+    """Settings of the demo; the defaults take a few minutes on 2 CPU cores. The method settings are those of
     experiments/even_digits.py: the paper's exp weights, whose scale e^tau sets how strongly alpha pulls
     toward the reference (about alpha / e^tau of the reward-weighted term); the rollouts are the trainer's
     default (the experiments keep the 20 uniform Euler steps their results were measured with)."""
