@@ -17,7 +17,8 @@ batch per step; "x10 lr" on text: a LoRA, at ten times the full fine-tuning rate
   |                | (weights paired)              | (CUDA; 20 on the CPU, to fit the clock: this favours it),     |
   |                |                               | last policy every 5 steps, clip 1; text: not run (the         |
   |                |                               | official code is unconditional)                               |
-  | orw_cfm_w2     | ORWCFMTrainer, orw_cfm_w2     | as official_orw with orw_fast's rollouts (Heun 20 steps);     |
+  | orw_cfm_w2     | ORWCFMTrainer, orw_cfm_w2     | as official_orw with orw_fast's default rollouts (AB3, 9      |
+  |                |                               | steps on the grid dense at both ends: 10 model calls);        |
   |                |                               | text: softmax weights, tau 10, alpha 1, lr 1e-2 (the          |
   |                |                               | experiments' alignment settings; Heun 10 steps)               |
   | nft            | ORWCFMTrainer, nft            | DiffusionNFT: beta 1, alpha 1e-4 (train.beta), adv clip 5,    |
