@@ -502,7 +502,7 @@ def summarize_rollout_error(data: dict) -> str:
 def summarize_time_to_target(data: dict) -> str:
     parts = [
         f"{s['variant']}: {s['reached']}/{s['seeds']} reached, {s['seconds']:.0f} s"
-        + common.fmt(" ({:.1f}x)", s.get("speedup_vs_official_paired"))
+        + common.fmt(" ({:.1f}x)", s.get("speedup"))
         for s in data["metadata"]["summary"]
     ]
     return "; ".join(parts) + _failed(data)

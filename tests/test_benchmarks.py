@@ -461,7 +461,7 @@ def test_time_to_target_benchmark(tmp_path):
         assert math.isnan(r["even_entropy"]) or 0 <= r["even_entropy"] <= math.log(5) + 1e-9
     meta = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())["metadata"]
     assert [s["variant"] for s in meta["summary"]] == [r["variant"] for r in rows]
-    assert all(s["speedup_vs_official_paired"] is None for s in meta["summary"])  # none reached the target
+    assert all(s["speedup"] is None for s in meta["summary"])  # none reached the target
     data = json.loads(result_files(tmp_path, "time_to_target")[".json"].read_text())
     assert run_all.summarize_time_to_target(data).startswith("official_paired: 0/1 reached")
 
@@ -476,10 +476,37 @@ def test_time_to_target_other_rollouts_and_protocol(tmp_path, capsys):
     assert code == 0 and [r["variant"] for r in rows] == ["orw_fast@ab2/uniform/3"] and rows[0]["status"] == "ok"
     meta = json.loads(result_files(tmp_path, "time_to_target_tau2.5_refresh2")[".json"].read_text())["metadata"]
     assert (meta["temperature"], meta["refresh_every"]) == (2.5, 2)
-    for bad, message in (("ab4/uniform/3", "expected METHOD/GRID/STEPS"), ("ab3/uniform/3", "ab3 needs at least 4")):
+    for bad, message in (
+        (["--rollouts", "ab4/uniform/3"], "expected METHOD/GRID/STEPS"),
+        (["--rollouts", "ab3/uniform/3"], "ab3 needs at least 4"),
+        (["--rollouts", "euler/scheduler/3"], "--rollouts: euler/scheduler/3: the digits task's model takes a pixel"),
+        (["--task", "text", "--rollouts", "ab2/both_dense/3"], "the text task's model takes GRID scheduler"),
+        (["--task", "text", "--variants", "official_paired"], "--variants: the text task runs orw_fast only"),
+    ):
         with pytest.raises(SystemExit):
-            bench_time_to_target.parse_args(["--rollouts", bad])
+            bench_time_to_target.parse_args(bad)
         assert message in capsys.readouterr().err
+
+
+def test_time_to_target_text_task(tmp_path):
+    """--task text: orw_fast on the text-alignment task (a tiny pipeline), its default rollout against others on the
+    scheduler's sigmas; the ratio column is to the pipeline's 28-step Euler."""
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--seeds", "1", "--no-plot", "--task", "text"]
+    code = bench_time_to_target.main(
+        [*argv, "--variants", "orw_fast", "--rollouts", "euler/scheduler/28,ab2/scheduler/3"]
+    )
+    rows = check_results(tmp_path, "time_to_target_text", plot=False, other_table_lines=1 + 3 + 2)
+    assert code == 0 and [r["variant"] for r in rows] == [
+        "orw_fast",
+        "orw_fast@euler/scheduler/28",
+        "orw_fast@ab2/scheduler/3",
+    ]
+    for r in rows:
+        assert r["status"] == "ok" and r["steps"] == 3 and not r["reached"] and r["rollout_ms"] > 0
+        assert 0 <= r["alignment"] <= 1 and r["prompt_diversity"] > 0 and r["w2_to_reference"] >= 0
+    meta = json.loads(result_files(tmp_path, "time_to_target_text")[".json"].read_text())["metadata"]
+    assert meta["task"] == "text" and meta["baseline"] == "orw_fast@euler/scheduler/28"
+    assert (meta["target"], meta["refresh_every"], meta["method"]["weighting"]) == (0.7, 10, "softmax")
 
 
 def test_frozen_policy_benchmark(tmp_path):
