@@ -55,26 +55,21 @@ noise (digits), or alignment, diversity within a prompt, W2 to the reference, di
 prompts); peak memory: CUDA max_memory_allocated during the run, CPU the growth of the process's peak RSS
 (ru_maxrss) during the run (0 when it stayed under an earlier peak).
 
-Fit for the clock (the default run, both tasks, 2-core CPU, OMP_NUM_THREADS=1). Measured on that CPU with untrained
-models of the same architectures (load average about 4 from other jobs, so perhaps 2x slow), 3 steps a method: a
-step at B = 32 takes 0.75-2.1 s on digits (flow_grpo_fast 0.75, official_orw 1.2, nft 1.7, orw_cfm_w2 1.8, flow_grpo
-1.9, awm 2.1) and 0.5-0.8 s on text; the evaluation and set-up of a run 6-11 s on digits at 256 samples x 20
-midpoint steps, 2.5-3.3 s on text. The protocol is cut to: batch 32 (the issue's runs used 64), one sweep seed, 4
-points per method, 3 seeds only for the best points (the sweep's seed reused, so 2 more runs), a cap of 25 s
-(digits) and 10 s (text) per run, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper; FD is
-biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap; a whole run at these
-sizes, measured (orw_cfm_w2 and flow_grpo, load average 5): 27-29 s on digits (26 and 16 steps in the 25 s) and
-13 s on text (18 and 9 steps in the 10 s). With every method a best point (the most runs): digits 36 runs x 29 s =
-17.4 min, text 30 runs x 13 s = 6.5 min, with the set-up and the base models' evaluation about 24 min (27 min at the
-per-run estimate above); methods without a best point run no finals. Not counted: the one-time pre-training of the
-cached models when they are missing (about 4 min digits, 6 min text).
-The caps mean that on this CPU most digits runs stop before 0.95 (the issue measured 56-125 steps at B = 64 there):
-the curves and the quality-bounded front then carry the comparison, and the time-to-target table fills on a GPU,
-where --device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps
-and a cap of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: 66 runs
-x (30 s + two evaluations + set-up), about 35-40 min).
+Fit for the clock (the default run, both tasks, 2-core CPU). The protocol is cut to: batch 32 (the issue's runs used
+64), one sweep seed, 4 points per method, 3 seeds only for the best points (the sweep's seed reused, so 2 more
+runs), a cap of 25 s per run on both tasks, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper;
+FD is biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap. Measured on
+the 2-core Intel Xeon (2026-12-04, cd82c8e, quiet machine): a digits run with its two evaluations takes 27-29 s (a
+step at B = 32: orw_cfm_w2 0.23 s, awm 0.3 s, nft 0.3 s, official_orw 0.5 s, flow_grpo_fast 0.4 s, flow_grpo 1.2
+s); the 24 digits sweep runs and 10 finals took 16.5 min; a text step is 0.3 s for the orw_fast objectives, 0.7 s
+for flow_grpo. With every method a best point (the most runs): digits 34 runs x 29 s = 16.5 min, text 30 runs x
+about 28 s = 14 min, about 31 min in all with the set-up; methods without a best point run no finals. Not counted:
+the one-time pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
+--device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps and a cap
+of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: 66 runs x (30 s +
+two evaluations + set-up), about 35-40 min).
 
-    python benchmarks/bench_methods.py                                    # both tasks, ~24 min on 2 CPU cores
+    python benchmarks/bench_methods.py                                    # both tasks, ~31 min on 2 CPU cores
     python benchmarks/bench_methods.py --device cuda
     python benchmarks/bench_methods.py --tasks digits --methods orw_cfm_w2,flow_grpo --seeds 5
     python benchmarks/bench_methods.py --quick                            # toy sizes, seconds
@@ -158,7 +153,7 @@ def task_sizes(task: str, device: torch.device, quick: bool) -> Sizes:
     if quick:
         small = {"batch": 8 if task == "digits" else 16, "eval_samples": 8 if task == "digits" else 2}
         return Sizes(official_steps=2, sampler_steps=4, grpo_steps=2, cap_s=60.0, max_steps=2, eval_steps=2, **small)
-    cap = 30.0 if device.type == "cuda" else (25.0 if task == "digits" else 10.0)
+    cap = 30.0 if device.type == "cuda" else 25.0
     if task == "text":  # the experiments' text settings: Heun 10 steps (20 transformer calls), 24 samples a prompt
         return Sizes(sampler_steps=10, cap_s=cap, eval_samples=24, eval_steps=10)
     if device.type == "cpu":
@@ -380,7 +375,9 @@ class TextTask:
         from orw_fast.tasks.text_digits import MAX_SEQUENCE_LENGTH
 
         s = self.settings
-        per_prompt = self.sizes.batch // len(TRAIN_PROMPTS) or 1
+        per_prompt = s.samples_per_prompt  # the experiments' groups: a batch of 32 is 8 prompts x 4 samples
+        if self.sizes.batch % per_prompt:
+            raise ValueError(f"the text task's batch must be a multiple of {per_prompt}, got {self.sizes.batch}")
         return DiffusersFlowModel(
             self.pipeline(),
             PromptSource(TRAIN_PROMPTS, samples_per_prompt=per_prompt),

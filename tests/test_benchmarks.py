@@ -573,6 +573,10 @@ def test_methods_benchmark(tmp_path, monkeypatch):
         official = [r for r in mine if r["method"] == "official_orw"]
         if task == "text":
             assert len(official) == 1 and official[0]["status"].startswith("skipped: the official")
+            base = meta["tasks"]["text"]["base"]  # every method moved its policy (the same noise gives the same
+            # samples otherwise: Flow-GRPO in groups of one sample, advantages all 0, once trained nothing)
+            moved = [r for r in mine if r["status"] == "ok" and r["digits_fd"] != base["digits_fd"]]
+            assert {r["method"] for r in moved} == ok
         else:
             ok.add("official_orw")
         best = meta["tasks"][task]["best_points"]
