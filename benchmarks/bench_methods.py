@@ -140,6 +140,7 @@ class Sizes:
 
     batch: int = 32
     official_steps: int = 20
+    sampler_method: str | None = None  # None: the model's rollout method
     sampler_steps: int | None = None  # None: the trainer's default rollout of the model
     grpo_steps: int = 10
     cap_s: float = 20.0
@@ -155,7 +156,7 @@ def task_sizes(task: str, device: torch.device, quick: bool) -> Sizes:
         return Sizes(official_steps=2, sampler_steps=4, grpo_steps=2, cap_s=60.0, max_steps=2, eval_steps=2, **small)
     cap = 30.0 if device.type == "cuda" else 25.0
     if task == "text":  # the experiments' text settings: Heun 10 steps (20 transformer calls), 24 samples a prompt
-        return Sizes(sampler_steps=10, cap_s=cap, eval_samples=24, eval_steps=10)
+        return Sizes(sampler_method="heun", sampler_steps=10, cap_s=cap, eval_samples=24, eval_steps=10)
     if device.type == "cpu":
         return Sizes(cap_s=cap, eval_samples=128, eval_steps=10)
     return Sizes(official_steps=100, cap_s=cap, eval_samples=500, eval_steps=20)  # the official code's 100 Euler steps
@@ -506,6 +507,7 @@ def make_runner(task, method: str, values: dict, seed: int, reward, counter: Cal
             w2_coefficient=values["alpha"],
             batch_size=s.batch,
             grad_clip=1.0,
+            sampler_method=s.sampler_method,
             sampler_steps=s.sampler_steps,
             seed=seed,
             grid_size=0,

@@ -496,7 +496,18 @@ def tiny_finetune(tmp_path, family):
 
     pipeline = save_tiny_pipeline(family, tmp_path / family, sample_size=8)
     (tmp_path / "prompts.txt").write_text("a red cat\n")
-    one_step = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "1", "--sampler-steps", "1"]
+    one_step = [
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "1",
+        "--sampler-method",
+        "euler",
+        "--sampler-steps",
+        "1",
+    ]
     return [
         "finetune",
         *("--pretrained", str(pipeline), "--prompts", str(tmp_path / "prompts.txt")),

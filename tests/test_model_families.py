@@ -292,6 +292,8 @@ def test_a_relative_pipeline_path_is_found_from_another_folder_and_after_the_run
             "1",
             "--batch-size",
             "2",
+            "--sampler-method",
+            "euler",
             "--sampler-steps",
             "1",
             "--max-sequence-length",

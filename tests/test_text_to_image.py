@@ -37,7 +37,7 @@ def brightness(images, prompts):
 
 
 def config(tmp_path, **overrides):
-    base = dict(batch_size=4, sampler_steps=3, learning_rate=1e-2, grid_size=0, savedir=str(tmp_path), seed=0)
+    base = dict(batch_size=4, sampler_steps=4, learning_rate=1e-2, grid_size=0, savedir=str(tmp_path), seed=0)
     return TrainerConfig(**{**base, **overrides})
 
 
@@ -357,6 +357,8 @@ def test_cli_finetune_and_sample_a_lora_run(tmp_path, folders):
             "2",
             "--batch-size",
             "2",
+            "--sampler-method",
+            "euler",
             "--sampler-steps",
             "2",
             "--device",

@@ -342,7 +342,7 @@ def test_unset_rollout_settings_are_the_models_and_a_method_needs_its_steps(tmp_
     trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_steps=None), "cpu", reward_fn=right_reward)
     pixel = (PixelFlowModel.rollout_method, PixelFlowModel.rollout_steps, PixelFlowModel.rollout_grid)
     assert (trainer.rollout_method, trainer.rollout_steps, trainer.rollout_grid) == pixel
-    assert (DiffusersFlowModel.rollout_method, DiffusersFlowModel.rollout_steps) == ("heun", 20)
+    assert (DiffusersFlowModel.rollout_method, DiffusersFlowModel.rollout_steps) == ("ab3", 9)
     trainer = ORWCFMTrainer(fresh(base_model), toy_config(tmp_path, sampler_steps=6), "cpu", reward_fn=right_reward)
     assert (trainer.rollout_method, trainer.rollout_steps) == (PixelFlowModel.rollout_method, 6)
     with pytest.raises(ConfigError, match="sampler_steps must be >= 4 with the model's rollout method 'ab3'") as err:
