@@ -231,8 +231,10 @@ def _write_run_file(args, path: Path) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from orw_fast.data import check_dataset_spec
     from orw_fast.pretrain import default_cache_dir, pretrain_dataset
 
+    check_dataset_spec(args.dataset)  # a refused run creates no --out folder
     out = args.out or (default_cache_dir() / "digits" if args.dataset == "digits" else Path("runs/pretrain"))
     prepare_output_dir(out, "--out")
     result = pretrain_dataset(

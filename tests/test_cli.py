@@ -40,6 +40,17 @@ def test_bad_dataset_spec_is_a_clear_error():
     assert proc.returncode == 1 and "unknown dataset spec" in proc.stderr
 
 
+def test_a_refused_pretrain_creates_no_output_folder(tmp_path, monkeypatch, capsys):
+    """A bad --dataset is refused before the default --out (runs/pretrain, in the working folder) is made."""
+    monkeypatch.chdir(tmp_path)
+    for spec, match in (("imagenet", "unknown dataset spec"), (f"folder:{tmp_path / 'none'}", "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["pretrain", "--dataset", spec, "--steps", "1"])
+        code = exit_.value.code
+        assert code not in (0, None) and match in (code if isinstance(code, str) else capsys.readouterr().err)
+        assert not (tmp_path / "runs").exists()
+
+
 def test_bad_alphas_are_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--alphas", "0,x"])

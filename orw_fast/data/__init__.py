@@ -28,21 +28,41 @@ def load_dataset(spec: str, **kw) -> tuple[torch.Tensor, torch.Tensor | None]:
     Raises TypeError for a non-string spec or options the loader does not take, ValueError for an
     unknown spec, FileNotFoundError for a missing PATH.
     """
+    kind, path = check_dataset_spec(spec)
+    if kind == "digits":
+        if kw:
+            raise TypeError(f"dataset 'digits' takes no options, got {sorted(kw)}")
+        return load_digits_dataset()
+    return _LOADERS[kind](path, **kw)
+
+
+_LOADERS = {"idx": load_idx_dataset, "folder": load_folder_dataset}
+
+
+def check_dataset_spec(spec: str) -> tuple[str, Path | None]:
+    """(kind, path) of a :func:`load_dataset` spec, checked without loading anything (what a command checks before
+    it creates its output folder): TypeError for a non-string, ValueError for an unknown spec or a missing path
+    after the colon, FileNotFoundError for a PATH that does not exist."""
     if not isinstance(spec, str):
         raise TypeError(f"spec must be a str such as 'digits', 'idx:PATH' or 'folder:PATH', got {type(spec).__name__}")
     kind, sep, path = spec.partition(":")
     if kind == "digits" and not sep:
-        if kw:
-            raise TypeError(f"dataset 'digits' takes no options, got {sorted(kw)}")
-        return load_digits_dataset()
-    loaders = {"idx": load_idx_dataset, "folder": load_folder_dataset}
-    if kind not in loaders or not sep:
+        return kind, None
+    if kind not in _LOADERS or not sep:
         raise ValueError(f"unknown dataset spec {spec!r}; expected one of:\n{DATASETS}")
     if not path:
         raise ValueError(f"dataset spec {spec!r} has no path after '{kind}:'")
     if not Path(path).expanduser().exists():
         raise FileNotFoundError(f"dataset spec {spec!r}: path {path!r} does not exist")
-    return loaders[kind](Path(path).expanduser(), **kw)
+    return kind, Path(path).expanduser()
 
 
-__all__ = ["DATASETS", "load_dataset", "load_digits_dataset", "load_folder_dataset", "load_idx_dataset", "read_idx"]
+__all__ = [
+    "DATASETS",
+    "check_dataset_spec",
+    "load_dataset",
+    "load_digits_dataset",
+    "load_folder_dataset",
+    "load_idx_dataset",
+    "read_idx",
+]
