@@ -59,17 +59,18 @@ Fit for the clock (the default run, both tasks, 2-core CPU). The protocol is cut
 64), one sweep seed, 4 points per method, 3 seeds only for the best points (the sweep's seed reused, so 2 more
 runs), a cap of 25 s per run on both tasks, 128 evaluation samples x 10 midpoint steps on digits (about 4x cheaper;
 FD is biased by N, so compare at equal N only) and 24 a prompt on text. Every run goes to its cap. Measured on
-the 2-core Intel Xeon (2026-12-04, cd82c8e, quiet machine): a digits run with its two evaluations takes 27-29 s (a
-step at B = 32: orw_cfm_w2 0.23 s, awm 0.3 s, nft 0.3 s, official_orw 0.5 s, flow_grpo_fast 0.4 s, flow_grpo 1.2
-s); the 24 digits sweep runs and 10 finals took 16.5 min; a text step is 0.3 s for the orw_fast objectives, 0.7 s
-for flow_grpo. With every method a best point (the most runs): digits 34 runs x 29 s = 16.5 min, text 30 runs x
-about 28 s = 14 min, about 31 min in all with the set-up; methods without a best point run no finals. Not counted:
-the one-time pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
+the 2-core Intel Xeon (2026-12-04, quiet machine): a digits run with its two evaluations takes 27 s (a step at
+B = 32: orw_cfm_w2 0.23 s, awm 0.3 s, nft 0.3 s, official_orw 0.5 s, flow_grpo_fast 0.4 s, flow_grpo 1.2 s), a text
+run 28-29 s (a step: 0.3 s for the orw_fast objectives, 0.7 s for flow_grpo); the 24 digits sweep runs and 10 finals
+took 15.4 min (cd82c8e), the 24 text sweep rows (4 of them the official code, skipped) and 6 finals 12.1 min
+(2df1d55); with the set-up (the base models' evaluation, about 30 s a task) the default run took about 28 min (60
+runs), and would take about 31 if every method had a best point on both tasks (66 runs). Not counted: the one-time
+pre-training of the cached models when they are missing (about 4 min digits, 6 min text).
 --device cuda runs the same with the official rollout's 100 Euler steps, 500 evaluation samples x 20 steps and a cap
 of 30 s per run (the "methods" stage of benchmarks/run_gpu.sh; its time there is not measured yet: 66 runs x (30 s +
 two evaluations + set-up), about 35-40 min).
 
-    python benchmarks/bench_methods.py                                    # both tasks, ~31 min on 2 CPU cores
+    python benchmarks/bench_methods.py                                    # both tasks, ~28 min on 2 CPU cores
     python benchmarks/bench_methods.py --device cuda
     python benchmarks/bench_methods.py --tasks digits --methods orw_cfm_w2,flow_grpo --seeds 5
     python benchmarks/bench_methods.py --quick                            # toy sizes, seconds
