@@ -197,9 +197,9 @@ class EvenDigits:
     """The even-digits task: the demo's cached models (untrained tiny ones with ``quick``), evaluated on
     ``eval_samples`` samples of a fixed noise (midpoint, 50 steps)."""
 
-    name, target, refresh_every, baseline, temperature = "digits", 0.95, REFRESH_EVERY, "official_paired", 5.0
-    variants = VARIANTS
-    method = METHOD
+    name, target, refresh_every, baseline = "digits", 0.95, REFRESH_EVERY, "official_paired"
+    variants, default_rollouts = VARIANTS, ()
+    method, temperature = METHOD, METHOD["temperature"]
     columns = (  # (key, header, format) of the quality columns
         ("class_entropy", "class entropy", "{:.2f}"),
         ("even_entropy", "even entropy", "{:.2f}"),
@@ -275,12 +275,8 @@ class TextAlignment:
         )
         per_prompt = 2 if quick else eval_samples
         sizes = Sizes(batch=self.method["batch_size"], eval_samples=per_prompt, eval_steps=2 if quick else 10)
-        self.inner, self.device, self.shape, self.eval_samples = (
-            TextTask(device, quick, sizes),
-            device,
-            None,
-            per_prompt,
-        )
+        self.inner, self.device, self.eval_samples = TextTask(device, quick, sizes), device, per_prompt
+        self.shape = None  # only the official code reads it (digits only)
         self.rollout = f"{DiffusersFlowModel.rollout_method}, {DiffusersFlowModel.rollout_steps} steps on the " + (
             "scheduler's sigmas"
         )
@@ -595,8 +591,7 @@ def main(argv=None) -> int:
     refresh_every = args.refresh_every or task.refresh_every
     method = {**task.method, "temperature": temperature}
     target = task.target if args.target is None else args.target
-    default_rollouts = list(getattr(task, "default_rollouts", ()))
-    rollouts = args.rollouts if args.rollouts is not None else ([] if args.variants else default_rollouts)
+    rollouts = args.rollouts if args.rollouts is not None else ([] if args.variants else list(task.default_rollouts))
     variants = (args.variants or ([] if args.rollouts else list(task.variants))) + rollouts
     max_steps = 3 if args.quick else args.max_steps
     published_max = 3 if args.quick else args.published_max_steps
