@@ -112,7 +112,7 @@ PLANS = {
             ],
             150,
         ),
-        "train_step": (["--batches", "64", "--repeats", "4"], 120),
+        "train_step": (["--batches", "64", "--repeats", "4"], 240),
         "t2i": (
             [
                 "--models",

@@ -156,7 +156,7 @@ def _finalize_kernel(
     alpha: tl.float64,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
-    WEIGHTED: tl.constexpr = True,
+    WEIGHTED: tl.constexpr,
 ):
     """One program: fm, w2 from the partial sums [2, B, nchunks] in a fixed order, and the loss
     mean_i(w_i fm_i + alpha w2_i) (w_i = 1 when not WEIGHTED: the quadratic_fm op, whose fm is its policy term).
@@ -307,6 +307,7 @@ def _orw_cfm_w2_triton(
             alpha,
             ROWS=cfg.finalize_tile // cols,
             COLS=cols,
+            WEIGHTED=True,
             num_warps=4,
         )
     return outs
