@@ -39,10 +39,10 @@ gradient is then -A_i ∇ℓ_i = A_i f_i ∇mse_i with the per-sample factor f_i
 so the loss trained is the one above with A_i replaced by the detached weight A_i f_i (its value is
 mean_i A_i f_i mse_i + the penalties: the reference's gradient, not its value, which is the constant -mean A).
 "huber" and "ghuber" need mse_i before any gradient of the sample can be written: the fused backends first run the
-orw_cfm_w2 op without gradients (weights 1, α 0: one read of v, u, v_ref, its per-sample mse as a by-product), then
-the gradient pass: 7 tensor reads instead of 4 with v_old (6 instead of 3 without). The op is reused rather than a
-new "sum of squares" op: its per-sample fm output is exactly mse_i (fp32 accumulation for fp16/bf16) and it needs
-no new kernel on three backends; the cost is one read of v_ref that the first pass does not need.
+orw_cfm_w2 op without gradients (weights 1, α 0, u passed again as its v_ref, so that read hits the cache: one read
+of v and u, its per-sample mse as a by-product), then the gradient pass: 6 tensor reads instead of 4 with v_old (5
+instead of 3 without). The op is reused rather than a new "sum of squares" op: its per-sample fm output is exactly
+mse_i (fp32 accumulation for fp16/bf16) and it needs no new kernel on three backends.
 Not covered: the off-policy ratio (its factor exp(ℓ - ℓ_old) needs the same first pass, with the EMA's ℓ_old).
 docs/objectives.md lists the other differences (trained times, advantage scale).
 """
@@ -160,10 +160,10 @@ def awm_loss(
         mse = None  # only huber and ghuber read it: a first pass for each sample's mse (module docstring)
         if weighting in ("huber", "ghuber"):
             with torch.no_grad():
-                _, first = orw_cfm_w2_loss(
+                _, first = orw_cfm_w2_loss(  # u as its v_ref: that read hits the cache, its w2 is unused
                     v,
                     u,
-                    v_ref,
+                    u,
                     weights=torch.ones_like(adv),
                     alpha=0.0,
                     backend=backend,

@@ -4,7 +4,9 @@ Each op takes its n differentiable tensors first and returns (loss, diagnostics.
 differentiable tensor) with the gradients already computed in the forward pass, so backward only scales
 them by grad_output: orw_cfm_w2 -> (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref),
 quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref). quadratic_fm_l1 (NFT's adaptive weight)
-has only a fake kernel here: it is never differentiated."""
+has only a fake kernel here: it is never differentiated. The autograd below serves the Triton ops (a triton_op's
+autograd is Python); the native ops have the same backward in C++ (csrc/fused_autograd.cpp), which saves a CPU
+training step the Python layer's 0.2-0.4 ms."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from orw_fast import _native
-from orw_fast.ops.fused_op_support import allocate_outputs, register_fused_autograd
+from orw_fast.ops.fused_op_support import allocate_outputs
 from orw_fast.ops.reward_weights import (
     accumulation_dtype,
     check_exp_range,
@@ -144,9 +144,8 @@ def _kernel_layout(v, *others):
     return tuple(t.to(dtype).contiguous(memory_format=fmt) for t in (v, *others))
 
 
-if _native.IMPORT_ERROR is None:
+if _native.IMPORT_ERROR is None:  # its autograd is C++ (csrc/fused_autograd.cpp)
     torch.library.register_fake("orw_fast::orw_cfm_w2", allocate_outputs)
-    register_fused_autograd("orw_fast::orw_cfm_w2")
 
 
 # ---------------------------------------------------------------------------------------------

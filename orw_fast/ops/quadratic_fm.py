@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from orw_fast import _native
-from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs, register_fused_autograd
+from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs
 from orw_fast.ops.orw_cfm_w2 import _kernel_layout, _resolve_backend
 
 OP = "quadratic_fm"
@@ -68,8 +68,7 @@ def _triton_op():
 
 
 if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, OP):  # absent from a stale build
-    torch.library.register_fake(f"orw_fast::{OP}", allocate_quadratic_outputs)
-    register_fused_autograd(f"orw_fast::{OP}", num_grads=4)
+    torch.library.register_fake(f"orw_fast::{OP}", allocate_quadratic_outputs)  # autograd: csrc/fused_autograd.cpp
 if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, L1_OP):
     torch.library.register_fake(f"orw_fast::{L1_OP}", allocate_l1_outputs)
 
