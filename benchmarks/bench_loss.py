@@ -164,8 +164,8 @@ def make_step(backend: str, *inputs, op: str = "orw_cfm_w2"):
 # Measurements
 
 
-def run_case(
-    backend: str,
+def run_group(
+    backends,
     size,
     dtype: str,
     device: torch.device,
@@ -173,36 +173,47 @@ def run_case(
     warmup_s: float,
     flush_l2: bool,
     op: str = "orw_cfm_w2",
-) -> dict:
-    """One row of the table. A backend that fails (torch.compile, out of memory...) gets a
-    "failed: ..." status instead of stopping the sweep."""
+) -> list[dict]:
+    """The table's rows of ``backends`` for one op, size and dtype, timed side by side (interleaved samples:
+    common.time_interleaved_ms). A backend that fails (torch.compile, out of memory...) gets a "failed: ..."
+    status instead of stopping the sweep."""
     numel, itemsize = math.prod(size), DTYPES[dtype].itemsize
-    row = {"op": op, "size": list(size), "numel": numel, "dtype": dtype, "backend": backend}
+    rows, steps = {}, {}
+    for backend in backends:
+        rows[backend] = {"op": op, "size": list(size), "numel": numel, "dtype": dtype, "backend": backend}
+        try:
+            step = make_step(backend, *make_inputs(size, DTYPES[dtype], device, op), op=op)
+            start = time.perf_counter()
+            step()  # compiles for "compile"
+            common.synchronize(device)
+            rows[backend]["first_call_s"] = time.perf_counter() - start
+            steps[backend] = step
+        except Exception as err:  # reported in the table
+            rows[backend]["status"] = common.error_status(err)
     try:
-        step = make_step(backend, *make_inputs(size, DTYPES[dtype], device, op), op=op)
-        start = time.perf_counter()
-        step()  # compiles for "compile"
-        common.synchronize(device)
-        first_call_s = time.perf_counter() - start
-        timing = common.time_ms(step, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3, flush_l2=flush_l2)
-        peak = common.peak_extra_bytes(step, device)
-    except Exception as err:  # reported in the table
-        return {**row, "status": common.error_status(err)}
+        timings = common.time_interleaved_ms(
+            steps, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3, flush_l2=flush_l2
+        )
+    except Exception as err:
+        for backend in steps:
+            rows[backend]["status"] = common.error_status(err)
+        return list(rows.values())
     bytes_moved = OPS[op][2] * numel * itemsize
-    return {
-        **row,
-        "status": "ok",
-        **timing.summary(),
-        "first_call_s": first_call_s,
-        "bytes_per_step": bytes_moved,
-        "gbps": bytes_moved / (timing.median * 1e-3) / 1e9,
-        "peak_extra_mb": peak / 1e6,
-        "peak_extra_grad_bufs": peak / (numel * itemsize),
-    }
+    for backend, timing in timings.items():
+        peak = common.peak_extra_bytes(steps[backend], device)
+        rows[backend].update(
+            status="ok",
+            **timing.summary(),
+            bytes_per_step=bytes_moved,
+            gbps=bytes_moved / (timing.median * 1e-3) / 1e9,
+            peak_extra_mb=peak / 1e6,
+            peak_extra_grad_bufs=peak / (numel * itemsize),
+        )
+    return list(rows.values())
 
 
 def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s: float, flush_l2: bool) -> list[dict]:
-    """run_case of the triton backend under each TRITON_SWEEP launch configuration (the module's CONFIG,
+    """run_group of the triton backend alone under each TRITON_SWEEP launch configuration (the module's CONFIG,
     restored afterwards); rows carry ``triton_config`` = "block/tiles/warps"."""
     from orw_fast.ops.triton import orw_cfm_w2 as triton_loss
 
@@ -210,7 +221,7 @@ def triton_sweep(size, dtype: str, device: torch.device, repeats: int, warmup_s:
     try:
         for block, tiles, warps in TRITON_SWEEP:
             triton_loss.CONFIG = triton_loss.LaunchConfig(block=block, tiles=tiles, num_warps=warps)
-            row = run_case("triton", size, dtype, device, repeats, warmup_s, flush_l2)
+            (row,) = run_group(("triton",), size, dtype, device, repeats, warmup_s, flush_l2)
             rows.append(
                 {
                     **row,
@@ -312,7 +323,9 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     lines = [
         *common.report_head(meta),
         f"- step: loss + loss.backward() + v.grad=None; {meta['settings']}",
-        f"- time: median (and IQR) over {meta['repeats']} samples after warm-up, {timing}",
+        f"- time: median (and IQR) over {meta['repeats']} samples after warm-up, {timing}; the backends of one op, "
+        "size and dtype are timed side by side, one sample of each in turn (order rotated every round), so a drift "
+        "of the machine's speed during the run moves them alike",
         f"- bytes per step = {meta['bytes_model']}; GB/s = bytes / median time; % copy BW = GB/s / the copy "
         "bandwidth above (a buffer far larger than the caches: inputs that stay in a cache can exceed 100 %); "
         "MB = 1e6 bytes",
@@ -436,10 +449,9 @@ def main(argv=None) -> int:
     skipped = {
         name(op, b): why for op, b in itertools.product(args.ops, args.backends) if (why := skip_reason(b, device, op))
     }
-    cases = [
-        (op, s, d, b)
-        for op, s, d, b in itertools.product(args.ops, sizes, args.dtypes, args.backends)
-        if name(op, b) not in skipped
+    groups = [  # each group's backends are timed side by side
+        (op, s, d, [b for b in args.backends if name(op, b) not in skipped])
+        for op, s, d in itertools.product(args.ops, sizes, args.dtypes)
     ]
 
     hw = hardware.measure(device, args.quick)
@@ -455,11 +467,11 @@ def main(argv=None) -> int:
     )
     common.warn_if_loaded(meta)
     rows = []
-    with tqdm(cases, unit="case") as bar:
-        for op, size, dtype, backend in bar:
-            bar.set_postfix_str(f"{op} {size_id(size)} {dtype} {backend}")
-            rows.append(run_case(backend, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush", op=op))
-    if args.triton_sweep and any(b == "triton" for *_, b in cases):
+    with tqdm([g for g in groups if g[3]], unit="case") as bar:
+        for op, size, dtype, backends in bar:
+            bar.set_postfix_str(f"{op} {size_id(size)} {dtype}")
+            rows += run_group(backends, size, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush", op=op)
+    if args.triton_sweep and any("triton" in backends for *_, backends in groups):
         largest = max(sizes, key=math.prod)
         for dtype in tqdm(args.dtypes, desc="triton sweep", unit="dtype"):
             rows += triton_sweep(largest, dtype, device, repeats, warmup_s, flush_l2=l2 == "flush")

@@ -152,42 +152,68 @@ def time_ms(
     min_sample_s: float = 0.0,
     flush_l2: bool = False,
 ) -> Timing:
-    """Times ``fn()``: at least ``warmup_calls`` calls and ``warmup_s`` seconds of warm-up, then
-    ``repeats`` samples. CUDA: events around the calls on the current stream. ``flush_l2``: every sample
-    is one call after the last-level cache is flushed (the GPU's L2, the CPU's L3: a buffer of >= 4x its
-    size zeroed outside the timed region), as in a training step, where the model's forward and backward
-    evict the loss's inputs. Otherwise a sample is the mean of as many back-to-back calls as last
-    ``min_sample_s`` (timer resolution, launch gaps)."""
-    calls, start = 0, time.perf_counter()
-    while calls < warmup_calls or time.perf_counter() - start < warmup_s:
-        fn()
-        calls += 1
-    synchronize(device)
-    per_call = (time.perf_counter() - start) / max(calls, 1)
-    number = 1 if flush_l2 else max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
-    if device.type == "cuda":
-        flush = _l2_flush_buffer(device) if flush_l2 else None
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for begin, end in events:
-            if flush is not None:
-                flush.zero_()
-            begin.record()
-            for _ in range(number):
-                fn()
-            end.record()
+    """Times ``fn()``: :func:`time_interleaved_ms` of one function."""
+    return time_interleaved_ms(
+        {"fn": fn},
+        device,
+        repeats=repeats,
+        warmup_s=warmup_s,
+        warmup_calls=warmup_calls,
+        min_sample_s=min_sample_s,
+        flush_l2=flush_l2,
+    )["fn"]
+
+
+def time_interleaved_ms(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup_s: float = 0.2,
+    warmup_calls: int = 3,
+    min_sample_s: float = 0.0,
+    flush_l2: bool = False,
+) -> dict[str, Timing]:
+    """Times each of ``fns`` side by side: after its warm-up (at least ``warmup_calls`` calls and ``warmup_s``
+    seconds), ``repeats`` rounds of one sample of every function, in an order rotated each round, so that a
+    machine that slows down or speeds up during the run moves every function's samples alike and their ratios
+    hold. CUDA: events around the calls on the current stream. ``flush_l2``: every sample is one call after the
+    last-level cache is flushed (the GPU's L2, the CPU's L3: a buffer of >= 4x its size zeroed outside the timed
+    region), as in a training step, where the model's forward and backward evict the loss's inputs. Otherwise a
+    sample is the mean of as many back-to-back calls as last ``min_sample_s`` (timer resolution, launch gaps)."""
+    number = {}
+    for name, fn in fns.items():
+        calls, start = 0, time.perf_counter()
+        while calls < warmup_calls or time.perf_counter() - start < warmup_s:
+            fn()
+            calls += 1
         synchronize(device)
-        samples = [begin.elapsed_time(end) / number for begin, end in events]
-    else:
-        flush = _l2_flush_buffer(device) if flush_l2 else None
-        samples = []
-        for _ in range(repeats):
+        per_call = (time.perf_counter() - start) / max(calls, 1)
+        number[name] = 1 if flush_l2 else max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
+    flush = _l2_flush_buffer(device) if flush_l2 else None
+    names = list(fns)
+    cuda = device.type == "cuda"
+    samples: dict[str, list] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             if flush is not None:
                 flush.zero_()
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples.append((time.perf_counter() - t0) * 1e3 / number)
-    return Timing(samples, number, flush_l2)
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            else:
+                t0 = time.perf_counter()
+            for _ in range(number[name]):
+                fns[name]()
+            if cuda:
+                end.record()
+                samples[name].append((begin, end))
+            else:
+                samples[name].append((time.perf_counter() - t0) * 1e3 / number[name])
+    if cuda:
+        synchronize(device)
+        samples = {n: [b.elapsed_time(e) / number[n] for b, e in pairs] for n, pairs in samples.items()}
+    return {name: Timing(samples[name], number[name], flush_l2) for name in names}
 
 
 def time_wall_ms(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup_calls: int = 1) -> Timing:
