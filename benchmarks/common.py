@@ -142,26 +142,9 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH_BUFFERS[device]
 
 
-def time_ms(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    repeats: int,
-    warmup_s: float = 0.2,
-    warmup_calls: int = 3,
-    min_sample_s: float = 0.0,
-    flush_l2: bool = False,
-) -> Timing:
-    """Times ``fn()``: :func:`time_interleaved_ms` of one function."""
-    return time_interleaved_ms(
-        {"fn": fn},
-        device,
-        repeats=repeats,
-        warmup_s=warmup_s,
-        warmup_calls=warmup_calls,
-        min_sample_s=min_sample_s,
-        flush_l2=flush_l2,
-    )["fn"]
+def time_ms(fn: Callable[[], object], device: torch.device, **options) -> Timing:
+    """Times ``fn()``: :func:`time_interleaved_ms` of one function (the same keyword options)."""
+    return time_interleaved_ms({"fn": fn}, device, **options)["fn"]
 
 
 def time_interleaved_ms(
