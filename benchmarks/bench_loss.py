@@ -175,8 +175,9 @@ def run_group(
     op: str = "orw_cfm_w2",
 ) -> list[dict]:
     """The table's rows of ``backends`` for one op, size and dtype, timed side by side (interleaved samples:
-    common.time_interleaved_ms). A backend that fails (torch.compile, out of memory...) gets a "failed: ..."
-    status instead of stopping the sweep."""
+    common.time_interleaved_ms). A backend that fails (torch.compile, out of memory...) in its set-up, first call or
+    memory measurement gets a "failed: ..." status instead of stopping the sweep; a failure while the group is timed
+    marks every backend of the group."""
     numel, itemsize = math.prod(size), DTYPES[dtype].itemsize
     rows, steps = {}, {}
     for backend in backends:
@@ -190,17 +191,21 @@ def run_group(
             steps[backend] = step
         except Exception as err:  # reported in the table
             rows[backend]["status"] = common.error_status(err)
+    bytes_moved = OPS[op][2] * numel * itemsize
     try:
         timings = common.time_interleaved_ms(
             steps, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3, flush_l2=flush_l2
         )
-    except Exception as err:
+    except Exception as err:  # interleaved samples have no single culprit: the whole group is reported
+        timings = {}
         for backend in steps:
             rows[backend]["status"] = common.error_status(err)
-        return list(rows.values())
-    bytes_moved = OPS[op][2] * numel * itemsize
     for backend, timing in timings.items():
-        peak = common.peak_extra_bytes(steps[backend], device)
+        try:
+            peak = common.peak_extra_bytes(steps[backend], device)
+        except Exception as err:  # reported in the table
+            rows[backend]["status"] = common.error_status(err)
+            continue
         rows[backend].update(
             status="ok",
             **timing.summary(),
