@@ -50,9 +50,9 @@ BACKENDS = ("eager", "compile", "native", "triton")
 OPS = {
     "orw_cfm_w2": ("orw_cfm_w2", 3, 4),
     "nft": ("quadratic_fm", 4, 5),
-    "nft_adaptive": ("quadratic_fm_l1", 4, 8),  # + the L1 pass over v, u, v_old of the adaptive weight
+    "nft_adaptive": ("quadratic_fm_norms", 4, 8),  # + the norms pass over v, u, v_old (GPU; the CPU reads them once)
     "awm": ("quadratic_fm", 4, 5),
-    "awm_ghuber": ("quadratic_fm", 4, 8),  # + the orw_cfm_w2 pass over v, u, v_ref for each sample's mse
+    "awm_ghuber": ("quadratic_fm_norms", 4, 8),  # the same, for each sample's mse
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
@@ -65,8 +65,9 @@ QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = (
     "(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
-    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive (+ v, u, v_old read by the L1 pass) and "
-    "awm_ghuber (+ v, u, v_ref read by the mse pass)"
+    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive and awm_ghuber (+ v, u, "
+    "v_old read by the op's norms pass on a GPU; the CPU kernel reads a sample's inputs for both while they are in the "
+    "cache)"
 )
 SETTINGS = (
     "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "

@@ -76,18 +76,19 @@ struct QuadraticFmFunction : torch::autograd::Function<QuadraticFmFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& v, const at::Tensor& u,
                                const at::Tensor& v_old, const at::Tensor& v_ref,
                                const at::Tensor& coef, double alpha, bool grad_v, bool grad_u,
-                               bool grad_v_old, bool grad_v_ref) {
+                               bool grad_v_old, bool grad_v_ref, double msq_power) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("orw_fast::quadratic_fm", "")
                                .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                               const at::Tensor&, const at::Tensor&, double, bool, bool,
-                                              bool, bool)>();
+                                              bool, bool, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     return finish_forward(
-        ctx, op.call(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref), 4);
+        ctx, op.call(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref, msq_power),
+        4);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scaled_grads(ctx, grad_outputs[0], 10);
+    return scaled_grads(ctx, grad_outputs[0], 11);
   }
 };
 
@@ -104,9 +105,10 @@ Outputs orw_cfm_w2_autograd(const at::Tensor& v, const at::Tensor& u, const at::
 
 Outputs quadratic_fm_autograd(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha,
-                              bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref) {
+                              bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref,
+                              double msq_power) {
   return as_tuple(QuadraticFmFunction::apply(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u,
-                                             grad_v_old, grad_v_ref));
+                                             grad_v_old, grad_v_ref, msq_power));
 }
 
 }  // namespace

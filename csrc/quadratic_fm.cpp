@@ -10,7 +10,8 @@
 namespace orw_fast {
 
 int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
-                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha) {
+                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha,
+                               double msq_power) {
   TORCH_CHECK(v.dim() >= 1 && v.numel() > 0, "quadratic_fm: v must be a non-empty [B, ...] tensor");
   for (const at::Tensor* t : {&u, &v_old, &v_ref}) {
     TORCH_CHECK(t->sizes() == v.sizes(), "quadratic_fm: v, u, v_old, v_ref must have one shape, got ",
@@ -33,15 +34,22 @@ int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const a
                                           : double(std::numeric_limits<float>::max());
   TORCH_CHECK(std::isfinite(alpha) && alpha >= 0 && alpha <= limit,
               "quadratic_fm: alpha must be >= 0 and finite in ", acc, ", got ", alpha);
+  TORCH_CHECK(std::isfinite(msq_power) && (msq_power == 0 || coef.size(0) == 5),
+              "quadratic_fm: msq_power must be finite, and 0 with a [6, B] coef, got ", msq_power);
   return D;
 }
 
-at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& l1_1, const at::Tensor& l1_2) {
-  const at::Tensor s = coef[5];
-  const at::Tensor floor = at::full_like(s, kAdaptiveFloor) / s;  // inf where s = 0: the factor is 0 there
+at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& n_1, const at::Tensor& n_2, double msq_power) {
   at::Tensor out = coef.narrow(0, 0, 5).clone();
-  out[0].mul_(s / at::maximum(l1_1, floor));
-  out[2].mul_(s / at::maximum(l1_2, floor));
+  if (coef.size(0) == 6) {
+    const at::Tensor s = coef[5];
+    const at::Tensor floor = at::full_like(s, kAdaptiveFloor) / s;  // inf where s = 0: the factor is 0 there
+    out[0].mul_(s / at::maximum(n_1, floor));
+    out[2].mul_(s / at::maximum(n_2, floor));
+  } else {
+    out[0].mul_((n_1 + kMsqOffset).pow(msq_power));
+    out[2].mul_((n_2 + kMsqOffset).pow(msq_power));
+  }
   return out;
 }
 
@@ -57,9 +65,9 @@ QuadraticOutputs allocate_quadratic_outputs(const at::Tensor& v, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(orw_fast, m) {
   m.def(
       "quadratic_fm(Tensor v, Tensor u, Tensor v_old, Tensor v_ref, Tensor coef, float alpha, "
-      "bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref) -> (Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
-  m.def("quadratic_fm_l1(Tensor v, Tensor u, Tensor v_old, Tensor coef) -> (Tensor, Tensor)");
+      "bool grad_v, bool grad_u, bool grad_v_old, bool grad_v_ref, float msq_power=0.0) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("quadratic_fm_norms(Tensor v, Tensor u, Tensor v_old, Tensor coef, int p) -> (Tensor, Tensor)");
 }
 
 }  // namespace orw_fast

@@ -1,7 +1,8 @@
 // Shared contract of the fused two-policy flow-matching loss op (schema in quadratic_fm.cpp), the
 // kernel behind DiffusionNFT and AWM (orw_fast/ops/quadratic_fm.py derives their coefficients).
 //
-// orw_fast::quadratic_fm(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref)
+// orw_fast::quadratic_fm(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref,
+//                        msq_power=0)
 //   v, u, v_old, v_ref : [B, ...], one floating dtype, one device, identical strides, dense with the
 //                        batch dimension outermost (stride(0) == D = numel / B).
 //   coef               : [5, B] contiguous in the accumulation dtype (float64 for float64 inputs,
@@ -16,16 +17,19 @@
 //   grad_v_old = c ((1 - m1) y1 + (1 - m2) y2 - y3), grad_v_ref = -c alpha k.
 //   (Two weighted squares rather than a general form p a^2 + q e^2 + 2 s a e: no cancellation, e.g.
 //   AWM's grad_v_old is exactly -c w3 e for any advantage, m1 = 1.)
-//   coef may also be [6, B], row 5 = s >= 0 (DiffusionNFT's adaptive weight, orw_fast/ops/nft.py): w1 and w2
-//   are then first multiplied by s / max(l1_1, 1e-5 / s) and s / max(l1_2, 1e-5 / s), with l1_1, l1_2 the
-//   sample's quadratic_fm_l1 norms below (0 where s = 0), all in the same call. The CPU kernel reads each
-//   sample for both sums in one task while it is in the cache; the CUDA kernel runs quadratic_fm_l1 first.
+//   Two adaptive forms rescale w1 and w2 by a function of the sample's own norms first (the norms need a
+//   reduction over the sample before any of its gradients can be written), all in the same call:
+//   - coef [6, B], row 5 = s >= 0 (DiffusionNFT's adaptive weight, orw_fast/ops/nft.py): w1, w2 times
+//     s / max(n_1, 1e-5 / s) and s / max(n_2, 1e-5 / s) with the L1 norms (p = 1) below (0 where s = 0);
+//   - msq_power = q != 0 (coef [5, B]; AWM's huber and ghuber weightings, orw_fast/ops/awm.py): w1, w2 times
+//     (n_1 + 1e-10)^q and (n_2 + 1e-10)^q with the mean squares (p = 2) below.
+//   The CPU kernel reads each sample for its norms and its gradients in one task, while it is in the cache;
+//   the CUDA kernel runs quadratic_fm_norms first.
 //
-// orw_fast::quadratic_fm_l1(v, u, v_old, coef) -> (l1_1 [B], l1_2 [B])
-//   Same inputs and checks (v_ref absent; only the rows m1, m2 of coef are read): the per-sample L1
-//   norms of the two squares' residuals, l1_1 = mean_d |a + m1 e|, l1_2 = mean_d |a + m2 e|, in the
-//   accumulation dtype, reduced in a fixed order. Never differentiated (no autograd: callers pass
-//   detached tensors): what quadratic_fm's [6, B] form computes first on a GPU.
+// orw_fast::quadratic_fm_norms(v, u, v_old, coef, p) -> (n_1 [B], n_2 [B])
+//   Same inputs and checks (v_ref absent; only the rows m1, m2 of coef are read), p in {1, 2}: the
+//   per-sample norms of the two squares' residuals, n_k = mean_d |a + m_k e|^p, in the accumulation
+//   dtype, reduced in a fixed order. Never differentiated (no autograd: callers pass detached tensors).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -41,13 +45,17 @@ using QuadraticOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
 
 // Validates the contract above (TORCH_CHECK) and returns D.
 int64_t check_quadratic_inputs(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
-                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha);
+                               const at::Tensor& v_ref, const at::Tensor& coef, double alpha,
+                               double msq_power = 0.0);
 
 // The adaptive weight's floor (the reference code's max(mean |x̂ - x|, 1e-5)).
 constexpr double kAdaptiveFloor = 1e-5;
+// The offset of the mean square in the msq_power form (the AWM reference's mse + 1e-10).
+constexpr double kMsqOffset = 1e-10;
 
-// The [5, B] coef of the [6, B] adaptive form: w1, w2 rescaled from the L1 norms (ATen ops, any device).
-at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& l1_1, const at::Tensor& l1_2);
+// The plain [5, B] coef of an adaptive form from the sample norms n_1, n_2 (the L1 norms for coef [6, B],
+// else the mean squares and msq_power): w1, w2 rescaled (ATen ops, any device).
+at::Tensor adaptive_coef(const at::Tensor& coef, const at::Tensor& n_1, const at::Tensor& n_2, double msq_power);
 
 // Allocates the seven outputs (uninitialised) on v's device.
 QuadraticOutputs allocate_quadratic_outputs(const at::Tensor& v, const at::Tensor& coef, bool grad_v,

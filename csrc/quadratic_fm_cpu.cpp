@@ -1,7 +1,7 @@
-// CPU kernels of orw_fast::quadratic_fm and quadratic_fm_l1 (contract in quadratic_fm.h): one pass over
+// CPU kernels of orw_fast::quadratic_fm and quadratic_fm_norms (contract in quadratic_fm.h): one pass over
 // v, u, v_old, v_ref that produces the per-sample sums and the gradients; one over v, u, v_old for the
-// per-sample L1 norms; with the adaptive [6, B] coef, both for one sample in one task (its second read hits
-// the cache). As in orw_cfm_w2_cpu.cpp, work is split into
+// per-sample norms; in an adaptive form (coef [6, B] or msq_power != 0), both for one sample in one task
+// (its second read hits the cache). As in orw_cfm_w2_cpu.cpp, work is split into
 // fixed chunks of a sample, each writing its own partial sums, added afterwards in chunk order: the
 // result does not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -65,18 +65,18 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
   *out_kl = t2;
 }
 
-// Sums of |a + m1 e| and |a + m2 e| over the flat range [begin, end) inside one sample (quadratic_fm_l1).
-template <typename scalar_t>
-ORW_FAST_CPU_CLONES void chunk_l1(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
-                                  const scalar_t* __restrict__ o, int64_t begin, int64_t end,
-                                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2,
-                                  at::opmath_type<scalar_t>* out1, at::opmath_type<scalar_t>* out2) {
+// Sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2) over the flat range [begin, end) inside one sample.
+template <typename scalar_t, int P>
+ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
+                                     const scalar_t* __restrict__ o, int64_t begin, int64_t end,
+                                     at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2,
+                                     at::opmath_type<scalar_t>* out1, at::opmath_type<scalar_t>* out2) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s1[kLanes] = {}, s2[kLanes] = {};
   auto body = [&](int64_t j, int64_t lane) __attribute__((always_inline)) {
-    const acc_t oj = o[j], a = oj - acc_t(u[j]), e = acc_t(v[j]) - oj;
-    s1[lane] += std::abs(a + m1 * e);
-    s2[lane] += std::abs(a + m2 * e);
+    const acc_t oj = o[j], a = oj - acc_t(u[j]), e = acc_t(v[j]) - oj, x1 = a + m1 * e, x2 = a + m2 * e;
+    s1[lane] += P == 1 ? std::abs(x1) : x1 * x1;
+    s2[lane] += P == 1 ? std::abs(x2) : x2 * x2;
   };
   int64_t j = begin;
   for (; j + kLanes <= end; j += kLanes) {
@@ -93,45 +93,58 @@ ORW_FAST_CPU_CLONES void chunk_l1(const scalar_t* __restrict__ v, const scalar_t
   *out2 = t2;
 }
 
-std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cpu(const at::Tensor& v, const at::Tensor& u,
-                                                       const at::Tensor& v_old, const at::Tensor& coef) {
+// The per-sample norms n_1, n_2 of sample i (quadratic_fm_norms' chunks, in their order) into n[0], n[1].
+template <typename scalar_t>
+void sample_norms(const scalar_t* v, const scalar_t* u, const scalar_t* o, int64_t i, int64_t D, int64_t p,
+                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, at::opmath_type<scalar_t>* n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t t1 = 0, t2 = 0;
+  for (int64_t begin = i * D; begin < (i + 1) * D; begin += kChunk) {
+    const int64_t end = std::min((i + 1) * D, begin + kChunk);
+    acc_t s1, s2;
+    if (p == 1) {
+      chunk_norms<scalar_t, 1>(v, u, o, begin, end, m1, m2, &s1, &s2);
+    } else {
+      chunk_norms<scalar_t, 2>(v, u, o, begin, end, m1, m2, &s1, &s2);
+    }
+    t1 += s1;
+    t2 += s2;
+  }
+  n[0] = t1 / acc_t(D);
+  n[1] = t2 / acc_t(D);
+}
+
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_norms_cpu(const at::Tensor& v, const at::Tensor& u,
+                                                          const at::Tensor& v_old, const at::Tensor& coef,
+                                                          int64_t p) {
   const int64_t D = check_quadratic_inputs(v, u, v_old, v_old, coef, 0.0);
-  const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
-  at::Tensor l1_1 = at::empty({B}, coef.options()), l1_2 = at::empty({B}, coef.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_l1_cpu", [&] {
+  TORCH_CHECK(p == 1 || p == 2, "quadratic_fm_norms: p must be 1 or 2, got ", p);
+  const int64_t B = v.size(0);
+  at::Tensor n_1 = at::empty({B}, coef.options()), n_2 = at::empty({B}, coef.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_norms_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* cf = coef.const_data_ptr<acc_t>();
-    std::vector<acc_t> part(2 * B * nchunks);
-    at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
-        const int64_t end = std::min((i + 1) * D, begin + kChunk);
-        chunk_l1<scalar_t>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                           v_old.const_data_ptr<scalar_t>(), begin, end, cf[B + i], cf[3 * B + i], &part[t],
-                           &part[B * nchunks + t]);
+    acc_t* p1 = n_1.data_ptr<acc_t>();
+    acc_t* p2 = n_2.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t n[2];
+        sample_norms<scalar_t>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                               v_old.const_data_ptr<scalar_t>(), i, D, p, cf[B + i], cf[3 * B + i], n);
+        p1[i] = n[0];
+        p2[i] = n[1];
       }
     });
-    acc_t* p1 = l1_1.data_ptr<acc_t>();
-    acc_t* p2 = l1_2.data_ptr<acc_t>();
-    for (int64_t i = 0; i < B; ++i) {
-      acc_t s1 = 0, s2 = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
-        s1 += part[i * nchunks + ch];
-        s2 += part[B * nchunks + i * nchunks + ch];
-      }
-      p1[i] = s1 / acc_t(D);
-      p2[i] = s2 / acc_t(D);
-    }
   });
-  return {l1_1, l1_2};
+  return {n_1, n_2};
 }
 
 QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                                   const at::Tensor& v_ref, const at::Tensor& coef, double alpha, bool grad_v,
-                                  bool grad_u, bool grad_v_old, bool grad_v_ref) {
-  const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha);
+                                  bool grad_u, bool grad_v_old, bool grad_v_ref, double msq_power) {
+  const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha, msq_power);
   const int64_t B = v.size(0), nchunks = (D + kChunk - 1) / kChunk;
-  const bool adaptive = coef.size(0) == 6;
+  const bool l1_form = coef.size(0) == 6, adaptive = l1_form || msq_power != 0;
   auto outs = allocate_quadratic_outputs(v, coef, grad_v, grad_u, grad_v_old, grad_v_ref);
   at::Tensor &loss = std::get<0>(outs), &policy = std::get<1>(outs), &kl = std::get<2>(outs);
   at::Tensor &gv = std::get<3>(outs), &gu = std::get<4>(outs), &go = std::get<5>(outs), &gr = std::get<6>(outs);
@@ -160,22 +173,22 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
         });
         return;
       }
-      // One task per sample: its L1 sums (the chunks and order of quadratic_fm_l1), then its gradient pass
+      // One task per sample: its norms (those of quadratic_fm_norms, bit for bit), then its gradient pass
       // while its inputs are still in the cache.
+      const acc_t q = acc_t(msq_power), offset = acc_t(kMsqOffset);
       at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          acc_t l1[2] = {0, 0};
-          for (int64_t ch = 0; ch < nchunks; ++ch) {
-            const int64_t begin = i * D + ch * kChunk, end = std::min((i + 1) * D, begin + kChunk);
-            acc_t s1, s2;
-            chunk_l1<scalar_t>(pv, pu, po, begin, end, cf[B + i], cf[3 * B + i], &s1, &s2);
-            l1[0] += s1;
-            l1[1] += s2;
-          }
+          acc_t n[2];
+          sample_norms<scalar_t>(pv, pu, po, i, D, l1_form ? 1 : 2, cf[B + i], cf[3 * B + i], n);
           Coef<acc_t> k = coef_of(i);
-          const acc_t s = cf[5 * B + i];
-          k.w1 *= s / std::max(l1[0] / acc_t(D), acc_t(kAdaptiveFloor) / s);
-          k.w2 *= s / std::max(l1[1] / acc_t(D), acc_t(kAdaptiveFloor) / s);
+          if (l1_form) {
+            const acc_t s = cf[5 * B + i];
+            k.w1 *= s / std::max(n[0], acc_t(kAdaptiveFloor) / s);
+            k.w2 *= s / std::max(n[1], acc_t(kAdaptiveFloor) / s);
+          } else {
+            k.w1 *= std::pow(n[0] + offset, q);
+            k.w2 *= std::pow(n[1] + offset, q);
+          }
           for (int64_t ch = 0; ch < nchunks; ++ch) pass(i * nchunks + ch, k);
         }
       });
@@ -202,7 +215,7 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
 
 TORCH_LIBRARY_IMPL(orw_fast, CPU, m) {
   m.impl("quadratic_fm", &quadratic_fm_cpu);
-  m.impl("quadratic_fm_l1", &quadratic_fm_l1_cpu);
+  m.impl("quadratic_fm_norms", &quadratic_fm_norms_cpu);
 }
 
 }  // namespace orw_fast

@@ -2,7 +2,7 @@
 // orw_cfm_w2_cuda.cu: a grid-stride pass kernel (a task is one chunk of one sample; it reads its chunk
 // of v, u, v_old, v_ref once with 16-byte vector loads when aligned, writes the requested gradients and
 // stores its two partial sums) and a one-block finalize kernel that adds the partials in chunk order.
-// quadratic_fm_l1 runs an L1 kernel on the same tasks (v, u, v_old only) and the same finalize kernel.
+// quadratic_fm_norms runs a norms kernel on the same tasks (v, u, v_old only) and the same finalize kernel.
 // Fixed reduction orders: bitwise reproducible. Current stream, caching allocator only: capturable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -78,11 +78,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// quadratic_fm_l1: the same tasks as the pass kernel, reading v, u, v_old only; partial sums of
-// |a + m1 e| and |a + m2 e| (added by the finalize kernel below, with alpha = 0).
-template <typename scalar_t, int VEC>
+// quadratic_fm_norms: the same tasks as the pass kernel, reading v, u, v_old only; partial sums of
+// |a + m1 e|^NORM and |a + m2 e|^NORM (added by the finalize kernel below, with alpha = 0).
+template <typename scalar_t, int VEC, int NORM>
 __global__ void __launch_bounds__(kThreads)
-    quadratic_l1_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
+    quadratic_norms_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                         const scalar_t* __restrict__ o, const at::opmath_type<scalar_t>* __restrict__ coef,
                         int64_t B, int64_t D, int64_t nchunks, at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const acc_t ok = po.val[k], a = ok - acc_t(pu.val[k]), e = acc_t(pv.val[k]) - ok;
-          s1 += ::abs(a + m1 * e);
-          s2 += ::abs(a + m2 * e);
+          const acc_t x1 = a + m1 * e, x2 = a + m2 * e;
+          s1 += NORM == 1 ? ::abs(x1) : x1 * x1;
+          s2 += NORM == 1 ? ::abs(x2) : x2 * x2;
         }
       }
     }
@@ -168,17 +169,19 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cuda(const at::Tensor& v, const at::Tensor& u,
-                                                        const at::Tensor& v_old, const at::Tensor& coef);
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_norms_cuda(const at::Tensor& v, const at::Tensor& u,
+                                                           const at::Tensor& v_old, const at::Tensor& coef,
+                                                           int64_t p);
 
 QuadraticOutputs quadratic_fm_cuda(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old,
                                    const at::Tensor& v_ref, const at::Tensor& coef, double alpha, bool grad_v,
-                                   bool grad_u, bool grad_v_old, bool grad_v_ref) {
-  const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha);
-  if (coef.size(0) == 6) {  // the adaptive weight: its L1 pass, then this op with w1, w2 rescaled
-    const auto [l1_1, l1_2] = quadratic_fm_l1_cuda(v, u, v_old, coef);
-    return quadratic_fm_cuda(v, u, v_old, v_ref, adaptive_coef(coef, l1_1, l1_2), alpha, grad_v, grad_u,
-                             grad_v_old, grad_v_ref);
+                                   bool grad_u, bool grad_v_old, bool grad_v_ref, double msq_power) {
+  const int64_t D = check_quadratic_inputs(v, u, v_old, v_ref, coef, alpha, msq_power);
+  const bool l1_form = coef.size(0) == 6;
+  if (l1_form || msq_power != 0) {  // an adaptive form: its norms pass, then this op with w1, w2 rescaled
+    const auto [n_1, n_2] = quadratic_fm_norms_cuda(v, u, v_old, coef, l1_form ? 1 : 2);
+    return quadratic_fm_cuda(v, u, v_old, v_ref, adaptive_coef(coef, n_1, n_2, msq_power), alpha, grad_v,
+                             grad_u, grad_v_old, grad_v_ref, 0.0);
   }
   const int64_t B = v.size(0);
   const c10::cuda::CUDAGuard guard(v.device());
@@ -208,12 +211,12 @@ QuadraticOutputs quadratic_fm_cuda(const at::Tensor& v, const at::Tensor& u, con
   return outs;
 }
 
-template <typename scalar_t, int VEC>
-void launch_l1(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old, const at::Tensor& coef,
-               int64_t nchunks, at::Tensor& part, cudaStream_t stream) {
+template <typename scalar_t, int VEC, int NORM>
+void launch_norms(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old, const at::Tensor& coef,
+                  int64_t nchunks, at::Tensor& part, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = v.size(0), D = v.numel() / B;
-  constexpr auto kernel = &quadratic_l1_kernel<scalar_t, VEC>;
+  constexpr auto kernel = &quadratic_norms_kernel<scalar_t, VEC, NORM>;
   const int64_t grid = std::min<int64_t>(B * nchunks, resident_blocks<kernel>(v.get_device()));
   kernel<<<grid, kThreads, 0, stream>>>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                                         v_old.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), B, D,
@@ -221,40 +224,40 @@ void launch_l1(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_old
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> quadratic_fm_l1_cuda(const at::Tensor& v, const at::Tensor& u,
-                                                        const at::Tensor& v_old, const at::Tensor& coef) {
+std::tuple<at::Tensor, at::Tensor> quadratic_fm_norms_cuda(const at::Tensor& v, const at::Tensor& u,
+                                                           const at::Tensor& v_old, const at::Tensor& coef,
+                                                           int64_t p) {
   const int64_t D = check_quadratic_inputs(v, u, v_old, v_old, coef, 0.0);
+  TORCH_CHECK(p == 1 || p == 2, "quadratic_fm_norms: p must be 1 or 2, got ", p);
   const int64_t B = v.size(0);
   const c10::cuda::CUDAGuard guard(v.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor l1_1 = at::empty({B}, coef.options()), l1_2 = at::empty({B}, coef.options());
+  at::Tensor n_1 = at::empty({B}, coef.options()), n_2 = at::empty({B}, coef.options());
   at::Tensor scratch = at::empty({}, coef.options());  // the finalize kernel's loss, unused
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_l1_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "quadratic_fm_norms_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = D % kVec == 0 && aligned16(v) && aligned16(u) && aligned16(v_old);
     const int64_t chunk = int64_t(kThreads) * kIters * (vec ? kVec : 1);
     const int64_t nchunks = (D + chunk - 1) / chunk;
     auto part = at::empty({2 * B * nchunks}, coef.options());
-    if (vec) {
-      launch_l1<scalar_t, kVec>(v, u, v_old, coef, nchunks, part, stream);
-    } else {
-      launch_l1<scalar_t, 1>(v, u, v_old, coef, nchunks, part, stream);
-    }
+    auto launch = vec ? (p == 1 ? launch_norms<scalar_t, kVec, 1> : launch_norms<scalar_t, kVec, 2>)
+                      : (p == 1 ? launch_norms<scalar_t, 1, 1> : launch_norms<scalar_t, 1, 2>);
+    launch(v, u, v_old, coef, nchunks, part, stream);
     auto finalize = nchunks >= 32 ? quadratic_finalize_kernel<acc_t, 32> : quadratic_finalize_kernel<acc_t, 1>;
     finalize<<<1, kThreads, 0, stream>>>(part.const_data_ptr<acc_t>(), B, D, nchunks, acc_t(0),
-                                         scratch.mutable_data_ptr<acc_t>(), l1_1.mutable_data_ptr<acc_t>(),
-                                         l1_2.mutable_data_ptr<acc_t>());
+                                         scratch.mutable_data_ptr<acc_t>(), n_1.mutable_data_ptr<acc_t>(),
+                                         n_2.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {l1_1, l1_2};
+  return {n_1, n_2};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(orw_fast, CUDA, m) {
   m.impl("quadratic_fm", &quadratic_fm_cuda);
-  m.impl("quadratic_fm_l1", &quadratic_fm_l1_cuda);
+  m.impl("quadratic_fm_norms", &quadratic_fm_norms_cuda);
 }
 
 }  // namespace orw_fast

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_OPS = ("orw_cfm_w2", "quadratic_fm", "quadratic_fm_l1")
+_OPS = ("orw_cfm_w2", "quadratic_fm", "quadratic_fm_norms")
 
 try:
     from orw_fast import _C  # noqa: F401  (loading it registers the torch.ops.orw_fast ops)

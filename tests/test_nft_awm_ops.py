@@ -498,12 +498,12 @@ def _op(backend):
     return quadratic_fm_triton
 
 
-def _l1_op(backend):
+def _norms_op(backend):
     if backend == "native":
-        return torch.ops.orw_fast.quadratic_fm_l1.default
-    from orw_fast.ops.triton.quadratic_fm import quadratic_fm_l1_triton
+        return torch.ops.orw_fast.quadratic_fm_norms.default
+    from orw_fast.ops.triton.quadratic_fm import quadratic_fm_norms_triton
 
-    return quadratic_fm_l1_triton
+    return quadratic_fm_norms_triton
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
@@ -520,21 +520,25 @@ def test_opcheck(backend, device, flags, dtype):
     torch.library.opcheck(_op(backend), (*tensors, coef, 0.5, *flags))
     adaptive = torch.cat([coef, torch.rand(1, 3, device=device)])  # row 5: s, NFT's adaptive weight
     torch.library.opcheck(_op(backend), (*tensors, adaptive, 0.5, *flags))
+    torch.library.opcheck(_op(backend), (*tensors, coef, 0.5, *flags, -0.75))  # the mean-square form (AWM ghuber)
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_l1(backend, device):
-    """The L1 op behind NFT's adaptive weight (no autograd: its inputs never require grad)."""
+@pytest.mark.parametrize("p", [1, 2])
+def test_opcheck_norms(backend, device, p):
+    """The norms op behind the adaptive forms (no autograd: its inputs never require grad), against float64."""
     skip_unless(backend, device)
     v, u, v_old, _ = make_inputs((3, 2, 5), torch.bfloat16, device, grads=(False,) * 4, seed=15)
-    op = _l1_op(backend)
+    op = _norms_op(backend)
     coef = torch.randn(5, 3, device=device)
-    torch.library.opcheck(op, (v, u, v_old, coef))
+    torch.library.opcheck(op, (v, u, v_old, coef, p))
     a, e = v_old.double() - u.double(), v.double() - v_old.double()
-    for got, m in zip(op(v, u, v_old, coef), (coef[1], coef[3])):
-        want = (a + m.double()[:, None, None] * e).abs().reshape(3, -1).mean(1)
+    for got, m in zip(op(v, u, v_old, coef, p), (coef[1], coef[3])):
+        want = (a + m.double()[:, None, None] * e).abs().pow(p).reshape(3, -1).mean(1)
         assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-6
+    with pytest.raises(RuntimeError, match="p must be 1 or 2"):
+        op(v, u, v_old, coef, 3)
 
 
 @pytest.mark.parametrize(
@@ -546,11 +550,14 @@ def test_opcheck_l1(backend, device):
         for s in ([(7, 3, 5)] if b == "triton" and d == "cpu" else [(7, 3, 5), (2, 3, 75, 75)])  # two chunks a sample
     ],
 )
-def test_adaptive_form_is_the_l1_op_then_the_plain_op_bit_for_bit(backend, device, shape):
-    """coef [6, B] (row 5 = s): the same loss, components and gradients, bit for bit, as quadratic_fm_l1, the
-    factors s / max(l1, 1e-5 / s) on w1 and w2 (adaptive_coef), and the plain [5, B] op. s takes 0, 1, a floor case."""
+def test_adaptive_forms_are_the_norms_op_then_the_plain_op(backend, device, shape):
+    """coef [6, B] (row 5 = s): the same loss, components and gradients, bit for bit, as quadratic_fm_norms (p = 1),
+    the factors s / max(l1, 1e-5 / s) on w1 and w2 (adaptive_coef), and the plain [5, B] op; s takes 0, 1, a floor
+    case. msq_power q: the same as the norms op (p = 2), the factors (msq + 1e-10)^q and the plain op, to a few float32
+    roundings (the kernels' scalar pow and ATen's vectorised pow may differ in the last bit); q = 0 is the plain op
+    bit for bit."""
     skip_unless(backend, device)
-    from orw_fast.ops.nft import adaptive_coef
+    from orw_fast.ops.quadratic_fm import adaptive_coef
 
     tensors = [t.detach() for t in make_inputs(shape, torch.float32, device, grads=(False,) * 4, seed=31)]
     b = shape[0]
@@ -561,10 +568,20 @@ def test_adaptive_form_is_the_l1_op_then_the_plain_op_bit_for_bit(backend, devic
         torch.zeros(b, device=device),
     ]
     coef6 = torch.stack([*rows, torch.full((b,), 0.2, device=device), rand_s(b, device, 31)]).contiguous()
-    op, l1_op = _op(backend), _l1_op(backend)
-    fused = op(*tensors, coef6, 0.3, True, True, True, True)
-    plain = op(*tensors, adaptive_coef(coef6, *l1_op(*tensors[:3], coef6)).contiguous(), 0.3, True, True, True, True)
+    op, norms_op = _op(backend), _norms_op(backend)
+    flags = (True,) * 4
+    fused = op(*tensors, coef6, 0.3, *flags)
+    plain = op(*tensors, adaptive_coef(coef6, *norms_op(*tensors[:3], coef6, 1), 0.0).contiguous(), 0.3, *flags)
     for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+    coef5 = coef6[:5].contiguous()
+    for q in (-0.75, -0.5, 0.3):
+        fused = op(*tensors, coef5, 0.3, *flags, q)
+        plain = op(*tensors, adaptive_coef(coef5, *norms_op(*tensors[:3], coef5, 2), q).contiguous(), 0.3, *flags)
+        for got, want in zip(fused, plain):
+            assert rel_err(got, want) <= 1e-6
+        assert not torch.equal(fused[1], op(*tensors, coef5, 0.3, *flags)[1])  # the factors did act
+    for got, want in zip(op(*tensors, coef5, 0.3, *flags, 0.0), op(*tensors, coef5, 0.3, *flags)):
         assert torch.equal(got, want)
 
 

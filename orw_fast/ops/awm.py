@@ -38,11 +38,12 @@ gradient is then -A_i ∇ℓ_i = A_i f_i ∇mse_i with the per-sample factor f_i
 
 so the loss trained is the one above with A_i replaced by the detached weight A_i f_i (its value is
 mean_i A_i f_i mse_i + the penalties: the reference's gradient, not its value, which is the constant -mean A).
-"huber" and "ghuber" need mse_i before any gradient of the sample can be written: the fused backends first run the
-orw_cfm_w2 op without gradients (weights 1, α 0, u passed again as its v_ref, so that read hits the cache: one read
-of v and u, its per-sample mse as a by-product), then the gradient pass: 6 tensor reads instead of 4 with v_old (5
-instead of 3 without). The op is reused rather than a new "sum of squares" op: its per-sample fm output is exactly
-mse_i (fp32 accumulation for fp16/bf16) and it needs no new kernel on three backends.
+"huber" and "ghuber" need mse_i before any gradient of the sample can be written. Their factor is
+c_i (mse_i + 1e-10)^q with c_i = σ_i, q = p - 1 (ghuber) or c_i = σ_i / 2, q = -1/2 (huber): the fused backends
+pass w1 = A_i c_i and q as the quadratic_fm op's ``msq_power`` (ops/quadratic_fm.py), which computes each sample's
+mean square of v - u and then its gradient pass in the same call (on the CPU per sample while its inputs are in the
+cache: one read of each input; on a GPU a norms launch first, 3 more tensor reads). Without v_old the op gets u as
+v_old (a = 0, e = v - u; w3 = 0), so that read hits the cache.
 Not covered: the off-policy ratio (its factor exp(ℓ - ℓ_old) needs the same first pass, with the EMA's ℓ_old).
 docs/objectives.md lists the other differences (trained times, advantage scale).
 """
@@ -55,11 +56,10 @@ import numbers
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions, orw_cfm_w2_loss
-from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
+from orw_fast.ops.quadratic_fm import MSQ_OFFSET, PolicyComponents, fused_quadratic_fm, resolve_backend
 from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
 
 WEIGHTINGS = ("uniform", "t", "t**2", "huber", "ghuber")  # the reference code's config.train.weighting, lower-cased
-MSE_EPS = 1e-10  # the reference's offset of mse inside the huber and ghuber weightings
 
 
 def weighting_factor(
@@ -75,8 +75,8 @@ def weighting_factor(
     if weighting == "t**2":
         return sigma.square()
     if weighting == "huber":
-        return sigma / (2 * (mse + MSE_EPS).sqrt())
-    return sigma * (mse + MSE_EPS).pow(power - 1)
+        return sigma / (2 * (mse + MSQ_OFFSET).sqrt())
+    return sigma * (mse + MSQ_OFFSET).pow(power - 1)
 
 
 def _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting="uniform", sigma=None, power=0.25):
@@ -152,27 +152,18 @@ def awm_loss(
         sigma = sigma.detach().to(acc)
         if validate and not _is_capturing_or_compiling() and bool(((sigma < 0) | (sigma > 1)).any()):
             raise ValueError("sigma must lie in [0, 1] (the noise levels 1 - t of the path times)")
-    backend = resolve_backend(backend, v.device)
+    by_mse = weighting in ("huber", "ghuber")  # the op's mean-square form (module docstring)
+    backend = resolve_backend(backend, v.device, adaptive=by_mse)
     if backend == "eager":
         loss, parts = _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting, sigma, ghuber_power)
         return (loss, parts) if return_components else loss
-    if weighting != "uniform":
-        mse = None  # only huber and ghuber read it: a first pass for each sample's mse (module docstring)
-        if weighting in ("huber", "ghuber"):
-            with torch.no_grad():
-                _, first = orw_cfm_w2_loss(  # u as its v_ref: that read hits the cache, its w2 is unused
-                    v,
-                    u,
-                    u,
-                    weights=torch.ones_like(adv),
-                    alpha=0.0,
-                    backend=backend,
-                    return_components=True,
-                    validate=False,
-                )
-            mse = first.fm.to(acc)
-        adv = adv * weighting_factor(weighting, mse, sigma, ghuber_power)
-    if v_old is None:
+    msq_power = 0.0
+    if by_mse:
+        adv = adv * (sigma / 2 if weighting == "huber" else sigma)
+        msq_power = -0.5 if weighting == "huber" else ghuber_power - 1
+    elif weighting != "uniform":
+        adv = adv * weighting_factor(weighting, None, sigma, ghuber_power)
+    if v_old is None and not by_mse:
         loss, comp = orw_cfm_w2_loss(
             v, u, v_ref, weights=adv, alpha=alpha, backend=backend, return_components=True, validate=False
         )
@@ -180,5 +171,6 @@ def awm_loss(
     else:
         zeros = torch.zeros_like(adv)
         coef = torch.stack([adv, torch.ones_like(adv), zeros, zeros, torch.full_like(adv, alpha_old)])
-        loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
+        old = u if v_old is None else v_old  # without v_old: a = 0, e = v - u (module docstring)
+        loss, parts = fused_quadratic_fm(v, u, old, v_ref, coef, alpha, backend, msq_power)
     return (loss, parts) if return_components else loss

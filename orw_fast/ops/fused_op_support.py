@@ -3,7 +3,7 @@
 Each op takes its n differentiable tensors first and returns (loss, diagnostics..., one gradient per
 differentiable tensor) with the gradients already computed in the forward pass, so backward only scales
 them by grad_output: orw_cfm_w2 -> (loss, fm, w2, weights, grad_v, grad_u, grad_v_ref),
-quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref). quadratic_fm_l1 (NFT's adaptive weight)
+quadratic_fm -> (loss, policy, kl, grad_v, grad_u, grad_v_old, grad_v_ref). quadratic_fm_norms (the adaptive forms)
 has only a fake kernel here: it is never differentiated. The autograd below serves the Triton ops (a triton_op's
 autograd is Python); the native ops have the same backward in C++ (csrc/fused_autograd.cpp), which saves a CPU
 training step the Python layer's 0.2-0.4 ms."""
@@ -21,7 +21,7 @@ def allocate_outputs(v, u, v_ref, scores, alpha, tau, weighting, grad_v, grad_u,
     return (scores.new_empty(()), scores.new_empty(batch), scores.new_empty(batch), scores.new_empty(batch), *grads)
 
 
-def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref):
+def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref, msq_power=0.0):
     """The outputs of the quadratic_fm contract (csrc/quadratic_fm.h), allocated, not computed."""
     batch = v.shape[0]
     wanted = (grad_v, grad_u, grad_v_old, grad_v_ref)
@@ -29,8 +29,8 @@ def allocate_quadratic_outputs(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, 
     return (coef.new_empty(()), coef.new_empty(batch), coef.new_empty(batch), *grads)
 
 
-def allocate_l1_outputs(v, u, v_old, coef):
-    """The outputs of quadratic_fm_l1 (csrc/quadratic_fm.h), allocated, not computed: two [B] vectors in the
+def allocate_norms_outputs(v, u, v_old, coef, p):
+    """The outputs of quadratic_fm_norms (csrc/quadratic_fm.h), allocated, not computed: two [B] vectors in the
     accumulation dtype (no gradients: the op has no autograd)."""
     return coef.new_empty(v.shape[0]), coef.new_empty(v.shape[0])
 

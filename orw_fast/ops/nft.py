@@ -32,7 +32,7 @@ exact branch is not blown up. The weights need an L1 reduction over each sample'
 gradient can be written: the fused backends pass s as a sixth row of the quadratic_fm op's coefficients, and the op
 computes mean_d |a + m1 e| and mean_d |a + m2 e| (= mean_d |v± - u|) first, then the gradient pass with w1, w2
 rescaled (ops/quadratic_fm.py: on the CPU per sample while its inputs are in the cache; on a GPU a separate
-quadratic_fm_l1 launch, 7 tensor reads instead of 4). Without s the op is exactly the plain loss (bit-identical).
+quadratic_fm_norms launch, 7 tensor reads instead of 4). Without s the op is exactly the plain loss (bit-identical).
 Its L1 sums accumulate in float32 for fp16/bf16/fp32 inputs (float64 for float64), not float64 as the reference's.
 
 Where the reference code still differs, and what orw_fast does instead:
@@ -52,7 +52,7 @@ import numbers
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions
-from orw_fast.ops.quadratic_fm import PolicyComponents, fused_quadratic_fm, resolve_backend
+from orw_fast.ops.quadratic_fm import PolicyComponents, adaptive_factor, fused_quadratic_fm, resolve_backend
 from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
 
 
@@ -63,23 +63,6 @@ def nft_optimality(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
     if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0:
         raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
     return advantages.detach().clamp(-clip, clip) / (2 * clip) + 0.5
-
-
-ADAPTIVE_FLOOR = 1e-5  # the reference code's lower bound of the adaptive weight ω
-
-
-def adaptive_factor(l1: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """s^2 / max(s l1, 1e-5) per sample (s = 1 - t >= 0, l1 = mean_d |v± - u|), as s / max(l1, 1e-5 / s): no s^2
-    formed, and exactly 0 at s = 0 (1e-5 / 0 = inf)."""
-    return s / torch.maximum(l1, torch.full_like(s, ADAPTIVE_FLOOR) / s)  # a division, as the kernels compute it
-
-
-def adaptive_coef(coef: torch.Tensor, l1_pos: torch.Tensor, l1_neg: torch.Tensor) -> torch.Tensor:
-    """The [5, B] coefficients of quadratic_fm's adaptive form ([6, B], row 5 = s; csrc/quadratic_fm.h): w1 and w2
-    times :func:`adaptive_factor` of their branches' L1 norms (what the Triton op computes after its L1 pass)."""
-    s = coef[5]
-    factors = (adaptive_factor(l1_pos, s), adaptive_factor(l1_neg, s))
-    return torch.stack([coef[0] * factors[0], coef[1], coef[2] * factors[1], coef[3], coef[4]])
 
 
 def _eager(v, u, v_old, v_ref, r, beta, alpha, s=None):

@@ -28,15 +28,20 @@ The per-sample factors are known before the pass (they depend on rewards, not on
 needs a second read. ORW-CFM-W2 itself is this form with v_old = v (e = 0, p = w); it keeps its own 3-input op
 (orw_cfm_w2) because a fourth read would cost it a quarter more traffic.
 
-The exception is DiffusionNFT's adaptive weight (ops/nft.py): it depends on each sample's mean_d |a + m e| of both
-squares, a reduction over the sample that must be complete before any of its gradients is written. The op takes it
-as coef [6, B] (row 5 = s = 1 - t): w1, w2 are first multiplied by s / max(mean_d |x1|, 1e-5 / s) and
-s / max(mean_d |x2|, 1e-5 / s) in the same call. The CPU kernel then runs one task per sample, its L1 sums and then
-its gradient pass while the sample's inputs are still in the cache (a separate L1 op read everything twice from
-memory and was slower than torch.compile); the CUDA and Triton kernels launch
-``torch.ops.orw_fast.quadratic_fm_l1(v, u, v_old, coef) -> (l1_1, l1_2)`` (one read of v, u, v_old, fixed-order
-reduction, no autograd) and then the gradient pass with the rescaled coefficients. With coef [5, B] the op is
-unchanged, bit for bit.
+The exceptions are the adaptive forms, whose factors depend on each sample's own norms of both squares, a
+reduction over the sample that must be complete before any of its gradients is written:
+
+- DiffusionNFT's adaptive weight (ops/nft.py), coef [6, B] (row 5 = s = 1 - t): w1, w2 are first multiplied by
+  s / max(mean_d |x1|, 1e-5 / s) and s / max(mean_d |x2|, 1e-5 / s);
+- AWM's huber and ghuber weightings (ops/awm.py), ``msq_power`` q != 0: w1, w2 are first multiplied by
+  (mean_d x1^2 + 1e-10)^q and (mean_d x2^2 + 1e-10)^q.
+
+Both happen in the same call. The CPU kernel runs one task per sample, its norms and then its gradient pass while
+the sample's inputs are still in the cache (a separate norms pass read everything twice from memory and was slower
+than torch.compile); the CUDA and Triton kernels launch
+``torch.ops.orw_fast.quadratic_fm_norms(v, u, v_old, coef, p) -> (n_1, n_2)`` (one read of v, u, v_old,
+fixed-order reduction, no autograd; p = 1 or 2) and then the gradient pass with the coefficients of
+:func:`adaptive_coef`. With coef [5, B] and q = 0 the op is the plain one, bit for bit.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ from typing import NamedTuple
 import torch
 
 from orw_fast import _native
-from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs
+from orw_fast.ops.fused_op_support import allocate_norms_outputs, allocate_quadratic_outputs
 from orw_fast.ops.orw_cfm_w2 import _kernel_layout, _resolve_backend
 
 OP = "quadratic_fm"
-L1_OP = "quadratic_fm_l1"  # the per-sample L1 norms of the two squares' residuals (DiffusionNFT's adaptive weight)
+NORMS_OP = "quadratic_fm_norms"  # the per-sample norms of the two squares' residuals (the adaptive forms)
+ADAPTIVE_FLOOR = 1e-5  # NFT's adaptive form: the reference code's lower bound of its weight ω
+MSQ_OFFSET = 1e-10  # the msq_power form: the AWM reference's offset of the mean square
 
 
 class PolicyComponents(NamedTuple):
@@ -69,23 +76,42 @@ def _triton_op():
 
 if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, OP):  # absent from a stale build
     torch.library.register_fake(f"orw_fast::{OP}", allocate_quadratic_outputs)  # autograd: csrc/fused_autograd.cpp
-if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, L1_OP):
-    torch.library.register_fake(f"orw_fast::{L1_OP}", allocate_l1_outputs)
+if _native.IMPORT_ERROR is None and hasattr(torch.ops.orw_fast, NORMS_OP):
+    torch.library.register_fake(f"orw_fast::{NORMS_OP}", allocate_norms_outputs)
 
 
-def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, backend: str):
+def adaptive_factor(l1: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """NFT's adaptive factor s^2 / max(s l1, 1e-5) per sample (s = 1 - t >= 0, l1 = mean_d |v± - u|), as
+    s / max(l1, 1e-5 / s): no s^2 formed, and exactly 0 at s = 0 (1e-5 / 0 = inf)."""
+    return s / torch.maximum(l1, torch.full_like(s, ADAPTIVE_FLOOR) / s)  # a division, as the kernels compute it
+
+
+def adaptive_coef(coef: torch.Tensor, n_1: torch.Tensor, n_2: torch.Tensor, msq_power: float) -> torch.Tensor:
+    """The plain [5, B] coefficients of an adaptive form (module docstring) from the per-sample norms n_1, n_2 [B]
+    of quadratic_fm_norms (p = 1 for coef [6, B], else p = 2): w1 and w2 rescaled, as the Triton op does after its
+    norms pass (the native op's twin is csrc/quadratic_fm.cpp)."""
+    if coef.shape[0] == 6:
+        factors = (adaptive_factor(n_1, coef[5]), adaptive_factor(n_2, coef[5]))
+    else:
+        factors = ((n_1 + MSQ_OFFSET).pow(msq_power), (n_2 + MSQ_OFFSET).pow(msq_power))
+    return torch.stack([coef[0] * factors[0], coef[1], coef[2] * factors[1], coef[3], coef[4]])
+
+
+def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, backend: str, msq_power: float = 0.0):
     """(loss, PolicyComponents) from the native or triton op. ``coef``: [5, B] rows w1, m1, w2, m2, w3 in the
-    accumulation dtype, or [6, B] with s as row 5 (the adaptive form, module docstring); inputs already checked by
-    the caller; ``backend`` already resolved (not "eager" or "auto")."""
+    accumulation dtype, or [6, B] with s as row 5; ``msq_power``: q of the mean-square form (0: none; the adaptive
+    forms, module docstring); inputs already checked by the caller; ``backend`` already resolved (not "eager" or
+    "auto")."""
     op = getattr(torch.ops.orw_fast, OP) if backend == "native" else _triton_op()
     tensors = _kernel_layout(v, u, v_old, v_ref)
     grad_on = torch.is_grad_enabled()
-    loss, policy, kl, *_ = op(*tensors, coef.contiguous(), alpha, *(grad_on and t.requires_grad for t in tensors))
+    flags = (grad_on and t.requires_grad for t in tensors)
+    loss, policy, kl, *_ = op(*tensors, coef.contiguous(), alpha, *flags, msq_power)
     return loss, PolicyComponents(policy, kl)
 
 
 def resolve_backend(backend: str, device: torch.device, adaptive: bool = False) -> str:
     """ "eager", "native" or "triton" for ``backend`` on ``device`` (see orw_cfm_w2._resolve_backend); ``adaptive``:
-    the caller uses the adaptive [6, B] form (a build with the quadratic_fm_l1 op, built from the same sources, has
-    it)."""
-    return _resolve_backend(backend, device, L1_OP if adaptive else OP)
+    the caller uses an adaptive form (a build with the quadratic_fm_norms op, built from the same sources, has
+    them)."""
+    return _resolve_backend(backend, device, NORMS_OP if adaptive else OP)

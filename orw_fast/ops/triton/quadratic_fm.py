@@ -2,20 +2,21 @@
 
 Same contract as the native op (csrc/quadratic_fm.h):
 
-    quadratic_fm_triton(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref)
+    quadratic_fm_triton(v, u, v_old, v_ref, coef, alpha, grad_v, grad_u, grad_v_old, grad_v_ref, msq_power=0.0)
         -> (loss [], policy [B], kl [B], grad_v, grad_u, grad_v_old, grad_v_ref)
 
 With a = v_old - u, e = v - v_old, x1 = a + m1 e, x2 = a + m2 e, k = v - v_ref and coef = [w1; m1; w2; m2; w3]
 ([5, B], accumulation dtype): policy_i = mean_d (w1 x1^2 + w2 x2^2 + w3 e^2), kl_i = mean_d k^2,
-loss = mean_i (policy_i + alpha kl_i).
+loss = mean_i (policy_i + alpha kl_i); the adaptive forms (coef [6, B], msq_power != 0: ops/quadratic_fm.py) run
+the norms op below first and then the plain kernels with ``adaptive_coef``.
 
 Two launches, one read of the data: the pass kernel (one program per chunk of a sample, launch parameters from
 ops/triton/orw_cfm_w2.CONFIG) computes the chunk's partial sums and gradients; the finalize kernel of
 orw_cfm_w2 (unweighted) adds them in a fixed order.
 
-``quadratic_fm_l1_triton(v, u, v_old, coef) -> (l1_1 [B], l1_2 [B])``, mean_d |a + m1 e| and mean_d |a + m2 e|
-(never differentiated: no autograd), runs the L1 kernel on the same chunks (v, u, v_old only) and the same
-finalize kernel.
+``quadratic_fm_norms_triton(v, u, v_old, coef, p) -> (n_1 [B], n_2 [B])``, mean_d |a + m1 e|^p and
+mean_d |a + m2 e|^p for p = 1 or 2 (never differentiated: no autograd), runs the norms kernel on the same chunks
+(v, u, v_old only) and the same finalize kernel.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orw_fast.ops.fused_op_support import allocate_l1_outputs, allocate_quadratic_outputs, register_fused_autograd
+from orw_fast.ops.fused_op_support import allocate_norms_outputs, allocate_quadratic_outputs, register_fused_autograd
 from orw_fast.ops.triton import orw_cfm_w2 as shared
 
 
@@ -105,9 +106,11 @@ def _pass_kernel(
 
 
 @triton.jit
-def _l1_kernel(v_ptr, u_ptr, o_ptr, coef_ptr, part_ptr, B, D, nchunks, BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """quadratic_fm_l1, program t = i * nchunks + c: the sums of |a + m1 e| and |a + m2 e| over chunk c of
-    sample i, to part[0, i, c] and part[1, i, c]."""
+def _norms_kernel(
+    v_ptr, u_ptr, o_ptr, coef_ptr, part_ptr, B, D, nchunks, P: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr
+):
+    """quadratic_fm_norms, program t = i * nchunks + c: the sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2)
+    over chunk c of sample i, to part[0, i, c] and part[1, i, c]."""
     t = tl.program_id(0)
     i = t // nchunks
     c = t - i * nchunks
@@ -126,13 +129,19 @@ def _l1_kernel(v_ptr, u_ptr, o_ptr, coef_ptr, part_ptr, B, D, nchunks, BLOCK: tl
         oj = tl.load(o_ptr + base + offs, mask=mask, other=0.0).to(ACC)
         a = oj - tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(ACC)
         e = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(ACC) - oj
-        s1 += tl.abs(a + m1 * e)
-        s2 += tl.abs(a + m2 * e)
+        x1 = a + m1 * e
+        x2 = a + m2 * e
+        if P == 1:
+            s1 += tl.abs(x1)
+            s2 += tl.abs(x2)
+        else:
+            s1 += x1 * x1
+            s2 += x2 * x2
     tl.store(part_ptr + t, tl.sum(s1, 0))
     tl.store(part_ptr + B * nchunks + t, tl.sum(s2, 0))
 
 
-def _check_inputs(v, u, v_old, v_ref, coef, alpha) -> int:
+def _check_inputs(v, u, v_old, v_ref, coef, alpha, msq_power=0.0) -> int:
     """The checks of csrc/quadratic_fm.cpp (metadata only); returns D."""
     torch._check(v.dim() >= 1 and v.numel() > 0, lambda: "quadratic_fm: v must be a non-empty [B, ...] tensor")
     for t in (u, v_old, v_ref):
@@ -166,6 +175,10 @@ def _check_inputs(v, u, v_old, v_ref, coef, alpha) -> int:
         math.isfinite(alpha) and 0 <= alpha <= torch.finfo(acc).max,
         lambda: f"quadratic_fm: alpha must be >= 0 and finite in {acc}, got {alpha}",
     )
+    torch._check(
+        math.isfinite(msq_power) and (msq_power == 0 or coef.shape[0] == 5),
+        lambda: f"quadratic_fm: msq_power must be finite, and 0 with a [6, B] coef, got {msq_power}",
+    )
     return dim
 
 
@@ -180,12 +193,14 @@ def _quadratic_fm_triton(
     grad_u: bool,
     grad_v_old: bool,
     grad_v_ref: bool,
+    msq_power: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dim = _check_inputs(v, u, v_old, v_ref, coef, alpha)
-    if coef.shape[0] == 6:  # the adaptive weight: its L1 pass, then the plain kernels with w1, w2 rescaled
-        from orw_fast.ops.nft import adaptive_coef
+    dim = _check_inputs(v, u, v_old, v_ref, coef, alpha, msq_power)
+    if coef.shape[0] == 6 or msq_power != 0:  # an adaptive form: its norms pass, then the plain kernels
+        from orw_fast.ops.quadratic_fm import adaptive_coef
 
-        coef = adaptive_coef(coef, *_quadratic_fm_l1_triton(v, u, v_old, coef))
+        norms = _quadratic_fm_norms_triton(v, u, v_old, coef, 1 if coef.shape[0] == 6 else 2)
+        coef = adaptive_coef(coef, *norms, msq_power)
     batch, cfg = v.shape[0], shared.CONFIG
     block = shared._pow2_at_least(dim, cfg.block)
     nchunks = triton.cdiv(dim, block * cfg.tiles)
@@ -235,26 +250,27 @@ def _quadratic_fm_triton(
     return outs
 
 
-def _quadratic_fm_l1_triton(
-    v: torch.Tensor, u: torch.Tensor, v_old: torch.Tensor, coef: torch.Tensor
+def _quadratic_fm_norms_triton(
+    v: torch.Tensor, u: torch.Tensor, v_old: torch.Tensor, coef: torch.Tensor, p: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dim = _check_inputs(v, u, v_old, v_old, coef, 0.0)
+    torch._check(p in (1, 2), lambda: f"quadratic_fm_norms: p must be 1 or 2, got {p}")
     batch, cfg = v.shape[0], shared.CONFIG
     block = shared._pow2_at_least(dim, cfg.block)
     nchunks = triton.cdiv(dim, block * cfg.tiles)
-    l1_1, l1_2 = allocate_l1_outputs(v, u, v_old, coef)
+    n_1, n_2 = allocate_norms_outputs(v, u, v_old, coef, p)
     scratch = coef.new_empty(())  # the finalize kernel's loss, unused
     part = coef.new_empty((2, batch, nchunks))
     cols = shared._pow2_at_least(nchunks, cfg.finalize_tile)
     with torch.cuda.device(v.device) if v.is_cuda else contextlib.nullcontext():
-        torch.library.wrap_triton(_l1_kernel)[(batch * nchunks,)](
-            v, u, v_old, coef, part, batch, dim, nchunks, BLOCK=block, TILES=cfg.tiles, num_warps=cfg.num_warps
+        torch.library.wrap_triton(_norms_kernel)[(batch * nchunks,)](
+            v, u, v_old, coef, part, batch, dim, nchunks, P=p, BLOCK=block, TILES=cfg.tiles, num_warps=cfg.num_warps
         )
         torch.library.wrap_triton(shared._finalize_kernel)[(1,)](
             part,
             coef,
-            l1_1,
-            l1_2,
+            n_1,
+            n_2,
             scratch,
             batch,
             dim,
@@ -265,7 +281,7 @@ def _quadratic_fm_l1_triton(
             WEIGHTED=False,
             num_warps=4,
         )
-    return l1_1, l1_2
+    return n_1, n_2
 
 
 _NAME = "orw_fast::quadratic_fm_triton"
@@ -277,9 +293,9 @@ else:
     quadratic_fm_triton = torch.library.triton_op(_NAME, _quadratic_fm_triton, mutates_args=())
 register_fused_autograd(quadratic_fm_triton, num_grads=4)
 
-_L1_NAME = "orw_fast::quadratic_fm_l1_triton"
+_NORMS_NAME = "orw_fast::quadratic_fm_norms_triton"
 if os.environ.get("TRITON_INTERPRET") == "1":
-    quadratic_fm_l1_triton = torch.library.custom_op(_L1_NAME, _quadratic_fm_l1_triton, mutates_args=())
-    quadratic_fm_l1_triton.register_fake(allocate_l1_outputs)
+    quadratic_fm_norms_triton = torch.library.custom_op(_NORMS_NAME, _quadratic_fm_norms_triton, mutates_args=())
+    quadratic_fm_norms_triton.register_fake(allocate_norms_outputs)
 else:
-    quadratic_fm_l1_triton = torch.library.triton_op(_L1_NAME, _quadratic_fm_l1_triton, mutates_args=())
+    quadratic_fm_norms_triton = torch.library.triton_op(_NORMS_NAME, _quadratic_fm_norms_triton, mutates_args=())
