@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_stream.h"
 #include "orw_cfm_w2.h"
 
 namespace orw_fast {
@@ -51,30 +52,27 @@ void compute_weights(const acc_t* scores, int64_t B, acc_t tau, int64_t weightin
 
 // Sums of (v-u)^2 and (v-v_ref)^2 over the flat range [begin, end) inside one sample, writing
 // the gradients gv = cw*d1 + ca*d2, gu = -cw*d1, gr = -ca*d2 (d1 = v-u, d2 = v-v_ref) where
-// requested. kLanes independent accumulators let the compiler vectorize without reassociating.
+// requested (with streaming stores if `stream`: cpu_stream.h). kLanes independent accumulators let
+// the compiler vectorize without reassociating.
 template <typename scalar_t, bool GV, bool GU, bool GR>
 ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                                     const scalar_t* __restrict__ r, scalar_t* __restrict__ gv,
                                     scalar_t* __restrict__ gu, scalar_t* __restrict__ gr,
                                     int64_t begin, int64_t end, at::opmath_type<scalar_t> cw,
-                                    at::opmath_type<scalar_t> ca, at::opmath_type<scalar_t>* out_fm,
-                                    at::opmath_type<scalar_t>* out_w2) {
+                                    at::opmath_type<scalar_t> ca, bool stream,
+                                    at::opmath_type<scalar_t>* out_fm, at::opmath_type<scalar_t>* out_w2) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s1[kLanes] = {}, s2[kLanes] = {};
-  auto body = [&](int64_t j, int64_t k) __attribute__((always_inline)) {
+  auto body = [&](int64_t j, int64_t k, scalar_t* __restrict__ ov, scalar_t* __restrict__ ou,
+                  scalar_t* __restrict__ orr, scalar_t*, int64_t w) __attribute__((always_inline)) {
     const acc_t a = v[j], d1 = a - acc_t(u[j]), d2 = a - acc_t(r[j]);
     s1[k] += d1 * d1;
     s2[k] += d2 * d2;
-    if (GV) gv[j] = scalar_t(cw * d1 + ca * d2);
-    if (GU) gu[j] = scalar_t(-cw * d1);
-    if (GR) gr[j] = scalar_t(-ca * d2);
+    if (GV) ov[w] = scalar_t(cw * d1 + ca * d2);
+    if (GU) ou[w] = scalar_t(-cw * d1);
+    if (GR) orr[w] = scalar_t(-ca * d2);
   };
-  int64_t j = begin;
-  for (; j + kLanes <= end; j += kLanes) {
-#pragma omp simd
-    for (int64_t k = 0; k < kLanes; ++k) body(j + k, k);
-  }
-  for (int64_t k = 0; j < end; ++j, ++k) body(j, k);
+  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, gr, static_cast<scalar_t*>(nullptr), body);
   acc_t t1 = 0, t2 = 0;
   for (int64_t k = 0; k < kLanes; ++k) {
     t1 += s1[k];
@@ -91,11 +89,13 @@ void run_pass(const scalar_t* v, const scalar_t* u, const scalar_t* r, scalar_t*
               at::opmath_type<scalar_t>* part_w2, int64_t nchunks) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t c = acc_t(2) / (acc_t(B) * acc_t(D));
+  const int64_t ngrads = int64_t(GV) + GU + GR;
+  const bool stream = ngrads > 0 && should_stream(B * D * int64_t(sizeof(scalar_t)) * (3 + ngrads));
   at::parallel_for(0, B * nchunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
       const int64_t end = std::min((i + 1) * D, begin + kChunk);
-      chunk_pass<scalar_t, GV, GU, GR>(v, u, r, gv, gu, gr, begin, end, c * w[i], c * alpha,
+      chunk_pass<scalar_t, GV, GU, GR>(v, u, r, gv, gu, gr, begin, end, c * w[i], c * alpha, stream,
                                        part_fm + t, part_w2 + t);
     }
   });

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_stream.h"
 #include "quadratic_fm.h"
 
 namespace orw_fast {
@@ -29,33 +30,30 @@ struct Coef {
 };
 
 // Sums of the quadratic form and of (v - v_ref)^2 over the flat range [begin, end) inside one sample,
-// writing the requested gradients.
+// writing the requested gradients (with streaming stores if `stream`: cpu_stream.h).
 template <typename scalar_t, bool GV, bool GU, bool GO, bool GR>
 ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                                     const scalar_t* __restrict__ o, const scalar_t* __restrict__ r,
                                     scalar_t* __restrict__ gv, scalar_t* __restrict__ gu,
                                     scalar_t* __restrict__ go, scalar_t* __restrict__ gr, int64_t begin,
-                                    int64_t end, Coef<at::opmath_type<scalar_t>> k,
+                                    int64_t end, Coef<at::opmath_type<scalar_t>> k, bool stream,
                                     at::opmath_type<scalar_t>* out_policy, at::opmath_type<scalar_t>* out_kl) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s1[kLanes] = {}, s2[kLanes] = {};
-  auto body = [&](int64_t j, int64_t lane) __attribute__((always_inline)) {
+  // Element j into lane `lane` of the sums and into index w of the outputs ov, ou, oo, orr.
+  auto body = [&](int64_t j, int64_t lane, scalar_t* __restrict__ ov, scalar_t* __restrict__ ou,
+                  scalar_t* __restrict__ oo, scalar_t* __restrict__ orr, int64_t w) __attribute__((always_inline)) {
     const acc_t vj = v[j], oj = o[j], a = oj - acc_t(u[j]), e = vj - oj, kl = vj - acc_t(r[j]);
     const acc_t x1 = a + k.m1 * e, x2 = a + k.m2 * e;
     const acc_t y1 = k.w1 * x1, y2 = k.w2 * x2, y3 = k.w3 * e;
     s1[lane] += x1 * y1 + x2 * y2 + e * y3;
     s2[lane] += kl * kl;
-    if (GV) gv[j] = scalar_t(k.c * (k.m1 * y1 + k.m2 * y2 + y3) + k.ca * kl);
-    if (GU) gu[j] = scalar_t(-k.c * (y1 + y2));
-    if (GO) go[j] = scalar_t(k.c * ((1 - k.m1) * y1 + (1 - k.m2) * y2 - y3));
-    if (GR) gr[j] = scalar_t(-k.ca * kl);
+    if (GV) ov[w] = scalar_t(k.c * (k.m1 * y1 + k.m2 * y2 + y3) + k.ca * kl);
+    if (GU) ou[w] = scalar_t(-k.c * (y1 + y2));
+    if (GO) oo[w] = scalar_t(k.c * ((1 - k.m1) * y1 + (1 - k.m2) * y2 - y3));
+    if (GR) orr[w] = scalar_t(-k.ca * kl);
   };
-  int64_t j = begin;
-  for (; j + kLanes <= end; j += kLanes) {
-#pragma omp simd
-    for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
-  }
-  for (int64_t lane = 0; j < end; ++j, ++lane) body(j, lane);
+  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, go, gr, body);
   acc_t t1 = 0, t2 = 0;
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     t1 += s1[lane];
@@ -156,13 +154,15 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
     const scalar_t *pv = v.const_data_ptr<scalar_t>(), *pu = u.const_data_ptr<scalar_t>();
     const scalar_t *po = v_old.const_data_ptr<scalar_t>(), *pr = v_ref.const_data_ptr<scalar_t>();
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
+    const int64_t ngrads = int64_t(grad_v) + grad_u + grad_v_old + grad_v_ref;
+    const bool stream = ngrads > 0 && should_stream(v.numel() * v.element_size() * (4 + ngrads));
     dispatch_grad_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
       auto pass = [&](int64_t t, const Coef<acc_t>& k) {  // chunk t = i * nchunks + (chunk of sample i)
         const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
         const int64_t end = std::min((i + 1) * D, begin + kChunk);
         chunk_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(go_t)::value,
                    decltype(gr_t)::value>(pv, pu, po, pr, ptr(gv), ptr(gu), ptr(go), ptr(gr), begin, end, k,
-                                          &part[t], &part[B * nchunks + t]);
+                                          stream, &part[t], &part[B * nchunks + t]);
       };
       auto coef_of = [&](int64_t i) {
         return Coef<acc_t>{cf[i], cf[B + i], cf[2 * B + i], cf[3 * B + i], cf[4 * B + i], c, c * acc_t(alpha)};

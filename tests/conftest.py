@@ -180,3 +180,10 @@ def text_digits_model(digits_cache):
     """The digits cache with the text-digits pipeline (orw_fast.tasks.text_digits) added, pre-trained as the
     text-alignment experiment's (AlignmentSettings.pretrain_steps, on one thread, in the background)."""
     return _wait_for("text_digits_model")
+
+
+def poison_then_free(like, count=4):
+    """Fills `count` fresh buffers shaped like `like` with NaN and frees them, so that the next outputs the
+    allocator hands out are likely to hold NaN wherever a kernel fails to write."""
+    for _ in range(count):
+        torch.full_like(like, float("nan"))

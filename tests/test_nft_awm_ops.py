@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICES, requires_gpu
+from conftest import DEVICES, poison_then_free, requires_gpu
 
 import orw_fast
 from orw_fast import _native
@@ -375,6 +375,35 @@ def test_bitwise_deterministic(backend, device, adaptive):
         runs.append((loss, *comp, *torch.autograd.grad(loss, v)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 5), (4, 2, 40, 40), (2, 3, 75, 75)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["plain", "nft_adaptive", "msq_power"])
+def test_cpu_streaming_stores_change_no_bits(monkeypatch, dtype, shape, form):
+    """The CPU kernel's streaming gradient stores (csrc/cpu_stream.h: used when a call moves more bytes than
+    ORW_FAST_STREAM_BYTES, default the last-level cache) give the outputs of plain stores bit for bit, on odd sizes
+    (unaligned chunks fall back to plain stores), aligned ones, and a sample of two chunks, for every gradient."""
+    if _native.IMPORT_ERROR is not None:
+        pytest.fail(f"the native extension did not load: {_native.IMPORT_ERROR}")
+    tensors = [t.detach() for t in make_inputs(shape, dtype, "cpu", grads=(False,) * 4, seed=41)]
+    b = shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = [rand_r(b, "cpu", 41), torch.full((b,), 0.7), rand_r(b, "cpu", 42), torch.full((b,), -0.5)]
+    rows.append(rand_r(b, "cpu", 43))
+    if form == "nft_adaptive":
+        rows.append(rand_s(b, "cpu", 41))
+    coef = torch.stack(rows).to(acc).contiguous()
+    msq_power = -0.75 if form == "msq_power" else 0.0
+    op = torch.ops.orw_fast.quadratic_fm.default
+    for flags in ((True,) * 4, (True, False, False, False), (False, True, False, True)):
+        monkeypatch.setenv("ORW_FAST_STREAM_BYTES", str(2**62))
+        plain = op(*tensors, coef, 0.3, *flags, msq_power)
+        monkeypatch.setenv("ORW_FAST_STREAM_BYTES", "0")
+        poison_then_free(tensors[0])
+        streamed = op(*tensors, coef, 0.3, *flags, msq_power)
+        for got, want in zip(streamed, plain):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

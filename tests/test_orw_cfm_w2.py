@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import DEVICES, GPU_SKIP_REASON, requires_gpu
+from conftest import DEVICES, GPU_SKIP_REASON, poison_then_free, requires_gpu
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import orw_fast
@@ -259,6 +259,27 @@ def test_bitwise_deterministic(backend, device):
         runs.append((loss, *comp, grad))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 5), (4, 2, 40, 40), (2, 3, 75, 75)], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_streaming_stores_change_no_bits(monkeypatch, dtype, shape):
+    """The CPU kernel's streaming gradient stores (csrc/cpu_stream.h: used when a call moves more bytes than
+    ORW_FAST_STREAM_BYTES, default the last-level cache) give the outputs of plain stores bit for bit, on odd sizes
+    (unaligned chunks fall back to plain stores), aligned ones, and a sample of two chunks, for every gradient."""
+    if _native.IMPORT_ERROR is not None:
+        pytest.fail(f"the native extension did not load: {_native.IMPORT_ERROR}")
+    v, u, v_ref, rewards = (t.detach() for t in make_inputs(shape, dtype, "cpu", grads=(False,) * 3, seed=12))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    op = torch.ops.orw_fast.orw_cfm_w2.default
+    for flags in ((True, True, True), (True, False, False), (False, True, True)):
+        monkeypatch.setenv("ORW_FAST_STREAM_BYTES", str(2**62))
+        plain = op(v, u, v_ref, rewards.to(acc), 0.3, 1.0, 0, *flags)
+        monkeypatch.setenv("ORW_FAST_STREAM_BYTES", "0")
+        poison_then_free(v)
+        streamed = op(v, u, v_ref, rewards.to(acc), 0.3, 1.0, 0, *flags)
+        for got, want in zip(streamed, plain):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", ["eager", "native", "triton"])

@@ -141,7 +141,11 @@ def _kernel_layout(v, *others):
         fmt = torch.channels_last
     elif v.dim() == 5 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last_3d):
         fmt = torch.channels_last_3d
-    return tuple(t.to(dtype).contiguous(memory_format=fmt) for t in (v, *others))
+    # (the checks first: a no-op .to / .contiguous call costs microseconds, a step makes eight)
+    return tuple(
+        t if t.dtype == dtype and t.is_contiguous(memory_format=fmt) else t.to(dtype).contiguous(memory_format=fmt)
+        for t in (v, *others)
+    )
 
 
 if _native.IMPORT_ERROR is None:  # its autograd is C++ (csrc/fused_autograd.cpp)

@@ -23,19 +23,23 @@ def _is_capturing_or_compiling() -> bool:
 def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum: float | None = None) -> float:
     """``value`` as a float: a real number (not a bool), finite and representable in ``dtype`` (where the
     kernels compute with it), and >= ``minimum`` when given. Raises ValueError naming ``name``."""
-    expected = f"a finite number{'' if minimum is None else f' >= {minimum:g}'}"
-    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... ({len(repr(value))} characters)"
+
+    def error(detail: str = "") -> ValueError:  # the message is built only for a bad value
+        expected = f"a finite number{'' if minimum is None else f' >= {minimum:g}'}"
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... ({len(repr(value))} characters)"
+        return ValueError(f"{name} must be {expected}{detail}, got {shown}")
+
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {expected}, got {shown}")
+        raise error()
     try:
         number = float(value)
     except OverflowError:  # an int beyond float64's range
         number = math.inf
     limit = torch.finfo(dtype).max
     if not math.isfinite(number) or abs(number) > limit:
-        raise ValueError(f"{name} must be {expected} representable in {dtype} (|{name}| <= {limit:.4g}), got {shown}")
+        raise error(f" representable in {dtype} (|{name}| <= {limit:.4g})")
     if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be {expected}, got {shown}")
+        raise error()
     return number
 
 
