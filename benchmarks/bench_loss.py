@@ -46,13 +46,14 @@ from benchmarks import common, hardware
 from orw_fast import _native, awm_loss, nft_loss, orw_cfm_w2_loss
 
 BACKENDS = ("eager", "compile", "native", "triton")
-# op -> (native kernel it needs, predictions it reads, tensor passes its fused step must make: reads + the grad_v write)
+# op -> (native kernel it needs, predictions it reads, tensor passes its fused step must make: reads + the grad_v
+# write; further passes on a GPU: the adaptive forms' norms pass over v, u, v_old, read from cache on the CPU)
 OPS = {
-    "orw_cfm_w2": ("orw_cfm_w2", 3, 4),
-    "nft": ("quadratic_fm", 4, 5),
-    "nft_adaptive": ("quadratic_fm_norms", 4, 8),  # + the norms pass over v, u, v_old (GPU; the CPU reads them once)
-    "awm": ("quadratic_fm", 4, 5),
-    "awm_ghuber": ("quadratic_fm_norms", 4, 8),  # the same, for each sample's mse
+    "orw_cfm_w2": ("orw_cfm_w2", 3, 4, 0),
+    "nft": ("quadratic_fm", 4, 5, 0),
+    "nft_adaptive": ("quadratic_fm_norms", 4, 5, 3),
+    "awm": ("quadratic_fm", 4, 5, 0),
+    "awm_ghuber": ("quadratic_fm_norms", 4, 5, 3),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = {
@@ -65,9 +66,9 @@ QUICK_SIZES = ((16, 1, 8, 8), (64, 3, 32, 32))
 TRITON_SWEEP = [(block, tiles, warps) for block in (1024, 2048, 4096) for tiles in (2, 4, 8) for warps in (4, 8)]
 BYTES_MODEL = (
     "(inputs + 1) x numel x itemsize (one read of each input + the write of grad_v): 4 for orw_cfm_w2 "
-    "(v, u, v_ref), 5 for nft and awm (v, u, v_old, v_ref), 8 for nft_adaptive and awm_ghuber (+ v, u, "
-    "v_old read by the op's norms pass on a GPU; the CPU kernel reads a sample's inputs for both while they are in the "
-    "cache)"
+    "(v, u, v_ref), 5 for nft, nft_adaptive, awm and awm_ghuber (v, u, v_old, v_ref); on a GPU 8 for nft_adaptive "
+    "and awm_ghuber (+ v, u, v_old read by the op's norms pass; the CPU kernel reads a sample's inputs for both while "
+    "they are in the cache)"
 )
 SETTINGS = (
     "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
@@ -192,7 +193,7 @@ def run_group(
             steps[backend] = step
         except Exception as err:  # reported in the table
             rows[backend]["status"] = common.error_status(err)
-    bytes_moved = OPS[op][2] * numel * itemsize
+    bytes_moved = (OPS[op][2] + (OPS[op][3] if torch.device(device).type == "cuda" else 0)) * numel * itemsize
     try:
         timings = common.time_interleaved_ms(
             steps, device, repeats=repeats, warmup_s=warmup_s, min_sample_s=2e-3, flush_l2=flush_l2
