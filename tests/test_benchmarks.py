@@ -86,8 +86,8 @@ def test_loss_benchmark(tmp_path):
 
 
 def test_loss_benchmark_nft_awm(tmp_path):
-    """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element (NFT's adaptive weight: 3 reads more),
-    ratios within each op."""
+    """--ops: the NFT and AWM losses, 4 reads + the grad_v write per element (on a GPU the adaptive forms' norms pass
+    reads 3 more; the CPU kernel reads them from the cache), ratios within each op."""
     code = bench_loss.main(
         [
             "--device",
@@ -114,7 +114,7 @@ def test_loss_benchmark_nft_awm(tmp_path):
     ]
     for r in rows:
         assert r["status"] == "ok" and r["speedup_vs_eager"] > 0
-        assert r["bytes_per_step"] == (8 if r["op"] in ("nft_adaptive", "awm_ghuber") else 5) * r["numel"] * 4
+        assert r["bytes_per_step"] == 5 * r["numel"] * 4
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["backend"] == "eager")
 
 
