@@ -89,21 +89,19 @@ inline void stream_fence() {
 template <typename T, int64_t L, typename Body>
 __attribute__((always_inline)) inline void lane_loop(int64_t begin, int64_t end, bool stream, T* o0, T* o1,
                                                      T* o2, T* o3, Body&& body) {
-  for (T* o : {o0, o1, o2, o3}) stream = stream && (o == nullptr || stream_aligned(o + begin));
-  alignas(64) T s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};  // a stage of an absent output stays unused
+  T* const outs[4] = {o0, o1, o2, o3};
+  for (T* o : outs) stream = stream && (o == nullptr || stream_aligned(o + begin));
+  alignas(64) T stage[4][L] = {};  // the stage of an absent output stays unused
   int64_t j = begin;
   for (; j + L <= end; j += L) {
 #pragma omp simd
-    for (int64_t lane = 0; lane < L; ++lane) body(j + lane, lane, s0, s1, s2, s3, lane);
-    int q = 0;
-    for (T* o : {o0, o1, o2, o3}) {
-      const T* stage = q == 0 ? s0 : q == 1 ? s1 : q == 2 ? s2 : s3;
-      ++q;
-      if (o == nullptr) continue;
+    for (int64_t lane = 0; lane < L; ++lane) body(j + lane, lane, stage[0], stage[1], stage[2], stage[3], lane);
+    for (int q = 0; q < 4; ++q) {
+      if (outs[q] == nullptr) continue;
       if (stream) {
-        stream_lanes<T, L>(o + j, stage);
+        stream_lanes<T, L>(outs[q] + j, stage[q]);
       } else {
-        std::memcpy(o + j, stage, L * sizeof(T));
+        std::memcpy(outs[q] + j, stage[q], L * sizeof(T));
       }
     }
   }

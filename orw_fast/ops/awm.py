@@ -74,9 +74,14 @@ def weighting_factor(
         return sigma
     if weighting == "t**2":
         return sigma.square()
-    if weighting == "huber":
-        return sigma / (2 * (mse + MSQ_OFFSET).sqrt())
-    return sigma * (mse + MSQ_OFFSET).pow(power - 1)
+    scale, q = mse_form(weighting, sigma, power)
+    return scale * (mse + MSQ_OFFSET).pow(q)
+
+
+def mse_form(weighting: str, sigma: torch.Tensor, power: float) -> tuple[torch.Tensor, float]:
+    """(c_i [B], q) with f_i = c_i (mse_i + 1e-10)^q for "huber" (σ/2, -1/2) and "ghuber" (σ, p - 1): the per-sample
+    scale and the exponent the fused op's msq_power form takes."""
+    return (sigma / 2, -0.5) if weighting == "huber" else (sigma, power - 1)
 
 
 def _eager(v, u, v_ref, adv, alpha, v_old, alpha_old, weighting="uniform", sigma=None, power=0.25):
@@ -159,8 +164,8 @@ def awm_loss(
         return (loss, parts) if return_components else loss
     msq_power = 0.0
     if by_mse:
-        adv = adv * (sigma / 2 if weighting == "huber" else sigma)
-        msq_power = -0.5 if weighting == "huber" else ghuber_power - 1
+        scale, msq_power = mse_form(weighting, sigma, ghuber_power)
+        adv = adv * scale
     elif weighting != "uniform":
         adv = adv * weighting_factor(weighting, None, sigma, ghuber_power)
     if v_old is None and not by_mse:
