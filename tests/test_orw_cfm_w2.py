@@ -1,5 +1,6 @@
 """The fused loss on every backend against an independent float64 reference."""
 
+import itertools
 import zlib
 
 import pytest
@@ -412,6 +413,8 @@ def _bad(**overrides):
         (dict(alpha=-0.1), ValueError, "alpha must be a finite number >= 0"),
         (dict(alpha=float("nan")), ValueError, "alpha must be"),
         (dict(alpha=True), ValueError, "alpha must be a finite number"),
+        (dict(alpha=10**400), ValueError, "alpha must be a finite number >= 0 representable"),
+        (dict(alpha=1e39), ValueError, r"alpha must be a finite number >= 0 representable in torch.float32"),
         (dict(tau="1"), ValueError, "tau must be a finite number"),
         (dict(tau=float("inf")), ValueError, "tau must be a finite number"),
         (dict(tau=None), ValueError, "tau must be a finite number"),
@@ -422,6 +425,23 @@ def _bad(**overrides):
 def test_bad_input_raises_clear_error(overrides, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**overrides)()
+
+
+def test_argument_fast_paths_skip_only_calls_that_change_nothing():
+    """as_constant and common_dtype (run on every loss call) equal .detach().to(dtype) and promote_types."""
+    from orw_fast.ops.reward_weights import as_constant, common_dtype
+
+    t = torch.randn(3)
+    assert as_constant(t, torch.float32) is t
+    graded = torch.randn(3, requires_grad=True)
+    kept = as_constant(graded, torch.float32)
+    assert not kept.requires_grad and kept.data_ptr() == graded.data_ptr()
+    widened = as_constant(graded, torch.float64)
+    assert not widened.requires_grad and torch.equal(widened, graded.detach().double())
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for a, b, c in itertools.product(floats, repeat=3):
+        tensors = [torch.empty(1, dtype=d) for d in (a, b, c)]
+        assert common_dtype(*tensors) == torch.promote_types(torch.promote_types(a, b), c)
 
 
 def test_bad_module_settings_raise():

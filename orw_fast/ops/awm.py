@@ -50,14 +50,20 @@ docs/objectives.md lists the other differences (trained times, advantage scale).
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions, orw_cfm_w2_loss
 from orw_fast.ops.quadratic_fm import MSQ_OFFSET, PolicyComponents, fused_quadratic_fm, resolve_backend
-from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
+from orw_fast.ops.reward_weights import (
+    _is_capturing_or_compiling,
+    accumulation_dtype,
+    as_constant,
+    check_real,
+    check_scores,
+    common_dtype,
+)
 
 WEIGHTINGS = ("uniform", "t", "t**2", "huber", "ghuber")  # the reference code's config.train.weighting, lower-cased
 
@@ -137,15 +143,13 @@ def awm_loss(
     """
     others = {} if v_old is None else {"v_old": v_old}
     _check_predictions(v, u, v_ref, **others)
-    acc = accumulation_dtype(
-        functools.reduce(torch.promote_types, (t.dtype for t in (u, v_ref, *others.values())), v.dtype)
-    )
+    acc = accumulation_dtype(common_dtype(v, u, v_ref, *others.values()))
     alpha = check_real(alpha, "alpha", acc, minimum=0)
     alpha_old = check_real(alpha_old, "alpha_old", acc, minimum=0)
     if v_old is None and alpha_old:
         raise ValueError("alpha_old > 0 needs v_old (the EMA policy's prediction)")
     check_scores(advantages, "advantages", v.shape[0], v.device, validate)
-    adv = advantages.detach().to(acc)
+    adv = as_constant(advantages, acc)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "ghuber" and not (isinstance(ghuber_power, numbers.Real) and 0 < ghuber_power <= 1):
@@ -154,7 +158,7 @@ def awm_loss(
         if sigma is None:
             raise ValueError(f"weighting={weighting!r} needs sigma, the samples' noise levels 1 - t [B]")
         check_scores(sigma, "sigma", v.shape[0], v.device, validate)
-        sigma = sigma.detach().to(acc)
+        sigma = as_constant(sigma, acc)
         if validate and not _is_capturing_or_compiling() and bool(((sigma < 0) | (sigma > 1)).any()):
             raise ValueError("sigma must lie in [0, 1] (the noise levels 1 - t of the path times)")
     by_mse = weighting in ("huber", "ghuber")  # the op's mean-square form (module docstring)

@@ -45,7 +45,6 @@ See docs/objectives.md.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -53,7 +52,14 @@ import torch
 
 from orw_fast.ops.orw_cfm_w2 import _check_predictions
 from orw_fast.ops.quadratic_fm import PolicyComponents, adaptive_factor, fused_quadratic_fm, resolve_backend
-from orw_fast.ops.reward_weights import _is_capturing_or_compiling, accumulation_dtype, check_real, check_scores
+from orw_fast.ops.reward_weights import (
+    _is_capturing_or_compiling,
+    accumulation_dtype,
+    as_constant,
+    check_real,
+    check_scores,
+    common_dtype,
+)
 
 
 def nft_optimality(advantages: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
@@ -124,26 +130,27 @@ def nft_loss(
         ``(loss, PolicyComponents)``. Gradients reach the inputs that require grad, in their own dtype.
     """
     _check_predictions(v, u, v_ref, v_old=v_old)
-    acc = accumulation_dtype(functools.reduce(torch.promote_types, (t.dtype for t in (u, v_old, v_ref)), v.dtype))
+    acc = accumulation_dtype(common_dtype(v, u, v_old, v_ref))
     beta = check_real(beta, "beta", acc)
     if not 1 / torch.finfo(acc).max < beta:  # 1/beta is a coefficient of the kernels: finite in acc
         raise ValueError(f"beta must be a finite number > 0 with 1/beta finite in {acc}, got {beta!r}")
     alpha = check_real(alpha, "alpha", acc, minimum=0)
     check_scores(r, "r", v.shape[0], v.device, validate)
-    r = r.detach().to(acc)
+    r = as_constant(r, acc)
     if validate and not _is_capturing_or_compiling() and bool(((r < 0) | (r > 1)).any()):
         raise ValueError("r must lie in [0, 1] (optimality probabilities; see nft_optimality)")
     s = None
     if adaptive_scale is not None:
         check_scores(adaptive_scale, "adaptive_scale", v.shape[0], v.device, validate)
-        s = adaptive_scale.detach().to(acc)
+        s = as_constant(adaptive_scale, acc)
         if validate and not _is_capturing_or_compiling() and bool((s < 0).any()):
             raise ValueError("adaptive_scale must be >= 0 (s = 1 - t, the path time's distance to the data end)")
     backend = resolve_backend(backend, v.device, adaptive=s is not None)
     if backend == "eager":
         loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha, s)
     else:
-        rows = [r / beta, torch.full_like(r, beta), (1 - r) / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
+        rows = [r / beta, torch.full_like(r, beta), torch.rsub(r, 1) / beta, torch.full_like(r, -beta)]
+        rows.append(torch.zeros_like(r))
         # with s, the op's adaptive form: the L1 norms of v+ - u, v- - u first, in the same call
         coef = torch.stack(rows if s is None else [*rows, s])
         loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)

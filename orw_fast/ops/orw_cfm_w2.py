@@ -10,7 +10,6 @@ one write per gradient); their backward only scales the saved gradients by grad_
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -22,10 +21,12 @@ from orw_fast import _native
 from orw_fast.ops.fused_op_support import allocate_outputs
 from orw_fast.ops.reward_weights import (
     accumulation_dtype,
+    as_constant,
     check_exp_range,
     check_real,
     check_scores,
     check_weighting,
+    common_dtype,
     reward_weights,
 )
 
@@ -49,19 +50,20 @@ class LossComponents(NamedTuple):
 
 def _check_predictions(v, u, v_ref, **others) -> None:
     """Tensors, floating, one shape and one device as v; ``others`` are further named predictions."""
-    named = {"u": u, "v_ref": v_ref, **others}
-    for name, t in (("v", v), *named.items()):
+    for name, t in (("v", v), ("u", u), ("v_ref", v_ref), *others.items()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
-    if v.dim() == 0 or v.numel() == 0:
-        raise ValueError(f"v must be a non-empty [B, ...] tensor, got shape {list(v.shape)}")
-    for name, t in named.items():
-        if t.shape != v.shape:
-            raise ValueError(f"{name} must have the shape of v {list(v.shape)}, got {list(t.shape)}")
-        if t.device != v.device:
-            raise ValueError(f"{name} is on {t.device} but v is on {v.device}; put all inputs on one device")
+        if t is v:
+            shape, device = v.shape, v.device
+            if v.dim() == 0 or v.numel() == 0:
+                raise ValueError(f"v must be a non-empty [B, ...] tensor, got shape {list(shape)}")
+            continue
+        if t.shape != shape:
+            raise ValueError(f"{name} must have the shape of v {list(shape)}, got {list(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but v is on {device}; put all inputs on one device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def _resolve_backend(backend: str, device: torch.device, op: str = "orw_cfm_w2")
 def _kernel_layout(v, *others):
     """One floating dtype and one dense, batch-outermost layout (v's own when possible, e.g.
     channels_last) for v and the others; copies only what does not match already."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in others), v.dtype)
+    dtype = common_dtype(v, *others)
     fmt = torch.contiguous_format
     if v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last):
         fmt = torch.channels_last
@@ -192,7 +194,7 @@ def orw_cfm_w2_loss(
         when they require grad, in their own dtype.
     """
     _check_predictions(v, u, v_ref)
-    acc = accumulation_dtype(torch.promote_types(torch.promote_types(v.dtype, u.dtype), v_ref.dtype))
+    acc = accumulation_dtype(common_dtype(v, u, v_ref))
     alpha = check_real(alpha, "alpha", acc, minimum=0)
     tau = check_weighting(weighting, tau, acc)
     if (rewards is None) == (weights is None):
@@ -207,17 +209,17 @@ def orw_cfm_w2_loss(
             weights, rewards = reward_weights(rewards, tau, weighting, validate=False), None
     if weights is not None:
         check_scores(weights, "weights", batch, device, False)
-        scores, code = weights.detach().to(acc).contiguous(), _GIVEN_WEIGHTS
+        scores, code = as_constant(weights, acc).contiguous(), _GIVEN_WEIGHTS
         check_scores(scores, "weights" if weights.dtype == acc else f"weights (in {acc})", batch, device, validate)
     else:
-        scores, code = rewards.detach().to(acc).contiguous(), _WEIGHTING_CODE[weighting]
+        scores, code = as_constant(rewards, acc).contiguous(), _WEIGHTING_CODE[weighting]
 
     backend = _resolve_backend(backend, device)
     if backend == "eager":
         w = scores if code == _GIVEN_WEIGHTS else reward_weights(scores, tau, weighting, validate=False)
         loss, fm, w2, w = _eager(v, u, v_ref, w, alpha)
     else:
-        op = torch.ops.orw_fast.orw_cfm_w2 if backend == "native" else _triton_op()
+        op = torch.ops.orw_fast.orw_cfm_w2.default if backend == "native" else _triton_op()
         grad_on = torch.is_grad_enabled()
         kv, ku, kr = _kernel_layout(v, u, v_ref)
         loss, fm, w2, w, *_ = op(

@@ -102,7 +102,7 @@ def fused_quadratic_fm(v, u, v_old, v_ref, coef: torch.Tensor, alpha: float, bac
     accumulation dtype, or [6, B] with s as row 5; ``msq_power``: q of the mean-square form (0: none; the adaptive
     forms, module docstring); inputs already checked by the caller; ``backend`` already resolved (not "eager" or
     "auto")."""
-    op = getattr(torch.ops.orw_fast, OP) if backend == "native" else _triton_op()
+    op = torch.ops.orw_fast.quadratic_fm.default if backend == "native" else _triton_op()
     tensors = _kernel_layout(v, u, v_old, v_ref)
     grad_on = torch.is_grad_enabled()
     flags = (grad_on and t.requires_grad for t in tensors)

@@ -3,6 +3,7 @@ of the scalars and score vectors the fused loss takes."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -14,6 +15,27 @@ WEIGHTINGS = ("softmax", "exp", "none")
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 data, float32 for every other floating dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def common_dtype(first: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    """The promoted dtype of the tensors (no promotion call when they already agree, the common case)."""
+    dtype = first.dtype
+    for t in others:
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def as_constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.detach().to(dtype)``, skipping the calls that would change nothing (each costs microseconds, and the
+    loss functions run them on every step)."""
+    t = t.detach() if t.requires_grad else t
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
 
 
 def _is_capturing_or_compiling() -> bool:
@@ -29,13 +51,14 @@ def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum:
         shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:12]}... ({len(repr(value))} characters)"
         return ValueError(f"{name} must be {expected}{detail}, got {shown}")
 
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kind = type(value)  # float and int first: the ABC check below is slow and they are what callers pass
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise error()
     try:
         number = float(value)
     except OverflowError:  # an int beyond float64's range
         number = math.inf
-    limit = torch.finfo(dtype).max
+    limit = _largest(dtype)
     if not math.isfinite(number) or abs(number) > limit:
         raise error(f" representable in {dtype} (|{name}| <= {limit:.4g})")
     if minimum is not None and number < minimum:
@@ -115,7 +138,7 @@ def reward_weights(
     acc = accumulation_dtype(rewards.dtype) if isinstance(rewards, torch.Tensor) else torch.float32
     tau = check_weighting(weighting, tau, acc)
     check_scores(rewards, "rewards", None, None, validate)
-    r = rewards.detach().to(acc)
+    r = as_constant(rewards, acc)
     if weighting == "softmax":
         return r.shape[0] * torch.softmax(softmax_logits(r, tau), dim=0)
     if weighting == "exp":
