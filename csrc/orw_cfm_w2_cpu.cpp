@@ -72,7 +72,8 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
     if (GU) ou[w] = scalar_t(-cw * d1);
     if (GR) orr[w] = scalar_t(-ca * d2);
   };
-  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, gr, static_cast<scalar_t*>(nullptr), body);
+  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, gr, static_cast<scalar_t*>(nullptr), {v, u, r, nullptr},
+                              body);
   acc_t t1 = 0, t2 = 0;
   for (int64_t k = 0; k < kLanes; ++k) {
     t1 += s1[k];

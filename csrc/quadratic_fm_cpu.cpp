@@ -53,7 +53,7 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
     if (GO) oo[w] = scalar_t(k.c * ((1 - k.m1) * y1 + (1 - k.m2) * y2 - y3));
     if (GR) orr[w] = scalar_t(-k.ca * kl);
   };
-  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, go, gr, body);
+  lane_loop<scalar_t, kLanes>(begin, end, stream, gv, gu, go, gr, {v, u, o, r}, body);
   acc_t t1 = 0, t2 = 0;
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     t1 += s1[lane];
@@ -63,11 +63,12 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
   *out_kl = t2;
 }
 
-// Sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2) over the flat range [begin, end) inside one sample.
+// Sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2) over the flat range [begin, end) inside one sample
+// (with `prefetch`, v, u, o are prefetched as lane_loop does when streaming).
 template <typename scalar_t, int P>
 ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                                      const scalar_t* __restrict__ o, int64_t begin, int64_t end,
-                                     at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2,
+                                     at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, bool prefetch,
                                      at::opmath_type<scalar_t>* out1, at::opmath_type<scalar_t>* out2) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t s1[kLanes] = {}, s2[kLanes] = {};
@@ -77,7 +78,11 @@ ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scala
     s2[lane] += P == 1 ? std::abs(x2) : x2 * x2;
   };
   int64_t j = begin;
+  constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(scalar_t));
   for (; j + kLanes <= end; j += kLanes) {
+    if (prefetch) {
+      for (const scalar_t* in : {v, u, o}) __builtin_prefetch(in + j + ahead, 0, 0);
+    }
 #pragma omp simd
     for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
   }
@@ -94,16 +99,17 @@ ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scala
 // The per-sample norms n_1, n_2 of sample i (quadratic_fm_norms' chunks, in their order) into n[0], n[1].
 template <typename scalar_t>
 void sample_norms(const scalar_t* v, const scalar_t* u, const scalar_t* o, int64_t i, int64_t D, int64_t p,
-                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, at::opmath_type<scalar_t>* n) {
+                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, bool prefetch,
+                  at::opmath_type<scalar_t>* n) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t t1 = 0, t2 = 0;
   for (int64_t begin = i * D; begin < (i + 1) * D; begin += kChunk) {
     const int64_t end = std::min((i + 1) * D, begin + kChunk);
     acc_t s1, s2;
     if (p == 1) {
-      chunk_norms<scalar_t, 1>(v, u, o, begin, end, m1, m2, &s1, &s2);
+      chunk_norms<scalar_t, 1>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
     } else {
-      chunk_norms<scalar_t, 2>(v, u, o, begin, end, m1, m2, &s1, &s2);
+      chunk_norms<scalar_t, 2>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
     }
     t1 += s1;
     t2 += s2;
@@ -128,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_fm_norms_cpu(const at::Tensor& v, c
       for (int64_t i = i0; i < i1; ++i) {
         acc_t n[2];
         sample_norms<scalar_t>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                               v_old.const_data_ptr<scalar_t>(), i, D, p, cf[B + i], cf[3 * B + i], n);
+                               v_old.const_data_ptr<scalar_t>(), i, D, p, cf[B + i], cf[3 * B + i], false, n);
         p1[i] = n[0];
         p2[i] = n[1];
       }
@@ -179,7 +185,7 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
       at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           acc_t n[2];
-          sample_norms<scalar_t>(pv, pu, po, i, D, l1_form ? 1 : 2, cf[B + i], cf[3 * B + i], n);
+          sample_norms<scalar_t>(pv, pu, po, i, D, l1_form ? 1 : 2, cf[B + i], cf[3 * B + i], stream, n);
           Coef<acc_t> k = coef_of(i);
           if (l1_form) {
             const acc_t s = cf[5 * B + i];
