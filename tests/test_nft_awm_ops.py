@@ -381,9 +381,10 @@ def test_bitwise_deterministic(backend, device, adaptive):
 @pytest.mark.parametrize("shape", [(7, 3, 5), (4, 2, 40, 40), (2, 3, 75, 75)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("form", ["plain", "nft_adaptive", "msq_power"])
 def test_cpu_streaming_stores_change_no_bits(monkeypatch, dtype, shape, form):
-    """The CPU kernel's streaming gradient stores (csrc/cpu_stream.h: used when a call moves more bytes than
-    ORW_FAST_STREAM_BYTES, default the last-level cache) give the outputs of plain stores bit for bit, on odd sizes
-    (unaligned chunks fall back to plain stores), aligned ones, and a sample of two chunks, for every gradient."""
+    """The CPU kernel's streaming gradient stores and non-temporal input prefetches (csrc/cpu_stream.h: used when a
+    call moves more bytes than ORW_FAST_STREAM_BYTES, default the last-level cache) give the outputs of plain stores
+    bit for bit, on odd sizes (unaligned chunks fall back to plain stores), aligned ones, and a sample of two chunks,
+    for every gradient."""
     if _native.IMPORT_ERROR is not None:
         pytest.fail(f"the native extension did not load: {_native.IMPORT_ERROR}")
     tensors = [t.detach() for t in make_inputs(shape, dtype, "cpu", grads=(False,) * 4, seed=41)]
