@@ -149,8 +149,8 @@ def nft_loss(
     if backend == "eager":
         loss, parts = _eager(v, u, v_old, v_ref, r, beta, alpha, s)
     else:
-        rows = [r / beta, torch.full_like(r, beta), torch.rsub(r, 1) / beta, torch.full_like(r, -beta)]
-        rows.append(torch.zeros_like(r))
+        rest = torch.rsub(r, 1)  # 1 - r, without the Python-level wrapper of the reflected operator
+        rows = [r / beta, torch.full_like(r, beta), rest / beta, torch.full_like(r, -beta), torch.zeros_like(r)]
         # with s, the op's adaptive form: the L1 norms of v+ - u, v- - u first, in the same call
         coef = torch.stack(rows if s is None else [*rows, s])
         loss, parts = fused_quadratic_fm(v, u, v_old, v_ref, coef, alpha, backend)
