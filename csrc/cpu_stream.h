@@ -90,14 +90,23 @@ inline void stream_fence() {
 // How far ahead of its loads lane_loop prefetches each input when streaming (four cache lines).
 constexpr int64_t kPrefetchBytes = 256;
 
+// Prefetches element j + kPrefetchBytes of each non-null input as non-temporal (a hint: no effect on
+// any value).
+template <typename T, size_t N>
+inline void prefetch_ahead(const std::array<const T*, N>& ins, int64_t j) {
+  for (const T* in : ins) {
+    if (in != nullptr) __builtin_prefetch(in + j + kPrefetchBytes / int64_t(sizeof(T)), 0, 0);
+  }
+}
+
 // The element loop of a CPU chunk kernel over the flat range [begin, end): calls
 // body(j, lane, o0, o1, o2, o3, w) for every j, which reads element j, adds into accumulator `lane`
 // (< L, for groups of L elements that vectorise without reassociation) and writes its outputs to
 // index w of o0..o3 (those it was asked for; the others may be null). Each whole group of L goes
 // through a stage, then out with streaming stores when `stream` and every non-null output is 16-byte
 // aligned at begin (then a fence), else with plain copies: the arithmetic is the same code either way,
-// so streaming changes no bit of any output. When streaming, the inputs `ins` (null entries skipped)
-// are prefetched kPrefetchBytes ahead as non-temporal (a hint: no effect on any value).
+// so streaming changes no bit of any output. When streaming, the inputs `ins` are prefetched
+// (prefetch_ahead).
 template <typename T, int64_t L, typename Body>
 __attribute__((always_inline)) inline void lane_loop(int64_t begin, int64_t end, bool stream, T* o0, T* o1,
                                                      T* o2, T* o3, std::array<const T*, 4> ins,
@@ -108,11 +117,7 @@ __attribute__((always_inline)) inline void lane_loop(int64_t begin, int64_t end,
   alignas(64) T stage[4][L] = {};  // the stage of an absent output stays unused
   int64_t j = begin;
   for (; j + L <= end; j += L) {
-    if (prefetch) {
-      for (const T* in : ins) {
-        if (in != nullptr) __builtin_prefetch(in + j + kPrefetchBytes / int64_t(sizeof(T)), 0, 0);
-      }
-    }
+    if (prefetch) prefetch_ahead(ins, j);
 #pragma omp simd
     for (int64_t lane = 0; lane < L; ++lane) body(j + lane, lane, stage[0], stage[1], stage[2], stage[3], lane);
     for (int q = 0; q < 4; ++q) {

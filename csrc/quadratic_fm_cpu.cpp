@@ -64,7 +64,7 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
 }
 
 // Sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2) over the flat range [begin, end) inside one sample
-// (with `prefetch`, v, u, o are prefetched as lane_loop does when streaming).
+// (with `prefetch`, v, u, o are prefetched: prefetch_ahead).
 template <typename scalar_t, int P>
 ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                                      const scalar_t* __restrict__ o, int64_t begin, int64_t end,
@@ -78,11 +78,8 @@ ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scala
     s2[lane] += P == 1 ? std::abs(x2) : x2 * x2;
   };
   int64_t j = begin;
-  constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(scalar_t));
   for (; j + kLanes <= end; j += kLanes) {
-    if (prefetch) {
-      for (const scalar_t* in : {v, u, o}) __builtin_prefetch(in + j + ahead, 0, 0);
-    }
+    if (prefetch) prefetch_ahead<scalar_t, 3>({v, u, o}, j);
 #pragma omp simd
     for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
   }
