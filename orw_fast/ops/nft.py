@@ -59,6 +59,7 @@ from orw_fast.ops.reward_weights import (
     check_real,
     check_scores,
     common_dtype,
+    largest_finite,
 )
 
 
@@ -132,7 +133,7 @@ def nft_loss(
     _check_predictions(v, u, v_ref, v_old=v_old)
     acc = accumulation_dtype(common_dtype(v, u, v_old, v_ref))
     beta = check_real(beta, "beta", acc)
-    if not 1 / torch.finfo(acc).max < beta:  # 1/beta is a coefficient of the kernels: finite in acc
+    if not 1 / largest_finite(acc) < beta:  # 1/beta is a coefficient of the kernels: finite in acc
         raise ValueError(f"beta must be a finite number > 0 with 1/beta finite in {acc}, got {beta!r}")
     alpha = check_real(alpha, "alpha", acc, minimum=0)
     check_scores(r, "r", v.shape[0], v.device, validate)

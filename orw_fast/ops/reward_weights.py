@@ -34,7 +34,8 @@ def as_constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.cache
-def _largest(dtype: torch.dtype) -> float:
+def largest_finite(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).max``, cached (the loss functions check their scalars against it on every call)."""
     return torch.finfo(dtype).max
 
 
@@ -58,7 +59,7 @@ def check_real(value, name: str, dtype: torch.dtype = torch.float32, *, minimum:
         number = float(value)
     except OverflowError:  # an int beyond float64's range
         number = math.inf
-    limit = _largest(dtype)
+    limit = largest_finite(dtype)
     if not math.isfinite(number) or abs(number) > limit:
         raise error(f" representable in {dtype} (|{name}| <= {limit:.4g})")
     if minimum is not None and number < minimum:
@@ -104,7 +105,7 @@ def check_exp_range(rewards: torch.Tensor, tau: float, dtype: torch.dtype) -> No
     if _is_capturing_or_compiling():
         return
     largest = (tau * rewards.detach().double()).max().item()
-    limit = math.log(torch.finfo(dtype).max)
+    limit = math.log(largest_finite(dtype))
     if largest > limit:
         raise ValueError(
             f"weighting='exp' overflows: tau * reward reaches {largest:.4g}, above log(max {dtype}) = "
