@@ -1,6 +1,7 @@
 // CPU kernels of orw_fast::quadratic_fm and quadratic_fm_norms (contract in quadratic_fm.h): one pass over
 // v, u, v_old, v_ref that produces the per-sample sums and the gradients; one over v, u, v_old for the
-// per-sample norms; in an adaptive form (coef [6, B] or msq_power != 0), both for one sample in one task
+// per-sample norms (over v, u only for a sample with m1 = 1 and w2 = 0, AWM's, in the fused adaptive form);
+// in an adaptive form (coef [6, B] or msq_power != 0), both for one sample in one task
 // (its second read hits the cache). As in orw_cfm_w2_cpu.cpp, work is split into
 // fixed chunks of a sample, each writing its own partial sums, added afterwards in chunk order: the
 // result does not depend on the number of threads.
@@ -63,23 +64,31 @@ ORW_FAST_CPU_CLONES void chunk_pass(const scalar_t* __restrict__ v, const scalar
   *out_kl = t2;
 }
 
-// Sums of |a + m1 e|^P and |a + m2 e|^P (P = 1 or 2) over the flat range [begin, end) inside one sample
-// (with `prefetch`, v, u, o are prefetched: prefetch_ahead).
-template <typename scalar_t, int P>
+// Sums of |x1|^P and |x2|^P (P = 1 or 2; x1 = a + m1 e, x2 = a + m2 e) over the flat range [begin, end)
+// inside one sample (with `prefetch`, the inputs read are prefetched: prefetch_ahead). DIRECT1 (m1 = 1):
+// x1 as v - u. WITH2 false: no x2 (*out2 = 0; a sample whose w2 = 0 needs none); with DIRECT1 too, o is
+// not read at all (AWM's forms: 2 input streams instead of 3).
+template <typename scalar_t, int P, bool DIRECT1, bool WITH2>
 ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scalar_t* __restrict__ u,
                                      const scalar_t* __restrict__ o, int64_t begin, int64_t end,
                                      at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, bool prefetch,
                                      at::opmath_type<scalar_t>* out1, at::opmath_type<scalar_t>* out2) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kReadsOld = WITH2 || !DIRECT1;
   acc_t s1[kLanes] = {}, s2[kLanes] = {};
   auto body = [&](int64_t j, int64_t lane) __attribute__((always_inline)) {
-    const acc_t oj = o[j], a = oj - acc_t(u[j]), e = acc_t(v[j]) - oj, x1 = a + m1 * e, x2 = a + m2 * e;
+    const acc_t vj = v[j], uj = u[j];
+    const acc_t oj = kReadsOld ? acc_t(o[j]) : acc_t(0), a = oj - uj, e = vj - oj;
+    const acc_t x1 = DIRECT1 ? vj - uj : a + m1 * e;
     s1[lane] += P == 1 ? std::abs(x1) : x1 * x1;
-    s2[lane] += P == 1 ? std::abs(x2) : x2 * x2;
+    if (WITH2) {
+      const acc_t x2 = a + m2 * e;
+      s2[lane] += P == 1 ? std::abs(x2) : x2 * x2;
+    }
   };
   int64_t j = begin;
   for (; j + kLanes <= end; j += kLanes) {
-    if (prefetch) prefetch_ahead<scalar_t, 3>({v, u, o}, j);
+    if (prefetch) prefetch_ahead<scalar_t, 3>({v, u, kReadsOld ? o : nullptr}, j);
 #pragma omp simd
     for (int64_t lane = 0; lane < kLanes; ++lane) body(j + lane, lane);
   }
@@ -93,21 +102,27 @@ ORW_FAST_CPU_CLONES void chunk_norms(const scalar_t* __restrict__ v, const scala
   *out2 = t2;
 }
 
-// The per-sample norms n_1, n_2 of sample i (quadratic_fm_norms' chunks, in their order) into n[0], n[1].
+// The per-sample norms n_1, n_2 of sample i (quadratic_fm_norms' chunks, in their order) into n[0], n[1];
+// with `with2` false, n[1] = 0 (chunk_norms' WITH2). m1 = 1 takes chunk_norms' DIRECT1 form.
 template <typename scalar_t>
 void sample_norms(const scalar_t* v, const scalar_t* u, const scalar_t* o, int64_t i, int64_t D, int64_t p,
-                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, bool prefetch,
+                  at::opmath_type<scalar_t> m1, at::opmath_type<scalar_t> m2, bool with2, bool prefetch,
                   at::opmath_type<scalar_t>* n) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t t1 = 0, t2 = 0;
   for (int64_t begin = i * D; begin < (i + 1) * D; begin += kChunk) {
     const int64_t end = std::min((i + 1) * D, begin + kChunk);
     acc_t s1, s2;
-    if (p == 1) {
-      chunk_norms<scalar_t, 1>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
-    } else {
-      chunk_norms<scalar_t, 2>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
-    }
+    dispatch_grad_flags(
+        [&](auto direct1, auto with2_t) {
+          constexpr bool kDirect1 = decltype(direct1)::value, kWith2 = decltype(with2_t)::value;
+          if (p == 1) {
+            chunk_norms<scalar_t, 1, kDirect1, kWith2>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
+          } else {
+            chunk_norms<scalar_t, 2, kDirect1, kWith2>(v, u, o, begin, end, m1, m2, prefetch, &s1, &s2);
+          }
+        },
+        m1 == acc_t(1), with2);
     t1 += s1;
     t2 += s2;
   }
@@ -131,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> quadratic_fm_norms_cpu(const at::Tensor& v, c
       for (int64_t i = i0; i < i1; ++i) {
         acc_t n[2];
         sample_norms<scalar_t>(v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-                               v_old.const_data_ptr<scalar_t>(), i, D, p, cf[B + i], cf[3 * B + i], false, n);
+                               v_old.const_data_ptr<scalar_t>(), i, D, p, cf[B + i], cf[3 * B + i], true, false, n);
         p1[i] = n[0];
         p2[i] = n[1];
       }
@@ -182,7 +197,8 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
       at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           acc_t n[2];
-          sample_norms<scalar_t>(pv, pu, po, i, D, l1_form ? 1 : 2, cf[B + i], cf[3 * B + i], stream, n);
+          sample_norms<scalar_t>(pv, pu, po, i, D, l1_form ? 1 : 2, cf[B + i], cf[3 * B + i], cf[2 * B + i] != 0,
+                                 stream, n);
           Coef<acc_t> k = coef_of(i);
           if (l1_form) {
             const acc_t s = cf[5 * B + i];

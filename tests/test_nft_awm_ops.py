@@ -580,12 +580,13 @@ def test_opcheck_norms(backend, device, p):
         for s in ([(7, 3, 5)] if b == "triton" and d == "cpu" else [(7, 3, 5), (2, 3, 75, 75)])  # two chunks a sample
     ],
 )
-def test_adaptive_forms_are_the_norms_op_then_the_plain_op(backend, device, shape):
+@pytest.mark.parametrize("m1", [0.7, 1.0])
+def test_adaptive_forms_are_the_norms_op_then_the_plain_op(backend, device, shape, m1):
     """coef [6, B] (row 5 = s): the same loss, components and gradients, bit for bit, as quadratic_fm_norms (p = 1),
     the factors s / max(l1, 1e-5 / s) on w1 and w2 (adaptive_coef), and the plain [5, B] op; s takes 0, 1, a floor
     case. msq_power q: the same as the norms op (p = 2), the factors (msq + 1e-10)^q and the plain op, to a few float32
     roundings (the kernels' scalar pow and ATen's vectorised pow may differ in the last bit); q = 0 is the plain op
-    bit for bit."""
+    bit for bit. m1 = 1 (x1 = v - u) with w2 = 0 for one sample: the CPU kernel's norms of such a sample skip v_old."""
     skip_unless(backend, device)
     from orw_fast.ops.quadratic_fm import adaptive_coef
 
@@ -593,8 +594,8 @@ def test_adaptive_forms_are_the_norms_op_then_the_plain_op(backend, device, shap
     b = shape[0]
     rows = [
         rand_r(b, device, 31),
-        torch.full((b,), 0.7, device=device),
-        rand_r(b, device, 32),
+        torch.full((b,), m1, device=device),
+        rand_r(b, device, 32),  # w2 = 0 for sample 1
         torch.zeros(b, device=device),
     ]
     coef6 = torch.stack([*rows, torch.full((b,), 0.2, device=device), rand_s(b, device, 31)]).contiguous()
