@@ -325,7 +325,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "one call per sample, after a last-level cache flush (a buffer of >= 256 MB and 4x the cache zeroed outside "
         "the timed region)"
         if meta["l2"] == "flush"
-        else "each sample the mean of back-to-back calls lasting >= 2 ms"
+        else "each sample the mean of back-to-back calls lasting >= 2 ms, after one untimed call of the same backend"
     )
     lines = [
         *common.report_head(meta),

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import (
     bench_frozen_policy,
+    common,
     bench_loss,
     bench_methods,
     bench_rollout_error,
@@ -203,6 +204,24 @@ def test_hardware_script(tmp_path, capsys):
     rows = json.loads(result_files(tmp_path, "hardware")[".json"].read_text())["results"]
     assert rows[0]["quantity"] == "copy bandwidth" and rows[0]["value"] > 0
     assert "GB/s copy bandwidth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_interleaved_samples_start_after_their_own_call(flush):
+    """Side by side on a warm cache, each timed sample follows one untimed call of the same function (not the
+    previous function's caches); with the cache flushed before each, a sample is the one call."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = common.time_interleaved_ms(
+        fns, torch.device("cpu"), repeats=4, warmup_s=0.0, warmup_calls=1, flush_l2=flush
+    )
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    timed = calls[3:]
+    per_sample = 1 if flush else 2
+    assert len(timed) == 4 * 3 * per_sample and all(len(t.samples_ms) == 4 for t in timings.values())
+    samples = [timed[i : i + per_sample] for i in range(0, len(timed), per_sample)]
+    assert all(len(set(sample)) == 1 for sample in samples)
+    assert [sample[0] for sample in samples[:6]] == ["a", "b", "c", "b", "c", "a"]  # the order rotated
 
 
 @pytest.mark.parametrize(
