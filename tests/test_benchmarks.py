@@ -19,7 +19,6 @@ import torch
 
 from benchmarks import (
     bench_frozen_policy,
-    common,
     bench_loss,
     bench_methods,
     bench_rollout_error,
@@ -27,6 +26,7 @@ from benchmarks import (
     bench_t2i,
     bench_time_to_target,
     bench_train_step,
+    common,
     hardware,
     nvcc_report,
     run_all,
