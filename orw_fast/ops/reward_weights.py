@@ -3,7 +3,6 @@ of the scalars and score vectors the fused loss takes."""
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -33,10 +32,16 @@ def as_constant(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@functools.cache
+# A plain dict, not functools.cache: torch.compile warns on every lru_cache-wrapped call it traces.
+_LARGEST_FINITE = {
+    dtype: torch.finfo(dtype).max for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
 def largest_finite(dtype: torch.dtype) -> float:
-    """``torch.finfo(dtype).max``, cached (the loss functions check their scalars against it on every call)."""
-    return torch.finfo(dtype).max
+    """``torch.finfo(dtype).max``, looked up (the loss functions check their scalars against it on every call)."""
+    limit = _LARGEST_FINITE.get(dtype)
+    return torch.finfo(dtype).max if limit is None else limit
 
 
 def _is_capturing_or_compiling() -> bool:
