@@ -16,16 +16,17 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-// Calls f(F1, F2, ...) with std::true_type / std::false_type for each runtime gradient flag, so a
-// kernel can take them as template parameters and drop the stores it does not need.
+// Calls f(F1, F2, ...) with std::true_type / std::false_type for each runtime flag, so a kernel can
+// take them as template parameters: the gradient flags (it drops the stores it does not need), the
+// norms' forms (quadratic_fm_cpu.cpp: what it need not read).
 template <typename F>
-void dispatch_grad_flags(F&& f) {
+void dispatch_flags(F&& f) {
   f();
 }
 template <typename F, typename... Rest>
-void dispatch_grad_flags(F&& f, bool flag, Rest... rest) {
+void dispatch_flags(F&& f, bool flag, Rest... rest) {
   auto bind = [&](auto value) {
-    dispatch_grad_flags([&](auto... tail) { f(value, tail...); }, rest...);
+    dispatch_flags([&](auto... tail) { f(value, tail...); }, rest...);
   };
   flag ? bind(std::true_type{}) : bind(std::false_type{});
 }

@@ -117,7 +117,7 @@ LossOutputs orw_cfm_w2_cpu(const at::Tensor& v, const at::Tensor& u, const at::T
     compute_weights<acc_t>(scores.data_ptr<acc_t>(), B, acc_t(tau), weighting, w);
     std::vector<acc_t> part(2 * B * nchunks);
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
-    dispatch_grad_flags([&](auto gv_t, auto gu_t, auto gr_t) {
+    dispatch_flags([&](auto gv_t, auto gu_t, auto gr_t) {
       run_pass<scalar_t, decltype(gv_t)::value, decltype(gu_t)::value, decltype(gr_t)::value>(
           v.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
           v_ref.const_data_ptr<scalar_t>(), ptr(gv), ptr(gu), ptr(gr), B, D, w, acc_t(alpha),

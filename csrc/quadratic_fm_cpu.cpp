@@ -113,7 +113,7 @@ void sample_norms(const scalar_t* v, const scalar_t* u, const scalar_t* o, int64
   for (int64_t begin = i * D; begin < (i + 1) * D; begin += kChunk) {
     const int64_t end = std::min((i + 1) * D, begin + kChunk);
     acc_t s1, s2;
-    dispatch_grad_flags(
+    dispatch_flags(
         [&](auto direct1, auto with2_t) {
           constexpr bool kDirect1 = decltype(direct1)::value, kWith2 = decltype(with2_t)::value;
           if (p == 1) {
@@ -174,7 +174,7 @@ QuadraticOutputs quadratic_fm_cpu(const at::Tensor& v, const at::Tensor& u, cons
     auto ptr = [](at::Tensor& g) { return g.numel() ? g.data_ptr<scalar_t>() : nullptr; };
     const int64_t ngrads = int64_t(grad_v) + grad_u + grad_v_old + grad_v_ref;
     const bool stream = ngrads > 0 && should_stream(v.numel() * v.element_size() * (4 + ngrads));
-    dispatch_grad_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
+    dispatch_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
       auto pass = [&](int64_t t, const Coef<acc_t>& k) {  // chunk t = i * nchunks + (chunk of sample i)
         const int64_t i = t / nchunks, begin = i * D + (t % nchunks) * kChunk;
         const int64_t end = std::min((i + 1) * D, begin + kChunk);

@@ -157,7 +157,7 @@ void launch_pass(const at::Tensor& v, const at::Tensor& u, const at::Tensor& v_o
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = v.size(0), D = v.numel() / B;
   auto ptr = [](at::Tensor& g) { return g.numel() ? g.mutable_data_ptr<scalar_t>() : nullptr; };
-  dispatch_grad_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
+  dispatch_flags([&](auto gv_t, auto gu_t, auto go_t, auto gr_t) {
     constexpr auto kernel = &quadratic_pass_kernel<scalar_t, VEC, decltype(gv_t)::value, decltype(gu_t)::value,
                                                    decltype(go_t)::value, decltype(gr_t)::value>;
     const int64_t grid = std::min<int64_t>(B * nchunks, resident_blocks<kernel>(v.get_device()));
