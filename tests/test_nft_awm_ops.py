@@ -571,6 +571,63 @@ def test_opcheck_norms(backend, device, p):
         op(v, u, v_old, coef, 3)
 
 
+def quadratic_reference(v, u, v_old, v_ref, coef, alpha, msq_power=0.0):
+    """The op's contract (ops/quadratic_fm.py) in float64: loss, policy_i, kl_i from coef rows w1, m1, w2, m2, w3
+    (with ``msq_power`` q, w1 and w2 times the detached (mean_d x^2 + 1e-10)^q of their square's residual)."""
+    b = v.shape[0]
+    v, u, o, r = (t.double().reshape(b, -1) for t in (v, u, v_old, v_ref))
+    w1, m1, w2, m2, w3 = (row.double()[:, None] for row in coef)
+    a, e = o - u, v - o
+    x1, x2 = a + m1 * e, a + m2 * e
+    if msq_power:
+        w1 = w1 * (x1.detach().pow(2).mean(1, keepdim=True) + 1e-10) ** msq_power
+        w2 = w2 * (x2.detach().pow(2).mean(1, keepdim=True) + 1e-10) ** msq_power
+    policy = (w1 * x1**2 + w2 * x2**2 + w3 * e**2).mean(1)
+    kl = ((v - r) ** 2).mean(1)
+    return (policy + alpha * kl).mean(), policy, kl
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize(
+    "backend,device,shape",
+    [
+        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+        for b in ("native", "triton")
+        for d in DEVICES
+        for s in ([(6, 3, 5)] if b == "triton" and d == "cpu" else [(6, 3, 5), (3, 3, 75, 75)])  # two chunks a sample
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", [(True,) * 4, (True, False, False, False), (False, True, True, True)])
+@pytest.mark.parametrize("msq_power", [0.0, -0.75])
+def test_op_with_mixed_coefficient_forms_matches_float64(backend, device, shape, dtype, flags, msq_power):
+    """The op itself against its contract in float64, on a batch that mixes the forms the CPU kernel specialises:
+    samples with m1 = 1 and w2 = 0 (AWM's one square, x1 = v - u), m1 = 1 with w2 != 0, and general coefficients;
+    signed w1, every gradient set, the plain and the mean-square (msq_power) forms."""
+    skip_unless(backend, device)
+    tensors = [t.detach() for t in make_inputs(shape, dtype, device, grads=(False,) * 4, seed=51)]
+    b = shape[0]
+    g = torch.Generator().manual_seed(stable_seed(backend, shape, dtype, flags, msq_power))
+    coef = torch.randn(5, b, generator=g)
+    coef[2:5].abs_()  # w2, w3 >= 0 (a loss bounded below), w1 signed (advantages)
+    coef[1, 0::3], coef[2, 0::3] = 1.0, 0.0  # one square
+    coef[1, 1::3] = 1.0  # m1 = 1 with a second square
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = coef.to(device=device, dtype=acc).contiguous()
+    loss, policy, kl, *grads = _op(backend)(*tensors, coef, 0.4, *flags, msq_power)
+    leaves = [t.double().requires_grad_() for t in tensors]
+    want = quadratic_reference(*leaves, coef, 0.4, msq_power)
+    want[0].backward()
+    tol = TOL[dtype]
+    assert abs(loss.item() - want[0].item()) <= tol * (want[1].abs() + 0.4 * want[2]).mean().item()
+    assert rel_err(policy, want[1]) <= tol and rel_err(kl, want[2]) <= tol
+    for name, wanted, got, leaf in zip(NAMES, flags, grads, leaves):
+        if wanted:
+            assert got.dtype == dtype and rel_err(got, leaf.grad) <= tol, f"gradient of {name}"
+        else:
+            assert got.numel() == 0, f"gradient of {name} not requested"
+
+
 @pytest.mark.parametrize(
     "backend,device,shape",
     [
