@@ -5,7 +5,8 @@ validate=False and backend=..., ``loss.backward()``, ``v.grad = None`` (v requir
 ``orw_cfm_w2_loss(v, u, v_ref, rewards, alpha=1, weighting="softmax")``,
 ``nft_loss(v, u, v_old, v_ref, r, beta=1, alpha=1)`` (nft_adaptive: with ``adaptive_scale=r``) and
 ``awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1, alpha_old=1)`` (the published configs' EMA penalty;
-awm_ghuber: with their ``weighting="ghuber"``, sigma = |advantages| clamped to [0, 1]).
+awm_ghuber: with their ``weighting="ghuber"`` and sigma, the samples' noise levels 1 - t, drawn uniform in [0, 1] with
+the other inputs, as a trainer has them from its sampled times).
 Backends: eager, compile (torch.compile of the eager backend), native (the C++/CUDA kernels) and triton (CUDA
 only). GB/s counts the bytes the fused pass must move (read each input once, write grad_v) and is compared
 with the copy bandwidth measured in the same run (benchmarks/hardware.py).
@@ -73,7 +74,7 @@ BYTES_MODEL = (
 SETTINGS = (
     "v requires grad (the other inputs do not), alpha=1; orw_cfm_w2 weighting='softmax'; nft beta=1, r in "
     "[0, 1] (nft_adaptive: adaptive_scale = r); awm signed advantages, alpha_old=1 with v_old (awm_ghuber: "
-    "ghuber p 0.25, sigma = |A| clamped to [0, 1]); validate=False for every backend"
+    "ghuber p 0.25, sigma uniform in [0, 1], drawn with the inputs); validate=False for every backend"
 )
 
 
@@ -99,7 +100,7 @@ def skip_reason(backend: str, device: torch.device, op: str = "orw_cfm_w2") -> s
 
 def make_inputs(size, dtype: torch.dtype, device: torch.device, op: str = "orw_cfm_w2"):
     """The op's inputs: v (requires grad), u, [v_old,] v_ref of ``size`` and a float32 [B] vector (rewards; r in
-    [0, 1] for nft)."""
+    [0, 1] for nft), and for awm_ghuber the noise levels sigma [B] in [0, 1]: what a trainer has before the loss."""
     gen = torch.Generator(device=device).manual_seed(0)
     tensors = [torch.randn(size, dtype=dtype, device=device, generator=gen) for _ in range(OPS[op][1])]
     per_sample = (
@@ -107,7 +108,8 @@ def make_inputs(size, dtype: torch.dtype, device: torch.device, op: str = "orw_c
         if op.startswith("nft")
         else torch.randn(size[0], device=device, generator=gen)
     )
-    return tensors[0].requires_grad_(), *tensors[1:], per_sample
+    sigma = (torch.rand(size[0], device=device, generator=gen),) if op == "awm_ghuber" else ()
+    return tensors[0].requires_grad_(), *tensors[1:], per_sample, *sigma
 
 
 def _orw_cfm_w2(v, u, v_ref, rewards, backend: str = "eager"):
@@ -126,8 +128,7 @@ def _awm(v, u, v_old, v_ref, advantages, backend: str = "eager"):
     return awm_loss(v, u, v_ref, advantages, v_old=v_old, alpha=1.0, alpha_old=1.0, backend=backend, validate=False)
 
 
-def _awm_ghuber(v, u, v_old, v_ref, advantages, backend: str = "eager"):
-    sigma = advantages.abs().clamp(max=1)
+def _awm_ghuber(v, u, v_old, v_ref, advantages, sigma, backend: str = "eager"):
     return awm_loss(
         v,
         u,
