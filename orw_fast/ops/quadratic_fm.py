@@ -39,8 +39,8 @@ reduction over the sample that must be complete before any of its gradients is w
 Both happen in the same call. The CPU kernel runs one task per sample, its norms and then its gradient pass while
 the sample's inputs are still in the cache (a separate norms pass read everything twice from memory and was slower
 than torch.compile); a sample with m1 = 1 and w2 = 0 (AWM's) needs only x1 = v - u there, so its norms read v and u,
-not v_old (both CPU ops compute x1 so when m1 = 1, and the fused op then skips n_2, which w2 = 0 ignores); the
-CUDA and Triton kernels launch
+not v_old (both CPU ops compute x1 so when m1 = 1, and the fused op then skips n_2, which w2 = 0 ignores), and its
+gradient pass, adaptive or not, computes x1 = v - u and no x2 term; the CUDA and Triton kernels launch
 ``torch.ops.orw_fast.quadratic_fm_norms(v, u, v_old, coef, p) -> (n_1, n_2)`` (one read of v, u, v_old,
 fixed-order reduction, no autograd; p = 1 or 2) and then the gradient pass with the coefficients of
 :func:`adaptive_coef`. With coef [5, B] and q = 0 the op is the plain one, bit for bit.
