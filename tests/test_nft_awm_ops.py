@@ -571,6 +571,17 @@ def test_opcheck_norms(backend, device, p):
         op(v, u, v_old, coef, 3)
 
 
+def op_cases(small, large):
+    """(backend, device, shape) for the native and triton ops themselves: ``small``, and ``large`` too (two CPU
+    chunks a sample) except on the Triton interpreter."""
+    return [
+        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
+        for b in ("native", "triton")
+        for d in DEVICES
+        for s in ([small] if b == "triton" and d == "cpu" else [small, large])
+    ]
+
+
 def quadratic_reference(v, u, v_old, v_ref, coef, alpha, msq_power=0.0):
     """The op's contract (ops/quadratic_fm.py) in float64: loss, policy_i, kl_i from coef rows w1, m1, w2, m2, w3
     (with ``msq_power`` q, w1 and w2 times the detached (mean_d x^2 + 1e-10)^q of their square's residual)."""
@@ -588,15 +599,7 @@ def quadratic_reference(v, u, v_old, v_ref, coef, alpha, msq_power=0.0):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize(
-    "backend,device,shape",
-    [
-        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
-        for b in ("native", "triton")
-        for d in DEVICES
-        for s in ([(6, 3, 5)] if b == "triton" and d == "cpu" else [(6, 3, 5), (3, 3, 75, 75)])  # two chunks a sample
-    ],
-)
+@pytest.mark.parametrize("backend,device,shape", op_cases((6, 3, 5), (3, 3, 75, 75)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("flags", [(True,) * 4, (True, False, False, False), (False, True, True, True)])
 @pytest.mark.parametrize("msq_power", [0.0, -0.75])
@@ -628,15 +631,7 @@ def test_op_with_mixed_coefficient_forms_matches_float64(backend, device, shape,
             assert got.numel() == 0, f"gradient of {name} not requested"
 
 
-@pytest.mark.parametrize(
-    "backend,device,shape",
-    [
-        pytest.param(b, d, s, id=f"{b}-{d}-{'x'.join(map(str, s))}")
-        for b in ("native", "triton")
-        for d in DEVICES
-        for s in ([(7, 3, 5)] if b == "triton" and d == "cpu" else [(7, 3, 5), (2, 3, 75, 75)])  # two chunks a sample
-    ],
-)
+@pytest.mark.parametrize("backend,device,shape", op_cases((7, 3, 5), (2, 3, 75, 75)))
 @pytest.mark.parametrize("m1", [0.7, 1.0])
 def test_adaptive_forms_are_the_norms_op_then_the_plain_op(backend, device, shape, m1):
     """coef [6, B] (row 5 = s): the same loss, components and gradients, bit for bit, as quadratic_fm_norms (p = 1),
