@@ -18,7 +18,7 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 
 // Calls f(F1, F2, ...) with std::true_type / std::false_type for each runtime flag, so a kernel can
 // take them as template parameters: the gradient flags (it drops the stores it does not need), the
-// norms' forms (quadratic_fm_cpu.cpp: what it need not read).
+// forms of quadratic_fm_cpu.cpp's passes (what a pass need not read or compute).
 template <typename F>
 void dispatch_flags(F&& f) {
   f();
