@@ -274,6 +274,7 @@ def format_table(rows: list[dict]) -> str:
         "% copy BW",
         "peak extra MB",
         "peak / grad buf",
+        "page faults / call",
         "vs eager",
         "vs compile",
     ]
@@ -289,6 +290,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['pct_copy_bw']:.1f}",
             f"{r['peak_extra_mb']:.2f}",
             f"{r['peak_extra_grad_bufs']:.2f}x",
+            common.fmt("{:.0f}", r["page_faults_per_call"]),
             common.fmt("{:.2f}x", r["speedup_vs_eager"]),
             common.fmt("{:.2f}x", r["speedup_vs_compile"]),
         ],
@@ -339,6 +341,7 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         "MB = 1e6 bytes",
         f"- peak extra memory: {common.PEAK_MEMORY_METHOD[meta['device']]}; "
         "peak / grad buf = peak / (numel x itemsize)",
+        f"- page faults / call: {common.PAGE_FAULTS_METHOD}",
     ]
     lines += [f"- skipped: {name} ({why})" for name, why in meta["skipped_backends"].items()]
     main_rows = [r for r in rows if "triton_config" not in r]

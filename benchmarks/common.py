@@ -94,11 +94,13 @@ def parse_device(text: str) -> torch.device:
 
 @dataclass
 class Timing:
-    """Per-call times in ms (each sample the mean of ``calls_per_sample`` back-to-back calls)."""
+    """Per-call times in ms (each sample the mean of ``calls_per_sample`` back-to-back calls) and, where measured,
+    the minor page faults per call during the same samples (:data:`PAGE_FAULTS_METHOD`)."""
 
     samples_ms: list[float]
     calls_per_sample: int
     l2_flushed: bool
+    faults_per_call: list[float] | None = None
 
     @property
     def median(self) -> float:
@@ -119,7 +121,24 @@ class Timing:
             "samples": len(self.samples_ms),
             "calls_per_sample": self.calls_per_sample,
             "l2_flushed": self.l2_flushed,
+            "page_faults_per_call": None if self.faults_per_call is None else statistics.median(self.faults_per_call),
         }
+
+
+PAGE_FAULTS_METHOD = (
+    "median over the timed samples of the minor page faults per call (getrusage ru_minflt around each sample): "
+    "first touches of pages the process had not mapped, e.g. buffers malloc returned to the OS and maps again, "
+    "each kernel time inside the call; CPU only"
+)
+
+
+def _minor_faults() -> int | None:
+    """The process's minor page faults so far (getrusage ru_minflt); None where getrusage does not exist."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 _FLUSH_BUFFERS: dict = {}
@@ -160,7 +179,8 @@ def time_interleaved_ms(
     """Times each of ``fns`` side by side: after its warm-up (at least ``warmup_calls`` calls and ``warmup_s``
     seconds), ``repeats`` rounds of one sample of every function, in an order rotated each round, so that a
     machine that slows down or speeds up during the run moves every function's samples alike and their ratios
-    hold. CUDA: events around the calls on the current stream. ``flush_l2``: every sample is one call after the
+    hold. CUDA: events around the calls on the current stream; CPU: the clock, and the minor page faults of each
+    sample (getrusage, read outside the timed region). ``flush_l2``: every sample is one call after the
     last-level cache is flushed (the GPU's L2, the CPU's L3: a buffer of >= 4x its size zeroed outside the timed
     region), as in a training step, where the model's forward and backward evict the loss's inputs. Otherwise a
     sample is the mean of as many back-to-back calls as last ``min_sample_s`` (timer resolution, launch gaps), after
@@ -180,6 +200,7 @@ def time_interleaved_ms(
     names = list(fns)
     cuda = device.type == "cuda"
     samples: dict[str, list] = {name: [] for name in names}
+    faults: dict[str, list] | None = None if cuda or _minor_faults() is None else {name: [] for name in names}
     for round_ in range(repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             if flush is not None:
@@ -190,6 +211,7 @@ def time_interleaved_ms(
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
             else:
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
             for _ in range(number[name]):
                 fns[name]()
@@ -198,10 +220,14 @@ def time_interleaved_ms(
                 samples[name].append((begin, end))
             else:
                 samples[name].append((time.perf_counter() - t0) * 1e3 / number[name])
+                if faults is not None:
+                    faults[name].append((_minor_faults() - f0) / number[name])
     if cuda:
         synchronize(device)
         samples = {n: [b.elapsed_time(e) / number[n] for b, e in pairs] for n, pairs in samples.items()}
-    return {name: Timing(samples[name], number[name], flush_l2) for name in names}
+    return {
+        name: Timing(samples[name], number[name], flush_l2, None if faults is None else faults[name]) for name in names
+    }
 
 
 def time_wall_ms(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup_calls: int = 1) -> Timing:

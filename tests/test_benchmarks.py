@@ -6,6 +6,7 @@ not checked."""
 import csv
 import json
 import math
+import mmap
 import os
 import re
 import subprocess
@@ -84,6 +85,7 @@ def test_loss_benchmark(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["speedup_vs_eager"] > 0
         assert r["bytes_per_step"] == 4 * r["numel"] * bench_loss.DTYPES[r["dtype"]].itemsize
+        assert r["page_faults_per_call"] >= 0
 
 
 def test_loss_benchmark_nft_awm(tmp_path):
@@ -222,6 +224,24 @@ def test_interleaved_samples_start_after_their_own_call(flush):
     samples = [timed[i : i + per_sample] for i in range(0, len(timed), per_sample)]
     assert all(len(set(sample)) == 1 for sample in samples)
     assert [sample[0] for sample in samples[:6]] == ["a", "b", "c", "b", "c", "a"]  # the order rotated
+
+
+def test_timed_samples_count_their_page_faults():
+    """On the CPU each timed sample counts its minor page faults per call: a call that maps a fresh anonymous buffer
+    and writes one byte to each of its pages faults once per page, a call that maps nothing less than once."""
+    pages = 64
+
+    def touch():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as buffer:
+            for page in range(pages):
+                buffer[page * mmap.PAGESIZE] = 1
+
+    timings = common.time_interleaved_ms(
+        {"touch": touch, "nothing": lambda: None}, torch.device("cpu"), repeats=5, warmup_s=0.0, min_sample_s=1e-3
+    )
+    assert all(len(t.faults_per_call) == 5 for t in timings.values())
+    assert pages <= timings["touch"].summary()["page_faults_per_call"] < 2 * pages
+    assert timings["nothing"].summary()["page_faults_per_call"] < 1
 
 
 @pytest.mark.parametrize(
