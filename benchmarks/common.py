@@ -128,7 +128,7 @@ class Timing:
 PAGE_FAULTS_METHOD = (
     "median over the timed samples of the minor page faults per call (getrusage ru_minflt around each sample): "
     "first touches of pages the process had not mapped, e.g. buffers malloc returned to the OS and maps again, "
-    "each kernel time inside the call; CPU only"
+    "each one spends operating-system time inside the call; CPU only"
 )
 
 
