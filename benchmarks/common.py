@@ -34,6 +34,11 @@ import torch
 
 from orw_fast.checkpoint import write_text_atomic
 
+try:
+    import resource  # page-fault counts of the CPU timings
+except ImportError:  # Windows: no getrusage, no counts
+    resource = None
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 L2_FLUSH_BYTES = 256 * 10**6  # at least this many bytes are zeroed to evict L2 (triton's do_bench: 256 MB)
@@ -132,12 +137,8 @@ PAGE_FAULTS_METHOD = (
 )
 
 
-def _minor_faults() -> int | None:
-    """The process's minor page faults so far (getrusage ru_minflt); None where getrusage does not exist."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
+def _minor_faults() -> int:
+    """The process's minor page faults so far (getrusage ru_minflt; needs ``resource``)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -200,7 +201,7 @@ def time_interleaved_ms(
     names = list(fns)
     cuda = device.type == "cuda"
     samples: dict[str, list] = {name: [] for name in names}
-    faults: dict[str, list] | None = None if cuda or _minor_faults() is None else {name: [] for name in names}
+    faults: dict[str, list] | None = None if cuda or resource is None else {name: [] for name in names}
     for round_ in range(repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             if flush is not None:
@@ -211,7 +212,7 @@ def time_interleaved_ms(
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
             else:
-                f0 = _minor_faults()
+                f0 = 0 if faults is None else _minor_faults()
                 t0 = time.perf_counter()
             for _ in range(number[name]):
                 fns[name]()
